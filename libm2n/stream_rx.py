@@ -1,0 +1,388 @@
+"""Receiver end of the shm/tcp stream transports (see :mod:`libm2n.stream` for the frames).
+
+Progress model: an acceptor thread takes connections and runs each handshake in a short-lived
+thread; an admitted connection is made non-blocking and joins one epoll set. Frames are then read
+**by the thread that calls** ``recv``/``poll`` (one at a time, under a lock): it waits in
+``epoll_wait`` (no CPU while idle), reads every ready connection through a small per-connection
+state machine (header, then for tcp the payload straight into the slot) and returns the first
+complete message. No thread hand-off sits on the hot path. Consequence: bad frames, disconnects
+and CLOSE frames are handled while the owner calls ``recv``/``poll`` (engines poll constantly).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import select
+import socket
+import threading
+import time
+from collections import deque
+
+from libm2n.api import Endpoint, Message, Receiver, ReceiverConfig
+from libm2n.credits import SlotTable
+from libm2n.errors import M2NError, PeerLost, ProtocolError
+from libm2n.header import HEADER_SIZE, Header, Kind, pack, unpack, validate
+from libm2n.stream import (
+    Eof,
+    Refused,
+    close_fd,
+    error_frame,
+    read_exact,
+    send_all_nb,
+    shutdown_quietly,
+)
+
+_MAX_FRAMES_PER_WAKEUP = 64  # per connection, so one busy sender cannot starve the others
+
+
+class _Peer:
+    """Receiver-side state of one connected sender, including its read state machine."""
+
+    __slots__ = ("sock", "fd", "sender_id", "mem", "view", "slots", "capacity", "lock", "alive",
+                 "owner", "hbuf", "hview", "got", "header", "pview", "pgot")
+
+    def __init__(self, sock: socket.socket, sender_id: int, mem: mmap.mmap, nslots: int,
+                 capacity: int, owner: StreamReceiver) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.sender_id = sender_id
+        self.mem = mem
+        self.view = memoryview(mem)
+        self.slots = SlotTable(nslots)
+        self.capacity = capacity
+        self.lock = threading.Lock()  # guards slots, alive and writes to sock
+        self.alive = True
+        self.owner = owner
+        self.hbuf = bytearray(HEADER_SIZE)
+        self.hview = memoryview(self.hbuf)
+        self.got = 0  # header bytes read so far
+        self.header: Header | None = None  # DATA header whose payload is being read (tcp)
+        self.pview: memoryview | None = None
+        self.pgot = 0
+
+    def release(self, msg: Message) -> None:
+        """Free the message's slot and send the CREDIT back (silently if the peer is gone)."""
+        slot = msg.header.slot
+        with self.lock:
+            if not self.slots.free(slot):
+                return
+            if not self.alive:
+                self.maybe_unmap()
+                return
+            try:
+                send_all_nb(self.sock, pack(Header(kind=Kind.CREDIT, sender_id=self.sender_id,
+                                                   slot=slot)))
+            except OSError:
+                return  # the next recv/poll notices the dead peer
+        self.owner._count("credits_sent")
+
+    def maybe_unmap(self) -> None:
+        if self.slots.in_use == 0:
+            try:
+                self.view.release()
+                self.mem.close()
+            except BufferError:
+                pass  # a caller still holds a view (e.g. a tensor); the GC unmaps later
+
+
+class StreamReceiver(Receiver):
+    """Receiver over a listening stream socket; subclasses provide the socket and slot memory."""
+
+    streams_payload = False  # tcp: the payload follows the header on the socket
+
+    def __init__(self, ep: Endpoint, config: ReceiverConfig) -> None:
+        self.config = config
+        self._lock = threading.Lock()  # peers, stats
+        self._rlock = threading.Lock()  # one reader of the epoll set at a time
+        self._peers: dict[int, _Peer | None] = {}
+        self._by_fd: dict[int, _Peer] = {}
+        self._ready: deque[Message] = deque()
+        self._closed = False
+        self._stats = dict(messages=0, bytes=0, errors=0, peers_connected=0, peers_lost=0,
+                           peers_closed=0, credits_sent=0)
+        self._listener, self.url = self._listen(ep)
+        self._listener.settimeout(0.2)
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True,
+                                          name=f"m2n-accept-{self.url}")
+        self._acceptor.start()
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _listen(self, ep: Endpoint) -> tuple[socket.socket, str]:
+        raise NotImplementedError
+
+    def _make_memory(self, sender_id: int, size: int) -> tuple[mmap.mmap, list[int]]:
+        """Slot memory for one sender and the fds to pass to it (closed after the WELCOME)."""
+        raise NotImplementedError
+
+    def _send_welcome(self, sock: socket.socket, frame: bytes, fds: list[int]) -> None:
+        sock.sendall(frame)
+
+    # -- public --------------------------------------------------------------------------------
+    def recv(self, timeout: float | None = None) -> Message:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._rlock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            raise TimeoutError(f"no message on {self.url} within {timeout}s")
+        try:
+            while True:
+                if self._ready:
+                    return self._ready.popleft()
+                if self._closed:
+                    raise M2NError(f"receiver {self.url} is closed")
+                if deadline is None:
+                    wait = -1.0
+                else:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        raise TimeoutError(f"no message on {self.url} within {timeout}s")
+                self._progress(wait)
+        finally:
+            self._rlock.release()
+
+    def poll(self) -> Message | None:
+        if not self._rlock.acquire(blocking=False):
+            return None
+        try:
+            if not self._ready:
+                if self._closed:
+                    raise M2NError(f"receiver {self.url} is closed")
+                self._progress(0)
+            return self._ready.popleft() if self._ready else None
+        finally:
+            self._rlock.release()
+
+    def peers(self) -> list[int]:
+        with self._lock:
+            return sorted(k for k, v in self._peers.items() if v is not None)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            out = dict(self._stats)
+            out["peers_connected"] = sum(1 for v in self._peers.values() if v is not None)
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            os.write(self._wake_w, b"x")  # wake a recv blocked in epoll_wait
+        except OSError:
+            pass
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+        self._acceptor.join(timeout=2.0)
+        for t in list(self._threads):
+            t.join(timeout=2.0)
+        got = self._rlock.acquire(timeout=5.0)
+        try:
+            with self._lock:
+                peers = [p for p in self._peers.values() if p is not None]
+            for p in peers:
+                with p.lock:
+                    if p.alive:
+                        try:
+                            send_all_nb(p.sock, pack(Header(kind=Kind.CLOSE,
+                                                            sender_id=p.sender_id)), 0.5)
+                        except OSError:
+                            pass
+                self._drop(p, graceful=True, count=False)
+            self._epoll.close()
+            close_fd(self._wake_r)
+            close_fd(self._wake_w)
+        finally:
+            if got:
+                self._rlock.release()
+
+    # -- internals -----------------------------------------------------------------------------
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._stats[key] += n
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._closed:
+                    return
+                time.sleep(0.01)
+                continue
+            t = threading.Thread(target=self._admit, args=(sock,), daemon=True,
+                                 name=f"m2n-handshake-{self.url}")
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+            t.start()
+
+    def _admit(self, sock: socket.socket) -> None:
+        """Handshake one connection (in its own short-lived thread), then join the epoll set."""
+        try:
+            peer = self._handshake(sock)
+        except (Eof, PeerLost, OSError):
+            shutdown_quietly(sock)
+            sock.close()
+            return
+        except ProtocolError as exc:
+            self._count("errors")
+            try:
+                sock.settimeout(1.0)
+                sock.sendall(error_frame(exc))
+            except OSError:
+                pass
+            shutdown_quietly(sock)
+            sock.close()
+            return
+        sock.setblocking(False)
+        with self._lock:
+            if self._closed:
+                self._peers.pop(peer.sender_id, None)
+                shutdown_quietly(sock)
+                sock.close()
+                return
+            self._peers[peer.sender_id] = peer
+            self._by_fd[peer.fd] = peer
+            self._epoll.register(peer.fd, select.EPOLLIN)
+
+    def _handshake(self, sock: socket.socket) -> _Peer:
+        sock.settimeout(self.config.handshake_timeout_s)
+        buf = bytearray(HEADER_SIZE)
+        try:
+            read_exact(sock, memoryview(buf))
+        except TimeoutError:
+            raise ProtocolError("no HELLO within the handshake timeout") from None
+        h = unpack(buf)
+        if h.kind != Kind.HELLO:
+            raise ProtocolError(f"expected HELLO, got {Kind(h.kind).name}")
+        validate(h, sender_id=None, nslots=0, slot_capacity=0)
+        cfg = self.config
+        with self._lock:
+            if self._closed:
+                raise Refused("receiver is closing")
+            if h.sender_id in self._peers:
+                raise Refused(f"sender id {h.sender_id} is already connected to {self.url}")
+            if len(self._peers) >= cfg.max_senders:
+                raise Refused(f"{self.url} is full ({cfg.max_senders} senders)")
+            self._peers[h.sender_id] = None  # reserve the id until the WELCOME is out
+        try:
+            mem, fds = self._make_memory(h.sender_id, cfg.slots_per_sender * cfg.slot_bytes)
+            peer = _Peer(sock, h.sender_id, mem, cfg.slots_per_sender, cfg.slot_bytes, self)
+            welcome = pack(Header(kind=Kind.WELCOME, sender_id=h.sender_id,
+                                  rows=cfg.slots_per_sender, cols=cfg.slot_bytes))
+            try:
+                self._send_welcome(sock, welcome, fds)
+            finally:
+                for fd in fds:
+                    close_fd(fd)
+        except BaseException:
+            with self._lock:
+                self._peers.pop(h.sender_id, None)
+            raise
+        return peer
+
+    def _progress(self, wait: float) -> None:
+        """Wait up to ``wait`` seconds (-1: forever) for readable connections and read them."""
+        try:
+            events = self._epoll.poll(wait)
+        except InterruptedError:
+            return
+        except (OSError, ValueError):
+            if self._closed:
+                return
+            raise
+        for fd, _ev in events:
+            if fd == self._wake_r:
+                try:
+                    os.read(self._wake_r, 4096)
+                except OSError:
+                    pass
+                continue
+            peer = self._by_fd.get(fd)
+            if peer is not None:
+                self._service(peer)
+
+    def _service(self, peer: _Peer) -> None:
+        """Read what ``peer`` has sent, without blocking; complete messages go to ``_ready``."""
+        sock, cap = peer.sock, peer.capacity
+        try:
+            for _ in range(_MAX_FRAMES_PER_WAKEUP):
+                if peer.pview is None:
+                    n = sock.recv_into(peer.hview[peer.got:], HEADER_SIZE - peer.got)
+                    if n == 0:
+                        if peer.got:
+                            raise PeerLost("connection closed in the middle of a header")
+                        raise Eof()
+                    peer.got += n
+                    if peer.got < HEADER_SIZE:
+                        continue
+                    peer.got = 0
+                    h = unpack(peer.hbuf)
+                    validate(h, sender_id=peer.sender_id, nslots=len(peer.slots.busy),
+                             slot_capacity=cap)
+                    if h.kind == Kind.DATA:
+                        with peer.lock:
+                            peer.slots.occupy(h.slot, h.seq)
+                        view = peer.view[h.slot * cap:h.slot * cap + h.payload_bytes]
+                        if self.streams_payload and h.payload_bytes:
+                            peer.header, peer.pview, peer.pgot = h, view, 0
+                        else:
+                            self._deliver(peer, h, view)
+                    elif h.kind == Kind.CLOSE:
+                        self._drop(peer, graceful=True)
+                        return
+                    else:
+                        raise ProtocolError(f"unexpected {Kind(h.kind).name} frame from a sender")
+                else:
+                    n = sock.recv_into(peer.pview[peer.pgot:], len(peer.pview) - peer.pgot)
+                    if n == 0:
+                        raise PeerLost("connection closed in the middle of a payload")
+                    peer.pgot += n
+                    if peer.pgot == len(peer.pview):
+                        h, view = peer.header, peer.pview
+                        peer.header, peer.pview = None, None
+                        self._deliver(peer, h, view)
+        except BlockingIOError:
+            return
+        except (Eof, PeerLost, OSError):
+            self._drop(peer, graceful=False)
+        except ProtocolError as exc:
+            self._count("errors")
+            with peer.lock:
+                try:
+                    send_all_nb(sock, error_frame(exc, peer.sender_id), 1.0)
+                except OSError:
+                    pass
+            self._drop(peer, graceful=False)
+
+    def _deliver(self, peer: _Peer, h: Header, view: memoryview) -> None:
+        with self._lock:
+            self._stats["messages"] += 1
+            self._stats["bytes"] += h.payload_bytes
+        self._ready.append(Message(h, view, peer.release))
+
+    def _drop(self, peer: _Peer, graceful: bool, count: bool = True) -> None:
+        with self._lock:
+            if self._by_fd.get(peer.fd) is peer:
+                del self._by_fd[peer.fd]
+                try:
+                    self._epoll.unregister(peer.fd)
+                except (OSError, ValueError):
+                    pass
+            if self._peers.get(peer.sender_id) is peer:
+                del self._peers[peer.sender_id]
+            if count:
+                self._stats["peers_closed" if graceful else "peers_lost"] += 1
+        with peer.lock:
+            if not peer.alive:
+                return
+            peer.alive = False
+            peer.maybe_unmap()
+            shutdown_quietly(peer.sock)
+            peer.sock.close()

@@ -1,0 +1,63 @@
+"""Cross-host transport: persistent TCP connections, payloads ``recv_into`` the slot.
+
+One connection per (sender, receiver) pair, opened once (``TCP_NODELAY``). A DATA frame is the
+128-byte header immediately followed by the payload; the receiver's per-connection reader thread
+validates the header (including that the payload fits the slot) *before* reading the payload
+straight into the slot memory. CREDIT frames travel the other direction of the same connection,
+read by the sender's own reader thread, so they never queue behind payloads.
+"""
+
+from __future__ import annotations
+
+import mmap
+import socket
+
+from libm2n.api import Endpoint
+from libm2n.errors import InvalidArgument
+from libm2n.stream import sendmsg_all
+from libm2n.stream_rx import StreamReceiver
+from libm2n.stream_tx import StreamSender
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+class TcpReceiver(StreamReceiver):
+    """``tcp://HOST:PORT`` receiver (port 0 picks one; ``.url`` has the real port)."""
+
+    streams_payload = True
+
+    def _listen(self, ep: Endpoint) -> tuple[socket.socket, str]:
+        sock = socket.socket(_family(ep.host), socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((ep.host, ep.port))
+        except OSError as exc:
+            sock.close()
+            raise InvalidArgument(f"cannot listen on {ep.url}: {exc.strerror or exc}") from None
+        sock.listen(128)
+        port = sock.getsockname()[1]
+        return sock, Endpoint("tcp", ep.host, port).url
+
+    def _make_memory(self, sender_id: int, size: int) -> tuple[mmap.mmap, list[int]]:
+        return mmap.mmap(-1, size), []
+
+
+
+class TcpSender(StreamSender):
+    """Sender to a ``tcp://HOST:PORT`` receiver."""
+
+    def _connect_once(self, ep: Endpoint) -> socket.socket:
+        sock = socket.socket(_family(ep.host), socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self.config.connect_timeout_s)
+        try:
+            sock.connect((ep.host, ep.port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _write(self, header: bytes, slot: int, data: memoryview) -> None:
+        sendmsg_all(self._sock, [header, data] if len(data) else [header])

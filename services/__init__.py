@@ -1,0 +1,1 @@
+"""megascale-infer: disaggregated expert-parallel MoE serving."""

@@ -1,0 +1,58 @@
+"""Configuration of one attention replica (a frozen dataclass, validated at construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.attention.scheduler import SchedulerConfig
+from services.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Everything an attention replica needs to start.
+
+    ``expert_nodes`` are the gRPC addresses of the expert nodes; at start the replica attaches to
+    each (``Expert.Attach``), learns its libm2n dispatch URL and hosted experts, and builds the
+    placement from them (the scheduler replaces it later through ``UpdatePlacement``).
+    ``m2n_url`` is where this replica receives combines (``tcp://127.0.0.1:0`` picks a port;
+    ``shm://NAME`` for same-host expert nodes).
+    """
+
+    model_dir: Path
+    expert_nodes: tuple[str, ...]
+    node_id: str = "attention-0"
+    m2n_sender_id: int = 0            # this replica's id on every libm2n link (unique per replica)
+    host: str = "127.0.0.1"
+    grpc_port: int = 0                # 0 = pick a free port (reported in the ready file)
+    metrics_port: int | None = None   # Prometheus /metrics; None = off, 0 = pick a free port
+    m2n_url: str = "tcp://127.0.0.1:0"
+    micro_batches: int = 2
+    block_size: int = 16
+    num_blocks: int = 512
+    scheduler: SchedulerConfig = SchedulerConfig()
+    expert_timeout_s: float = 10.0    # bound on one dispatch's replies before requests fail
+    threads: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_dir", Path(self.model_dir))
+        if not (self.model_dir / "config.json").is_file():
+            raise ConfigError(f"model_dir {self.model_dir} has no config.json")
+        if not self.expert_nodes:
+            raise ConfigError("expert_nodes must name at least one expert node address")
+        if not 1 <= self.micro_batches <= 16:
+            raise ConfigError(f"micro_batches must be in 1..16, got {self.micro_batches}")
+        if self.block_size < 1 or self.num_blocks < 1:
+            raise ConfigError(f"block_size and num_blocks must be >= 1, got {self.block_size}, "
+                              f"{self.num_blocks}")
+        if not 0 <= self.m2n_sender_id <= 2**32 - 1:
+            raise ConfigError(f"m2n_sender_id must be in 0..2**32-1, got {self.m2n_sender_id}")
+        if not self.expert_timeout_s > 0:
+            raise ConfigError(f"expert_timeout_s must be > 0, got {self.expert_timeout_s}")
+        if self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")

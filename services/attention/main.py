@@ -1,0 +1,46 @@
+"""``megascale serve attention``: flags -> :class:`AttentionConfig` -> :func:`serve`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from services.attention.config import AttentionConfig
+from services.attention.scheduler import SchedulerConfig
+from services.attention.server import serve
+from services.common.flags import add_compute_flags, add_flag, add_server_flags, threads_from
+from services.core.runtime import pick_device
+
+__all__ = ["add_arguments", "build", "serve"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_server_flags(p)
+    add_compute_flags(p)
+    add_flag(p, "--expert-nodes", required=True,
+             help="comma list of the expert nodes' gRPC addresses")
+    add_flag(p, "--m2n-sender-id", type=int, default=0,
+             help="this replica's id on libm2n links (unique among attention replicas)")
+    add_flag(p, "--micro-batches", type=int, default=2, help="m, micro-batches per step")
+    add_flag(p, "--block-size", type=int, default=16, help="KV cache block size (tokens)")
+    add_flag(p, "--num-blocks", type=int, default=512, help="KV cache blocks")
+    add_flag(p, "--max-num-seqs", type=int, default=64, help="running requests per step")
+    add_flag(p, "--max-batch-tokens", type=int, default=512, help="tokens per step")
+    add_flag(p, "--max-model-len", type=int, default=4096, help="prompt + output tokens")
+    add_flag(p, "--expert-timeout", type=float, default=10.0,
+             help="seconds to wait for expert replies before failing the step's requests")
+
+
+def build(args: argparse.Namespace) -> AttentionConfig:
+    nodes = tuple(a for a in (args.expert_nodes or "").split(",") if a)
+    return AttentionConfig(
+        model_dir=args.model, expert_nodes=nodes,
+        node_id=args.node_id or f"attention-{os.getpid()}", m2n_sender_id=args.m2n_sender_id,
+        host=args.host, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+        m2n_url=args.m2n_url, micro_batches=args.micro_batches, block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                  max_batch_tokens=args.max_batch_tokens,
+                                  max_model_len=args.max_model_len),
+        expert_timeout_s=args.expert_timeout, threads=threads_from(args),
+        device=pick_device(args.device), dtype=args.dtype)

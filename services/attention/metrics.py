@@ -1,0 +1,104 @@
+"""Prometheus metrics of an attention replica (vLLM-style names, DESIGN.md §7)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from megascale.v1 import common_pb2
+from services.attention.engine import Engine
+from services.attention.pingpong import StepTimings
+from services.attention.scheduler import StepPlan
+from services.common.metrics import LATENCY_BUCKETS, new_registry, serve_metrics
+
+WINDOW = 64  # steps averaged in LoadReport
+
+
+class _EngineCollector(Collector):
+    """Gauges read from the engine at scrape time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self):  # noqa: ANN201 - prometheus collector protocol
+        load = self.engine.load()
+        yield GaugeMetricFamily("megascale:num_requests_running",
+                                "Requests in the running batch", value=load["running"])
+        yield GaugeMetricFamily("megascale:num_requests_waiting",
+                                "Requests waiting to be scheduled", value=load["waiting"])
+        yield GaugeMetricFamily("megascale:kv_cache_usage_perc",
+                                "Fraction of KV cache blocks in use (0-1)",
+                                value=load["kv_usage"])
+
+
+class AttentionMetrics:
+    def __init__(self) -> None:
+        self.registry = r = new_registry()
+        b = LATENCY_BUCKETS
+        self.ttft = Histogram("megascale:time_to_first_token_seconds",
+                              "Arrival at the gateway to first token", buckets=b, registry=r)
+        self.itl = Histogram("megascale:inter_token_latency_seconds",
+                             "Time between output tokens", buckets=b, registry=r)
+        self.e2e = Histogram("megascale:e2e_request_latency_seconds",
+                             "Arrival to the last token", buckets=b, registry=r)
+        self.queue = Histogram("megascale:request_queue_time_seconds",
+                               "Arrival to first scheduled", buckets=b, registry=r)
+        self.generated = Counter("megascale:generation_tokens", "Generated tokens", registry=r)
+        self.prompt = Counter("megascale:prompt_tokens", "Prompt tokens computed (prefill, "
+                              "recompute included)", registry=r)
+        self.finished = Counter("megascale:request_success", "Finished requests by reason",
+                                ["reason"], registry=r)
+        self.step = Histogram("megascale:step_duration_seconds", "Engine step wall time",
+                              buckets=b, registry=r)
+        self.attn = Histogram("megascale:attention_compute_seconds", "T_a: attention compute "
+                              "per step (all micro-batches and layers)", buckets=b, registry=r)
+        self.wait = Histogram("megascale:expert_wait_seconds", "Time per step blocked on "
+                              "expert combines", buckets=b, registry=r)
+        self.m2n = Histogram("megascale:m2n_latency_seconds", "M2N latency by direction "
+                             "(round_trip: dispatch sent to last combine received)",
+                             ["direction"], buckets=b, registry=r)
+        self._recent: deque[tuple[float, float, float, int, float]] = deque(maxlen=WINDOW)
+
+    def watch(self, engine: Engine) -> None:
+        self.registry.register(_EngineCollector(engine))
+
+    def serve(self, host: str, port: int | None) -> int | None:
+        return serve_metrics(self.registry, host, port)
+
+    def on_step(self, plan: StepPlan, t: StepTimings) -> None:
+        """Called by the engine thread after every step."""
+        self.step.observe(t.wall_s)
+        self.attn.observe(t.attention_s)
+        self.wait.observe(t.wait_s)
+        prefill = sum(c.num_tokens for c in plan.chunks if not c.samples or c.num_tokens > 1)
+        if prefill:
+            self.prompt.inc(prefill)
+        now = time.monotonic()
+        for c in plan.chunks:
+            if c.start == 0 and c.request.num_preemptions == 0:
+                self.queue.observe(max(0.0, (c.request.first_scheduled or now)
+                                       - c.request.arrival))
+        sampled = sum(1 for c in plan.chunks if c.samples)
+        self._recent.append((t.wall_s, t.attention_s, t.wait_s, sampled, now))
+        rtt = self.m2n.labels(direction="round_trip")
+        for v in t.round_trips:
+            rtt.observe(v)
+
+    def load_report(self, engine: Engine) -> common_pb2.LoadReport:
+        load = engine.load()
+        recent = list(self._recent)
+        n = len(recent) or 1
+        span = (recent[-1][4] - recent[0][4]) if len(recent) > 1 else 0.0
+        tokens = sum(r[3] for r in recent[1:])
+        return common_pb2.LoadReport(
+            running=int(load["running"]), waiting=int(load["waiting"]),
+            kv_usage=float(load["kv_usage"]), free_kv_blocks=int(load["free_blocks"]),
+            step_time_ms=1000 * sum(r[0] for r in recent) / n,
+            attention_time_ms=1000 * sum(r[1] for r in recent) / n,
+            expert_wait_ms=1000 * sum(r[2] for r in recent) / n,
+            tokens_per_s=tokens / span if span > 0 else 0.0,
+            reported_at_unix_s=time.time())

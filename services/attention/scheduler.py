@@ -1,0 +1,241 @@
+"""Request scheduling for one attention replica: continuous batching over a paged KV pool.
+
+Every engine step the scheduler decides which requests run and how many of their tokens:
+
+1. Running requests first, in arrival order: a decoding request gets 1 token, a request still
+   prefilling gets its next chunk. If the KV pool cannot hold a request's new tokens, the
+   most recently arrived running request is **preempted** (its blocks are freed; it goes back to
+   the front of the waiting queue and later recomputes its prompt + output so far).
+2. Then waiting requests are admitted in arrival order while the step's token budget
+   (``max_batch_tokens``), the running-request cap (``max_num_seqs``) and free blocks allow;
+   a long prompt is prefilled in chunks across steps (chunked prefill mixed with decode).
+
+Nothing here touches tensors; the engine turns a :class:`StepPlan` into micro-batches.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from services.core.kv_cache import BlockManager
+from services.core.sampling import SamplingParams
+from services.errors import UserError
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """A request's mutable state inside the replica.
+
+    ``output`` holds every generated token, including ``resumed`` ones given at submission (a
+    request resumed after a replica failure); only tokens past those are streamed.
+    ``num_computed`` counts tokens of ``prompt + output`` whose K/V is in the cache.
+    """
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    arrival: float
+    output: list[int] = field(default_factory=list)
+    num_resumed: int = 0
+    num_computed: int = 0
+    status: Status = Status.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    generator: torch.Generator | None = None
+    num_preemptions: int = 0
+    first_scheduled: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens ``[start, end)`` of ``prompt + output``."""
+        p = len(self.prompt)
+        if end <= p:
+            return self.prompt[start:end]
+        if start >= p:
+            return self.output[start - p:end - p]
+        return self.prompt[start:] + self.output[: end - p]
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """``num_tokens`` tokens of ``request`` starting at position ``start``.
+
+    ``samples`` is True when the chunk ends at the request's last known token (fixed when the
+    chunk is scheduled), so the step's logits at its last row produce the next token.
+    """
+
+    request: Request
+    start: int
+    num_tokens: int
+    samples: bool
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.token_slice(self.start, self.start + self.num_tokens)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[Request, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one replica's batching (validated at construction)."""
+
+    max_num_seqs: int = 64          # running requests per step
+    max_batch_tokens: int = 512     # tokens per step (prefill chunks + decode tokens)
+    max_model_len: int = 4096       # prompt + output tokens of one request
+    max_waiting: int = 1024         # queued requests beyond which submissions are refused
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_batch_tokens", "max_model_len", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at ``max_waiting``; the caller should retry elsewhere."""
+
+
+def finish_reason(params: SamplingParams, output: list[int], eos_ids: Iterable[int],
+                  max_len_reached: bool = False) -> str | None:
+    """Why a request with this ``output`` stops now ("stop" | "length"), or None to go on.
+
+    The last token stops the request when it is a stop token id, or an EOS id and not
+    ``ignore_eos``; ``max_tokens`` (counting resumed tokens) or the model length end it with
+    "length".
+    """
+    if output:
+        last = output[-1]
+        if last in params.stop_token_ids or (not params.ignore_eos and last in eos_ids):
+            return "stop"
+    if len(output) >= params.max_tokens or max_len_reached:
+        return "length"
+    return None
+
+
+class RequestScheduler:
+    """Continuous batching with chunked prefill and preemption-by-recompute (module docstring)."""
+
+    def __init__(self, blocks: BlockManager, config: SchedulerConfig) -> None:
+        self.blocks = blocks
+        self.config = config
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._by_id: dict[str, Request] = {}
+
+    # ------------------------------------------------------------------ intake
+    def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
+        """Raise UserError when a request could never run on this replica."""
+        total = prompt_len + params.max_tokens
+        if total > self.config.max_model_len:
+            raise UserError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) "
+                            f"exceeds the model length {self.config.max_model_len}")
+        need = self.blocks.blocks_needed(total)
+        if need > self.blocks.num_blocks:
+            raise UserError(f"request needs {need} KV blocks ({total} tokens) but the replica's "
+                            f"KV pool has only {self.blocks.num_blocks} blocks")
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self._by_id:
+            raise UserError(f"request_id {request.request_id!r} is already in use")
+        # Resumed output tokens count toward max_tokens, so prompt + max_tokens bounds both.
+        self.check_fits(len(request.prompt), request.params)
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFull(f"waiting queue is full ({self.config.max_waiting} requests)")
+        self._by_id[request.request_id] = request
+        self.waiting.append(request)
+
+    def get(self, request_id: str) -> Request | None:
+        return self._by_id.get(request_id)
+
+    def finish(self, request: Request, reason: str) -> None:
+        """Mark finished, free its KV blocks, forget it (finish, abort or error)."""
+        if request.status is Status.FINISHED:
+            return
+        if request.status is Status.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        if request.request_id in self.blocks:
+            self.blocks.free(request.request_id)
+        request.status = Status.FINISHED
+        request.finish_reason = reason
+        del self._by_id[request.request_id]
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ the step
+    def schedule(self) -> StepPlan:
+        budget = self.config.max_batch_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Request] = []
+        blocks = self.blocks
+
+        # 1. running requests, oldest first; preempt the newest when the pool is short.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed, budget)
+            while not blocks.can_append(req.request_id, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not Status.RUNNING:
+                break  # req itself was preempted: nothing newer is left running
+            chunks.append(self._take(req, n))
+            budget -= n
+            i += 1
+
+        # 2. admit waiting requests in arrival order (no skipping: FCFS fairness).
+        while (self.waiting and budget > 0 and not preempted
+               and len(self.running) < self.config.max_num_seqs):
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed, budget)
+            if not blocks.can_allocate(n):
+                break
+            self.waiting.popleft()
+            blocks.allocate(req.request_id, 0)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            chunks.append(self._take(req, n))
+            budget -= n
+        return StepPlan(tuple(chunks), tuple(preempted))
+
+    def _take(self, req: Request, n: int) -> ScheduledChunk:
+        chunk = ScheduledChunk(req, req.num_computed, n,
+                               samples=req.num_computed + n == req.num_tokens)
+        self.blocks.append_slots(req.request_id, n)
+        req.num_computed += n
+        return chunk
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.blocks.free(req.request_id)
+        req.num_computed = 0
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)

@@ -1,0 +1,247 @@
+"""The attention replica process: load attention weights, attach to expert nodes, run the engine,
+serve ``megascale.v1.Attention`` (+ health, reflection) and Prometheus ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+
+import grpc
+
+import libm2n
+from megascale.v1 import (
+    attention_pb2,
+    attention_pb2_grpc,
+    common_pb2,
+    expert_pb2,
+    expert_pb2_grpc,
+)
+from services.attention.config import AttentionConfig
+from services.attention.dispatch import ExpertClient, ExpertNodeRoute, Placement
+from services.attention.engine import Engine, TokenEvent
+from services.attention.metrics import AttentionMetrics
+from services.attention.scheduler import QueueFull
+from services.common.grpcserver import start_server
+from services.common.readyfile import write_ready_file
+from services.core.model import AttentionSide
+from services.core.runtime import configure_threads
+from services.core.sampling import SamplingParams
+from services.errors import ConfigError, UserError
+
+log = logging.getLogger("megascale.attention")
+
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
+          "abort": common_pb2.FINISH_REASON_ABORT, "error": common_pb2.FINISH_REASON_ERROR}
+ARRIVAL_KEY = "x-megascale-arrival-unix-ns"
+
+
+def sampling_from_proto(p: common_pb2.SamplingParams, prompt_len: int, max_model_len: int
+                        ) -> SamplingParams:
+    """Proto defaults -> core SamplingParams (UserError names the bad field)."""
+    max_tokens = p.max_tokens or max(1, max_model_len - prompt_len)
+    if p.min_tokens:
+        raise UserError("sampling.min_tokens is not supported yet")
+    temperature = p.temperature if p.HasField("temperature") else 1.0
+    if temperature > 100:
+        raise UserError(f"sampling.temperature must be <= 100, got {temperature}")
+    if len(p.stop_token_ids) > 64:
+        raise UserError("sampling.stop_token_ids holds more than 64 ids")
+    return SamplingParams(
+        temperature=temperature, top_p=p.top_p if p.HasField("top_p") else 1.0,
+        top_k=p.top_k or -1, max_tokens=max_tokens,
+        seed=p.seed if p.HasField("seed") else None,
+        stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos)
+
+
+def event_to_proto(ev: TokenEvent) -> attention_pb2.GenerateEvent:
+    out = attention_pb2.GenerateEvent(
+        token_ids=list(ev.token_ids), index=ev.index,
+        usage=common_pb2.Usage(prompt_tokens=ev.prompt_tokens,
+                               completion_tokens=ev.completion_tokens))
+    if ev.finish_reason is not None:
+        out.finish_reason = FINISH[ev.finish_reason]
+    if ev.error:
+        out.error_message = ev.error
+    if ev.stop_token_id is not None:
+        out.stop_token_id = ev.stop_token_id
+    return out
+
+
+class AttentionServicer(attention_pb2_grpc.AttentionServicer):
+    """``megascale.v1.Attention`` (status codes are documented in attention.proto)."""
+
+    def __init__(self, engine: Engine, metrics: AttentionMetrics, max_model_len: int) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_model_len = max_model_len
+
+    async def Generate(self, request: attention_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext):  # noqa: ANN201 - async generator
+        """Stream tokens; the last event carries finish_reason. Cancelling aborts the request."""
+        if not _REQUEST_ID.match(request.request_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "request_id must be 1..128 printable ASCII characters")
+        arrival = _arrival(context)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        try:
+            params = sampling_from_proto(request.sampling, len(request.prompt_token_ids),
+                                         self.max_model_len)
+            self.engine.submit(request.request_id, list(request.prompt_token_ids), params,
+                               lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
+                               list(request.output_token_ids))
+        except UserError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except QueueFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        finished = False
+        last = None
+        try:
+            while True:
+                ev = await queue.get()
+                now = time.monotonic()
+                if ev.token_ids:
+                    if last is None:
+                        self.metrics.ttft.observe(now - arrival)
+                    else:
+                        self.metrics.itl.observe((now - last) / len(ev.token_ids))
+                    last = now
+                    self.metrics.generated.inc(len(ev.token_ids))
+                if ev.finish_reason is not None:
+                    finished = True
+                    self.metrics.e2e.observe(now - arrival)
+                    self.metrics.finished.labels(reason=ev.finish_reason).inc()
+                yield event_to_proto(ev)
+                if finished:
+                    return
+        finally:
+            if not finished:  # the client went away or the deadline passed
+                self.engine.abort(request.request_id)
+
+    async def Abort(self, request: attention_pb2.AbortRequest, context: grpc.aio.ServicerContext
+                    ) -> attention_pb2.AbortResponse:
+        """Cancel a request; found=False when unknown or already finished."""
+        return attention_pb2.AbortResponse(found=self.engine.abort(request.request_id))
+
+    async def GetLoad(self, request: attention_pb2.GetLoadRequest,
+                      context: grpc.aio.ServicerContext) -> common_pb2.LoadReport:
+        """Running/waiting requests, KV usage, and mean step / T_a / expert wait times."""
+        return self.metrics.load_report(self.engine)
+
+    async def UpdatePlacement(self, request: common_pb2.ExpertPlacement,
+                              context: grpc.aio.ServicerContext
+                              ) -> common_pb2.UpdatePlacementResponse:
+        """Adopt a newer placement at the next step boundary (older epochs are ignored)."""
+        current = self.engine.client.placement
+        if request.epoch <= current.epoch:
+            return common_pb2.UpdatePlacementResponse(applied_epoch=current.epoch)
+        try:
+            placement = placement_from_proto(request, current)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self.engine.set_placement(placement)
+        return common_pb2.UpdatePlacementResponse(applied_epoch=request.epoch)
+
+
+def placement_from_proto(p: common_pb2.ExpertPlacement, current: Placement) -> Placement:
+    """Group the per-expert host lists into per-node routes."""
+    if p.num_experts != current.num_experts:
+        raise ValueError(f"placement has num_experts {p.num_experts}, the model has "
+                         f"{current.num_experts}")
+    nodes: dict[str, tuple[str, list[int]]] = {}
+    for rep in p.experts:
+        for host in rep.hosts:
+            nodes.setdefault(host.node_id, (host.m2n_url, []))[1].append(rep.expert_id)
+    routes = tuple(ExpertNodeRoute(nid, url, tuple(sorted(ids)))
+                   for nid, (url, ids) in sorted(nodes.items()))
+    return Placement(p.epoch, routes, p.num_experts)
+
+
+def _arrival(context: grpc.aio.ServicerContext) -> float:
+    """The gateway's arrival time as a monotonic timestamp (now when absent or bad)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == ARRIVAL_KEY:
+            try:
+                age = time.time() - int(value) / 1e9
+            except ValueError:
+                break
+            return time.monotonic() - max(0.0, min(age, 3600.0))
+    return time.monotonic()
+
+
+async def attach_experts(config: AttentionConfig, reply_url: str, num_experts: int
+                         ) -> Placement:
+    """Attach to every expert node; the placement is what they report hosting."""
+    routes, epochs = [], set()
+    for address in config.expert_nodes:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = expert_pb2_grpc.ExpertStub(channel)
+            try:
+                resp = await stub.Attach(expert_pb2.AttachRequest(
+                    node_id=config.node_id, m2n_sender_id=config.m2n_sender_id,
+                    reply_url=reply_url), timeout=30, wait_for_ready=True)
+            except grpc.aio.AioRpcError as exc:
+                raise ConfigError(f"cannot attach to expert node {address}: "
+                                  f"{exc.code().name} {exc.details()}") from None
+        if resp.num_experts != num_experts:
+            raise ConfigError(f"expert node {address} serves a model with {resp.num_experts} "
+                              f"experts, this replica's model has {num_experts}")
+        routes.append(ExpertNodeRoute(resp.node_id, resp.dispatch_url, tuple(resp.expert_ids)))
+        epochs.add(resp.epoch)
+    if len(epochs) != 1:
+        raise ConfigError(f"expert nodes disagree on the placement epoch: {sorted(epochs)}")
+    try:
+        return Placement(epochs.pop(), tuple(routes), num_experts)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+async def serve(config: AttentionConfig, ready_file: str | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Run the replica until ``stop`` is set (or forever)."""
+    import torch
+
+    configure_threads(config.threads)
+    attention = AttentionSide.from_pretrained(config.model_dir, getattr(torch, config.dtype),
+                                              config.device)
+    cfg = attention.cfg
+    slots = max(4, 2 * config.micro_batches)
+    reply_rx = libm2n.open_receiver(config.m2n_url, libm2n.ReceiverConfig(
+        slots_per_sender=slots,
+        slot_bytes=max(4096, config.scheduler.max_batch_tokens * cfg.hidden_size * 4)))
+    placement = await attach_experts(config, reply_rx.url, cfg.num_experts)
+    client = ExpertClient(placement, reply_rx, config.m2n_sender_id, cfg.hidden_size, cfg.top_k,
+                          reply_timeout_s=config.expert_timeout_s,
+                          peer_timeout_s=config.expert_timeout_s)
+    metrics = AttentionMetrics()
+    engine = Engine(attention, client, config, on_step=metrics.on_step)
+    metrics.watch(engine)
+    stop_thread = threading.Event()
+    thread = threading.Thread(target=engine.run, args=(stop_thread,), name="engine", daemon=True)
+    thread.start()
+    servicer = AttentionServicer(engine, metrics, engine.scheduler.config.max_model_len)
+    server, port, _health = await start_server(
+        config.host, config.grpc_port,
+        lambda s: attention_pb2_grpc.add_AttentionServicer_to_server(servicer, s),
+        [attention_pb2.DESCRIPTOR.services_by_name["Attention"].full_name])
+    metrics_port = metrics.serve(config.host, config.metrics_port)
+    write_ready_file(ready_file, {"role": "attention", "node_id": config.node_id,
+                                  "grpc": f"{config.host}:{port}", "m2n_url": reply_rx.url,
+                                  "metrics_port": metrics_port,
+                                  "num_blocks": config.num_blocks})
+    log.info("attention replica %s serving on %s:%d, %d expert node(s), m=%d", config.node_id,
+             config.host, port, len(placement.nodes), config.micro_batches)
+    stop = stop or asyncio.Event()
+    try:
+        await stop.wait()
+    finally:
+        await server.stop(grace=1.0)
+        stop_thread.set()
+        thread.join(timeout=10)
+        client.close()
+        reply_rx.close()

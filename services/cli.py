@@ -1,0 +1,63 @@
+"""The `megascale` command: one entry point, one sub-command per concern.
+
+Each sub-command lives in the module that owns it and exposes ``register(subparsers)``, which
+adds its parser and sets ``func`` (a callable taking the parsed namespace and returning an exit
+code). Modules are imported lazily so that ``megascale plan`` never imports torch, and a broken
+optional role never stops the others from starting.
+
+Errors meant for the user are raised as :class:`services.errors.UserError`; they print as one
+line on stderr with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from services.errors import UserError
+
+# name -> module that defines register(subparsers). Order is the order of `megascale --help`.
+SUBCOMMANDS: dict[str, str] = {
+    "demo-model": "services.core.demo",
+    "generate": "services.core.generate",
+    "plan": "services.scheduler.planner.cli",
+    "serve": "services.launch.serve",
+    "up": "services.launch.up",
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megascale", description="Disaggregated expert-parallel MoE serving."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, module in SUBCOMMANDS.items():
+        # Import only the requested sub-command's module; list the rest by name only.
+        if wanted == name:
+            importlib.import_module(module).register(subparsers)
+        elif wanted not in SUBCOMMANDS:
+            subparsers.add_parser(name, help=f"(see `megascale {name} --help`)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args) or 0)
+    except UserError as exc:
+        print(f"megascale {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

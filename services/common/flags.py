@@ -1,0 +1,52 @@
+"""Command-line flags shared by the role processes (``megascale serve ROLE``).
+
+Every flag can also come from the environment as ``MEGASCALE_<FLAG>`` (``--grpc-port`` ->
+``MEGASCALE_GRPC_PORT``), which is how the Helm chart configures pods; a flag given on the
+command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+
+def env_value(flag: str, default: Any = None) -> Any:
+    return os.environ.get("MEGASCALE_" + flag.lstrip("-").upper().replace("-", "_"), default)
+
+
+def add_flag(p: argparse.ArgumentParser, flag: str, **kw: Any) -> None:
+    """``p.add_argument(flag, **kw)`` whose default comes from MEGASCALE_FLAG when set."""
+    env = env_value(flag)
+    if env is not None:
+        kw["default"] = kw.get("type", str)(env)
+        kw.pop("required", None)
+    p.add_argument(flag, **kw)
+
+
+def add_server_flags(p: argparse.ArgumentParser) -> None:
+    """Flags every role has: where to listen, metrics, ready file, logging."""
+    add_flag(p, "--node-id", help="node id (default: ROLE-PID)")
+    add_flag(p, "--host", default="127.0.0.1", help="address to bind")
+    add_flag(p, "--grpc-port", type=int, default=0, help="gRPC port (0 = pick a free one)")
+    add_flag(p, "--metrics-port", type=int, default=None,
+             help="Prometheus /metrics port (0 = pick a free one; unset = off)")
+    add_flag(p, "--ready-file", default=None,
+             help="write a JSON with the bound addresses here once serving")
+    add_flag(p, "--log-level", default="INFO")
+
+
+def add_compute_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the roles that run the model (attention, expert)."""
+    add_flag(p, "--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    add_flag(p, "--m2n-url", default="tcp://127.0.0.1:0",
+             help="libm2n receive URL: tcp://HOST:PORT (port 0 = pick) or shm://NAME")
+    add_flag(p, "--threads", type=int, default=None,
+             help="torch threads (default: MEGASCALE_TORCH_THREADS or 1)")
+    add_flag(p, "--device", default="cpu", help="cpu | cuda[:N] | auto")
+    add_flag(p, "--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def threads_from(args: argparse.Namespace) -> int:
+    return args.threads if args.threads is not None else int(env_value("torch-threads", "1"))

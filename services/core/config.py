@@ -1,0 +1,275 @@
+"""Model configuration: one normalised field set for every supported MoE family.
+
+:class:`ModelConfig` is read from a Hugging Face ``config.json`` (Mixtral or Qwen3-MoE) and is
+the only description of the model the rest of the code sees. Field names follow the serving
+vocabulary (``num_layers``, ``top_k``, ...), not any one family's spelling. Also here: the RoPE
+inverse-frequency computation for the scaling types these families' configs use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.errors import ConfigError
+
+# architecture name in config.json -> family
+ARCHITECTURES: dict[str, str] = {
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+def _freeze(value: Any) -> Any:
+    """Dicts/lists from JSON -> hashable tuples, so the config stays frozen and hashable."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Normalised MoE decoder config. ``sparse_layers[i]`` is True when layer i is an MoE layer.
+
+    ``rope_scaling`` is a sorted tuple of (key, value) pairs (``None`` for plain RoPE); use
+    :meth:`rope_params` for a dict. ``eos_token_ids`` is always a tuple.
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    dense_intermediate_size: int
+    sparse_layers: tuple[bool, ...]
+    norm_topk_prob: bool
+    qk_norm: bool
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    rope_scaling: tuple | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    sliding_window: int | None = None
+    attention_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.family not in ARCHITECTURES.values():
+            raise ConfigError(f"family: unknown model family {self.family!r}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "num_experts", "top_k", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_heads}) must be divisible by "
+                f"num_key_value_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.top_k > self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok ({self.top_k}) must be <= number of experts "
+                f"({self.num_experts})")
+        if len(self.sparse_layers) != self.num_layers:
+            raise ConfigError(f"sparse_layers has {len(self.sparse_layers)} entries, "
+                              f"expected num_layers={self.num_layers}")
+        if any(self.sparse_layers) and self.expert_intermediate_size < 1:
+            raise ConfigError("expert intermediate size must be a positive integer")
+        if not all(self.sparse_layers) and self.dense_intermediate_size < 1:
+            raise ConfigError("intermediate_size must be a positive integer for dense layers")
+        if self.rms_norm_eps <= 0:
+            raise ConfigError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"sliding_window must be >= 1 or null, got {self.sliding_window}")
+        params = self.rope_params()
+        if params is not None:
+            kind = params.get("rope_type", params.get("type", "default"))
+            if kind not in ROPE_TYPES:
+                raise ConfigError(f"rope_scaling.rope_type {kind!r} is not supported "
+                                  f"(supported: {', '.join(ROPE_TYPES)})")
+            if kind != "default" and "factor" not in params:
+                raise ConfigError(f"rope_scaling.factor is required for rope_type {kind!r}")
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
+        """Read ``model_dir/config.json``; a missing or unparsable file is a ConfigError."""
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"config.json not found in {model_dir}")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_hf_dict(data)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Normalise a Hugging Face config dict (Mixtral / Qwen3-MoE spelling) to ModelConfig."""
+        archs = d.get("architectures") or []
+        family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+        if family is None:
+            raise ConfigError(f"architectures: unsupported {archs!r} (supported: "
+                              f"{', '.join(ARCHITECTURES)})")
+
+        def req(name: str) -> Any:
+            if d.get(name) is None:
+                raise ConfigError(f"config field {name!r} is missing")
+            return d[name]
+
+        hidden, heads = req("hidden_size"), req("num_attention_heads")
+        head_dim = d.get("head_dim")
+        if head_dim is None:
+            if not isinstance(hidden, int) or not isinstance(heads, int) or heads < 1:
+                raise ConfigError("hidden_size and num_attention_heads must be integers")
+            if hidden % heads:
+                raise ConfigError(f"hidden_size ({hidden}) must be divisible by "
+                                  f"num_attention_heads ({heads}) when head_dim is absent")
+            head_dim = hidden // heads
+        num_layers = req("num_hidden_layers")
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ConfigError(f"num_hidden_layers must be a positive integer, got {num_layers!r}")
+        num_experts = d.get("num_local_experts", d.get("num_experts"))
+        if num_experts is None:
+            raise ConfigError("config field 'num_local_experts' (or 'num_experts') is missing")
+
+        if family == "mixtral":
+            sparse = tuple(True for _ in range(num_layers))
+            expert_inter, dense_inter = req("intermediate_size"), 0
+            norm_topk, qk_norm, bias = True, False, False
+            window = d.get("sliding_window")
+        else:
+            step = d.get("decoder_sparse_step", 1) or 1
+            mlp_only = set(d.get("mlp_only_layers") or [])
+            sparse = tuple(i not in mlp_only and num_experts > 0 and (i + 1) % step == 0
+                           for i in range(num_layers))
+            expert_inter = req("moe_intermediate_size")
+            dense_inter = d.get("intermediate_size") or 0
+            norm_topk, qk_norm = bool(d.get("norm_topk_prob", False)), True
+            bias = bool(d.get("attention_bias", False))
+            window = d.get("sliding_window") if d.get("use_sliding_window") else None
+
+        # transformers 5 writes rope_parameters {rope_type, rope_theta, ...}; 4.x wrote
+        # rope_theta + rope_scaling at top level. Accept both.
+        rope = dict(d.get("rope_parameters") or {})
+        legacy = d.get("rope_scaling")
+        if isinstance(legacy, dict):
+            rope = {**legacy, **rope}
+        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        if "type" in rope and "rope_type" not in rope:
+            rope["rope_type"] = rope.pop("type")
+        if rope.get("rope_type", "default") == "default" and set(rope) <= {"rope_type"}:
+            rope_scaling = None
+        else:
+            rope_scaling = _freeze(rope)
+
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            family=family,
+            vocab_size=req("vocab_size"),
+            hidden_size=hidden,
+            num_layers=num_layers,
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            num_experts=num_experts,
+            top_k=req("num_experts_per_tok"),
+            expert_intermediate_size=expert_inter,
+            dense_intermediate_size=dense_inter,
+            sparse_layers=sparse,
+            norm_topk_prob=norm_topk,
+            qk_norm=qk_norm,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            max_position_embeddings=req("max_position_embeddings"),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            sliding_window=window,
+            attention_bias=bias,
+        )
+
+    # ---------------------------------------------------------------- helpers
+    def rope_params(self) -> dict[str, Any] | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    @property
+    def sparse_layer_ids(self) -> tuple[int, ...]:
+        return tuple(i for i, s in enumerate(self.sparse_layers) if s)
+
+    def rope_inv_freq(self) -> tuple[torch.Tensor, float]:
+        """RoPE inverse frequencies ``[head_dim // 2]`` (float32) and the cos/sin scale factor."""
+        return rope_inv_freq(self.head_dim, self.rope_theta, self.rope_params(),
+                             self.max_position_embeddings)
+
+
+def rope_inv_freq(dim: int, base: float, params: dict[str, Any] | None,
+                  max_positions: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for the RoPE variants of Llama-style configs.
+
+    ``dynamic`` (NTK) only changes frequencies past ``max_position_embeddings``, which the
+    engine never serves (prompts + generation are bounded by it), so in range it is ``default``.
+    """
+    exps = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (base ** exps)
+    kind = "default" if params is None else params.get("rope_type", "default")
+    if kind in ("default", "dynamic"):
+        return inv_freq, 1.0
+    factor = float(params["factor"])
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old_ctx = float(params["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn: blend interpolated and extrapolated frequencies over a linear ramp (YaRN paper §3)
+    orig = float(params.get("original_max_position_embeddings") or max_positions)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = params.get("attention_factor")
+    if attn is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast = params.get("beta_fast") or 32
+    beta_slow = params.get("beta_slow") or 1
+
+    def corr_dim(rot: float) -> float:
+        return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+    lo, hi = corr_dim(beta_fast), corr_dim(beta_slow)
+    if params.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+    extrap = 1 - ramp
+    return (inv_freq / factor) * (1 - extrap) + inv_freq * extrap, float(attn)

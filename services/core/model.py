@@ -1,0 +1,219 @@
+"""The MoE decoder split at the expert boundary: attention side and expert side.
+
+Contract used by the disaggregated engine (and by :class:`MonolithicModel`, the reference)::
+
+    h = attn.embed(token_ids)                                   # [T, H]
+    for layer in range(cfg.num_layers):
+        mi = attn.attention_block(layer, h, meta, kv)            # MoEInput
+        if mi.routed:
+            partial_j = expert_j.forward(layer, mi.normed, mi.topk_ids, mi.topk_weights)
+            h = attn.finish_layer(mi, sum_j partial_j)           # any partition of experts
+        else:
+            h = attn.finish_layer(mi, None)                      # dense layer, done locally
+    logits = attn.logits(h, meta.last_index)                    # [B, V]
+
+``ExpertSide.forward`` returns a pre-weighted, pre-summed partial: ids it does not hold (or -1)
+contribute zero, so partials over a partition of the experts add up to the full MoE output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from services.core import layers as L
+from services.core.batch import BatchMeta, build_batch_meta
+from services.core.checkpoint import (
+    AttentionWeights,
+    CheckpointIndex,
+    ExpertWeights,
+    load_attention_weights,
+    load_expert_weights,
+)
+from services.core.config import ModelConfig
+from services.core.kv_cache import PagedKVCache
+
+__all__ = ["AttentionSide", "BatchMeta", "ExpertSide", "MoEInput", "MonolithicModel",
+           "build_batch_meta"]
+
+
+@dataclass(frozen=True)
+class MoEInput:
+    """What leaves the attention side after a layer's attention + router.
+
+    residual [T, H]; normed [T, H] (post-attention RMSNorm, the expert input);
+    topk_ids [T, K] int64 and topk_weights [T, K] (routed layers; empty [T, 0] otherwise);
+    dense_out [T, H] for a dense layer (already computed here), else None.
+    """
+
+    layer: int
+    residual: torch.Tensor
+    normed: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    routed: bool
+    dense_out: torch.Tensor | None = None
+
+
+class AttentionSide:
+    """Attention-side weights and compute; knows nothing about expert weights."""
+
+    def __init__(self, cfg: ModelConfig, weights: AttentionWeights) -> None:
+        self.cfg = cfg
+        self.w = weights
+        self.device = weights.embed.device
+        self.dtype = weights.embed.dtype
+        inv_freq, self.rope_scale = cfg.rope_inv_freq()
+        self.inv_freq = inv_freq.to(self.device)
+        self.scale = cfg.head_dim ** -0.5
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Every layer of a step uses the same positions tensor: compute cos/sin once per step.
+        # (Holding a reference to the tensor keeps the identity check sound.)
+        cached = self._rope_cache
+        if cached is None or cached[0] is not positions or cached[1].dtype != dtype:
+            cos, sin = L.rope_cos_sin(positions, self.inv_freq, self.rope_scale, dtype)
+            self._rope_cache = cached = (positions, cos, sin)
+        return cached[1], cached[2]
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", cfg: ModelConfig | None = None,
+                        index: CheckpointIndex | None = None) -> AttentionSide:
+        cfg = cfg or ModelConfig.from_pretrained(model_dir)
+        return cls(cfg, load_attention_weights(model_dir, cfg, dtype, device, index))
+
+    def new_kv_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        return PagedKVCache(self.cfg, num_blocks, block_size, self.dtype, self.device)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """token_ids [T] int64 -> hidden [T, H]."""
+        return F.embedding(token_ids, self.w.embed)
+
+    def attention_block(self, layer: int, hidden: torch.Tensor, meta: BatchMeta,
+                        kv: PagedKVCache) -> MoEInput:
+        """norm -> QKV -> (q/k norm) -> RoPE -> paged attention (writes K/V) -> O -> residual
+        -> post-attention norm -> router (sparse layer) or dense MLP (dense layer)."""
+        cfg, lw = self.cfg, self.w.layers[layer]
+        T = hidden.shape[0]
+        x = L.rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)
+        q = F.linear(x, lw.q, lw.q_bias).view(T, cfg.num_heads, cfg.head_dim)
+        k = F.linear(x, lw.k, lw.k_bias).view(T, cfg.num_kv_heads, cfg.head_dim)
+        v = F.linear(x, lw.v, lw.v_bias).view(T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = L.rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
+            k = L.rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
+        cos, sin = self._rope(meta.positions, q.dtype)
+        q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
+        k_cache, v_cache = kv.layer(layer)
+        attn = L.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        residual = hidden + F.linear(attn, lw.o, lw.o_bias)
+        normed = L.rms_norm(residual, lw.post_norm, cfg.rms_norm_eps)
+        if lw.router is None:
+            empty = torch.empty(T, 0, dtype=torch.int64, device=hidden.device)
+            return MoEInput(layer, residual, normed, empty, empty.to(hidden.dtype), routed=False,
+                            dense_out=L.swiglu(normed, lw.dense_gate_up, lw.dense_down))
+        ids, weights = L.route(normed, lw.router, cfg.top_k, cfg.norm_topk_prob)
+        return MoEInput(layer, residual, normed, ids, weights, routed=True)
+
+    def finish_layer(self, moe_input: MoEInput, expert_out: torch.Tensor | None) -> torch.Tensor:
+        """residual + (summed expert output | dense MLP output) -> next layer's hidden [T, H]."""
+        if not moe_input.routed:
+            return moe_input.residual + moe_input.dense_out
+        if expert_out is None:
+            raise ValueError(f"layer {moe_input.layer} is routed: expert_out is required")
+        return moe_input.residual + expert_out
+
+    def logits(self, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head on the rows ``last_index`` [B] -> logits [B, V] (float32)."""
+        h = L.rms_norm(hidden.index_select(0, last_index), self.w.final_norm, self.cfg.rms_norm_eps)
+        return F.linear(h, self.w.lm_head).float()
+
+
+class ExpertSide:
+    """Holds only the experts it was given (global ids), for every sparse layer."""
+
+    def __init__(self, cfg: ModelConfig, weights: ExpertWeights) -> None:
+        self.cfg = cfg
+        self.w = weights
+        self.expert_ids = weights.expert_ids
+        any_t = next(iter(weights.gate_up.values()), None)
+        self.device = any_t.device if any_t is not None else torch.device("cpu")
+        # global expert id -> index in the stacked weights, -1 if not held; the extra last
+        # entry maps the "no expert" id -1 to -1 as well.
+        table = torch.full((cfg.num_experts + 1,), -1, dtype=torch.int64)
+        for i, e in enumerate(self.expert_ids):
+            table[e] = i
+        self.local_index = table.to(self.device)
+        # Input-major copies for the grouped GEMMs (see layers.grouped_expert_ffn); the
+        # checkpoint-layout tensors are dropped so memory does not double.
+        self.gate_up_t = {k: v.transpose(1, 2).contiguous() for k, v in weights.gate_up.items()}
+        self.down_t = {k: v.transpose(1, 2).contiguous() for k, v in weights.down.items()}
+        weights.gate_up.clear()
+        weights.down.clear()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, expert_ids: Iterable[int] | None = None,
+                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        cfg: ModelConfig | None = None, index: CheckpointIndex | None = None
+                        ) -> ExpertSide:
+        """``expert_ids=None`` loads all experts."""
+        cfg = cfg or ModelConfig.from_pretrained(model_dir)
+        ids = range(cfg.num_experts) if expert_ids is None else expert_ids
+        return cls(cfg, load_expert_weights(model_dir, cfg, ids, dtype, device, index))
+
+    def forward(self, layer: int, rows: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
+        """rows [N, H], topk_ids [N, K] (global ids, -1 = none), topk_weights [N, K] -> [N, H]:
+        ``sum_k w_k * FFN_{id_k}(row)`` over the ids this side holds (others contribute 0)."""
+        if layer not in self.gate_up_t:
+            raise ValueError(f"layer {layer} is not a sparse (MoE) layer")
+        ids = torch.where(topk_ids < 0, self.cfg.num_experts, topk_ids)
+        local = self.local_index[ids]
+        return L.grouped_expert_ffn(rows, local, topk_weights, self.gate_up_t[layer],
+                                    self.down_t[layer])
+
+
+class MonolithicModel:
+    """Attention side + one expert side holding every expert, in one process (reference path)."""
+
+    def __init__(self, attention: AttentionSide, experts: ExpertSide | list[ExpertSide]) -> None:
+        self.attention = attention
+        self.experts = experts if isinstance(experts, list) else [experts]
+        self.cfg = attention.cfg
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> MonolithicModel:
+        cfg = ModelConfig.from_pretrained(model_dir)
+        index = CheckpointIndex.open(model_dir)
+        return cls(AttentionSide.from_pretrained(model_dir, dtype, device, cfg, index),
+                   ExpertSide.from_pretrained(model_dir, None, dtype, device, cfg, index))
+
+    @property
+    def device(self) -> torch.device:
+        return self.attention.device
+
+    def new_kv_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        return self.attention.new_kv_cache(num_blocks, block_size)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, meta: BatchMeta, kv: PagedKVCache) -> torch.Tensor:
+        """One step over a flat token list -> logits [B, V] at each sequence's last token."""
+        attn = self.attention
+        h = attn.embed(token_ids)
+        for layer in range(self.cfg.num_layers):
+            mi = attn.attention_block(layer, h, meta, kv)
+            out = None
+            if mi.routed:
+                for side in self.experts:  # partials over a partition of experts add up
+                    part = side.forward(layer, mi.normed, mi.topk_ids, mi.topk_weights)
+                    out = part if out is None else out + part
+            h = attn.finish_layer(mi, out)
+        return attn.logits(h, meta.last_index)

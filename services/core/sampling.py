@@ -1,0 +1,95 @@
+"""Sampling: greedy, temperature, top-k, top-p, with a per-request seeded generator.
+
+Each request owns a ``torch.Generator``; its draws depend only on its own logits and seed, so a
+seeded request reproduces the same tokens whatever it is batched with.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from services.errors import UserError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings (vLLM semantics).
+
+    temperature 0 = greedy; top_k -1 or 0 = off; top_p 1 = off; seed None = random.
+    Generation stops after ``max_tokens`` tokens, or at an EOS / ``stop_token_ids`` token (which
+    is included in the output) unless ``ignore_eos``.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 16
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:  # also rejects NaN
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise UserError(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise UserError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise UserError(f"seed must be an integer, got {self.seed!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def make_generator(self, device: str | torch.device = "cpu") -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed if self.seed is not None else random.getrandbits(63))
+        return g
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+                        ) -> torch.Tensor:
+    """Mask logits [B, V] outside each row's top-k (k<=0: off) and nucleus top-p, vectorised."""
+    V = logits.shape[-1]
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
+    rank = torch.arange(V, device=logits.device)[None, :]
+    drop = rank >= k[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    # keep a token while the mass before it is < top_p (the top token is always kept)
+    mass_before = probs.cumsum(-1) - probs
+    drop |= mass_before >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
+           generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Pick one token per row of ``logits`` [B, V] -> [B] int64.
+
+    Greedy rows take the argmax. Sampled rows are filtered (temperature, top-k, top-p) in one
+    batched pass, then draw with their own generator (one draw per row: that is what makes a
+    request's tokens independent of its batch-mates).
+    """
+    out = torch.argmax(logits, dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return out
+    idx = torch.tensor(rows, device=logits.device)
+    sub = logits.index_select(0, idx).float()
+    temp = torch.tensor([params[i].temperature for i in rows], device=logits.device)
+    sub = sub / temp[:, None]
+    top_k = torch.tensor([params[i].top_k for i in rows], device=logits.device)
+    top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device)
+    probs = torch.softmax(_filter_top_k_top_p(sub, top_k, top_p), dim=-1)
+    for j, i in enumerate(rows):
+        out[i] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(0)
+    return out

@@ -1,0 +1,70 @@
+"""Configuration of one expert node (a frozen dataclass, validated at construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """Everything an expert node needs to start.
+
+    ``expert_ids`` are the experts (of every sparse layer) this node loads and serves; the same
+    id may be hosted by several nodes (replicas). ``m2n_url`` is where dispatches arrive
+    (``tcp://127.0.0.1:0`` picks a port). ``slot_bytes`` bounds one dispatch: rows x
+    (hidden + 2 top_k) x 4 bytes must fit, so it caps an attention replica's step tokens.
+    """
+
+    model_dir: Path
+    expert_ids: tuple[int, ...]
+    node_id: str = "expert-0"
+    m2n_sender_id: int = 1 << 16      # sender id on reply links; distinct from replicas' ids
+    host: str = "127.0.0.1"
+    grpc_port: int = 0
+    metrics_port: int | None = None
+    m2n_url: str = "tcp://127.0.0.1:0"
+    slot_bytes: int = 4 << 20
+    slots_per_sender: int = 8
+    epoch: int = 0
+    threads: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_dir", Path(self.model_dir))
+        object.__setattr__(self, "expert_ids", tuple(sorted(set(self.expert_ids))))
+        if not (self.model_dir / "config.json").is_file():
+            raise ConfigError(f"model_dir {self.model_dir} has no config.json")
+        if not self.expert_ids:
+            raise ConfigError("expert_ids must name at least one expert")
+        if min(self.expert_ids) < 0:
+            raise ConfigError(f"expert_ids must be >= 0, got {min(self.expert_ids)}")
+        if not 0 <= self.m2n_sender_id <= 2**32 - 1:
+            raise ConfigError(f"m2n_sender_id must be in 0..2**32-1, got {self.m2n_sender_id}")
+        if self.slot_bytes < 4096 or self.slots_per_sender < 1:
+            raise ConfigError("slot_bytes must be >= 4096 and slots_per_sender >= 1")
+        if self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+def parse_expert_ids(text: str) -> tuple[int, ...]:
+    """``"0,1,4-7"`` -> (0, 1, 4, 5, 6, 7); ConfigError naming the bad part."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ConfigError(f"bad expert id list {text!r}: cannot parse {part!r}") from None
+    return tuple(out)

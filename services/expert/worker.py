@@ -1,0 +1,206 @@
+"""The expert node's drain loop: receive dispatches from any sender, compute, reply to each.
+
+Asynchronous by design (DESIGN.md §3 step 6): the loop takes whatever messages have arrived —
+any attention replica, any layer, any micro-batch — groups their rows by layer, runs each layer's
+rows through :meth:`ExpertSide.forward` once (which groups them by expert: one GEMM per expert),
+and sends one combine reply per dispatch. There is no barrier across senders, and replies are
+queued without waiting, so a slow or dead attention replica never stalls the others.
+
+A dispatch that cannot be served (bad layout, a layer that is not sparse, an expert this node does
+not host, a stale placement epoch) gets an error reply (:mod:`services.core.moe_wire`) and the loop
+goes on; frames that are malformed at the transport level are refused by libm2n itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+import libm2n
+from services.core import moe_wire
+from services.core.model import ExpertSide
+
+log = logging.getLogger("megascale.expert.worker")
+
+MAX_DRAIN = 64  # messages taken per round; bounds one round's latency
+
+
+@dataclass
+class WorkerStats:
+    """Counters exported as metrics and through Expert.GetStats."""
+
+    messages: int = 0
+    refused: int = 0
+    rows_by_expert: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    compute_s: float = 0.0
+    groups: int = 0
+    group_rows: int = 0
+    started: float = field(default_factory=time.monotonic)
+    compute_calls: list[tuple[int, float]] = field(default_factory=list)  # (rows, seconds)
+
+
+class ExpertWorker:
+    """Owns the dispatch receiver and one reply sender per attached attention replica."""
+
+    def __init__(self, experts: ExpertSide, rx: libm2n.Receiver, m2n_sender_id: int,
+                 epoch: int = 0, peer_timeout_s: float = 10.0,
+                 on_compute: callable | None = None) -> None:
+        self.experts = experts
+        self.cfg = experts.cfg
+        self.rx = rx
+        self.m2n_sender_id = m2n_sender_id
+        self.epoch = epoch
+        self.peer_timeout_s = peer_timeout_s
+        self.hosted = frozenset(experts.expert_ids)
+        self.sparse_layers = frozenset(i for i, s in enumerate(self.cfg.sparse_layers) if s)
+        self.stats = WorkerStats()
+        self.on_compute = on_compute
+        self._replies: dict[int, libm2n.Sender] = {}
+        self._lock = threading.Lock()
+        self._inflight = 0
+
+    # ------------------------------------------------------------------ control
+    def attach(self, sender_id: int, reply_url: str) -> None:
+        """Connect the reply link to an attention replica (idempotent per sender id)."""
+        sender = libm2n.connect(reply_url, libm2n.SenderConfig(
+            sender_id=self.m2n_sender_id, epoch=self.epoch, peer_timeout_s=self.peer_timeout_s))
+        with self._lock:
+            old = self._replies.pop(sender_id, None)
+            self._replies[sender_id] = sender
+        if old is not None:
+            old.close()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                first = self.rx.recv(timeout=0.1)
+            except TimeoutError:
+                continue
+            batch = [first]
+            while len(batch) < MAX_DRAIN and (msg := self.rx.poll()) is not None:
+                batch.append(msg)
+            self._inflight = len(batch)
+            try:
+                self.process(batch)
+            except Exception:  # never let one bad round kill the node
+                log.exception("expert round failed")
+            finally:
+                self._inflight = 0
+
+    @torch.inference_mode()
+    def process(self, msgs: list[libm2n.Message]) -> None:
+        """Validate, group by layer, compute, reply; releases every message."""
+        by_layer: dict[int, list[tuple[libm2n.Message, torch.Tensor, torch.Tensor,
+                                       torch.Tensor]]] = defaultdict(list)
+        for msg in msgs:
+            self.stats.messages += 1
+            try:
+                rows, ids, weights = self._validate(msg)
+            except ValueError as exc:
+                self.stats.refused += 1
+                self._reply(msg, moe_wire.pack_error(str(exc)))
+                msg.release()
+                continue
+            by_layer[msg.header.layer].append((msg, rows, ids, weights))
+
+        for layer, items in by_layer.items():
+            # One forward per layer over every sender's rows: torch.cat copies out of the
+            # slots, so the dispatches are released (credits returned) before the compute.
+            rows = torch.cat([r for _, r, _, _ in items]).to(self.experts.device)
+            ids = torch.cat([i for _, _, i, _ in items]).to(self.experts.device)
+            weights = torch.cat([w for _, _, _, w in items]).to(self.experts.device)
+            sizes = [r.shape[0] for _, r, _, _ in items]
+            msgs_here = [m for m, _, _, _ in items]
+            headers = [m.header for m in msgs_here]
+            for m in msgs_here:
+                m.release()
+            t0 = time.perf_counter()
+            out = self.experts.forward(layer, rows, ids, weights.to(rows.dtype)).float().cpu()
+            dt = time.perf_counter() - t0
+            self._count(ids, dt, rows.shape[0])
+            for h, part in zip(headers, out.split(sizes), strict=True):
+                self._reply_to(h, part.contiguous())
+
+    # ------------------------------------------------------------------ helpers
+    def _validate(self, msg: libm2n.Message) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = msg.header
+        if h.epoch != self.epoch:
+            raise ValueError(f"dispatch carries placement epoch {h.epoch}, node is at epoch "
+                             f"{self.epoch}")
+        if h.layer not in self.sparse_layers:
+            raise ValueError(f"layer {h.layer} is not a sparse layer of this model")
+        rows, ids, weights = moe_wire.unpack_dispatch(msg.tensor(), self.cfg.hidden_size,
+                                                      self.cfg.top_k, self.cfg.num_experts)
+        wanted = set(ids[ids >= 0].unique().tolist())
+        foreign = sorted(wanted - self.hosted)
+        if foreign:
+            raise ValueError(f"experts {foreign} are not hosted on this node")
+        return rows, ids, weights
+
+    def _count(self, ids: torch.Tensor, seconds: float, nrows: int) -> None:
+        s = self.stats
+        s.compute_s += seconds
+        s.compute_calls.append((nrows, seconds))
+        if len(s.compute_calls) > 4096:
+            del s.compute_calls[:2048]
+        flat = ids[ids >= 0]
+        experts, counts = flat.unique(return_counts=True)
+        for e, c in zip(experts.tolist(), counts.tolist(), strict=True):
+            s.rows_by_expert[e] += c
+        s.groups += len(experts)
+        s.group_rows += int(flat.numel())
+        if self.on_compute is not None:
+            self.on_compute(experts.tolist(), counts.tolist(), seconds, nrows)
+
+    def _reply(self, msg: libm2n.Message, payload: torch.Tensor) -> None:
+        self._reply_to(msg.header, payload)
+
+    def _reply_to(self, h, payload: torch.Tensor) -> None:  # noqa: ANN001 - libm2n Header
+        with self._lock:
+            sender = self._replies.get(h.sender_id)
+        if sender is None:
+            log.warning("dispatch from unattached sender %d dropped", h.sender_id)
+            self.stats.refused += 1
+            return
+        try:
+            fut = sender.send(payload, step=h.step, layer=h.layer, micro_batch=h.micro_batch,
+                              tag=h.tag)
+        except libm2n.M2NError as exc:
+            self._drop(h.sender_id, sender, exc)
+            return
+        # The payload must outlive the send; the future keeps nothing, so hold it until done.
+        fut.add_done_callback(lambda f, _keep=payload: self._sent(h.sender_id, sender, f))
+
+    def _sent(self, sender_id: int, sender: libm2n.Sender, fut: Future) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            self._drop(sender_id, sender, exc)
+
+    def _drop(self, sender_id: int, sender: libm2n.Sender, exc: BaseException) -> None:
+        with self._lock:
+            if self._replies.get(sender_id) is not sender:
+                return
+            del self._replies[sender_id]
+        log.warning("attention replica %d is gone (%s); dropping its reply link", sender_id, exc)
+        threading.Thread(target=sender.close, daemon=True).start()
+
+    def close(self) -> None:
+        with self._lock:
+            senders = list(self._replies.values())
+            self._replies.clear()
+        for s in senders:
+            s.close()

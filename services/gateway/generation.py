@@ -1,0 +1,167 @@
+"""One request through the gateway, shared by the REST app and the gRPC front door.
+
+:func:`check_request` validates what both front doors accept (sampling ranges, stop strings,
+token ids, context length) with the same messages; :meth:`Pipeline.run` streams a request as
+:class:`Delta` s: text that never splits a character nor shows a stop string, the token ids
+behind it, and on the last delta the finish reason and usage.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from megascale.v1 import common_pb2
+from services.gateway.backend import Backend, BackendRequest
+from services.gateway.errors import GatewayError, bad_request
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.text import ModelText
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_TEMPERATURE = 100.0
+U64 = (1 << 64) - 1
+
+
+@dataclass
+class GenRequest:
+    """A validated request: prompt ids, downstream sampling params, stop strings."""
+
+    prompt_ids: list[int]
+    sampling: common_pb2.SamplingParams
+    stop: tuple[str, ...] = ()
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    arrival_unix_ns: int = field(default_factory=time.time_ns)
+    arrival_mono: float = field(default_factory=time.monotonic)
+    deadline: float | None = None
+
+
+@dataclass
+class Delta:
+    """A piece of the answer; ``finish_reason`` is set on the last one only."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str = ""
+
+
+def make_sampling(*, temperature: float | None = None, top_p: float | None = None,
+                  top_k: int | None = None, seed: int | None = None,
+                  max_tokens: int | None = None, stop_token_ids: list[int] | None = None,
+                  ignore_eos: bool = False, max_tokens_param: str = "max_tokens"
+                  ) -> common_pb2.SamplingParams:
+    """Range-check sampling fields (400 naming the field) and build the proto message."""
+    sp = common_pb2.SamplingParams(ignore_eos=bool(ignore_eos))
+    if temperature is not None:
+        if not (math.isfinite(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
+            raise bad_request(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got "
+                              f"{temperature}", "temperature")
+        sp.temperature = temperature
+    if top_p is not None:
+        if not (math.isfinite(top_p) and 0 < top_p <= 1):
+            raise bad_request(f"top_p must be in (0, 1], got {top_p}", "top_p")
+        sp.top_p = top_p
+    if top_k is not None and top_k not in (-1, 0):
+        if top_k < 1 or top_k > U64 >> 33:
+            raise bad_request(f"top_k must be -1, 0 (off) or >= 1, got {top_k}", "top_k")
+        sp.top_k = top_k
+    if seed is not None:
+        if not -(1 << 63) <= seed <= U64:
+            raise bad_request(f"seed must be a 64-bit integer, got {seed}", "seed")
+        sp.seed = seed & U64
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise bad_request(f"{max_tokens_param} must be >= 1, got {max_tokens}",
+                              max_tokens_param)
+        sp.max_tokens = min(max_tokens, U64 >> 32)
+    if stop_token_ids:
+        if len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise bad_request(f"stop_token_ids holds more than {MAX_STOP_TOKEN_IDS} ids",
+                              "stop_token_ids")
+        if any(t < 0 or t > U64 >> 32 for t in stop_token_ids):
+            raise bad_request("stop_token_ids must be non-negative token ids", "stop_token_ids")
+        sp.stop_token_ids.extend(stop_token_ids)
+    return sp
+
+
+def check_request(text: ModelText, prompt_ids: list[int], sampling: common_pb2.SamplingParams,
+                  stop: tuple[str, ...], prompt_param: str = "prompt") -> None:
+    """The checks that need the model: ids in the vocab, prompt + max_tokens fit the context."""
+    card = text.card
+    if not prompt_ids:
+        raise bad_request(f"{prompt_param} must not be empty", prompt_param)
+    text.check_ids(prompt_ids, prompt_param)
+    text.check_ids(list(sampling.stop_token_ids), "stop_token_ids")
+    if sampling.top_k > card.vocab_size:
+        raise bad_request(f"top_k must be <= vocab_size {card.vocab_size}, got "
+                          f"{sampling.top_k}", "top_k")
+    if len(prompt_ids) >= card.max_model_len:
+        raise bad_request(f"the prompt has {len(prompt_ids)} tokens; this model's context "
+                          f"length is {card.max_model_len}", prompt_param)
+    if sampling.max_tokens and len(prompt_ids) + sampling.max_tokens > card.max_model_len:
+        raise bad_request(f"{len(prompt_ids)} prompt tokens + max_tokens {sampling.max_tokens} "
+                          f"exceed this model's context length {card.max_model_len}",
+                          "max_tokens")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise bad_request(f"stop: at most {MAX_STOP_STRINGS} stop strings", "stop")
+    for s in stop:
+        if not 1 <= len(s) <= MAX_STOP_CHARS:
+            raise bad_request(f"stop strings must be 1..{MAX_STOP_CHARS} characters", "stop")
+
+
+class Pipeline:
+    """Validated request -> replica -> text deltas, with gateway metrics."""
+
+    def __init__(self, text: ModelText, backend: Backend, metrics: GatewayMetrics) -> None:
+        self.text = text
+        self.backend = backend
+        self.metrics = metrics
+
+    async def run(self, req: GenRequest) -> AsyncIterator[Delta]:
+        """Stream deltas; raises :class:`GatewayError` (before or during the stream)."""
+        stream = self.text.stream(req.prompt_ids, req.stop)
+        held: list[int] = []  # ids whose text is not released yet
+        first = True
+        prompt_tokens = len(req.prompt_ids)
+        completion = 0
+        self.metrics.in_flight.inc()
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        events = self.backend.stream(BackendRequest(
+            req.request_id, req.prompt_ids, req.sampling, req.arrival_unix_ns, req.deadline))
+        try:
+            async for ev in events:
+                held.extend(ev.token_ids)
+                completion = ev.completion_tokens
+                if first and ev.token_ids:
+                    self.metrics.ttft.observe(time.monotonic() - req.arrival_mono)
+                    first = False
+                self.metrics.generation_tokens.inc(len(ev.token_ids))
+                piece = stream.push(ev.token_ids)
+                if stream.stopped:
+                    yield self._last(req, piece, held, "stop", prompt_tokens, completion)
+                    return
+                if ev.finish_reason is not None:
+                    piece += stream.finish()
+                    yield self._last(req, piece, held, ev.finish_reason, prompt_tokens,
+                                     completion, ev.error)
+                    return
+                if piece:
+                    yield Delta(piece, held, prompt_tokens=prompt_tokens,
+                                completion_tokens=completion)
+                    held = []
+            raise GatewayError(502, "the replica stream ended without a finish reason")
+        finally:
+            await events.aclose()  # cancels the downstream call if still running
+            self.metrics.in_flight.dec()
+
+    def _last(self, req: GenRequest, piece: str, held: list[int], reason: str,
+              prompt_tokens: int, completion: int, error: str = "") -> Delta:
+        self.metrics.e2e.observe(time.monotonic() - req.arrival_mono)
+        return Delta(piece, list(held), reason, prompt_tokens, completion, error)

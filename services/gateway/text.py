@@ -1,0 +1,156 @@
+"""Text <-> tokens at the gateway: tokenizer, chat template, incremental text, stop strings.
+
+:class:`ModelText` loads the checkpoint's tokenizer (``AutoTokenizer``, so the chat template in
+tokenizer_config.json applies) and the facts the gateway validates against (vocab size,
+context length). :class:`TextStream` turns a request's streamed token ids into text deltas that
+never split a character and never contain a stop string.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.core.detokenize import IncrementalDetokenizer
+from services.errors import ConfigError
+from services.gateway.errors import bad_request
+
+log = logging.getLogger("megascale.gateway")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the gateway serves (the ListModels / GET /v1/models entry)."""
+
+    id: str
+    family: str
+    max_model_len: int
+    vocab_size: int
+    created_unix_s: float
+
+
+class ModelText:
+    """The served model's tokenizer and limits (one per gateway process)."""
+
+    def __init__(self, model_dir: str, served_name: str, max_model_len: int = 0) -> None:
+        path = Path(model_dir) / "config.json"
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read ({exc})") from None
+        vocab = cfg.get("vocab_size")
+        ctx = cfg.get("max_position_embeddings")
+        if not isinstance(vocab, int) or not isinstance(ctx, int) or vocab < 1 or ctx < 1:
+            raise ConfigError(f"{path}: vocab_size and max_position_embeddings must be "
+                              "positive integers")
+        try:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except Exception as exc:  # transformers raises many types for a bad tokenizer
+            raise ConfigError(f"{model_dir}: cannot load the tokenizer ({exc})") from None
+        # The Rust tokenizer decodes much faster than the Python wrapper (same output).
+        self._decoder = getattr(self.tokenizer, "backend_tokenizer", None) or self.tokenizer
+        self.card = ModelCard(id=served_name, family=str(cfg.get("model_type", "")),
+                              max_model_len=min(ctx, max_model_len or ctx), vocab_size=vocab,
+                              created_unix_s=time.time())
+
+    # ------------------------------------------------------------------ prompts
+    def encode_text(self, text: str) -> list[int]:
+        """Raw text -> ids (bos added if the family uses one; no chat template)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Render the checkpoint's chat template (with the generation prompt) and tokenize.
+
+        The template already writes bos where the family wants it, so no special tokens are
+        added on top (that would double bos).
+        """
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise bad_request("this model has no chat template; use /v1/completions",
+                              "messages")
+        try:
+            rendered = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                          add_generation_prompt=True)
+        except Exception as exc:  # jinja2 TemplateError (raise_exception) and type errors
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise bad_request(f"messages: {msg}", "messages") from None
+        return list(self.tokenizer.encode(rendered, add_special_tokens=False))
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.card.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"{param}: token id {bad} is outside the vocabulary "
+                              f"[0, {self.card.vocab_size})", param)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._decoder.decode(ids, skip_special_tokens=True)
+
+    def stream(self, prompt_ids: list[int], stop: tuple[str, ...]) -> TextStream:
+        return TextStream(IncrementalDetokenizer(self._decoder, prompt_ids=prompt_ids), stop)
+
+
+class TextStream:
+    """Generated ids -> text deltas, cut before the first stop string.
+
+    Text that could be the start of a stop string is held back until the next tokens show it
+    is not (or the stream ends). After :meth:`push` returns ``stopped=True`` the request is
+    over: the stop string and everything after it are dropped.
+    """
+
+    def __init__(self, detok: IncrementalDetokenizer, stop: tuple[str, ...] = ()) -> None:
+        self._detok = detok
+        self._stop = tuple(s for s in stop if s)
+        self._longest = max((len(s) for s in self._stop), default=0)
+        self._full = ""  # all generated text so far
+        self._sent = 0   # chars of _full already released
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """Everything released so far."""
+        return self._full[: self._sent]
+
+    def push(self, ids: list[int]) -> str:
+        """Add ids; return the newly releasable text (sets :attr:`stopped` on a stop string)."""
+        if self.stopped:
+            return ""
+        self._full += self._detok.push(ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """End of stream: release what is still held (incomplete bytes become U+FFFD)."""
+        if self.stopped:
+            return ""
+        self._full += self._detok.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        end = len(self._full)
+        if self._stop:
+            # A stop string may straddle released and new text (only its tail was held back).
+            start = max(0, self._sent - self._longest + 1)
+            hits = [i for i in (self._full.find(s, start) for s in self._stop) if i >= 0]
+            if hits:
+                end = min(hits)
+                self.stopped = True
+            elif not final:
+                end -= self._held_back()
+        out = self._full[self._sent : end]
+        self._sent = end
+        if self.stopped:
+            self._full = self._full[:end]
+        return out
+
+    def _held_back(self) -> int:
+        """Length of the longest suffix of the unreleased text that starts a stop string."""
+        tail = self._full[max(self._sent, len(self._full) - self._longest + 1) :]
+        for k in range(len(tail), 0, -1):
+            suffix = tail[-k:]
+            if any(s.startswith(suffix) for s in self._stop):
+                return k
+        return 0

@@ -1,0 +1,155 @@
+"""Start role processes and wait until they serve: used by ``megascale up``, tests and benches.
+
+Each role runs as ``python -m services.cli serve ROLE ... --ready-file F``; it writes ``F``
+(JSON: bound addresses, pid) once every server is up, so ports chosen with 0 are known to the
+parent. :class:`RoleProcess.stop` sends SIGTERM, waits, then SIGKILLs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from services.common.readyfile import wait_ready_file
+
+
+@dataclass
+class RoleProcess:
+    """A started role: its process, what its ready file said, and where its log goes."""
+
+    name: str
+    proc: subprocess.Popen
+    info: dict[str, Any]
+    log_path: Path | None = None
+
+    @property
+    def grpc(self) -> str:
+        return self.info["grpc"]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, wait ``timeout``, then SIGKILL; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL (failure injection)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def spawn_role(role: str, args: Sequence[str], name: str, workdir: Path,
+               env: dict[str, str] | None = None, log: IO[bytes] | Path | None = None,
+               timeout_s: float = 120.0) -> RoleProcess:
+    """Start ``megascale serve ROLE ARGS`` and wait for its ready file."""
+    ready = workdir / f"{name}.ready.json"
+    ready.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "services.cli", "serve", role, *args, "--ready-file",
+           str(ready), "--node-id", name]
+    full_env = {**os.environ, **(env or {})}
+    full_env.setdefault("MEGASCALE_TORCH_THREADS", "1")
+    log_path = None
+    if isinstance(log, Path):
+        log_path = log
+        out: Any = open(log, "ab")  # noqa: SIM115 - handed to the child, closed below
+    else:
+        out = log if log is not None else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log else out,
+                            env=full_env, start_new_session=True)
+    if isinstance(log, Path):
+        out.close()
+    try:
+        info = wait_ready_file(ready, timeout_s, alive=lambda: proc.poll() is None)
+    except (RuntimeError, TimeoutError) as exc:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        tail = ""
+        if log_path is not None and log_path.exists():
+            tail = "\n" + "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+        raise RuntimeError(f"{name}: {exc} (exit code {proc.returncode}){tail}") from None
+    return RoleProcess(name, proc, info, log_path)
+
+
+def partition_experts(num_experts: int, nodes: int, replicate: Sequence[int] = ()
+                      ) -> list[list[int]]:
+    """Split expert ids over ``nodes`` contiguously; ids in ``replicate`` also go on the next
+    node (a redundant replica), e.g. (8, 3) -> [[0,1,2], [3,4,5], [6,7]]."""
+    if not 1 <= nodes <= num_experts:
+        raise ValueError(f"need 1..{num_experts} expert nodes, got {nodes}")
+    per, extra = divmod(num_experts, nodes)
+    out, start = [], 0
+    for i in range(nodes):
+        n = per + (1 if i < extra else 0)
+        out.append(list(range(start, start + n)))
+        start += n
+    for e in replicate:
+        home = next(i for i, ids in enumerate(out) if e in ids)
+        out[(home + 1) % nodes].append(e)
+    return [sorted(set(ids)) for ids in out]
+
+
+@dataclass
+class LocalMesh:
+    """Expert nodes + attention replicas started on loopback (no scheduler, no gateway)."""
+
+    experts: list[RoleProcess] = field(default_factory=list)
+    attention: list[RoleProcess] = field(default_factory=list)
+    workdir: Path | None = None
+
+    @classmethod
+    def start(cls, model_dir: str | Path, expert_ids: Sequence[Sequence[int]],
+              attention_replicas: int = 1, micro_batches: int = 2,
+              attention_args: Sequence[str] = (), expert_args: Sequence[str] = (),
+              workdir: Path | None = None, transport: str = "tcp",
+              env: dict[str, str] | None = None) -> LocalMesh:
+        """Start one expert node per entry of ``expert_ids`` and N attention replicas."""
+        workdir = Path(workdir or tempfile.mkdtemp(prefix="megascale-mesh-"))
+        mesh = cls(workdir=workdir)
+        tag = f"{os.getpid()}-{id(mesh) & 0xffff:x}"
+        try:
+            for i, ids in enumerate(expert_ids):
+                url = f"shm://m2n-e{i}-{tag}" if transport == "shm" else "tcp://127.0.0.1:0"
+                mesh.experts.append(spawn_role(
+                    "expert", ["--model", str(model_dir), "--experts", ",".join(map(str, ids)),
+                               "--m2n-url", url, "--m2n-sender-id", str(1000 + i),
+                               *expert_args],
+                    f"expert-{i}", workdir, env, workdir / f"expert-{i}.log"))
+            nodes = ",".join(e.grpc for e in mesh.experts)
+            for i in range(attention_replicas):
+                url = f"shm://m2n-a{i}-{tag}" if transport == "shm" else "tcp://127.0.0.1:0"
+                mesh.attention.append(spawn_role(
+                    "attention", ["--model", str(model_dir), "--expert-nodes", nodes,
+                                  "--m2n-url", url, "--m2n-sender-id", str(i),
+                                  "--micro-batches", str(micro_batches), *attention_args],
+                    f"attention-{i}", workdir, env, workdir / f"attention-{i}.log"))
+        except BaseException:
+            mesh.stop()
+            raise
+        return mesh
+
+    def stop(self) -> None:
+        for p in [*self.attention, *self.experts]:
+            p.stop()
+
+    def __enter__(self) -> LocalMesh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

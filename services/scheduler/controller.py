@@ -1,0 +1,308 @@
+"""The scheduler's control loop: leases, expert load, placement publishing and pushing.
+
+Every ``sweep_interval_s`` (lease/4) :meth:`Controller.tick`:
+1. re-seeds Redis after a restart (epochs never go backwards, the last placement is put back);
+2. removes nodes whose lease expired (membership epoch bump);
+3. refreshes the autoscaling metrics from the load reports;
+4. re-plans the expert placement when the set of expert nodes changed; a complete plan that
+   differs from the current one gets a new placement epoch, is stored in Redis, woken to
+   WatchPlacement streams and pushed to every attention and expert node;
+5. re-pushes to nodes that have not acknowledged the current epoch (new or unreachable ones).
+
+Every ``stats_interval_s`` it polls ``Expert.GetStats`` and turns row-count deltas into a
+per-expert load (rows/s, smoothed); a load change re-plans but publishes only when the max node
+load drops by more than ``rebalance_threshold``. An incomplete plan (an expert with no live
+host) is never published: the last complete placement stays in force, the gap is logged and
+exported (``megascale:scheduler_placement_complete`` = 0), and GetPlacement says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+
+from megascale.v1 import attention_pb2_grpc, common_pb2, expert_pb2, expert_pb2_grpc
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.metrics import SchedulerMetrics
+from services.scheduler.placement import (
+    ExpertNode,
+    PlacementPlan,
+    hosts_from_proto,
+    plan_load,
+    plan_placement,
+    to_proto,
+)
+from services.scheduler.state import REDIS_ERRORS, NodeRecord, RedisState
+
+log = logging.getLogger("megascale.scheduler")
+
+_PUSH_ROLES = (common_pb2.NODE_ROLE_ATTENTION, common_pb2.NODE_ROLE_EXPERT)
+_EMA = 0.5  # weight of the newest window in the per-expert load
+
+
+def _expert_nodes(records: list[NodeRecord]) -> list[ExpertNode]:
+    return [ExpertNode(r.info.node_id, r.info.m2n_url, tuple(sorted(set(r.info.expert_ids))))
+            for r in records if r.info.role == common_pb2.NODE_ROLE_EXPERT]
+
+
+def _urls(placement: common_pb2.ExpertPlacement) -> dict[str, str]:
+    return {h.node_id: h.m2n_url for rep in placement.experts for h in rep.hosts}
+
+
+class Controller:
+    """Owns the placement in force and the loop that keeps nodes and Redis in step with it."""
+
+    def __init__(self, config: SchedulerConfig, state: RedisState,
+                 metrics: SchedulerMetrics) -> None:
+        self.config = config
+        self.state = state
+        self.metrics = metrics
+        self.current = common_pb2.ExpertPlacement(epoch=0, num_experts=config.num_experts)
+        self.missing: tuple[int, ...] = ()       # experts without a live host in the newest plan
+        self.membership_epoch = 0
+        self.expert_load: dict[int, float] = {}  # expert id -> rows/s (smoothed)
+        self.acked: dict[str, int] = {}          # node id -> placement epoch it applied
+        self._rejected: dict[str, int] = {}      # node id -> epoch it refused (INVALID_ARGUMENT)
+        self._fingerprint: tuple | None = None
+        self._rows: dict[str, tuple[float, dict[int, int]]] = {}  # node -> (t, rows_by_expert)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._cond = asyncio.Condition()
+        self._kick = asyncio.Event()
+        self._lock = asyncio.Lock()  # one tick / re-plan at a time
+        self._redis_down = False
+
+    # ---- placement in force -------------------------------------------------------------
+
+    async def wait_placement(self, after_epoch: int) -> common_pb2.ExpertPlacement:
+        """The placement in force once its epoch is > ``after_epoch`` (waits until then)."""
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.current.epoch > after_epoch)
+            return self.current
+
+    async def _install(self, placement: common_pb2.ExpertPlacement) -> None:
+        async with self._cond:
+            self.current = placement
+            self._cond.notify_all()
+
+    def kick(self) -> None:
+        """Run a tick now (a node joined or left)."""
+        self._kick.set()
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Pick up what a previous scheduler left in Redis (placement, epoch), if reachable."""
+        try:
+            stored = await self.state.load_placement()
+            if stored is not None and stored.num_experts == self.config.num_experts:
+                await self._install(stored)
+                log.info("resuming placement epoch %d from Redis", stored.epoch)
+            self.membership_epoch = await self.state.epoch()
+        except REDIS_ERRORS as exc:
+            self._on_redis_error(exc)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick until ``stop`` is set; never raises on Redis or node failures."""
+        next_stats = time.monotonic() + self.config.stats_interval_s
+        while not stop.is_set():
+            await self.tick()
+            if time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + self.config.stats_interval_s
+                await self.poll_stats()
+            self._kick.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wait_any(stop), self.config.sweep_interval_s)
+
+    async def _wait_any(self, stop: asyncio.Event) -> None:
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._kick.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+    def _on_redis_error(self, exc: BaseException) -> None:
+        self.metrics.redis_errors.inc()
+        if not self._redis_down:
+            log.error("Redis at %s is unreachable: %s", self.state.url, exc)
+        self._redis_down = True
+
+    async def tick(self) -> None:
+        """One pass of the loop (module docstring); Redis errors are logged, not raised."""
+        async with self._lock:
+            try:
+                self.membership_epoch, _ = await self.state.restore(self.membership_epoch,
+                                                                    self.current)
+                if self._redis_down:
+                    log.info("Redis at %s is reachable again", self.state.url)
+                    self._redis_down = False
+                for node_id in await self.state.sweep():
+                    log.info("node %s left (lease expired)", node_id)
+                    self.metrics.expirations.inc()
+                records = await self.state.nodes()
+                self.membership_epoch = await self.state.epoch()
+            except REDIS_ERRORS as exc:
+                self._on_redis_error(exc)
+                return
+            self.metrics.epoch.set(self.membership_epoch)
+            self.metrics.observe_nodes(records)
+            live = {r.info.node_id for r in records}
+            for d in (self.acked, self._rejected, self._rows):
+                for n in [n for n in d if n not in live]:
+                    del d[n]
+            experts = _expert_nodes(records)
+            fp = tuple(sorted((n.node_id, n.m2n_url, n.expert_ids) for n in experts))
+            if fp != self._fingerprint:
+                self._fingerprint = fp
+                await self._replan(experts, force=True)
+            await self._push(records)
+            await self._close_unused({r.info.grpc_address for r in records})
+
+    async def _replan(self, experts: list[ExpertNode], force: bool) -> None:
+        cfg = self.config
+        plan = plan_placement(cfg.num_experts, experts, self.expert_load or None,
+                              cfg.replicate_hot)
+        if not plan.complete:
+            if plan.missing != self.missing:
+                log.error("placement incomplete: experts %s have no live host; keeping "
+                          "placement epoch %d", list(plan.missing), self.current.epoch)
+            self.missing = plan.missing
+            self.metrics.observe_placement(plan, self.current.epoch)
+            return
+        self.missing = ()
+        urls = {n.node_id: n.m2n_url for n in experts}
+        same = (plan.hosts == hosts_from_proto(self.current)
+                and all(_urls(self.current).get(n) == urls[n] for hs in plan.hosts for n in hs))
+        if same:
+            self.metrics.observe_placement(plan, self.current.epoch)
+            return
+        if not force and self.current.epoch:
+            old = plan_load(hosts_from_proto(self.current), self.expert_load or None,
+                            [n.node_id for n in experts])
+            if plan.max_load >= (1 - cfg.rebalance_threshold) * old:
+                return  # not worth a new epoch
+        await self._publish(plan, urls, floor=self.current.epoch)
+
+    async def _publish(self, plan: PlacementPlan, urls: dict[str, str], floor: int) -> None:
+        try:
+            epoch = await self.state.next_placement_epoch(floor)
+            placement = to_proto(plan, epoch, urls)
+            await self.state.save_placement(placement)
+        except REDIS_ERRORS as exc:
+            self._on_redis_error(exc)
+            return
+        await self._install(placement)
+        self.metrics.observe_placement(plan, epoch)
+        log.info("placement epoch %d: max load %.3g, mean %.3g, %d hot replicas", epoch,
+                 plan.max_load, plan.mean_load, plan.replicas)
+
+    # ---- pushing ------------------------------------------------------------------------
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = grpc.aio.insecure_channel(address)
+        return ch
+
+    async def _close_unused(self, live_addresses: set[str]) -> None:
+        for addr in [a for a in self._channels if a not in live_addresses]:
+            await self._channels.pop(addr).close()
+
+    async def _push(self, records: list[NodeRecord]) -> None:
+        """UpdatePlacement to every attention/expert node that has not applied the epoch."""
+        p = self.current
+        if p.epoch == 0:
+            return
+        targets = [r for r in records if r.info.role in _PUSH_ROLES
+                   and self.acked.get(r.info.node_id, -1) < p.epoch
+                   and self._rejected.get(r.info.node_id) != p.epoch]
+        if not targets:
+            return
+        results = await asyncio.gather(*(self._push_one(r, p) for r in targets))
+        newest = max((a for a in results if a is not None), default=0)
+        if newest > p.epoch:
+            # A node holds a newer epoch than ours: Redis and this scheduler both lost state.
+            # Re-issue the same table above it so nodes do not ignore it as stale.
+            log.warning("a node is at placement epoch %d > ours (%d): re-issuing", newest,
+                        p.epoch)
+            plan = PlacementPlan(p.num_experts, hosts_from_proto(p), (), ())
+            await self._publish(plan, _urls(p), floor=newest)
+
+    async def _push_one(self, rec: NodeRecord, p: common_pb2.ExpertPlacement) -> int | None:
+        node = rec.info.node_id
+        if rec.info.role == common_pb2.NODE_ROLE_EXPERT:
+            stub = expert_pb2_grpc.ExpertStub(self._channel(rec.info.grpc_address))
+        else:
+            stub = attention_pb2_grpc.AttentionStub(self._channel(rec.info.grpc_address))
+        try:
+            resp = await stub.UpdatePlacement(p, timeout=self.config.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                self._rejected[node] = p.epoch
+                self.metrics.pushes.labels(result="rejected").inc()
+                log.error("node %s rejected placement epoch %d: %s", node, p.epoch,
+                          exc.details())
+            else:
+                self.metrics.pushes.labels(result="error").inc()
+                log.warning("push of placement epoch %d to %s (%s) failed: %s %s", p.epoch,
+                            node, rec.info.grpc_address, exc.code().name, exc.details())
+            return None
+        self.acked[node] = resp.applied_epoch
+        self.metrics.pushes.labels(result="ok").inc()
+        return resp.applied_epoch
+
+    # ---- expert load --------------------------------------------------------------------
+
+    async def poll_stats(self) -> None:
+        """Poll Expert.GetStats and fold row-count deltas into ``expert_load``; re-plan."""
+        async with self._lock:
+            try:
+                records = await self.state.nodes()
+            except REDIS_ERRORS as exc:
+                self._on_redis_error(exc)
+                return
+            experts = [r for r in records if r.info.role == common_pb2.NODE_ROLE_EXPERT]
+            if not experts:
+                return
+            stats = await asyncio.gather(*(self._stats_one(r) for r in experts))
+            window: dict[int, float] = {}
+            now = time.monotonic()
+            for rec, st in zip(experts, stats, strict=True):
+                if st is None:
+                    continue
+                rows = {int(k): int(v) for k, v in st.rows_by_expert.items()}
+                prev = self._rows.get(rec.info.node_id)
+                self._rows[rec.info.node_id] = (now, rows)
+                if prev is None:
+                    continue
+                dt = max(1e-3, now - prev[0])
+                for e, v in rows.items():
+                    old = prev[1].get(e, 0)
+                    delta = v - old if v >= old else v  # counter reset: the node restarted
+                    window[e] = window.get(e, 0.0) + delta / dt
+            if sum(window.values()) <= 0:
+                return  # no traffic in this window: nothing new to learn
+            for e in range(self.config.num_experts):
+                rate = window.get(e, 0.0)
+                old = self.expert_load.get(e)
+                self.expert_load[e] = rate if old is None else _EMA * rate + (1 - _EMA) * old
+            await self._replan(_expert_nodes(records), force=False)
+            await self._push(records)
+
+    async def _stats_one(self, rec: NodeRecord) -> expert_pb2.ExpertStats | None:
+        stub = expert_pb2_grpc.ExpertStub(self._channel(rec.info.grpc_address))
+        try:
+            return await stub.GetStats(expert_pb2.GetStatsRequest(),
+                                       timeout=self.config.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("GetStats of %s failed: %s", rec.info.node_id, exc.code().name)
+            return None

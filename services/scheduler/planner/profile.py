@@ -1,0 +1,178 @@
+"""Profiling this machine with torch: the measured side of the performance model.
+
+``services/core/layers.py`` did not exist when this was written, so the layers are timed as
+plain torch ops shaped like the model's: attention = QKV projection, scaled-dot-product attention
+of one new token against ``seq_len`` cached tokens (GQA), output projection and the router;
+expert = one SwiGLU FFN (gate/up GEMM, SiLU·mul, down GEMM). Timings are medians over repeats,
+one thread (``torch.set_num_threads(1)``), in the chosen dtype.
+
+torch is imported inside the functions: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+from services.errors import UserError
+
+from .hardware import HardwareProfile, HardwareSpec
+from .models import PRESETS, MoEShape
+from .perf_model import (
+    LatencyCurve,
+    expert_batch,
+    iteration_time,
+)
+
+# A small Mixtral-like shape that a CPU profiles in seconds; the default for `plan --profile`.
+LOCAL_SHAPE = PRESETS["local-tiny-moe"]
+ATTN_BATCHES = (1, 2, 4, 8, 16, 32)
+EXPERT_BATCHES = (1, 4, 16, 64, 256)
+# Same-host shared-memory transport: fixed cost per message (notification + wake-up). A guess,
+# not measured here; libm2n's benchmark measures the real figure.
+SHM_MSG_LATENCY_S = 50e-6
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise UserError(f"profile dtype must be one of {', '.join(table)}, got {name!r}")
+    return table[name]
+
+
+def profile_attention(shape: MoEShape, seq_len: int, batches=ATTN_BATCHES, repeats: int = 5,
+                      dtype: str = "float32") -> list[tuple[float, float]]:
+    """(batch, seconds) for one attention layer of ``shape`` at context ``seq_len``."""
+    import torch
+
+    torch.set_num_threads(1)
+    dt = _dtype(dtype)
+    h, d = shape.hidden, shape.head_dim
+    q_dim, kv_dim = shape.heads * d, shape.kv_heads * d
+    w_qkv = torch.randn(h, q_dim + 2 * kv_dim, dtype=dt) * 0.02
+    w_o = torch.randn(q_dim, h, dtype=dt) * 0.02
+    w_router = torch.randn(h, shape.experts, dtype=dt) * 0.02
+    out = []
+    for b in batches:
+        x = torch.randn(b, h, dtype=dt)
+        k_cache = torch.randn(b, shape.kv_heads, seq_len, d, dtype=dt)  # [b, kv_heads, s, d]
+        v_cache = torch.randn(b, shape.kv_heads, seq_len, d, dtype=dt)
+
+        def step(x=x, k_cache=k_cache, v_cache=v_cache, b=b):
+            with torch.inference_mode():
+                qkv = x @ w_qkv  # [b, q + 2kv]
+                q = qkv[:, :q_dim].view(b, shape.heads, 1, d)
+                att = torch.nn.functional.scaled_dot_product_attention(
+                    q, k_cache, v_cache, enable_gqa=True)  # [b, heads, 1, d]
+                y = att.reshape(b, q_dim) @ w_o
+                logits = (x + y) @ w_router
+                return torch.topk(torch.softmax(logits, dim=-1), shape.top_k, dim=-1)
+
+        out.append((float(b), _median_time(step, repeats)))
+    return out
+
+
+def profile_expert(shape: MoEShape, batches=EXPERT_BATCHES, repeats: int = 5,
+                   dtype: str = "float32") -> list[tuple[float, float]]:
+    """(tokens, seconds) for one expert's SwiGLU FFN of ``shape``."""
+    import torch
+
+    torch.set_num_threads(1)
+    dt = _dtype(dtype)
+    h, inter = shape.hidden, shape.expert_intermediate
+    w_gu = torch.randn(h, 2 * inter, dtype=dt) * 0.02
+    w_down = torch.randn(inter, h, dtype=dt) * 0.02
+    out = []
+    for b in batches:
+        x = torch.randn(b, h, dtype=dt)
+
+        def step(x=x):
+            with torch.inference_mode():
+                gate, up = (x @ w_gu).chunk(2, dim=-1)
+                return (torch.nn.functional.silu(gate) * up) @ w_down
+
+        out.append((float(b), _median_time(step, repeats)))
+    return out
+
+
+def measure_copy_gbs(mbytes: int = 64, repeats: int = 5) -> float:
+    """Memory-copy bandwidth (GB/s, bytes read + written counted once) of a large tensor."""
+    import torch
+
+    src = torch.empty(mbytes * 2**20, dtype=torch.uint8)
+    src.fill_(1)
+    dst = torch.empty_like(src)
+    t = _median_time(lambda: dst.copy_(src), repeats)
+    return src.numel() / t / 1e9
+
+
+def profile_machine(shape: MoEShape = LOCAL_SHAPE, seq_len: int = 128, repeats: int = 5,
+                    dtype: str = "float32", name: str = "local-cpu") -> HardwareProfile:
+    """Profile this machine for ``shape``: per-layer latency points plus a fitted spec (peak
+    rates = measured rates, efficiencies 1) usable for other shapes via the roofline."""
+    import psutil
+
+    attn = profile_attention(shape, seq_len, repeats=repeats, dtype=dtype)
+    expert = profile_expert(shape, repeats=repeats, dtype=dtype)
+    copy_gbs = measure_copy_gbs(repeats=repeats)
+    elem = 4 if dtype == "float32" else 2
+    # Achieved GEMM rate at the largest expert batch; memory bandwidth from the copy.
+    b_big, t_big = expert[-1]
+    tflops = 2 * shape.expert_params_per_layer * b_big / t_big / 1e12
+    k3, k4 = LatencyCurve(tuple(expert)).fit()
+    weight_read = elem * shape.expert_params_per_layer / (copy_gbs * 1e9)
+    spec = HardwareSpec(
+        name=name, memory_gb=psutil.virtual_memory().total / 1e9, tflops=tflops,
+        mem_bw_gbs=copy_gbs, price=1.0, nic_gbs=copy_gbs, intra_bw_gbs=copy_gbs,
+        compute_eff=1.0, mem_eff=1.0, overhead_us=max(0.0, (k4 - weight_read) * 1e6),
+        gpus_per_node=1,
+    )
+    return HardwareProfile(spec=spec, model=shape.name, seq_len=seq_len,
+                           attention_points=tuple(attn), expert_points=tuple(expert),
+                           copy_gbs=copy_gbs, device="cpu",
+                           notes=f"torch ops shaped like {shape.name} layers, {dtype}, 1 thread",
+                           extra={"dtype": dtype, "repeats": repeats})
+
+
+def predict_local(profile: HardwareProfile, shape: MoEShape, batch: int, m: int,
+                  n_attention: int = 1, expert_nodes: int = 1) -> dict:
+    """Predicted decode throughput (tokens/s) of a local deployment measured by a profile.
+
+    The local configuration (bench/pingpong.py's): ``n_attention`` replicas each holding
+    ``batch`` sequences split into ``m`` micro-batches, ``expert_nodes`` expert processes
+    sharing the E experts, shared-memory transport on the same host (``T_c`` = per-message
+    latency + bytes / copy bandwidth). Uses the profile's measured points, so ``shape`` must be
+    the shape the profile was taken for. Returns the inputs of the prediction too.
+    """
+    if profile.model != shape.name:
+        raise UserError(f"profile was taken for {profile.model!r}, not {shape.name!r}; "
+                        f"re-run `megascale plan --profile --model ...`")
+    if batch < m or m < 1:
+        raise UserError(f"batch ({batch}) must be >= m ({m}) >= 1")
+    b_a = batch / m
+    a_curve = LatencyCurve(profile.attention_points)
+    e_curve = LatencyCurve(profile.expert_points)
+    g = shape.experts / expert_nodes
+    b_e = expert_batch(b_a, n_attention, shape.top_k, shape.experts)
+    t_a = a_curve(b_a)
+    t_e = g * e_curve(b_e)
+    elem = 4 if profile.extra.get("dtype", "float32") == "float32" else 2
+    msg = b_a * shape.top_k * shape.hidden * elem / expert_nodes
+    t_c = SHM_MSG_LATENCY_S + msg * expert_nodes / (profile.copy_gbs * 1e9)
+    total = iteration_time(t_a, t_e, t_c, m, shape.layers)
+    return {"tokens_per_s": n_attention * batch / total, "tbt_ms": total * 1e3,
+            "t_a_ms": t_a * 1e3, "t_e_ms": t_e * 1e3, "t_c_ms": t_c * 1e3, "b_a": b_a,
+            "b_e": b_e, "m": m, "batch": batch}

@@ -1,0 +1,294 @@
+"""The ``megascale.v1.Scheduler`` gRPC service and the scheduler process's :func:`serve`.
+
+Status codes follow ``proto/megascale/v1/scheduler.proto``: INVALID_ARGUMENT names the bad
+field, NOT_FOUND tells a node its lease is gone (Register again), ALREADY_EXISTS guards a live
+node id, UNAVAILABLE covers "no replica" and "Redis unreachable", RESOURCE_EXHAUSTED "every
+replica is full". GetPlacement returns the last complete placement; its trailing metadata says
+whether the newest plan was complete (``x-megascale-placement-complete: true|false``) and, if
+not, which experts have no live host (``x-megascale-placement-missing: 3,5``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import grpc
+
+from megascale.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.common.grpcserver import start_server
+from services.common.metrics import serve_metrics
+from services.common.readyfile import write_ready_file
+from services.errors import ConfigError
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.controller import Controller
+from services.scheduler.metrics import ROLE_NAMES, SchedulerMetrics, role_name
+from services.scheduler.routing import AllFull, NoReplica, Router
+from services.scheduler.state import REDIS_ERRORS, AlreadyRegistered, RedisState
+
+log = logging.getLogger("megascale.scheduler")
+
+T = TypeVar("T")
+_NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_M2N_RE = re.compile(r"^(shm|tcp|rdma)://\S+$")
+COMPLETE_KEY = "x-megascale-placement-complete"
+MISSING_KEY = "x-megascale-placement-missing"
+
+
+class BadRequest(ValueError):
+    """A request field is invalid (INVALID_ARGUMENT); the message names it."""
+
+
+def check_node_id(node_id: str, field: str = "node_id") -> None:
+    if not _NODE_ID_RE.match(node_id):
+        raise BadRequest(f"{field} must be 1..128 chars of [A-Za-z0-9._-], got {node_id!r}")
+
+
+def check_address(address: str, field: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise BadRequest(f"{field} must be HOST:PORT with a port in 1..65535, got {address!r}")
+
+
+def validate_node_info(info: common_pb2.NodeInfo, num_experts: int) -> None:
+    """Raise :class:`BadRequest` naming the first bad field of a Register request."""
+    check_node_id(info.node_id, "node_id")
+    if info.role not in ROLE_NAMES:
+        raise BadRequest(f"role must be one of {sorted(ROLE_NAMES.values())}, got "
+                         f"{common_pb2.NodeRole.Name(info.role) if info.role == 0 else info.role}")
+    check_address(info.grpc_address, "grpc_address")
+    if info.m2n_url and not _M2N_RE.match(info.m2n_url):
+        raise BadRequest(f"m2n_url must be shm://, tcp:// or rdma://..., got {info.m2n_url!r}")
+    if info.role == common_pb2.NODE_ROLE_EXPERT:
+        if not info.m2n_url:
+            raise BadRequest("m2n_url is required for an expert node")
+        if not info.expert_ids:
+            raise BadRequest("expert_ids must name at least one expert for an expert node")
+        bad = [e for e in info.expert_ids if e >= num_experts]
+        if bad:
+            raise BadRequest(f"expert_ids {bad} out of range: the model has {num_experts} "
+                             f"experts")
+        if len(set(info.expert_ids)) != len(info.expert_ids):
+            raise BadRequest("expert_ids must be unique")
+    if info.role == common_pb2.NODE_ROLE_ATTENTION:
+        for field in ("kv_blocks", "kv_block_size", "max_running_requests"):
+            if getattr(info, field) < 1:
+                raise BadRequest(f"{field} must be >= 1 for an attention replica")
+
+
+def validate_load(load: common_pb2.LoadReport) -> None:
+    if not (math.isfinite(load.kv_usage) and 0.0 <= load.kv_usage <= 1.0):
+        raise BadRequest(f"load.kv_usage must be in 0..1, got {load.kv_usage}")
+    for field in ("step_time_ms", "attention_time_ms", "expert_wait_ms", "tokens_per_s",
+                  "reported_at_unix_s"):
+        v = getattr(load, field)
+        if not (math.isfinite(v) and v >= 0):
+            raise BadRequest(f"load.{field} must be a finite number >= 0, got {v}")
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    """``megascale.v1.Scheduler``: membership, routing, placement and settings."""
+
+    def __init__(self, config: SchedulerConfig, state: RedisState, controller: Controller,
+                 metrics: SchedulerMetrics) -> None:
+        self.config = config
+        self.state = state
+        self.controller = controller
+        self.metrics = metrics
+        self.router = Router()
+        s = config.settings
+        self.settings = common_pb2.DeploymentSettings(
+            micro_batches=s.micro_batches, max_batch_tokens=s.max_batch_tokens,
+            max_running_requests=s.max_running_requests,
+            dispatch_timeout_ms=s.dispatch_timeout_ms)
+
+    async def _redis(self, context: grpc.aio.ServicerContext, op: Awaitable[T]) -> T:
+        """Await a Redis operation; UNAVAILABLE with a one-line message when Redis is down."""
+        try:
+            return await op
+        except REDIS_ERRORS as exc:
+            self.metrics.redis_errors.inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"Redis at {self.state.url} is unreachable: {exc}")
+            raise  # unreachable: abort raises
+
+    async def _bad(self, context: grpc.aio.ServicerContext, exc: BadRequest) -> None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def Register(self, request: common_pb2.NodeInfo, context: grpc.aio.ServicerContext
+                       ) -> scheduler_pb2.RegisterResponse:
+        """Start a lease for the node; the membership epoch moves when it (re)joins."""
+        try:
+            validate_node_info(request, self.config.num_experts)
+        except BadRequest as exc:
+            await self._bad(context, exc)
+        try:
+            epoch = await self._redis(context, self.state.register(request))
+        except AlreadyRegistered:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"node_id {request.node_id!r} is held by a live node at "
+                                f"another address")
+        self.metrics.registrations.labels(role=role_name(request.role)).inc()
+        self.router.on_report(request.node_id)
+        self.controller.kick()
+        log.info("node %s (%s) registered at %s, epoch %d", request.node_id,
+                 role_name(request.role), request.grpc_address, epoch)
+        return scheduler_pb2.RegisterResponse(epoch=epoch, lease_ttl_s=self.config.node_ttl_s,
+                                              settings=self.settings)
+
+    async def Heartbeat(self, request: scheduler_pb2.HeartbeatRequest,
+                        context: grpc.aio.ServicerContext) -> scheduler_pb2.HeartbeatResponse:
+        """Renew the lease and store the load report; NOT_FOUND when the lease is gone."""
+        try:
+            check_node_id(request.node_id)
+            validate_load(request.load)
+        except BadRequest as exc:
+            await self._bad(context, exc)
+        found, changed, epoch = await self._redis(context, self.state.heartbeat(
+            request.node_id, request.load, self.controller.current.epoch))
+        if not found:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"node {request.node_id!r} is not registered (lease expired?): "
+                                f"Register again")
+        self.router.on_report(request.node_id)
+        return scheduler_pb2.HeartbeatResponse(epoch=epoch, placement_changed=changed)
+
+    async def Deregister(self, request: scheduler_pb2.DeregisterRequest,
+                         context: grpc.aio.ServicerContext) -> scheduler_pb2.DeregisterResponse:
+        """Leave now; NOT_FOUND when the node was not registered."""
+        try:
+            check_node_id(request.node_id)
+        except BadRequest as exc:
+            await self._bad(context, exc)
+        epoch = await self._redis(context, self.state.deregister(request.node_id))
+        if epoch is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"node {request.node_id!r} is not registered")
+        self.metrics.deregistrations.inc()
+        self.controller.kick()
+        log.info("node %s deregistered, epoch %d", request.node_id, epoch)
+        return scheduler_pb2.DeregisterResponse(epoch=epoch)
+
+    async def PickReplica(self, request: scheduler_pb2.PickReplicaRequest,
+                          context: grpc.aio.ServicerContext
+                          ) -> scheduler_pb2.PickReplicaResponse:
+        """The least-loaded healthy attention replica not in ``exclude_node_ids``."""
+        records = await self._redis(context, self.state.nodes())
+        try:
+            rec = self.router.pick(records, exclude=request.exclude_node_ids,
+                                   prompt_tokens=request.prompt_tokens, model=request.model)
+        except NoReplica as exc:
+            self.metrics.picks.labels(result="unavailable").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except AllFull as exc:
+            self.metrics.picks.labels(result="exhausted").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        self.metrics.picks.labels(result="ok").inc()
+        return scheduler_pb2.PickReplicaResponse(node_id=rec.info.node_id,
+                                                 address=rec.info.grpc_address,
+                                                 epoch=self.controller.membership_epoch)
+
+    def _placement_metadata(self, context: grpc.aio.ServicerContext) -> None:
+        missing = self.controller.missing
+        md = [(COMPLETE_KEY, "false" if missing else "true")]
+        if missing:
+            md.append((MISSING_KEY, ",".join(map(str, missing))))
+        context.set_trailing_metadata(tuple(md))
+
+    async def GetPlacement(self, request: scheduler_pb2.GetPlacementRequest,
+                           context: grpc.aio.ServicerContext) -> common_pb2.ExpertPlacement:
+        """The last complete placement (epoch 0 = none yet); completeness in trailing metadata."""
+        self._placement_metadata(context)
+        return self.controller.current
+
+    async def WatchPlacement(self, request: scheduler_pb2.WatchPlacementRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[common_pb2.ExpertPlacement]:
+        """Stream every placement with epoch > ``after_epoch`` until the caller cancels."""
+        after = request.after_epoch
+        while True:
+            placement = await self.controller.wait_placement(after)
+            yield placement
+            after = placement.epoch
+
+    async def GetSettings(self, request: scheduler_pb2.GetSettingsRequest,
+                          context: grpc.aio.ServicerContext) -> common_pb2.DeploymentSettings:
+        return self.settings
+
+
+async def _connect(state: RedisState, timeout_s: float = 10.0) -> None:
+    """Wait for Redis at start-up; ConfigError naming the URL when it never answers."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await state.ping()
+            return
+        except REDIS_ERRORS as exc:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise ConfigError(f"cannot reach Redis at {state.url}: {exc}") from None
+            await asyncio.sleep(0.2)
+
+
+class Scheduler:
+    """A running scheduler (servers + control loop), for :func:`serve` and in-process tests."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.metrics = SchedulerMetrics()
+        self.state = RedisState(config.redis_url, config.key_prefix, config.node_ttl_s)
+        self.controller = Controller(config, self.state, self.metrics)
+        self.servicer = SchedulerServicer(config, self.state, self.controller, self.metrics)
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._stop = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        try:
+            await _connect(self.state)
+            await self.controller.start()
+            self.server, self.port, _ = await start_server(
+                self.config.host, self.config.grpc_port,
+                lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, s),
+                [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name])
+            self.metrics_port = serve_metrics(self.metrics.registry, self.config.host,
+                                              self.config.metrics_port)
+        except BaseException:
+            await self.state.close()
+            raise
+        self._loop_task = asyncio.create_task(self.controller.run(self._stop))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self.server is not None:
+            await self.server.stop(grace=0.5)
+        if self._loop_task is not None:
+            await self._loop_task
+        await self.controller.close()
+        await self.state.close()
+
+
+async def serve(config: SchedulerConfig, ready_file: str | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Run the scheduler until ``stop`` is set (or forever)."""
+    sched = Scheduler(config)
+    await sched.start()
+    write_ready_file(ready_file, {"role": "scheduler", "node_id": config.node_id,
+                                  "grpc": sched.address, "metrics_port": sched.metrics_port})
+    log.info("scheduler serving on %s (Redis %s, prefix %r, lease %.3g s, %d experts)",
+             sched.address, config.redis_url, config.key_prefix, config.node_ttl_s,
+             config.num_experts)
+    stop = stop or asyncio.Event()
+    try:
+        await stop.wait()
+    finally:
+        await sched.stop()

@@ -1,0 +1,100 @@
+"""Fixtures shared by every test area: thread limits, free ports, a real redis-server.
+
+Area-specific fixtures live in each area's own conftest (tests/<area>/conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Two cores are shared by the test process and the servers it starts: keep every torch process
+# (children inherit these) at one thread so they do not fight.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("MEGASCALE_TORCH_THREADS", "1")
+
+try:  # torch is heavy; only configure it when installed
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    pass
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on loopback for the whole session (skips when not installed)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (scripts/setup.sh installs it)")
+    port = free_port()
+    workdir: Path = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("redis-server did not start within 10 s")
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def hf_greedy():
+    """``hf_greedy(model_dir, prompts, new_tokens)`` -> greedy token ids from Hugging Face
+    ``transformers`` (float32, one prompt at a time, EOS ignored): the outside referee."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    models: dict[str, object] = {}
+    results: dict[tuple, list[int]] = {}
+
+    def run(model_dir: str | Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+        key = str(model_dir)
+        if key not in models:
+            m = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).eval()
+            m.generation_config.eos_token_id = None
+            models[key] = m
+        out = []
+        for p in prompts:
+            rk = (key, tuple(p), new_tokens)
+            if rk not in results:
+                with torch.no_grad():
+                    ids = models[key].generate(torch.tensor([p]), do_sample=False,
+                                               max_new_tokens=new_tokens,
+                                               min_new_tokens=new_tokens)
+                results[rk] = ids[0, len(p):].tolist()
+            out.append(results[rk])
+        return out
+
+    return run

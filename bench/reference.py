@@ -4,10 +4,14 @@ Same random demo checkpoint, same prompts (lengths vary, so transformers left-pa
 ``--new-tokens`` new tokens per prompt (EOS ignored by both), float32, torch threads fixed.
 Both implementations run side by side in one process, alternating per repeat; the figure is the
 median over repeats of generated tokens / wall time (prefill included, identical work for both).
-Prints a table with the ratio and, with ``--json PATH``, writes a list of records::
+Each run also records the process CPU time it used: on a shared machine, wall time includes
+time stolen by other processes, CPU time mostly does not, so the CPU-time ratio is the steadier
+figure (both are printed; the wall-time ratio is the headline). Prints a table with the ratios
+and, with ``--json PATH``, writes a list of records::
 
     {"impl": "megascale" | "transformers", "batch": B, "new_tokens": N, "tokens_per_s": x,
-     "seconds": [...], "threads": t, "device": "cpu"}
+     "seconds": [...], "cpu_seconds": [...], "tokens_per_cpu_s": y, "threads": t,
+     "device": "cpu", "machine": ...}
 """
 
 from __future__ import annotations
@@ -29,32 +33,32 @@ def _prompts(batch: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
 
 
-def _run_ours(model, prompts, new_tokens: int) -> float:
+def _run_ours(model, prompts, new_tokens: int) -> tuple[float, float]:
     from services.core.generate import generate
     from services.core.sampling import SamplingParams
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = generate(model, prompts, SamplingParams(temperature=0, max_tokens=new_tokens,
                                                   ignore_eos=True))
-    dt = time.perf_counter() - t0
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
     assert all(len(o) == new_tokens for o in out)
-    return dt
+    return dt, dc
 
 
-def _run_hf(model, prompts, new_tokens: int) -> float:
+def _run_hf(model, prompts, new_tokens: int) -> tuple[float, float]:
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.int64)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):  # left padding, as transformers expects for decoder-only
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0,
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    dt = time.perf_counter() - t0
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
     assert out.shape[1] == width + new_tokens
-    return dt
+    return dt, dc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,24 +91,34 @@ def main(argv: list[str] | None = None) -> int:
     vocab = ours.cfg.vocab_size
 
     records = []
-    print(f"{'batch':>5} {'megascale tok/s':>16} {'transformers tok/s':>19} {'ratio':>6}")
+    print(f"{'batch':>5} {'megascale tok/s':>16} {'transformers tok/s':>19} {'ratio':>6} "
+          f"{'spread':>12} {'cpu-time ratio':>15}")
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = _prompts(batch, vocab, seed=batch)
         _run_ours(ours, prompts, 4)  # warm-up both paths
         _run_hf(hf, prompts, 4)
         times: dict[str, list[float]] = {"megascale": [], "transformers": []}
+        cpu: dict[str, list[float]] = {"megascale": [], "transformers": []}
         for _ in range(repeats):  # alternate so both see the same machine noise
-            times["megascale"].append(_run_ours(ours, prompts, args.new_tokens))
-            times["transformers"].append(_run_hf(hf, prompts, args.new_tokens))
+            for impl, fn, model in (("megascale", _run_ours, ours), ("transformers", _run_hf, hf)):
+                dt, dc = fn(model, prompts, args.new_tokens)
+                times[impl].append(dt)
+                cpu[impl].append(dc)
         tps = {k: batch * args.new_tokens / statistics.median(v) for k, v in times.items()}
+        tpc = {k: batch * args.new_tokens / statistics.median(v) for k, v in cpu.items()}
         for impl, v in times.items():
             records.append({"impl": impl, "batch": batch, "new_tokens": args.new_tokens,
                             "tokens_per_s": round(tps[impl], 2), "seconds": v,
+                            "cpu_seconds": cpu[impl], "tokens_per_cpu_s": round(tpc[impl], 2),
                             "threads": args.threads, "device": "cpu",
                             "machine": platform.processor() or platform.machine()})
         ratio = tps["megascale"] / tps["transformers"]
-        print(f"{batch:>5} {tps['megascale']:>16.1f} {tps['transformers']:>19.1f} {ratio:>5.2f}x",
-              flush=True)
+        # spread: the per-repeat ratios (run i of ours vs run i of transformers), min..max
+        pairs = [t / o for o, t in zip(times["megascale"], times["transformers"], strict=True)]
+        spread = f"{min(pairs):.2f}..{max(pairs):.2f}"
+        cpu_ratio = tpc["megascale"] / tpc["transformers"]
+        print(f"{batch:>5} {tps['megascale']:>16.1f} {tps['transformers']:>19.1f} {ratio:>5.2f}x "
+              f"{spread:>12} {cpu_ratio:>14.2f}x", flush=True)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(records, indent=2) + "\n")
     if tmp is not None:

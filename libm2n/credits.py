@@ -12,7 +12,6 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
 
 from libm2n.errors import ProtocolError
 
@@ -50,7 +49,7 @@ class SlotTable:
 class PendingSend:
     """A send waiting for a credit: what to write, and the completion to finish."""
 
-    meta: dict[str, Any]
+    meta: tuple  # header fields, see StreamSender._write_locked
     data: memoryview
     future: Future
     deadline: float

@@ -79,6 +79,12 @@ def sendmsg_all(sock: socket.socket, bufs: list) -> None:
         sent = 0
 
 
+def credit_frame(sender_id: int, slot: int) -> bytes:
+    """The CREDIT frame returning ``slot`` to ``sender_id`` (a constant per slot: both ends
+    precompute them, so a credit costs no header packing or parsing on the hot path)."""
+    return pack(Header(kind=Kind.CREDIT, sender_id=sender_id, slot=slot))
+
+
 def error_frame(exc: Exception, sender_id: int = 0) -> bytes:
     """An ERROR frame (header + message) describing ``exc``."""
     code = (ErrorCode.VERSION if isinstance(exc, VersionMismatch) else

@@ -27,6 +27,7 @@ from libm2n.stream import (
     Eof,
     Refused,
     close_fd,
+    credit_frame,
     error_frame,
     read_exact,
     send_all_nb,
@@ -40,7 +41,7 @@ class _Peer:
     """Receiver-side state of one connected sender, including its read state machine."""
 
     __slots__ = ("sock", "fd", "sender_id", "mem", "view", "slots", "capacity", "lock", "alive",
-                 "owner", "hbuf", "hview", "got", "header", "pview", "pgot")
+                 "owner", "hbuf", "hview", "got", "header", "pview", "pgot", "credits")
 
     def __init__(self, sock: socket.socket, sender_id: int, mem: mmap.mmap, nslots: int,
                  capacity: int, owner: StreamReceiver) -> None:
@@ -60,6 +61,7 @@ class _Peer:
         self.header: Header | None = None  # DATA header whose payload is being read (tcp)
         self.pview: memoryview | None = None
         self.pgot = 0
+        self.credits = [credit_frame(sender_id, i) for i in range(nslots)]
 
     def release(self, msg: Message) -> None:
         """Free the message's slot and send the CREDIT back (silently if the peer is gone)."""
@@ -71,8 +73,7 @@ class _Peer:
                 self.maybe_unmap()
                 return
             try:
-                send_all_nb(self.sock, pack(Header(kind=Kind.CREDIT, sender_id=self.sender_id,
-                                                   slot=slot)))
+                send_all_nb(self.sock, self.credits[slot])
             except OSError:
                 return  # the next recv/poll notices the dead peer
         self.owner._count("credits_sent")
@@ -98,6 +99,7 @@ class StreamReceiver(Receiver):
         self._peers: dict[int, _Peer | None] = {}
         self._by_fd: dict[int, _Peer] = {}
         self._ready: deque[Message] = deque()
+        self._spin_s = config.spin_us * 1e-6
         self._closed = False
         self._stats = dict(messages=0, bytes=0, errors=0, peers_connected=0, peers_lost=0,
                            peers_closed=0, credits_sent=0)
@@ -128,6 +130,13 @@ class StreamReceiver(Receiver):
         if not self._rlock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
             raise TimeoutError(f"no message on {self.url} within {timeout}s")
         try:
+            if not self._ready and self._spin_s > 0 and not self._closed:
+                # Bounded busy poll before sleeping (see ReceiverConfig.spin_us).
+                spin_end = time.perf_counter() + (self._spin_s if timeout is None
+                                                  else min(self._spin_s, timeout))
+                self._progress(0)
+                while not self._ready and time.perf_counter() < spin_end:
+                    self._progress(0)
             while True:
                 if self._ready:
                     return self._ready.popleft()

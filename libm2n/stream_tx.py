@@ -1,4 +1,14 @@
-"""Sender end of the shm/tcp stream transports (see :mod:`libm2n.stream` for the frames)."""
+"""Sender end of the shm/tcp stream transports (see :mod:`libm2n.stream` for the frames).
+
+Progress model (why there is no thread wake-up per message): CREDIT/ERROR/CLOSE frames from the
+receiver are read **inline** by whichever call takes the lock next (``send``, ``check``,
+``outstanding``, ``stats``, ``flush``) with a non-blocking drain of the socket. The reader thread
+sleeps on a condition variable and only watches the socket while sends are queued for want of a
+credit (it writes them as credits arrive and enforces ``peer_timeout_s``). In the common case a
+credit is already waiting when the next ``send`` comes, so a message costs one copy plus one
+socket write, and no GIL hand-off between threads. A dead receiver is noticed by the next call
+(the drain reads EOF/reset) or at once by the reader thread while sends are queued.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +22,18 @@ from typing import Any
 from libm2n.api import Endpoint, Sender, SenderConfig, as_payload
 from libm2n.credits import CreditPool, PendingSend
 from libm2n.errors import CreditTimeout, InvalidArgument, M2NError, PeerLost, ProtocolError
-from libm2n.header import HEADER_SIZE, Header, Kind, pack, unpack, validate
+from libm2n.header import HEADER_SIZE, Header, Kind, pack, pack_fields, unpack, validate
 from libm2n.stream import (
     Eof,
     close_fd,
+    credit_frame,
     error_from_frame,
     read_exact,
     shutdown_quietly,
 )
 
-_TICK_S = 0.1  # reader thread wake-up period for deadline checks
+_TICK_S = 0.1  # reader thread wake-up period for deadline checks (only while sends queue)
+_DRAIN_BYTES = 64 * HEADER_SIZE  # one non-blocking read takes up to 64 control frames
 _ZERO_TRACE = b"\0" * 16
 _ZERO_SPAN = b"\0" * 8
 
@@ -32,8 +44,11 @@ class StreamSender(Sender):
     def __init__(self, ep: Endpoint, config: SenderConfig) -> None:
         self.config = config
         self.sender_id = config.sender_id
+        self.epoch = config.epoch  # stamped into DATA headers; moved by set_epoch
         self.url = ep.url
         self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)  # wakes the reader when a send is queued
+        self._rbuf = bytearray()  # receiver->sender bytes not yet parsed into whole frames
         self._error: M2NError | None = None
         self._closed = False
         self._stats = dict(messages=0, bytes=0, queued=0)
@@ -78,34 +93,62 @@ class StreamSender(Sender):
         span_id = _ZERO_SPAN if span_id is None else bytes(span_id)
         if len(trace_id) != 16 or len(span_id) != 8:
             raise InvalidArgument("trace_id must be 16 bytes and span_id 8 bytes")
-        meta = dict(step=step, layer=layer, micro_batch=micro_batch, tag=tag, rows=rows,
-                    cols=cols, dtype=dtype, trace_id=trace_id, span_id=span_id)
-        fut: Future = Future()
+        # Header fields in pack_fields order after (kind, sender_id, epoch, slot, seq).
+        meta = (step, layer, micro_batch, rows, cols, dtype, len(data), tag, trace_id, span_id)
+        fut = _DONE  # written inside send: a shared, already-finished completion
         with self._lock:
-            self._raise_if_failed()
-            got = self._pool.take()
-            if got is None:
-                self._stats["queued"] += 1
-                deadline = time.monotonic() + self.config.peer_timeout_s
-                self._pool.pending.append(PendingSend(meta, data, fut, deadline))
-                return fut
-            self._write_locked(meta, data, *got)
-        fut.set_result(None)
+            done = self._drain_locked()  # credits that came back since the last call
+            err = self._error
+            if err is None:
+                got = self._pool.take()
+                if got is None:
+                    fut = Future()
+                    self._stats["queued"] += 1
+                    deadline = time.monotonic() + self.config.peer_timeout_s
+                    self._pool.pending.append(PendingSend(meta, data, fut, deadline))
+                    self._cv.notify()  # the reader thread now watches for credits
+                else:
+                    try:
+                        self._write_locked(meta, data, *got)
+                    except PeerLost as exc:
+                        err = exc
+        if done:
+            _complete(done)  # outside the lock: set_result runs the futures' callbacks
+        if err is not None:
+            raise type(err)(str(err))
         return fut
 
     def flush(self, timeout: float | None = None) -> None:
+        self._progress()
         with self._lock:
             futs = [p.future for p in self._pool.pending]
         end = None if timeout is None else time.monotonic() + timeout
         for f in futs:
             f.result(None if end is None else max(0.0, end - time.monotonic()))
 
+    def set_epoch(self, epoch: int) -> None:
+        """Stamp ``epoch`` into every later message (a placement change at a step boundary
+        keeps the link; only the header field moves)."""
+        if not isinstance(epoch, int) or not 0 <= epoch <= 2**64 - 1:
+            raise InvalidArgument(f"epoch must be an int in 0..2**64-1, got {epoch!r}")
+        with self._lock:
+            self.epoch = epoch
+
+    def check(self) -> None:
+        """Raise the error that broke this link (PeerLost, CreditTimeout, ProtocolError), if
+        any; return at once otherwise. Cheap: callers poll it while waiting for replies."""
+        self._progress()
+        with self._lock:
+            self._raise_if_failed()
+
     def outstanding(self) -> int:
         """Messages written but not yet released by the receiver, plus queued ones."""
+        self._progress()
         with self._lock:
             return self._pool.outstanding() + len(self._pool.pending)
 
     def stats(self) -> dict[str, int]:
+        self._progress()
         with self._lock:
             out = dict(self._stats)
             out["outstanding"] = self._pool.outstanding()
@@ -123,6 +166,7 @@ class StreamSender(Sender):
                 except OSError:
                     pass
             self._fail_locked(PeerLost(f"sender to {self.url} was closed"))
+            self._cv.notify_all()
         shutdown_quietly(self._sock)
         self._reader.join(timeout=2.0)
         self._sock.close()
@@ -167,6 +211,7 @@ class StreamSender(Sender):
             if h.rows < 1 or h.cols < 1:
                 raise ProtocolError(f"WELCOME from {self.url} grants {h.rows} slots of {h.cols} B")
             self.nslots, self.slot_bytes = h.rows, h.cols
+            self._credit_frames = {credit_frame(self.sender_id, i): i for i in range(h.rows)}
             self._attach(fds)
         except Eof:
             raise PeerLost(f"{self.url} closed the connection during the handshake") from None
@@ -175,9 +220,8 @@ class StreamSender(Sender):
                 close_fd(fd)
         sock.settimeout(None)
 
-    def _write_locked(self, meta: dict[str, Any], data: memoryview, slot: int, seq: int) -> None:
-        hdr = pack(Header(kind=Kind.DATA, sender_id=self.sender_id, epoch=self.config.epoch,
-                          slot=slot, seq=seq, payload_bytes=len(data), **meta))
+    def _write_locked(self, meta: tuple, data: memoryview, slot: int, seq: int) -> None:
+        hdr = pack_fields(Kind.DATA, self.sender_id, self.epoch, slot, seq, *meta)
         try:
             self._write(hdr, slot, data)
         except OSError as exc:
@@ -204,63 +248,113 @@ class StreamSender(Sender):
             self._fail_locked(exc)
         shutdown_quietly(self._sock)
 
-    def _read_loop(self) -> None:
-        sock = self._sock
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        buf = bytearray(HEADER_SIZE)
-        hview = memoryview(buf)
-        tick_ms = int(min(_TICK_S, self.config.peer_timeout_s / 4) * 1000) or 1
-        while not self._closed:
-            try:
-                events = poller.poll(tick_ms)
-                if not events:
-                    with self._lock:
-                        expired = self._pool.expired()
-                    if expired:
-                        self._fail(CreditTimeout(
-                            f"no credit from {self.url} within {self.config.peer_timeout_s}s; "
-                            "treating the receiver as lost"))
-                        return
-                    continue
-                read_exact(sock, hview)
-                h = unpack(buf)
-                validate(h, sender_id=self.sender_id, nslots=self.nslots,
-                         slot_capacity=self.slot_bytes)
-                if h.kind == Kind.CREDIT:
-                    self._on_credit(h.slot)
-                elif h.kind == Kind.ERROR:
-                    text = bytearray(h.payload_bytes)
-                    read_exact(sock, memoryview(text))
-                    self._fail(error_from_frame(h, text.decode(errors="replace")))
-                    return
-                elif h.kind == Kind.CLOSE:
-                    self._fail(PeerLost(f"receiver {self.url} closed"))
-                    return
-                else:
-                    raise ProtocolError(f"unexpected {Kind(h.kind).name} frame from a receiver")
-            except Eof:
-                self._fail(PeerLost(f"receiver {self.url} closed the connection"))
-                return
-            except (PeerLost, OSError) as exc:
-                self._fail(PeerLost(f"receiver {self.url} is gone: {exc}"))
-                return
-            except ProtocolError as exc:
-                self._fail(exc)
-                return
-
-    def _on_credit(self, slot: int) -> None:
-        done: list[Future] = []
+    def _progress(self) -> None:
+        """Drain what the receiver sent so far (never blocks) and finish the sends it freed."""
         with self._lock:
-            self._pool.grant(slot)
-            for p, s, seq in self._pool.ready():
+            done = self._drain_locked()
+        _complete(done)
+
+    def _drain_locked(self) -> list[Future]:
+        """Read and act on every whole frame waiting on the socket, without blocking.
+
+        Returns the completions of queued sends that credits let us write; the caller sets them
+        once it has dropped the lock. A dead or misbehaving receiver fails the link here.
+        """
+        if self._error is not None:
+            return []
+        done: list[Future] = []
+        try:
+            while True:
                 try:
-                    self._write_locked(p.meta, p.data, s, seq)
-                except PeerLost as exc:
-                    p.future.set_exception(exc)
+                    chunk = self._sock.recv(_DRAIN_BYTES, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if not chunk:
+                    raise Eof()
+                self._rbuf += chunk
+                if len(chunk) < _DRAIN_BYTES:
+                    break
+            self._parse_locked(done)
+        except Eof:
+            self._fail_io_locked(PeerLost(f"receiver {self.url} closed the connection"))
+        except (PeerLost, OSError) as exc:
+            self._fail_io_locked(PeerLost(f"receiver {self.url} is gone: {exc}"))
+        except ProtocolError as exc:
+            self._fail_io_locked(exc)
+        return done
+
+    def _parse_locked(self, done: list[Future]) -> None:
+        buf = self._rbuf
+        credits = self._credit_frames
+        while len(buf) >= HEADER_SIZE:
+            frame = bytes(buf[:HEADER_SIZE])
+            slot = credits.get(frame)
+            if slot is not None:  # fast path: a CREDIT is one of nslots known byte strings
+                del buf[:HEADER_SIZE]
+                self._grant_locked(slot, done)
+                continue
+            h = unpack(frame)
+            validate(h, sender_id=self.sender_id, nslots=self.nslots,
+                     slot_capacity=self.slot_bytes)
+            if h.kind == Kind.CREDIT:
+                del buf[:HEADER_SIZE]
+                self._grant_locked(h.slot, done)
+            elif h.kind == Kind.ERROR:
+                if len(buf) < HEADER_SIZE + h.payload_bytes:
+                    return  # the message text is still on its way
+                text = bytes(buf[HEADER_SIZE:HEADER_SIZE + h.payload_bytes])
+                raise error_from_frame(h, text.decode(errors="replace"))
+            elif h.kind == Kind.CLOSE:
+                raise PeerLost(f"receiver {self.url} closed")
+            else:
+                raise ProtocolError(f"unexpected {Kind(h.kind).name} frame from a receiver")
+
+    def _grant_locked(self, slot: int, done: list[Future]) -> None:
+        """Take back ``slot`` and write the queued sends it (and other free slots) allow."""
+        self._pool.grant(slot)
+        for p, s, seq in self._pool.ready():
+            try:
+                self._write_locked(p.meta, p.data, s, seq)
+            except PeerLost as exc:  # the link is failed; the rest get it from there
+                p.future.set_exception(exc)
+                raise
+            done.append(p.future)
+
+    def _fail_io_locked(self, exc: M2NError) -> None:
+        self._fail_locked(exc)
+        self._cv.notify_all()
+        shutdown_quietly(self._sock)
+
+    def _read_loop(self) -> None:
+        """Sleep until a send is queued; then watch the socket and the deadline until the queue
+        is empty again (so an unloaded link costs no thread wake-ups)."""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        tick_ms = int(min(_TICK_S, self.config.peer_timeout_s / 4) * 1000) or 1
+        while True:
+            with self._lock:
+                while not self._pool.pending and not self._closed and self._error is None:
+                    self._cv.wait()
+                if self._closed or self._error is not None:
                     return
-                done.append(p.future)
-        for f in done:
+            try:
+                poller.poll(tick_ms)
+            except OSError:
+                pass  # the drain below reports what is wrong with the socket
+            with self._lock:
+                done = self._drain_locked()
+                if self._error is None and self._pool.expired():
+                    self._fail_io_locked(CreditTimeout(
+                        f"no credit from {self.url} within {self.config.peer_timeout_s}s; "
+                        "treating the receiver as lost"))
+            _complete(done)
+
+
+_DONE: Future = Future()
+_DONE.set_result(None)
+
+
+def _complete(futures: list[Future]) -> None:
+    for f in futures:
+        if not f.done():
             f.set_result(None)
-
-

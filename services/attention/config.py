@@ -33,6 +33,7 @@ class AttentionConfig:
     num_blocks: int = 512
     scheduler: SchedulerConfig = SchedulerConfig()
     expert_timeout_s: float = 10.0    # bound on one dispatch's replies before requests fail
+    scheduler_addr: str | None = None  # scheduler gRPC address; None = run without one
     threads: int = 1
     device: str = "cpu"
     dtype: str = "float32"

@@ -107,16 +107,38 @@ class ExpertClient:
         self._arrived: dict[int, libm2n.Message] = {}  # tag -> reply that nobody waited for yet
         self._senders: list[libm2n.Sender] = []
         self.placement: Placement | None = None
+        # Expert nodes this replica attached to (they hold its reply link); a placement may
+        # only name these. node id -> dispatch URL.
+        self.attached: dict[str, str] = {n.node_id: n.dispatch_url for n in placement.nodes}
         self.set_placement(placement)
 
     # ------------------------------------------------------------------ placement
     def set_placement(self, placement: Placement) -> None:
         """Connect to the nodes of ``placement`` (call between steps, never mid-step)."""
-        senders = [libm2n.connect(n.dispatch_url, libm2n.SenderConfig(
-            sender_id=self.sender_id, epoch=placement.epoch,
-            peer_timeout_s=self.peer_timeout_s)) for n in placement.nodes]
-        for s in self._senders:
-            s.close()
+        # Links to nodes that stay are kept (only the epoch stamped in headers moves); links
+        # to new nodes are opened before the ones to departed nodes are closed, so a failure
+        # leaves the old placement fully in force.
+        old = {s.url: s for s in self._senders}
+        opened: list[libm2n.Sender] = []
+        try:
+            senders = []
+            for n in placement.nodes:
+                s = old.get(n.dispatch_url)
+                if s is None:
+                    s = libm2n.connect(n.dispatch_url, libm2n.SenderConfig(
+                        sender_id=self.sender_id, epoch=placement.epoch,
+                        peer_timeout_s=self.peer_timeout_s))
+                    opened.append(s)
+                senders.append(s)
+        except BaseException:
+            for s in opened:
+                s.close()
+            raise
+        for s in senders:
+            s.set_epoch(placement.epoch)
+        for s in old.values():
+            if all(s is not kept for kept in senders):
+                s.close()
         self._senders = senders
         self.placement = placement
         self._table, self._count = placement.replica_table()
@@ -127,8 +149,12 @@ class ExpertClient:
         return min(s.slot_bytes // width for s in self._senders)
 
     # ------------------------------------------------------------------ the hot path
-    def dispatch(self, step: int, moe_in: MoEInput, micro_batch: int) -> PendingCombine:
-        """Send each node the rows it serves; never blocks on the experts' compute."""
+    def dispatch(self, step: int, moe_in: MoEInput, micro_batch: int,
+                 trace: tuple[bytes, bytes] | None = None) -> PendingCombine:
+        """Send each node the rows it serves; never blocks on the experts' compute.
+
+        ``trace`` (trace id, span id) travels in the libm2n header for the expert's span."""
+        trace_id, span_id = trace or (None, None)
         ids, weights = moe_in.topk_ids, moe_in.topk_weights          # [T, K]
         T = ids.shape[0]
         token = torch.arange(T, device=ids.device)[:, None]         # [T, 1]
@@ -148,7 +174,8 @@ class ExpertClient:
             tag = next(self._tags)
             try:
                 sender.send(payload, step=step, layer=moe_in.layer, micro_batch=micro_batch,
-                            tag=tag).result(timeout=self.peer_timeout_s)
+                            tag=tag, trace_id=trace_id, span_id=span_id
+                            ).result(timeout=self.peer_timeout_s)
             except (libm2n.M2NError, TimeoutError) as exc:
                 node = self.placement.nodes[ni].node_id
                 raise ExpertUnavailable(f"dispatch to expert node {node} failed: {exc}") from exc

@@ -88,7 +88,8 @@ class Engine:
 
     # ------------------------------------------------------------------ called by handlers
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
-               listener: Listener, resumed: list[int] | None = None) -> None:
+               listener: Listener, resumed: list[int] | None = None,
+               trace: tuple[bytes, bytes] | None = None) -> None:
         """Queue a request; raises UserError (bad input) or QueueFull (retry elsewhere)."""
         resumed = list(resumed or [])
         if not prompt:
@@ -99,7 +100,8 @@ class Engine:
             if bad is not None:
                 raise UserError(f"{name} contains {bad}, outside the vocabulary [0, {vocab})")
         req = Request(request_id, list(prompt), params, time.monotonic(), output=resumed,
-                      num_resumed=len(resumed), generator=params.make_generator())
+                      num_resumed=len(resumed), generator=params.make_generator(),
+                      trace=trace)
         with self._lock:
             self.scheduler.add(req)
             self._listeners[request_id] = listener
@@ -151,8 +153,11 @@ class Engine:
         """Run one step; False when there was nothing to do."""
         with self._lock:
             if self._new_placement is not None:
-                self.client.set_placement(self._new_placement)
-                self._new_placement = None
+                placement, self._new_placement = self._new_placement, None
+                try:
+                    self.client.set_placement(placement)
+                except Exception:  # noqa: BLE001 - keep the old placement; the next push retries
+                    log.exception("could not switch to placement epoch %d", placement.epoch)
             for rid in list(self._abort_requested):
                 req = self.scheduler.get(rid)
                 if req is not None:

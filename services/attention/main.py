@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--max-num-seqs", type=int, default=64, help="running requests per step")
     add_flag(p, "--max-batch-tokens", type=int, default=512, help="tokens per step")
     add_flag(p, "--max-model-len", type=int, default=4096, help="prompt + output tokens")
+    add_flag(p, "--scheduler", default=None,
+             help="scheduler gRPC address to register with (optional)")
     add_flag(p, "--expert-timeout", type=float, default=10.0,
              help="seconds to wait for expert replies before failing the step's requests")
 
@@ -42,5 +44,6 @@ def build(args: argparse.Namespace) -> AttentionConfig:
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_batch_tokens=args.max_batch_tokens,
                                   max_model_len=args.max_model_len),
-        expert_timeout_s=args.expert_timeout, threads=threads_from(args),
+        expert_timeout_s=args.expert_timeout, scheduler_addr=args.scheduler,
+        threads=threads_from(args),
         device=pick_device(args.device), dtype=args.dtype)

@@ -38,6 +38,11 @@ class MicroBatch:
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
 
+    @property
+    def trace(self) -> tuple[bytes, bytes] | None:
+        """Trace context its dispatches carry: the first traced request's (see tracing.py)."""
+        return next((c.request.trace for c in self.chunks if c.request.trace), None)
+
 
 def split_chunks(chunks: tuple[ScheduledChunk, ...], m: int) -> list[tuple[ScheduledChunk, ...]]:
     """Split into at most ``m`` contiguous groups with near-equal token counts (a chunk is
@@ -77,6 +82,8 @@ def build_micro_batches(chunks: tuple[ScheduledChunk, ...], m: int, blocks: Bloc
 class StepTimings:
     """Where one step's wall time went (seconds)."""
 
+    start: float = 0.0         # time.perf_counter() at the step start (CLOCK_MONOTONIC: the
+                               # same clock in every process of a host, for timelines)
     wall_s: float = 0.0
     attention_s: float = 0.0   # attention + router + embed + head compute (T_a summed)
     wait_s: float = 0.0        # blocked waiting for combines (experts or links busy)
@@ -100,8 +107,8 @@ class PingPongRunner:
     def run(self, step: int, mbs: list[MicroBatch]) -> tuple[list[torch.Tensor], StepTimings]:
         """Returns logits ``[B_i, V]`` per micro-batch (one row per chunk) and timings."""
         attn, client, kv = self.attention, self.client, self.kv
-        t = StepTimings()
         t0 = time.perf_counter()
+        t = StepTimings(start=t0)
         record = self.record_intervals
 
         def mark(kind: str, layer: int, i: int, start: float) -> float:
@@ -137,7 +144,7 @@ class PingPongRunner:
                     mi = attn.attention_block(layer, hidden[i], mb.meta, kv)
                     if mi.routed:
                         moe[i] = mi
-                        pending[i] = client.dispatch(step, mi, i)
+                        pending[i] = client.dispatch(step, mi, i, mb.trace)
                     else:
                         hidden[i] = attn.finish_layer(mi, None)
                     mark("attn", layer, i, s)

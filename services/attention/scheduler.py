@@ -54,6 +54,7 @@ class Request:
     generator: torch.Generator | None = None
     num_preemptions: int = 0
     first_scheduled: float | None = None
+    trace: tuple[bytes, bytes] | None = None  # (trace id, span id) carried in M2N headers
 
     @property
     def num_tokens(self) -> int:

@@ -11,6 +11,7 @@ import threading
 import time
 
 import grpc
+from opentelemetry.trace import SpanKind
 
 import libm2n
 from megascale.v1 import (
@@ -24,9 +25,13 @@ from services.attention.config import AttentionConfig
 from services.attention.dispatch import ExpertClient, ExpertNodeRoute, Placement
 from services.attention.engine import Engine, TokenEvent
 from services.attention.metrics import AttentionMetrics
-from services.attention.scheduler import QueueFull
+from services.attention.pingpong import StepTimings
+from services.attention.scheduler import QueueFull, StepPlan
+from services.common import tracing
 from services.common.grpcserver import start_server
 from services.common.readyfile import write_ready_file
+from services.common.registration import NodeRegistration
+from services.common.timeline import timeline_for
 from services.core.model import AttentionSide
 from services.core.runtime import configure_threads
 from services.core.sampling import SamplingParams
@@ -89,18 +94,30 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
         arrival = _arrival(context)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        span = None
+        if tracing.enabled():
+            span = tracing.tracer(__name__).start_span(
+                "attention.generate", tracing.context_from_headers(
+                    context.invocation_metadata() or ()),
+                kind=SpanKind.SERVER, attributes={
+                    "megascale.request_id": request.request_id,
+                    "megascale.prompt_tokens": len(request.prompt_token_ids)})
         try:
             params = sampling_from_proto(request.sampling, len(request.prompt_token_ids),
                                          self.max_model_len)
             self.engine.submit(request.request_id, list(request.prompt_token_ids), params,
                                lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
-                               list(request.output_token_ids))
+                               list(request.output_token_ids),
+                               tracing.span_ids(span) if span is not None else None)
         except UserError as exc:
+            _end_span(span, "invalid_argument")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except QueueFull as exc:
+            _end_span(span, "resource_exhausted")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         finished = False
         last = None
+        reason = "cancelled"
         try:
             while True:
                 ev = await queue.get()
@@ -114,6 +131,7 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
                     self.metrics.generated.inc(len(ev.token_ids))
                 if ev.finish_reason is not None:
                     finished = True
+                    reason = ev.finish_reason
                     self.metrics.e2e.observe(now - arrival)
                     self.metrics.finished.labels(reason=ev.finish_reason).inc()
                 yield event_to_proto(ev)
@@ -122,6 +140,7 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
         finally:
             if not finished:  # the client went away or the deadline passed
                 self.engine.abort(request.request_id)
+            _end_span(span, reason)
 
     async def Abort(self, request: attention_pb2.AbortRequest, context: grpc.aio.ServicerContext
                     ) -> attention_pb2.AbortResponse:
@@ -137,15 +156,44 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
                               context: grpc.aio.ServicerContext
                               ) -> common_pb2.UpdatePlacementResponse:
         """Adopt a newer placement at the next step boundary (older epochs are ignored)."""
-        current = self.engine.client.placement
-        if request.epoch <= current.epoch:
-            return common_pb2.UpdatePlacementResponse(applied_epoch=current.epoch)
         try:
-            placement = placement_from_proto(request, current)
+            applied = adopt_placement(self.engine, request)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        self.engine.set_placement(placement)
-        return common_pb2.UpdatePlacementResponse(applied_epoch=request.epoch)
+        return common_pb2.UpdatePlacementResponse(applied_epoch=applied)
+
+
+def _end_span(span, reason: str) -> None:  # noqa: ANN001 - an OpenTelemetry span or None
+    if span is not None:
+        span.set_attribute("megascale.finish_reason", reason)
+        span.end()
+
+
+def adopt_placement(engine: Engine, p: common_pb2.ExpertPlacement) -> int:
+    """Install a newer placement at the next step boundary; returns the epoch in force.
+
+    Raises ValueError for a placement that is malformed or names an expert node this replica
+    is not attached to (a node that joined later needs an Attach first: not supported yet).
+    Older epochs are ignored.
+    """
+    current = engine.client.placement
+    if p.epoch <= current.epoch:
+        return current.epoch
+    placement = placement_from_proto(p, current)
+    known = engine.client.attached
+    unknown = sorted(n.node_id for n in placement.nodes if n.node_id not in known)
+    if unknown:
+        raise ValueError(f"placement epoch {p.epoch} names expert nodes {unknown} this "
+                         "replica is not attached to")
+    engine.set_placement(placement)
+    return p.epoch
+
+
+def _adopt_logged(engine: Engine, p: common_pb2.ExpertPlacement) -> None:
+    try:
+        adopt_placement(engine, p)
+    except ValueError as exc:
+        log.warning("ignoring placement: %s", exc)
 
 
 def placement_from_proto(p: common_pb2.ExpertPlacement, current: Placement) -> Placement:
@@ -207,6 +255,7 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
     import torch
 
     configure_threads(config.threads)
+    tracing.setup_tracing("megascale-attention")
     attention = AttentionSide.from_pretrained(config.model_dir, getattr(torch, config.dtype),
                                               config.device)
     cfg = attention.cfg
@@ -219,7 +268,17 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
                           reply_timeout_s=config.expert_timeout_s,
                           peer_timeout_s=config.expert_timeout_s)
     metrics = AttentionMetrics()
-    engine = Engine(attention, client, config, on_step=metrics.on_step)
+    timeline = timeline_for(config.node_id)
+
+    def on_step(plan: StepPlan, t: StepTimings) -> None:
+        metrics.on_step(plan, t)
+        if timeline is not None:
+            timeline.write({"start": t.start, "wall": t.wall_s, "tokens": plan.num_tokens,
+                            "intervals": [[k, layer, mb, t.start + a, t.start + b]
+                                          for k, layer, mb, a, b in t.intervals]})
+
+    engine = Engine(attention, client, config, on_step=on_step)
+    engine.runner.record_intervals = timeline is not None
     metrics.watch(engine)
     stop_thread = threading.Event()
     thread = threading.Thread(target=engine.run, args=(stop_thread,), name="engine", daemon=True)
@@ -236,12 +295,26 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
                                   "num_blocks": config.num_blocks})
     log.info("attention replica %s serving on %s:%d, %d expert node(s), m=%d", config.node_id,
              config.host, port, len(placement.nodes), config.micro_batches)
+    registration = None
+    if config.scheduler_addr:
+        registration = NodeRegistration(config.scheduler_addr, common_pb2.NodeInfo(
+            node_id=config.node_id, role=common_pb2.NODE_ROLE_ATTENTION,
+            grpc_address=f"{config.host}:{port}", m2n_url=reply_rx.url,
+            model=config.model_dir.name, kv_blocks=config.num_blocks,
+            kv_block_size=config.block_size,
+            max_running_requests=config.scheduler.max_num_seqs, started_at_unix_s=time.time()),
+            load_fn=lambda: metrics.load_report(engine),
+            on_placement=lambda p: _adopt_logged(engine, p))
+        await registration.start()
     stop = stop or asyncio.Event()
     try:
         await stop.wait()
     finally:
+        if registration is not None:
+            await registration.stop()
         await server.stop(grace=1.0)
         stop_thread.set()
         thread.join(timeout=10)
         client.close()
         reply_rx.close()
+        tracing.shutdown_tracing()

@@ -67,35 +67,39 @@ def build_batch_meta(block_tables: Sequence[Sequence[int]], starts: Sequence[int
         if len(t) * block_size < seq_lens[b]:
             raise ValueError(f"block table of sequence {b} covers {len(t) * block_size} tokens, "
                              f"needs {seq_lens[b]}")
-    tables = torch.zeros(B, nbmax, dtype=torch.int64)
-    for b, t in enumerate(block_tables):
-        tables[b, : len(t)] = torch.tensor(t, dtype=torch.int64)
-
-    qlens = torch.tensor(query_lens, dtype=torch.int64)
-    start_t = torch.tensor(starts, dtype=torch.int64)
-    seq_of = torch.repeat_interleave(torch.arange(B), qlens)  # [T]
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), qlens.cumsum(0)[:-1]])
-    local = torch.arange(int(qlens.sum())) - offsets[seq_of]  # index within the sequence's chunk
-    positions = start_t[seq_of] + local
-    blocks = tables[seq_of, positions // block_size]
-    slot_mapping = blocks * block_size + positions % block_size
-    q_gather = seq_of * qmax + local
-
+    # Built from Python ints (cheap at decode sizes: a handful of tensor ops instead of ~25),
+    # packed into one int64 tensor so a GPU gets one host-to-device copy, then split into views.
+    positions: list[int] = []
+    slots: list[int] = []
+    q_gather: list[int] = []
+    q_pos: list[int] = []  # [B, qmax]; padded query rows repeat the sequence's last position
+    last_index: list[int] = []
+    for b, (table, start, q) in enumerate(zip(block_tables, starts, query_lens, strict=True)):
+        span = range(start, start + q)
+        positions.extend(span)
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
+        q_gather.extend(range(b * qmax, b * qmax + q))
+        q_pos.extend(span)
+        q_pos.extend([start + q - 1] * (qmax - q))
+        last_index.append(len(positions) - 1)
+    tables: list[int] = []
+    for t in block_tables:
+        tables.extend(t)
+        tables.extend([0] * (nbmax - len(t)))
+    T = len(positions)
+    packed = torch.tensor(positions + slots + q_gather + last_index + q_pos + tables,
+                          dtype=torch.int64).to(device, non_blocking=True)
+    e = [0, T, 2 * T, 3 * T, 3 * T + B, 3 * T + B + B * qmax]  # segment boundaries
+    pos_t, slot_t, qg_t, last_t = (packed[e[i]:e[i + 1]] for i in range(4))
+    qpos_t = packed[e[4]:e[5]].view(B, qmax)
+    tables_t = packed[e[5]:].view(B, nbmax)
     # Padded query rows reuse the sequence's last real position so no mask row is all-False
     # (that would make SDPA return NaN); their outputs are never gathered back.
-    i = torch.arange(qmax)
-    q_pos = start_t[:, None] + torch.minimum(i[None, :], (qlens - 1)[:, None])  # [B, qmax]
-    k_pos = torch.arange(smax)
-    mask = k_pos[None, None, :] <= q_pos[:, :, None]  # causal; also bounds by seq_len
+    k_pos = torch.arange(smax, device=packed.device)
+    mask = k_pos[None, None, :] <= qpos_t[:, :, None]  # causal; also bounds by seq_len
     if sliding_window is not None:
-        mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
-    last_index = offsets + qlens - 1
-
-    def dev(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, non_blocking=True)
-
+        mask &= k_pos[None, None, :] > qpos_t[:, :, None] - sliding_window
     return BatchMeta(
-        positions=dev(positions), slot_mapping=dev(slot_mapping), block_tables=dev(tables),
-        q_gather=dev(q_gather), attn_mask=dev(mask[:, None]), last_index=dev(last_index),
-        query_lens=tuple(query_lens), seq_lens=tuple(seq_lens), max_query_len=qmax,
-        max_seq_len=smax)
+        positions=pos_t, slot_mapping=slot_t, block_tables=tables_t, q_gather=qg_t,
+        attn_mask=mask[:, None], last_index=last_t, query_lens=tuple(query_lens),
+        seq_lens=tuple(seq_lens), max_query_len=qmax, max_seq_len=smax)

@@ -101,18 +101,22 @@ class BlockManager:
 
 
 class PagedKVCache:
-    """K and V tensors ``[num_layers, num_blocks, block_size, num_kv_heads, head_dim]``."""
+    """K and V tensors ``[num_layers, num_kv_heads, num_blocks, block_size, head_dim]``.
+
+    Head-major: one (head, block) is a contiguous ``[block_size, head_dim]`` run, so gathering
+    a sequence's blocks yields per-head contiguous context (see ``layers.paged_attention``).
+    """
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
-        shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views ``[num_blocks, block_size, num_kv_heads, head_dim]`` of layer i's K and V."""
+        """Views ``[num_kv_heads, num_blocks, block_size, head_dim]`` of layer i's K and V."""
         return self.k[i], self.v[i]
 
     @staticmethod

@@ -15,6 +15,9 @@ from services.core.batch import BatchMeta
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * x / rms(x)`` over the last dim, computed in float32."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        # One fused kernel instead of six ops; for float32 it is the same formula (no casts).
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     dtype = x.dtype
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -36,30 +39,51 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with its first half negated, for :func:`apply_rope_signed` (once per step)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor
+                      ) -> torch.Tensor:
+    """Same result as :func:`apply_rope` bit for bit (negation is exact), in fewer ops:
+    ``cat(-x2, x1) * sin == roll(x, D/2) * cat(-sin1, sin2)``."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin_signed
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: BatchMeta, scale: float) -> torch.Tensor:
     """Write this step's K/V into the paged cache, then attend over each sequence's context.
 
-    q [T, NH, D]; k, v [T, KVH, D]; k_cache, v_cache [num_blocks, block_size, KVH, D] (one
-    layer, written in place). Returns [T, NH * D].
+    q [T, NH, D]; k, v [T, KVH, D]; k_cache, v_cache [KVH, num_blocks, block_size, D] (one
+    layer, head-major, written in place). Returns [T, NH * D].
+
+    The cache is head-major so that the gathered context of one (sequence, head) is one
+    contiguous ``[S, D]`` run, the layout SDPA reads fastest. The gather is one
+    ``index_select`` over whole blocks per tensor (a memcpy per block; advanced indexing
+    ``cache[tables]`` is several times slower on CPU).
     """
     T, NH, D = q.shape
     KVH = k.shape[1]
     B, qmax, smax = meta.num_seqs, meta.max_query_len, meta.max_seq_len
-    k_cache.view(-1, KVH, D).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, KVH, D).index_copy_(0, meta.slot_mapping, v)
-    # Gather each sequence's context through its block table: [B, KVH, S, D].
+    k_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    v_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    # Gather each sequence's context through its block table -> [B, KVH, S, D] (strided view).
     flat_tables = meta.block_tables.view(-1)
-    keys = k_cache.index_select(0, flat_tables).view(B, -1, KVH, D)[:, :smax].transpose(1, 2)
-    vals = v_cache.index_select(0, flat_tables).view(B, -1, KVH, D)[:, :smax].transpose(1, 2)
-    if qmax == 1:  # pure decode: the flat layout already is [B, 1]
-        qp = q.view(B, 1, NH, D)
-    else:
-        qp = q.new_zeros(B * qmax, NH, D).index_copy_(0, meta.q_gather, q).view(B, qmax, NH, D)
+    keys = k_cache.index_select(1, flat_tables).view(KVH, B, -1, D)[:, :, :smax].transpose(0, 1)
+    vals = v_cache.index_select(1, flat_tables).view(KVH, B, -1, D)[:, :, :smax].transpose(0, 1)
+    if qmax == 1:
+        # Pure decode: fold each KV head's G = NH / KVH query heads into the query-length
+        # dim ([B, KVH, G, D], head h = kvh * G + g as in GQA): half the SDPA work items,
+        # no GQA broadcast, and the output is already [B, NH * D] in memory order.
+        out = F.scaled_dot_product_attention(q.reshape(B, KVH, NH // KVH, D), keys, vals,
+                                             attn_mask=meta.attn_mask, scale=scale)
+        return out.reshape(B, NH * D)
+    qp = q.new_zeros(B * qmax, NH, D).index_copy_(0, meta.q_gather, q).view(B, qmax, NH, D)
     out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys, vals, attn_mask=meta.attn_mask,
                                          scale=scale, enable_gqa=NH != KVH)
-    out = out.transpose(1, 2).reshape(B * qmax, NH * D)
-    return out if qmax == 1 else out.index_select(0, meta.q_gather)
+    return out.transpose(1, 2).reshape(B * qmax, NH * D).index_select(0, meta.q_gather)
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renormalize: bool
@@ -81,6 +105,28 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.
     return F.linear(F.silu(gate) * up, down)
 
 
+# (device type, dtype) -> whether torch._grouped_mm runs there; probed on first use.
+_GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _grouped_mm_supported(t: torch.Tensor) -> bool:
+    key = (t.device.type, t.dtype)
+    ok = _GROUPED_MM_OK.get(key)
+    if ok is None:
+        ok = hasattr(torch, "_grouped_mm")
+        if ok:
+            try:  # tiny probe: 2 groups of 8 x 16 @ 16 x 16 (16-byte aligned for CUDA)
+                x = torch.ones(16, 16, dtype=t.dtype, device=t.device)
+                w = torch.ones(2, 16, 16, dtype=t.dtype, device=t.device)
+                offs = torch.tensor([8, 16], dtype=torch.int32, device=t.device)
+                y = torch._grouped_mm(x, w, offs=offs)
+                ok = bool(torch.all(y == 16).item())
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED_MM_OK[key] = ok
+    return ok
+
+
 def grouped_expert_ffn(rows: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
                        gate_up_t: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
     """Weighted sum over k of ``FFN_{local_ids[n,k]}(rows[n])``; ids < 0 contribute nothing.
@@ -88,10 +134,42 @@ def grouped_expert_ffn(rows: torch.Tensor, local_ids: torch.Tensor, weights: tor
     rows [N, H]; local_ids [N, K] int64 indexing the stacked, *input-major* weights
     gate_up_t [n, H, 2I] (gate columns, then up) and down_t [n, I, H] (contiguous, so batched
     GEMMs need no per-call transpose copy); weights [N, K]. Token rows are sorted by expert so
-    each expert that has rows runs one GEMM over all of them (loop over experts, never over
-    tokens); when the groups are balanced they are padded and run as one batched GEMM per
-    projection. Returns [N, H].
+    each expert that has rows runs one GEMM over all of them (never a loop over tokens).
+    Where ``torch._grouped_mm`` runs (CPU; GPUs that support the dtype) both projections are
+    one grouped GEMM each, with the group offsets kept on the device: no host sync and no
+    Python loop over experts. Elsewhere: one GEMM pair per expert that has rows. Returns [N, H].
     """
+    if rows.shape[0] and gate_up_t.shape[0] and _grouped_mm_supported(rows):
+        return _grouped_ffn_gmm(rows, local_ids, weights, gate_up_t, down_t)
+    return _grouped_ffn_loop(rows, local_ids, weights, gate_up_t, down_t)
+
+
+def _grouped_ffn_gmm(rows: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
+                     gate_up_t: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
+    K = local_ids.shape[1]
+    n = gate_up_t.shape[0]
+    flat = local_ids.reshape(-1)  # [N*K]
+    # "No expert" ids (< 0) need masking. On CPU checking costs nothing, so the common
+    # all-valid case skips the mask; on a GPU the check would be a host sync, so always mask.
+    masked = rows.device.type != "cpu" or bool((flat < 0).any())
+    key = torch.where(flat < 0, n, flat) if masked else flat  # invalid sorts after every group
+    # Stable: a token's K contributions are summed in expert order (as transformers does).
+    order = torch.argsort(key, stable=True)
+    token = order // K
+    x = rows.index_select(0, token)  # [N*K, H], grouped by expert
+    counts = torch.bincount(key, minlength=n + 1)[:n] if masked else torch.bincount(key,
+                                                                                    minlength=n)
+    offs = counts.cumsum(0, dtype=torch.int32)  # group end offsets, stay on the device
+    gate, up = torch._grouped_mm(x, gate_up_t, offs=offs).chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, down_t, offs=offs)  # rows past offs[-1]: garbage
+    y = y * weights.reshape(-1).index_select(0, order).to(rows.dtype)[:, None]
+    if masked:  # where, not a multiply by 0: the garbage rows may hold NaN/inf
+        y = torch.where((key.index_select(0, order) < n)[:, None], y, 0)
+    return torch.zeros_like(rows).index_add_(0, token, y)
+
+
+def _grouped_ffn_loop(rows: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
+                      gate_up_t: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
     N, K = local_ids.shape
     out = torch.zeros_like(rows)
     flat = local_ids.reshape(-1)

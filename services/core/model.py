@@ -71,15 +71,28 @@ class AttentionSide:
         self.inv_freq = inv_freq.to(self.device)
         self.scale = cfg.head_dim ** -0.5
         self._rope_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # Fused QKV projection per layer ([(NH + 2 KVH) * D, H], one GEMM instead of three);
+        # the layer's q/k/v become views into it, so the weights are not held twice.
+        self._qkv: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        for lw in weights.layers:
+            w = torch.cat((lw.q, lw.k, lw.v))
+            nq, nk = lw.q.shape[0], lw.k.shape[0]
+            lw.q, lw.k, lw.v = w[:nq], w[nq:nq + nk], w[nq + nk:]
+            b = None
+            if lw.q_bias is not None or lw.k_bias is not None or lw.v_bias is not None:
+                b = torch.cat([bias if bias is not None else w.new_zeros(n) for bias, n in
+                               ((lw.q_bias, nq), (lw.k_bias, nk), (lw.v_bias, nk))])
+            self._qkv.append((w, b))
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Every layer of a step uses the same positions tensor: compute cos/sin once per step.
-        # (Holding a reference to the tensor keeps the identity check sound.)
+        """(cos, signed sin) ``[T, 1, D]`` for :func:`layers.apply_rope_signed`."""
+        # Every layer of a step uses the same positions tensor: compute the tables once per
+        # step. (Holding a reference to the tensor keeps the identity check sound.)
         cached = self._rope_cache
         if cached is None or cached[0] is not positions or cached[1].dtype != dtype:
             cos, sin = L.rope_cos_sin(positions, self.inv_freq, self.rope_scale, dtype)
-            self._rope_cache = cached = (positions, cos, sin)
+            self._rope_cache = cached = (positions, cos, L.signed_sin(sin))
         return cached[1], cached[2]
 
     @classmethod
@@ -102,15 +115,17 @@ class AttentionSide:
         -> post-attention norm -> router (sparse layer) or dense MLP (dense layer)."""
         cfg, lw = self.cfg, self.w.layers[layer]
         T = hidden.shape[0]
+        NH, KVH = cfg.num_heads, cfg.num_kv_heads
         x = L.rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)
-        q = F.linear(x, lw.q, lw.q_bias).view(T, cfg.num_heads, cfg.head_dim)
-        k = F.linear(x, lw.k, lw.k_bias).view(T, cfg.num_kv_heads, cfg.head_dim)
-        v = F.linear(x, lw.v, lw.v_bias).view(T, cfg.num_kv_heads, cfg.head_dim)
+        qkv = F.linear(x, *self._qkv[layer]).view(T, NH + 2 * KVH, cfg.head_dim)
+        q, k, v = qkv[:, :NH], qkv[:, NH:NH + KVH], qkv[:, NH + KVH:]
+        cos, sin = self._rope(meta.positions, qkv.dtype)
         if cfg.qk_norm:
-            q = L.rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
-            k = L.rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
-        cos, sin = self._rope(meta.positions, q.dtype)
-        q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
+            q = L.apply_rope_signed(L.rms_norm(q, lw.q_norm, cfg.rms_norm_eps), cos, sin)
+            k = L.apply_rope_signed(L.rms_norm(k, lw.k_norm, cfg.rms_norm_eps), cos, sin)
+        else:  # rotate q and k heads together: one set of elementwise ops
+            qk = L.apply_rope_signed(qkv[:, :NH + KVH], cos, sin)
+            q, k = qk[:, :NH], qk[:, NH:]
         k_cache, v_cache = kv.layer(layer)
         attn = L.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         residual = hidden + F.linear(attn, lw.o, lw.o_bias)
@@ -151,6 +166,8 @@ class ExpertSide:
         for i, e in enumerate(self.expert_ids):
             table[e] = i
         self.local_index = table.to(self.device)
+        # Holding every expert in order: global ids are already local ids (-1 stays -1).
+        self._identity = list(self.expert_ids) == list(range(cfg.num_experts))
         # Input-major copies for the grouped GEMMs (see layers.grouped_expert_ffn); the
         # checkpoint-layout tensors are dropped so memory does not double.
         self.gate_up_t = {k: v.transpose(1, 2).contiguous() for k, v in weights.gate_up.items()}
@@ -174,8 +191,11 @@ class ExpertSide:
         ``sum_k w_k * FFN_{id_k}(row)`` over the ids this side holds (others contribute 0)."""
         if layer not in self.gate_up_t:
             raise ValueError(f"layer {layer} is not a sparse (MoE) layer")
-        ids = torch.where(topk_ids < 0, self.cfg.num_experts, topk_ids)
-        local = self.local_index[ids]
+        if self._identity:
+            local = topk_ids
+        else:
+            ids = torch.where(topk_ids < 0, self.cfg.num_experts, topk_ids)
+            local = self.local_index[ids]
         return L.grouped_expert_ffn(rows, local, topk_weights, self.gate_up_t[layer],
                                     self.down_t[layer])
 

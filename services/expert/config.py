@@ -29,6 +29,7 @@ class ExpertConfig:
     slot_bytes: int = 4 << 20
     slots_per_sender: int = 8
     epoch: int = 0
+    scheduler: str | None = None      # scheduler gRPC address; None = run without one
     threads: int = 1
     device: str = "cpu"
     dtype: str = "float32"

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--slot-bytes", type=int, default=4 << 20,
              help="bytes per dispatch slot (bounds rows per dispatch)")
     add_flag(p, "--epoch", type=int, default=0, help="initial placement epoch")
+    add_flag(p, "--scheduler", default=None,
+             help="scheduler gRPC address to register with (optional)")
 
 
 def build(args: argparse.Namespace) -> ExpertConfig:
@@ -30,4 +32,5 @@ def build(args: argparse.Namespace) -> ExpertConfig:
         node_id=args.node_id or f"expert-{os.getpid()}", m2n_sender_id=args.m2n_sender_id,
         host=args.host, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
         m2n_url=args.m2n_url, slot_bytes=args.slot_bytes, epoch=args.epoch,
+        scheduler=args.scheduler,
         threads=threads_from(args), device=pick_device(args.device), dtype=args.dtype)

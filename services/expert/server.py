@@ -18,15 +18,18 @@ from prometheus_client.registry import Collector
 
 import libm2n
 from megascale.v1 import common_pb2, expert_pb2, expert_pb2_grpc
+from services.common import tracing
 from services.common.grpcserver import start_server
 from services.common.metrics import LATENCY_BUCKETS, new_registry, serve_metrics
 from services.common.readyfile import write_ready_file
+from services.common.registration import NodeRegistration
+from services.common.timeline import timeline_for
 from services.core.config import ModelConfig
 from services.core.model import ExpertSide
 from services.core.runtime import configure_threads
 from services.errors import ConfigError
 from services.expert.config import ExpertConfig
-from services.expert.worker import ExpertWorker
+from services.expert.worker import ComputeEvent, ExpertWorker
 
 log = logging.getLogger("megascale.expert")
 
@@ -49,12 +52,11 @@ class ExpertMetrics:
         """Export the worker's counters, read at scrape time (no copying on the hot path)."""
         self.registry.register(_WorkerCollector(worker))
 
-    def on_compute(self, experts: list[int], counts: list[int], seconds: float,
-                   nrows: int) -> None:
-        for e, c in zip(experts, counts, strict=True):
+    def on_compute(self, ev: ComputeEvent) -> None:
+        for e, c in zip(ev.experts, ev.rows_per_expert, strict=True):
             self.tokens.labels(expert=str(e)).inc(c)
-        self.rows.observe(nrows)
-        self.compute.observe(seconds)
+        self.rows.observe(ev.rows)
+        self.compute.observe(ev.seconds)
 
 
 class _WorkerCollector(Collector):
@@ -152,12 +154,20 @@ async def serve(config: ExpertConfig, ready_file: str | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Run the node until ``stop`` is set (or forever)."""
     configure_threads(config.threads)
+    tracing.setup_tracing("megascale-expert")
     cfg, experts = load_experts(config)
     metrics = ExpertMetrics()
     rx = libm2n.open_receiver(config.m2n_url, libm2n.ReceiverConfig(
         slots_per_sender=config.slots_per_sender, slot_bytes=config.slot_bytes))
-    worker = ExpertWorker(experts, rx, config.m2n_sender_id, config.epoch,
-                          on_compute=metrics.on_compute)
+    timeline = timeline_for(config.node_id)
+
+    def on_compute(ev: ComputeEvent) -> None:
+        metrics.on_compute(ev)
+        if timeline is not None:
+            timeline.write({"start": ev.start, "end": ev.start + ev.seconds, "rows": ev.rows,
+                            "layer": ev.layer})
+
+    worker = ExpertWorker(experts, rx, config.m2n_sender_id, config.epoch, on_compute=on_compute)
     metrics.watch(worker)
     stop_thread = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop_thread,), name="expert-drain",
@@ -175,12 +185,24 @@ async def serve(config: ExpertConfig, ready_file: str | None = None,
                                   "expert_ids": list(config.expert_ids)})
     log.info("expert node %s serving experts %s on %s:%d (m2n %s)", config.node_id,
              list(config.expert_ids), config.host, port, rx.url)
+    registration = None
+    if config.scheduler:
+        registration = NodeRegistration(config.scheduler, common_pb2.NodeInfo(
+            node_id=config.node_id, role=common_pb2.NODE_ROLE_EXPERT,
+            grpc_address=f"{config.host}:{port}", m2n_url=rx.url,
+            model=config.model_dir.name, expert_ids=list(config.expert_ids),
+            started_at_unix_s=time.time()),
+            on_placement=lambda p: worker.set_epoch(max(worker.epoch, p.epoch)))
+        await registration.start()
     stop = stop or asyncio.Event()
     try:
         await stop.wait()
     finally:
+        if registration is not None:
+            await registration.stop()
         await server.stop(grace=1.0)
         stop_thread.set()
         thread.join(timeout=5)
         worker.close()
         rx.close()
+        tracing.shutdown_tracing()

@@ -17,18 +17,34 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
+from opentelemetry import trace
+from opentelemetry.trace import Link
 
 import libm2n
+from services.common import tracing
 from services.core import moe_wire
 from services.core.model import ExpertSide
 
 log = logging.getLogger("megascale.expert.worker")
 
 MAX_DRAIN = 64  # messages taken per round; bounds one round's latency
+
+
+@dataclass(frozen=True)
+class ComputeEvent:
+    """One layer's expert compute over the rows drained in one round."""
+
+    experts: list[int]
+    rows_per_expert: list[int]
+    start: float       # time.perf_counter() (CLOCK_MONOTONIC, comparable across processes)
+    seconds: float
+    rows: int
+    layer: int
 
 
 @dataclass
@@ -45,12 +61,24 @@ class WorkerStats:
     compute_calls: list[tuple[int, float]] = field(default_factory=list)  # (rows, seconds)
 
 
+def _compute_span(layer: int, headers: list, rows: int):  # noqa: ANN202 - OpenTelemetry span
+    """A span for one layer's compute, parented by the first traced dispatch and linked to the
+    other dispatches' contexts (a compute group serves rows of several requests)."""
+    contexts = [tracing.context_from_ids(h.trace_id, h.span_id) for h in headers]
+    traced = [c for c in contexts if c is not None]
+    links = [Link(trace.get_current_span(c).get_span_context()) for c in traced[1:]]
+    return tracing.tracer(__name__).start_span(
+        "expert.compute", traced[0] if traced else None, links=links,
+        attributes={"megascale.layer": layer, "megascale.rows": rows,
+                    "megascale.messages": len(headers)})
+
+
 class ExpertWorker:
     """Owns the dispatch receiver and one reply sender per attached attention replica."""
 
     def __init__(self, experts: ExpertSide, rx: libm2n.Receiver, m2n_sender_id: int,
                  epoch: int = 0, peer_timeout_s: float = 10.0,
-                 on_compute: callable | None = None) -> None:
+                 on_compute: Callable[[ComputeEvent], None] | None = None) -> None:
         self.experts = experts
         self.cfg = experts.cfg
         self.rx = rx
@@ -128,19 +156,25 @@ class ExpertWorker:
             headers = [m.header for m in msgs_here]
             for m in msgs_here:
                 m.release()
+            span = _compute_span(layer, headers, rows.shape[0]) if tracing.enabled() else None
             t0 = time.perf_counter()
             out = self.experts.forward(layer, rows, ids, weights.to(rows.dtype)).float().cpu()
             dt = time.perf_counter() - t0
-            self._count(ids, dt, rows.shape[0])
+            if span is not None:
+                span.end()
+            self._count(ids, t0, dt, rows.shape[0], layer)
             for h, part in zip(headers, out.split(sizes), strict=True):
                 self._reply_to(h, part.contiguous())
 
     # ------------------------------------------------------------------ helpers
     def _validate(self, msg: libm2n.Message) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = msg.header
-        if h.epoch != self.epoch:
-            raise ValueError(f"dispatch carries placement epoch {h.epoch}, node is at epoch "
-                             f"{self.epoch}")
+        # One epoch of grace: replicas switch placement at their next step boundary, so
+        # dispatches of the previous epoch are still in flight for a moment. Older ones are
+        # stale (their sender routes by a table this node may no longer match).
+        if h.epoch + 1 < self.epoch:
+            raise ValueError(f"dispatch carries stale placement epoch {h.epoch}, node is at "
+                             f"epoch {self.epoch}")
         if h.layer not in self.sparse_layers:
             raise ValueError(f"layer {h.layer} is not a sparse layer of this model")
         rows, ids, weights = moe_wire.unpack_dispatch(msg.tensor(), self.cfg.hidden_size,
@@ -151,7 +185,8 @@ class ExpertWorker:
             raise ValueError(f"experts {foreign} are not hosted on this node")
         return rows, ids, weights
 
-    def _count(self, ids: torch.Tensor, seconds: float, nrows: int) -> None:
+    def _count(self, ids: torch.Tensor, start: float, seconds: float, nrows: int,
+               layer: int) -> None:
         s = self.stats
         s.compute_s += seconds
         s.compute_calls.append((nrows, seconds))
@@ -164,7 +199,8 @@ class ExpertWorker:
         s.groups += len(experts)
         s.group_rows += int(flat.numel())
         if self.on_compute is not None:
-            self.on_compute(experts.tolist(), counts.tolist(), seconds, nrows)
+            self.on_compute(ComputeEvent(experts.tolist(), counts.tolist(), start, seconds,
+                                         nrows, layer))
 
     def _reply(self, msg: libm2n.Message, payload: torch.Tensor) -> None:
         self._reply_to(msg.header, payload)

@@ -38,7 +38,8 @@ def bad_request(message: str, param: str | None = None) -> GatewayError:
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          409: "invalid_request_error", 413: "invalid_request_error",
+          405: "invalid_request_error", 409: "invalid_request_error",
+          413: "invalid_request_error",
           429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 
 _GRPC = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -56,12 +56,18 @@ class RoleProcess:
 
 def spawn_role(role: str, args: Sequence[str], name: str, workdir: Path,
                env: dict[str, str] | None = None, log: IO[bytes] | Path | None = None,
-               timeout_s: float = 120.0) -> RoleProcess:
-    """Start ``megascale serve ROLE ARGS`` and wait for its ready file."""
+               timeout_s: float = 120.0, cpus: str | None = None,
+               preexec_fn: Callable[[], None] | None = None) -> RoleProcess:
+    """Start ``megascale serve ROLE ARGS`` and wait for its ready file.
+
+    ``cpus`` (e.g. ``"1"``) pins the process and every thread it starts to those cores.
+    """
     ready = workdir / f"{name}.ready.json"
     ready.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "services.cli", "serve", role, *args, "--ready-file",
            str(ready), "--node-id", name]
+    if cpus is not None:
+        cmd = ["taskset", "-c", cpus, *cmd]
     full_env = {**os.environ, **(env or {})}
     full_env.setdefault("MEGASCALE_TORCH_THREADS", "1")
     log_path = None
@@ -71,7 +77,7 @@ def spawn_role(role: str, args: Sequence[str], name: str, workdir: Path,
     else:
         out = log if log is not None else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log else out,
-                            env=full_env, start_new_session=True)
+                            env=full_env, start_new_session=True, preexec_fn=preexec_fn)
     if isinstance(log, Path):
         out.close()
     try:
@@ -118,9 +124,11 @@ class LocalMesh:
               attention_replicas: int = 1, micro_batches: int = 2,
               attention_args: Sequence[str] = (), expert_args: Sequence[str] = (),
               workdir: Path | None = None, transport: str = "tcp",
-              env: dict[str, str] | None = None) -> LocalMesh:
+              env: dict[str, str] | None = None, expert_cpus: str | None = None,
+              attention_cpus: str | None = None) -> LocalMesh:
         """Start one expert node per entry of ``expert_ids`` and N attention replicas."""
         workdir = Path(workdir or tempfile.mkdtemp(prefix="megascale-mesh-"))
+        workdir.mkdir(parents=True, exist_ok=True)
         mesh = cls(workdir=workdir)
         tag = f"{os.getpid()}-{id(mesh) & 0xffff:x}"
         try:
@@ -130,7 +138,8 @@ class LocalMesh:
                     "expert", ["--model", str(model_dir), "--experts", ",".join(map(str, ids)),
                                "--m2n-url", url, "--m2n-sender-id", str(1000 + i),
                                *expert_args],
-                    f"expert-{i}", workdir, env, workdir / f"expert-{i}.log"))
+                    f"expert-{i}", workdir, env, workdir / f"expert-{i}.log",
+                    cpus=expert_cpus))
             nodes = ",".join(e.grpc for e in mesh.experts)
             for i in range(attention_replicas):
                 url = f"shm://m2n-a{i}-{tag}" if transport == "shm" else "tcp://127.0.0.1:0"
@@ -138,7 +147,8 @@ class LocalMesh:
                     "attention", ["--model", str(model_dir), "--expert-nodes", nodes,
                                   "--m2n-url", url, "--m2n-sender-id", str(i),
                                   "--micro-batches", str(micro_batches), *attention_args],
-                    f"attention-{i}", workdir, env, workdir / f"attention-{i}.log"))
+                    f"attention-{i}", workdir, env, workdir / f"attention-{i}.log",
+                    cpus=attention_cpus))
         except BaseException:
             mesh.stop()
             raise

@@ -41,6 +41,7 @@ from services.scheduler.state import REDIS_ERRORS, NodeRecord, RedisState
 log = logging.getLogger("megascale.scheduler")
 
 _PUSH_ROLES = (common_pb2.NODE_ROLE_ATTENTION, common_pb2.NODE_ROLE_EXPERT)
+_REJECT_RETRY_S = 5.0  # before re-pushing an epoch a node refused
 _EMA = 0.5  # weight of the newest window in the per-expert load
 
 
@@ -62,11 +63,14 @@ class Controller:
         self.state = state
         self.metrics = metrics
         self.current = common_pb2.ExpertPlacement(epoch=0, num_experts=config.num_experts)
-        self.missing: tuple[int, ...] = ()       # experts without a live host in the newest plan
+        # Experts without a live host in the newest plan (all of them until a first plan).
+        self.missing: tuple[int, ...] = tuple(range(config.num_experts))
         self.membership_epoch = 0
         self.expert_load: dict[int, float] = {}  # expert id -> rows/s (smoothed)
         self.acked: dict[str, int] = {}          # node id -> placement epoch it applied
-        self._rejected: dict[str, int] = {}      # node id -> epoch it refused (INVALID_ARGUMENT)
+        # node id -> (epoch it refused with INVALID_ARGUMENT, when to try it again): a refusal
+        # may be transient (a replica still attaching), so it is retried, but slowly.
+        self._rejected: dict[str, tuple[int, float]] = {}
         self._fingerprint: tuple | None = None
         self._rows: dict[str, tuple[float, dict[int, int]]] = {}  # node -> (t, rows_by_expert)
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -100,6 +104,7 @@ class Controller:
             stored = await self.state.load_placement()
             if stored is not None and stored.num_experts == self.config.num_experts:
                 await self._install(stored)
+                self.missing = ()
                 log.info("resuming placement epoch %d from Redis", stored.epoch)
             self.membership_epoch = await self.state.epoch()
         except REDIS_ERRORS as exc:
@@ -172,7 +177,9 @@ class Controller:
         plan = plan_placement(cfg.num_experts, experts, self.expert_load or None,
                               cfg.replicate_hot)
         if not plan.complete:
-            if plan.missing != self.missing:
+            if not experts and plan.missing != self.missing:
+                log.info("no expert node registered yet: no placement")
+            elif plan.missing != self.missing:
                 log.error("placement incomplete: experts %s have no live host; keeping "
                           "placement epoch %d", list(plan.missing), self.current.epoch)
             self.missing = plan.missing
@@ -222,9 +229,14 @@ class Controller:
         p = self.current
         if p.epoch == 0:
             return
+        now = time.monotonic()
+
+        def due(node_id: str) -> bool:
+            refused_epoch, retry_at = self._rejected.get(node_id, (-1, 0.0))
+            return refused_epoch != p.epoch or now >= retry_at
+
         targets = [r for r in records if r.info.role in _PUSH_ROLES
-                   and self.acked.get(r.info.node_id, -1) < p.epoch
-                   and self._rejected.get(r.info.node_id) != p.epoch]
+                   and self.acked.get(r.info.node_id, -1) < p.epoch and due(r.info.node_id)]
         if not targets:
             return
         results = await asyncio.gather(*(self._push_one(r, p) for r in targets))
@@ -247,7 +259,8 @@ class Controller:
             resp = await stub.UpdatePlacement(p, timeout=self.config.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                self._rejected[node] = p.epoch
+                retry = time.monotonic() + _REJECT_RETRY_S
+                self._rejected[node] = (p.epoch, retry)
                 self.metrics.pushes.labels(result="rejected").inc()
                 log.error("node %s rejected placement epoch %d: %s", node, p.epoch,
                           exc.details())

@@ -186,10 +186,14 @@ def test_expert_refuses_bad_dispatches_and_keeps_serving(expert_node, engine_ckp
     finally:
         tx.close()
 
-    # a sender on a stale placement epoch is refused, then the node serves the good one again
+    # after the node moves to placement epoch 10, a sender still on epoch 0 is refused
+    with grpc.insecure_channel(expert_node.grpc) as ch:
+        applied = expert_pb2_grpc.ExpertStub(ch).UpdatePlacement(
+            common_pb2.ExpertPlacement(epoch=10, num_experts=8), timeout=10).applied_epoch
+    assert applied == 10
     rx2, _ = attach(expert_node, 78)
     stale = libm2n.connect(resp.dispatch_url, libm2n.SenderConfig(sender_id=78,
-                                                                  epoch=resp.epoch + 5))
+                                                                  epoch=resp.epoch))
     try:
         reply = roundtrip(stale, rx2, good, 0, 1)
         assert moe_wire.is_error(reply) and "epoch" in moe_wire.error_text(reply)

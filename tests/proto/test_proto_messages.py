@@ -13,6 +13,7 @@ import grpc
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+
 from megascale.v1 import (
     attention_pb2,
     attention_pb2_grpc,

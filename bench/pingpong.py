@@ -1,0 +1,254 @@
+"""Ping-pong pipeline benchmark: disaggregated decode throughput for m = 1..4, side by side with
+the monolithic reference path and ``transformers.generate`` on the same checkpoint and batch.
+
+Real processes: one attention replica pinned to core 0 and one expert node pinned to core 1
+(one torch thread each), talking over libm2n shm. The checkpoint is shaped so that attention and
+expert time per micro-batch are close (T_a ≈ T_e), which is when ping-pong pays most.
+
+Decode throughput of every implementation is measured the same way: wall time of a batch with
+N new tokens minus wall time of the same batch with 1 new token (the prefill), over B x (N - 1)
+tokens; medians over repeats. Busy fractions come from each process's Prometheus counters over
+the N-token run.
+
+    python bench/pingpong.py --json bench/results/pingpong.json --png docs/img/pingpong.png
+    python bench/pingpong.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from megascale.v1 import attention_pb2, attention_pb2_grpc, common_pb2
+from services.core.demo import write_random_checkpoint
+from services.core.generate import generate
+from services.core.model import MonolithicModel
+from services.core.sampling import SamplingParams
+from services.launch.procs import LocalMesh
+
+SHAPE = dict(layers=4, hidden=512, intermediate=448, experts=8, top_k=2, heads=8, kv_heads=2,
+             vocab=1024, seed=5)
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            key = s.name + "".join(f"|{k}={v}" for k, v in sorted(s.labels.items()))
+            out[key] = s.value
+    return out
+
+
+async def run_batch(address: str, prompts: list[list[int]], new_tokens: int, tag: str) -> float:
+    """Submit every prompt at once, wait for all; returns the wall time."""
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = attention_pb2_grpc.AttentionStub(ch)
+
+        async def one(i: int, p: list[int]) -> int:
+            req = attention_pb2.GenerateRequest(
+                request_id=f"{tag}-{i}", prompt_token_ids=p,
+                sampling=common_pb2.SamplingParams(temperature=0, max_tokens=new_tokens,
+                                                   ignore_eos=True))
+            n = 0
+            async for ev in stub.Generate(req, timeout=600):
+                n += len(ev.token_ids)
+                if ev.error_message:
+                    raise RuntimeError(ev.error_message)
+            return n
+
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        wall = time.perf_counter() - t0
+    assert all(c == new_tokens for c in counts), counts
+    return wall
+
+
+def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def bench_disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, m: int,
+                        repeats: int, workdir: Path, timeline_dir: Path | None = None) -> dict:
+    env = {"MEGASCALE_TIMELINE": str(timeline_dir)} if timeline_dir else None
+    batch = len(prompts)
+    with LocalMesh.start(
+            model, [list(range(SHAPE["experts"]))], micro_batches=m, transport="shm",
+            attention_args=["--metrics-port", "0", "--max-batch-tokens", str(max(512, batch * 16)),
+                            "--max-num-seqs", str(max(64, batch))],
+            expert_args=["--metrics-port", "0"], workdir=workdir, env=env,
+            attention_cpus="0", expert_cpus="1") as mesh:
+        address = mesh.attention[0].grpc
+        a_port = mesh.attention[0].info["metrics_port"]
+        e_port = mesh.experts[0].info["metrics_port"]
+        asyncio.run(run_batch(address, prompts, 4, "warm"))
+        full, prefill, busy_a, busy_e, t_a, t_e, rtt = [], [], [], [], [], [], []
+        for r in range(repeats):
+            prefill.append(asyncio.run(run_batch(address, prompts, 1, f"p{r}")))
+            a0, e0, w0 = scrape(a_port), scrape(e_port), time.perf_counter()
+            full.append(asyncio.run(run_batch(address, prompts, new_tokens, f"n{r}")))
+            a1, e1, w1 = scrape(a_port), scrape(e_port), time.perf_counter()
+            wall = w1 - w0
+            attn_s = delta(a1, a0, "megascale:attention_compute_seconds_sum")
+            exp_s = delta(e1, e0, "megascale:expert_compute_seconds_sum")
+            steps = delta(a1, a0, "megascale:step_duration_seconds_count")
+            calls = delta(e1, e0, "megascale:expert_compute_seconds_count")
+            busy_a.append(attn_s / wall)
+            busy_e.append(exp_s / wall)
+            t_a.append(attn_s / max(1.0, steps * m * SHAPE["layers"]))
+            t_e.append(exp_s / max(1.0, calls))
+            key = "megascale:m2n_latency_seconds_{}|direction=round_trip"
+            n_rtt = delta(a1, a0, key.format("count"))
+            rtt.append(delta(a1, a0, key.format("sum")) / max(1.0, n_rtt))
+    med = statistics.median
+    decode = [batch * (new_tokens - 1) / (f - p) for f, p in zip(full, prefill, strict=True)]
+    return {"impl": "disaggregated", "m": m, "batch": batch, "new_tokens": new_tokens,
+            "tokens_per_s": med(decode), "tokens_per_s_all": decode,
+            "attn_busy": med(busy_a), "expert_busy": med(busy_e),
+            "t_a_ms": 1000 * med(t_a), "t_e_ms": 1000 * med(t_e), "rtt_ms": 1000 * med(rtt)}
+
+
+def bench_monolithic(model: Path, prompts: list[list[int]], new_tokens: int,
+                     repeats: int) -> dict:
+    torch.set_num_threads(1)
+    mono = MonolithicModel.from_pretrained(model)
+
+    def timed(n: int) -> float:
+        t0 = time.perf_counter()
+        generate(mono, prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        return time.perf_counter() - t0
+
+    timed(4)
+    decode = []
+    for _ in range(repeats):
+        p, f = timed(1), timed(new_tokens)
+        decode.append(len(prompts) * (new_tokens - 1) / (f - p))
+    return {"impl": "monolithic", "m": 0, "batch": len(prompts), "new_tokens": new_tokens,
+            "tokens_per_s": statistics.median(decode), "tokens_per_s_all": decode,
+            "attn_busy": None, "expert_busy": None}
+
+
+def bench_transformers(model: Path, prompts: list[list[int]], new_tokens: int,
+                       repeats: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    ids = torch.tensor(prompts)  # equal-length prompts: no padding
+
+    def timed(n: int) -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
+        return time.perf_counter() - t0
+
+    timed(4)
+    decode = []
+    for _ in range(repeats):
+        p, f = timed(1), timed(new_tokens)
+        decode.append(len(prompts) * (new_tokens - 1) / (f - p))
+    return {"impl": "transformers", "m": 0, "batch": len(prompts), "new_tokens": new_tokens,
+            "tokens_per_s": statistics.median(decode), "tokens_per_s_all": decode,
+            "attn_busy": None, "expert_busy": None}
+
+
+def plot_timeline(timeline_dir: Path, png: Path) -> None:
+    """Draw one steady-state decode step: attention compute / wait vs expert compute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [json.loads(x) for x in (timeline_dir / "attention-0.jsonl").read_text().splitlines()]
+    expert = [json.loads(x) for x in (timeline_dir / "expert-0.jsonl").read_text().splitlines()]
+    batch = min(s["tokens"] for s in steps)
+    decode = [s for s in steps if s["tokens"] == batch]  # decode steps: one token per request
+    step = decode[len(decode) // 2]
+    t0, t1 = step["start"], step["start"] + step["wall"]
+    fig, ax = plt.subplots(figsize=(12, 2.8))
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    for kind, _layer, mb, a, b in step["intervals"]:
+        if kind == "attn" and mb >= 0:
+            ax.barh(1, (b - a) * 1e3, left=(a - t0) * 1e3, color=colors[mb % 4], edgecolor="k",
+                    linewidth=0.3)
+        elif kind == "wait":
+            ax.barh(1, (b - a) * 1e3, left=(a - t0) * 1e3, color="lightgrey", hatch="//")
+    for ev in expert:
+        if ev["end"] >= t0 and ev["start"] <= t1:
+            ax.barh(0, (ev["end"] - ev["start"]) * 1e3, left=(ev["start"] - t0) * 1e3,
+                    color="tab:purple", edgecolor="k", linewidth=0.3)
+    ax.set_yticks([0, 1], ["expert node", "attention"])
+    ax.set_xlabel("ms since step start (colours: micro-batch; hatched: waiting for combine)")
+    ax.set_title(f"one decode step, m=2 ({step['tokens']} tokens)")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ms", default="1,2,3,4")
+    ap.add_argument("--quick", action="store_true", help="m=1,2 + baselines, 2 repeats")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--png", type=Path)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.ms, args.repeats, args.new_tokens = "1,2", 2, 16
+    ms = [int(x) for x in args.ms.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="megascale-pingpong-"))
+    model = write_random_checkpoint(work / "model", "mixtral", tokenizer=False, **SHAPE)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, SHAPE["vocab"], (args.batch, args.prompt_len), generator=g).tolist()
+
+    records = []
+    for m in ms:
+        records.append(bench_disaggregated(model, prompts, args.new_tokens, m, args.repeats,
+                                           work / f"m{m}"))
+        print(json.dumps({k: v for k, v in records[-1].items() if k != "tokens_per_s_all"}),
+              flush=True)
+    records.append(bench_monolithic(model, prompts, args.new_tokens, args.repeats))
+    records.append(bench_transformers(model, prompts, args.new_tokens, args.repeats))
+    if args.png:
+        tl = work / "timeline"
+        bench_disaggregated(model, prompts, 16, 2, 1, work / "tl", tl)
+        plot_timeline(tl, args.png)
+
+    by = {(r["impl"], r["m"]): r for r in records}
+    mono, hf = by[("monolithic", 0)]["tokens_per_s"], by[("transformers", 0)]["tokens_per_s"]
+    base = by.get(("disaggregated", 1))
+    print(f"\nbatch {args.batch}, {args.new_tokens} new tokens, median of {args.repeats}")
+    print(f"{'impl':<14}{'m':>3}{'tok/s':>10}{'vs m=1':>8}{'vs mono':>9}{'vs HF':>7}"
+          f"{'attn busy':>11}{'exp busy':>10}{'T_a ms':>8}{'T_e ms':>8}{'RTT ms':>8}")
+    for r in records:
+        vs1 = r["tokens_per_s"] / base["tokens_per_s"] if base and r["m"] else None
+        row = (f"{r['impl']:<14}{r['m']:>3}{r['tokens_per_s']:>10.1f}"
+               f"{(f'{vs1:.2f}x' if vs1 else '-'):>8}{r['tokens_per_s'] / mono:>8.2f}x"
+               f"{r['tokens_per_s'] / hf:>6.2f}x")
+        if r["attn_busy"] is not None:
+            row += (f"{r['attn_busy']:>11.0%}{r['expert_busy']:>10.0%}{r['t_a_ms']:>8.2f}"
+                    f"{r['t_e_ms']:>8.2f}{r['rtt_ms']:>8.2f}")
+        print(row)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(records, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""``megascale up``: the whole mesh on loopback, as separate processes, stopped cleanly.
+
+Starts, in order: a ``redis-server`` child (unless ``--redis-url`` is given), the scheduler, the
+expert nodes (experts split evenly, optionally with replicas of some ids), the attention
+replicas, and the gateway; waits until each is serving (ready files), prints the endpoint and an
+example ``curl``, and streams every child's log prefixed with its name. SIGINT / SIGTERM stop
+the children in reverse order (SIGTERM, then SIGKILL after a grace period). Children also get
+``PR_SET_PDEATHSIG`` so they die with the launcher even if it is SIGKILLed: no orphans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from services.common.flags import add_flag
+from services.errors import UserError
+from services.launch.procs import RoleProcess, partition_experts, spawn_role
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("up", help="start the whole mesh locally (redis, scheduler, "
+                                         "experts, attention, gateway)")
+    add_flag(p, "--model", required=True, help="checkpoint directory (megascale demo-model)")
+    add_flag(p, "--attention", type=int, default=1, help="attention replicas")
+    add_flag(p, "--experts", type=int, default=2, help="expert nodes")
+    add_flag(p, "--replicate", default="", help="expert ids to host twice, e.g. 0,3")
+    add_flag(p, "--micro-batches", type=int, default=2, help="m, micro-batches per step")
+    add_flag(p, "--port", type=int, default=8000, help="gateway HTTP port (0 = pick)")
+    add_flag(p, "--host", default="127.0.0.1", help="gateway bind address")
+    add_flag(p, "--redis-url", default=None, help="use this Redis instead of starting one")
+    add_flag(p, "--transport", default="tcp", choices=["tcp", "shm"],
+             help="libm2n transport between attention and experts")
+    add_flag(p, "--workdir", default=None, help="logs and ready files (default: a temp dir)")
+    add_flag(p, "--api-key", default=None, help="require this bearer key at the gateway")
+    add_flag(p, "--quiet", action="store_true", help="do not stream the children's logs")
+    p.set_defaults(func=run)
+
+
+class Mesh:
+    """The children of one ``megascale up`` and how to stop them."""
+
+    def __init__(self, workdir: Path, quiet: bool) -> None:
+        self.workdir = workdir
+        self.quiet = quiet
+        self.children: list[RoleProcess] = []
+        self._stop_tail = threading.Event()
+        self._tails: list[threading.Thread] = []
+
+    def start_role(self, role: str, args: list[str], name: str) -> RoleProcess:
+        log = self.workdir / f"{name}.log"
+        proc = spawn_role(role, args, name, self.workdir, log=log, preexec_fn=_die_with_parent)
+        self.children.append(proc)
+        self._tail(log, name)
+        return proc
+
+    def start_redis(self) -> str:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise UserError("redis-server is not installed: install it (apt-get install "
+                            "redis-server) or pass --redis-url")
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = self.workdir / "redis.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                 "no", "--dir", str(self.workdir)], stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_die_with_parent)
+        self.children.append(RoleProcess("redis", proc, {"pid": proc.pid}, log))
+        self._tail(log, "redis")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return f"redis://127.0.0.1:{port}/0"
+            except OSError:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+        raise UserError(f"redis-server did not start (see {log})")
+
+    def _tail(self, path: Path, name: str) -> None:
+        if self.quiet:
+            return
+        t = threading.Thread(target=_follow, args=(path, name, self._stop_tail), daemon=True)
+        t.start()
+        self._tails.append(t)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop(timeout=10)
+        self._stop_tail.set()
+        for t in self._tails:
+            t.join(timeout=1)
+
+
+def _follow(path: Path, name: str, stop: threading.Event) -> None:
+    """Print new lines of ``path`` prefixed with ``[name]`` until ``stop`` is set."""
+    with open(path, errors="replace") as f:
+        while True:
+            line = f.readline()
+            if line:
+                sys.stdout.write(f"[{name}] {line}")
+                sys.stdout.flush()
+            elif stop.is_set():
+                return
+            else:
+                time.sleep(0.1)
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.core.config import ModelConfig
+
+    model = Path(args.model)
+    cfg = ModelConfig.from_pretrained(model)  # fail fast with a clear message
+    if not 1 <= args.experts <= cfg.num_experts:
+        raise UserError(f"--experts must be in 1..{cfg.num_experts} (the model has "
+                        f"{cfg.num_experts} experts), got {args.experts}")
+    if args.attention < 1:
+        raise UserError(f"--attention must be >= 1, got {args.attention}")
+    replicate = [int(x) for x in args.replicate.split(",") if x.strip()]
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="megascale-up-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = Mesh(workdir, args.quiet)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        redis_url = args.redis_url or mesh.start_redis()
+        sched = mesh.start_role("scheduler", ["--redis-url", redis_url, "--model", str(model),
+                                              "--micro-batches", str(args.micro_batches)],
+                                "scheduler")
+        tag = f"{int(time.time()) % 100000}"
+        experts = []
+        for i, ids in enumerate(partition_experts(cfg.num_experts, args.experts, replicate)):
+            url = f"shm://m2n-up{tag}-e{i}" if args.transport == "shm" else "tcp://127.0.0.1:0"
+            experts.append(mesh.start_role("expert", [
+                "--model", str(model), "--experts", ",".join(map(str, ids)), "--m2n-url", url,
+                "--m2n-sender-id", str(1000 + i), "--scheduler", sched.grpc,
+                "--metrics-port", "0"], f"expert-{i}"))
+        replicas = []
+        for i in range(args.attention):
+            url = f"shm://m2n-up{tag}-a{i}" if args.transport == "shm" else "tcp://127.0.0.1:0"
+            replicas.append(mesh.start_role("attention", [
+                "--model", str(model), "--expert-nodes", ",".join(e.grpc for e in experts),
+                "--m2n-url", url, "--m2n-sender-id", str(i), "--scheduler", sched.grpc,
+                "--micro-batches", str(args.micro_batches), "--metrics-port", "0"],
+                f"attention-{i}"))
+        gw_args = ["--model", str(model), "--port", str(args.port), "--host", args.host,
+                   "--scheduler", sched.grpc, "--attention", ",".join(r.grpc for r in replicas)]
+        if args.api_key:
+            gw_args += ["--api-key", args.api_key]
+        gateway = mesh.start_role("gateway", gw_args, "gateway")
+        http = gateway.info["http"]
+        name = gateway.info.get("model", model.name)
+        print(f"\nmegascale is up: {http}/v1  (model {name!r}; logs in {workdir})\n"
+              f"  curl {http}/v1/completions -H 'Content-Type: application/json' \\\n"
+              f"    -d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
+              "Ctrl-C stops everything.\n", flush=True)
+        while not stopping.is_set():
+            dead = [c.name for c in mesh.children if not c.alive()]
+            if dead:
+                print(f"megascale up: {', '.join(dead)} exited; stopping", file=sys.stderr)
+                return 1
+            stopping.wait(0.5)
+        return 0
+    except RuntimeError as exc:  # a role failed to start: its log tail is in the message
+        raise UserError(str(exc)) from None
+    finally:
+        mesh.stop()

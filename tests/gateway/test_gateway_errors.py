@@ -1,0 +1,138 @@
+"""Bad input over HTTP gets 400/401/404/413 in the OpenAI error shape (never 422 or 500), also
+for hypothesis-generated bodies; the API key guards everything but /health."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.errors import ConfigError
+from services.gateway.config import GatewayConfig
+
+MODEL = "mixtral-gw"
+GOOD = {"model": MODEL, "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+CASES = [  # (path, body, status, param)
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"\xff\xfe", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", {**GOOD, "max_tokens": "5"}, 400, "max_tokens"),
+    ("/v1/completions", {**GOOD, "max_tokens": -3}, 400, "max_tokens"),
+    ("/v1/completions", {**GOOD, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {**GOOD, "temperature": -0.5}, 400, "temperature"),
+    ("/v1/completions", {**GOOD, "temperature": 1e9}, 400, "temperature"),
+    ("/v1/completions", {**GOOD, "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {**GOOD, "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {**GOOD, "model": "gpt-4"}, 404, "model"),
+    ("/v1/completions", {**GOOD, "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": []}, 400, "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": [1, 99999]}, 400, "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": "word " * 400}, 400, "prompt"),
+    ("/v1/completions", {**GOOD, "max_tokens": 250, "prompt": "word " * 10}, 400, "max_tokens"),
+    ("/v1/completions", {**GOOD, "n": 2}, 400, "n"),
+    ("/v1/completions", {**GOOD, "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {**GOOD, "stop": ["x"] * 17}, 400, "stop"),
+    ("/v1/completions", {**GOOD, "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    ("/v1/completions", {**GOOD, "seed": 1 << 70}, 400, "seed"),
+    ("/v1/completions", {**GOOD, "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x"}, 400, "model"),
+    ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400,
+     "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant", "content": "x"}]},
+     400, "messages"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": -1}, 400,
+     "max_completion_tokens"),
+    ("/v1/chat/completions", {**CHAT, "model": "nope"}, 404, "model"),
+]
+
+
+def _check_shape(r: httpx.Response, status: int, param: str | None = None) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"] and "\n" not in err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), CASES)
+def test_bad_input(stack, path, body, status, param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(stack.http + path, content=content, timeout=30,
+                   headers={"content-type": "application/json"})
+    _check_shape(r, status, param)
+
+
+def test_huge_body_is_413(stack):
+    big = json.dumps({**GOOD, "prompt": "a" * (200 << 10)})
+    r = httpx.post(stack.http + "/v1/completions", content=big, timeout=30)
+    _check_shape(r, 413)
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        for _ in range(40):
+            yield b" " * 4096
+    r = httpx.post(stack.http + "/v1/completions", content=chunks(), timeout=30)
+    _check_shape(r, 413)
+
+
+def test_unknown_route_is_404_in_openai_shape(stack):
+    _check_shape(httpx.get(stack.http + "/v1/nothing-here"), 404)
+
+
+SCALAR = (st.none() | st.booleans() | st.integers()
+          | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
+JSON = st.recursive(SCALAR, lambda c: st.lists(c, max_size=4)
+                    | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12)
+FIELDS = {"model": st.just(MODEL) | JSON, "prompt": st.text(max_size=30) | JSON,
+          "max_tokens": st.integers(-5, 8) | JSON, "temperature": st.floats(-1, 3) | JSON,
+          "top_p": JSON, "top_k": st.integers(-3, 600) | JSON, "seed": JSON, "stop": JSON,
+          "n": JSON, "stream": st.booleans() | JSON, "stop_token_ids": JSON,
+          "messages": JSON | st.lists(st.fixed_dictionaries(
+              {"role": st.sampled_from(["user", "system", "assistant", "x"]),
+               "content": st.text(max_size=10) | JSON}), max_size=3)}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+       body=st.fixed_dictionaries({}, optional=FIELDS) | JSON)
+def test_fuzzed_bodies_never_500(stack, path, body):
+    if isinstance(body, dict) and body.get("max_tokens") is None:
+        body["max_tokens"] = 2  # keep the accepted ones cheap
+    r = httpx.post(stack.http + path, json=body, timeout=60)
+    assert r.status_code in (200, 400, 404), r.text
+    if r.status_code != 200:
+        _check_shape(r, r.status_code)
+
+
+def test_api_key(stack, tmp_path, gateway_factory):
+    gw = gateway_factory(stack.model_dir, [a.grpc for a in stack.mesh.attention], tmp_path,
+                       "gateway-key", "--api-key", "s3cret")
+    try:
+        url = gw.info["http"]
+        assert httpx.get(url + "/health").status_code == 200
+        _check_shape(httpx.get(url + "/v1/models"), 401)
+        _check_shape(httpx.post(url + "/v1/completions", json=GOOD,
+                                headers={"Authorization": "Bearer wrong"}), 401)
+        ok = httpx.post(url + "/v1/completions", json=GOOD, timeout=60,
+                        headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200, ok.text
+    finally:
+        gw.stop()
+
+
+def test_config_validation(tmp_path, gw_model_dir):
+    with pytest.raises(ConfigError, match="config.json"):
+        GatewayConfig(model_dir=str(tmp_path), attention=("127.0.0.1:1",))
+    with pytest.raises(ConfigError, match="--attention"):
+        GatewayConfig(model_dir=str(gw_model_dir))
+    with pytest.raises(ConfigError, match="bad gRPC address"):
+        GatewayConfig(model_dir=str(gw_model_dir), attention=("nohost",))
+    cfg = GatewayConfig(model_dir=str(gw_model_dir), attention=("127.0.0.1:5",))
+    assert cfg.served_model_name == MODEL

@@ -1,0 +1,185 @@
+"""End to end with real processes: `megascale serve scheduler`, expert nodes and an attention
+replica. The scheduler pushes its placement to the nodes' UpdatePlacement (their epochs move),
+generation works on the pushed table, and a dead expert node is routed around after its lease
+expires."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from sched_helpers import eventually, run
+
+from megascale.v1 import (
+    attention_pb2,
+    attention_pb2_grpc,
+    common_pb2,
+    expert_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
+from services.common.registration import NodeRegistration
+from services.launch.procs import LocalMesh, spawn_role
+
+NUM_EXPERTS = 4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from services.core.demo import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("sched-model"), "mixtral", layers=2,
+                                   hidden=32, intermediate=48, experts=NUM_EXPERTS, top_k=2,
+                                   heads=2, kv_heads=1, vocab=128, tokenizer=False)
+
+
+async def _epoch(stub) -> int:
+    """A node's placement epoch: UpdatePlacement with epoch 0 is ignored and answers it."""
+    resp = await stub.UpdatePlacement(common_pb2.ExpertPlacement(epoch=0), timeout=5)
+    return resp.applied_epoch
+
+
+async def _generate(stub) -> list[int]:
+    req = attention_pb2.GenerateRequest(
+        request_id="r", prompt_token_ids=[1, 2, 3, 4],
+        sampling=common_pb2.SamplingParams(temperature=0, max_tokens=3))
+    tokens, last = [], None
+    async for ev in stub.Generate(req, timeout=60):
+        tokens += list(ev.token_ids)
+        last = ev
+    assert last is not None and last.finish_reason == common_pb2.FINISH_REASON_LENGTH, last
+    return tokens
+
+
+def _infos(mesh: LocalMesh, attention: bool) -> list[common_pb2.NodeInfo]:
+    """The NodeInfo each mesh process would register with (from its ready file)."""
+    out = [common_pb2.NodeInfo(node_id=e.info["node_id"], role=common_pb2.NODE_ROLE_EXPERT,
+                               grpc_address=e.grpc, m2n_url=e.info["m2n_url"],
+                               expert_ids=e.info["expert_ids"]) for e in mesh.experts]
+    if attention:
+        att = mesh.attention[0]
+        out.append(common_pb2.NodeInfo(
+            node_id=att.info["node_id"], role=common_pb2.NODE_ROLE_ATTENTION,
+            grpc_address=att.grpc, m2n_url=att.info["m2n_url"], kv_blocks=512,
+            kv_block_size=16, max_running_requests=64))
+    return out
+
+
+def _start_scheduler(model_dir: Path, redis_url: str, tmp_path: Path, prefix: str):
+    return spawn_role("scheduler", ["--redis-url", redis_url, "--model", str(model_dir),
+                                    "--node-ttl", "1", "--key-prefix", prefix,
+                                    "--stats-interval", "0.5"],
+                      "scheduler-0", tmp_path, log=tmp_path / "scheduler.log")
+
+
+def test_placement_pushed_to_real_expert_nodes_and_dead_node_dropped(model_dir, redis_url,
+                                                                     tmp_path):
+    # Node 0 holds every expert, node 1 holds 2 and 3: both serve until node 1 dies.
+    mesh = LocalMesh.start(model_dir, [[0, 1, 2, 3], [2, 3]], attention_replicas=0,
+                           workdir=tmp_path)
+    sched = None
+    try:
+        sched = _start_scheduler(model_dir, redis_url, tmp_path, "mesh-experts:")
+        assert sched.info["role"] == "scheduler" and sched.info["grpc"]
+
+        async def body():
+            regs = [NodeRegistration(sched.grpc, i, max_backoff_s=0.2)
+                    for i in _infos(mesh, attention=False)]
+            channels = [grpc.aio.insecure_channel(x)
+                        for x in (sched.grpc, *(e.grpc for e in mesh.experts))]
+            s_stub = scheduler_pb2_grpc.SchedulerStub(channels[0])
+            e_stubs = [expert_pb2_grpc.ExpertStub(c) for c in channels[1:]]
+            try:
+                assert [await _epoch(s) for s in e_stubs] == [0, 0]
+                for r in regs:
+                    await r.start()
+                assert all([await r.wait_registered(20) for r in regs])
+                # Once both nodes joined, the table spreads experts 2 and 3 over them.
+                placement = await eventually(lambda: _complete(s_stub, nodes=2), timeout=20,
+                                             what="a complete placement on both nodes")
+                hosts = {r.expert_id: {h.node_id for h in r.hosts} for r in placement.experts}
+                assert hosts[0] == hosts[1] == {"expert-0"}
+                # Pushed: both expert nodes moved to the scheduler's epoch.
+                for stub in e_stubs:
+                    await eventually(lambda s=stub: _at(s, placement.epoch), timeout=10,
+                                     what="UpdatePlacement push")
+                # expert-1 dies without deregistering: its lease expires and the scheduler
+                # publishes a table without it, pushed to the survivor.
+                await regs[1].stop(deregister=False)
+                mesh.experts[1].kill()
+                newer = await eventually(lambda: _complete(s_stub, placement.epoch), timeout=20,
+                                         what="placement without expert-1")
+                assert all({h.node_id for h in r.hosts} == {"expert-0"} for r in newer.experts)
+                await eventually(lambda: _at(e_stubs[0], newer.epoch), timeout=10,
+                                 what="push of the new epoch")
+            finally:
+                for r in regs:
+                    await r.stop()
+                for c in channels:
+                    await c.close()
+
+        run(body, timeout=120)
+    finally:
+        if sched is not None:
+            sched.stop()
+        mesh.stop()
+
+
+def test_attention_adopts_pushed_placement_and_generates(model_dir, redis_url, tmp_path):
+    mesh = LocalMesh.start(model_dir, [[0, 1, 2, 3], [2, 3]], attention_replicas=1,
+                           workdir=tmp_path)
+    sched = None
+    try:
+        sched = _start_scheduler(model_dir, redis_url, tmp_path, "mesh-attention:")
+
+        async def body():
+            regs = [NodeRegistration(sched.grpc, i, max_backoff_s=0.2)
+                    for i in _infos(mesh, attention=True)]
+            channels = [grpc.aio.insecure_channel(x)
+                        for x in (sched.grpc, mesh.attention[0].grpc)]
+            s_stub = scheduler_pb2_grpc.SchedulerStub(channels[0])
+            a_stub = attention_pb2_grpc.AttentionStub(channels[1])
+            try:
+                first = await _generate(a_stub)  # on the static Attach placement
+                for r in regs:
+                    await r.start()
+                placement = await eventually(lambda: _complete(s_stub, nodes=2), timeout=20,
+                                             what="a complete placement")
+                await eventually(lambda: _at(a_stub, placement.epoch), timeout=10,
+                                 what="attention at the pushed epoch")
+                assert await _generate(a_stub) == first  # greedy: same tokens
+                await regs[1].stop(deregister=False)
+                mesh.experts[1].kill()
+                newer = await eventually(lambda: _complete(s_stub, placement.epoch), timeout=20,
+                                         what="placement without expert-1")
+                await eventually(lambda: _at(a_stub, newer.epoch), timeout=10,
+                                 what="attention at the newer epoch")
+                assert await _generate(a_stub) == first
+            finally:
+                for r in regs:
+                    await r.stop()
+                for c in channels:
+                    await c.close()
+
+        run(body, timeout=120)
+    finally:
+        if sched is not None:
+            sched.stop()
+        mesh.stop()
+
+
+async def _complete(stub, after: int = 0, nodes: int = 1) -> common_pb2.ExpertPlacement | None:
+    """The scheduler's placement once it is newer than ``after`` and uses ``nodes`` nodes."""
+    p = await stub.GetPlacement(scheduler_pb2.GetPlacementRequest(), timeout=5)
+    used = {h.node_id for r in p.experts for h in r.hosts}
+    ok = p.epoch > after and len(p.experts) == NUM_EXPERTS and len(used) == nodes
+    return p if ok else None
+
+
+async def _at(stub, epoch: int) -> bool:
+    try:
+        return await _epoch(stub) == epoch
+    except grpc.aio.AioRpcError:
+        return False
+

@@ -124,7 +124,13 @@ def close_fd(fd: int) -> None:
 
 def send_all_nb(sock: socket.socket, data: bytes, timeout: float = 5.0) -> None:
     """``sendall`` for a non-blocking socket, waiting at most ``timeout`` for buffer space."""
-    view = memoryview(data)
+    try:
+        sent = sock.send(data)  # the common case: the whole frame in one syscall
+    except BlockingIOError:
+        sent = 0
+    if sent == len(data):
+        return
+    view = memoryview(data)[sent:]
     deadline = time.monotonic() + timeout
     while view:
         try:

@@ -35,6 +35,7 @@ from libm2n.stream import (
 )
 
 _MAX_FRAMES_PER_WAKEUP = 64  # per connection, so one busy sender cannot starve the others
+_HEADER_BATCH = _MAX_FRAMES_PER_WAKEUP * HEADER_SIZE  # shm: bytes read per recv_into
 
 
 class _Peer:
@@ -55,7 +56,8 @@ class _Peer:
         self.lock = threading.Lock()  # guards slots, alive and writes to sock
         self.alive = True
         self.owner = owner
-        self.hbuf = bytearray(HEADER_SIZE)
+        # shm reads many headers per recv_into; tcp one at a time (the payload follows it).
+        self.hbuf = bytearray(HEADER_SIZE if owner.streams_payload else _HEADER_BATCH)
         self.hview = memoryview(self.hbuf)
         self.got = 0  # header bytes read so far
         self.header: Header | None = None  # DATA header whose payload is being read (tcp)
@@ -319,44 +321,11 @@ class StreamReceiver(Receiver):
 
     def _service(self, peer: _Peer) -> None:
         """Read what ``peer`` has sent, without blocking; complete messages go to ``_ready``."""
-        sock, cap = peer.sock, peer.capacity
         try:
-            for _ in range(_MAX_FRAMES_PER_WAKEUP):
-                if peer.pview is None:
-                    n = sock.recv_into(peer.hview[peer.got:], HEADER_SIZE - peer.got)
-                    if n == 0:
-                        if peer.got:
-                            raise PeerLost("connection closed in the middle of a header")
-                        raise Eof()
-                    peer.got += n
-                    if peer.got < HEADER_SIZE:
-                        continue
-                    peer.got = 0
-                    h = unpack(peer.hbuf)
-                    validate(h, sender_id=peer.sender_id, nslots=len(peer.slots.busy),
-                             slot_capacity=cap)
-                    if h.kind == Kind.DATA:
-                        with peer.lock:
-                            peer.slots.occupy(h.slot, h.seq)
-                        view = peer.view[h.slot * cap:h.slot * cap + h.payload_bytes]
-                        if self.streams_payload and h.payload_bytes:
-                            peer.header, peer.pview, peer.pgot = h, view, 0
-                        else:
-                            self._deliver(peer, h, view)
-                    elif h.kind == Kind.CLOSE:
-                        self._drop(peer, graceful=True)
-                        return
-                    else:
-                        raise ProtocolError(f"unexpected {Kind(h.kind).name} frame from a sender")
-                else:
-                    n = sock.recv_into(peer.pview[peer.pgot:], len(peer.pview) - peer.pgot)
-                    if n == 0:
-                        raise PeerLost("connection closed in the middle of a payload")
-                    peer.pgot += n
-                    if peer.pgot == len(peer.pview):
-                        h, view = peer.header, peer.pview
-                        peer.header, peer.pview = None, None
-                        self._deliver(peer, h, view)
+            if self.streams_payload:
+                self._read_stream(peer)
+            else:
+                self._read_headers(peer)
         except BlockingIOError:
             return
         except (Eof, PeerLost, OSError):
@@ -365,10 +334,74 @@ class StreamReceiver(Receiver):
             self._count("errors")
             with peer.lock:
                 try:
-                    send_all_nb(sock, error_frame(exc, peer.sender_id), 1.0)
+                    send_all_nb(peer.sock, error_frame(exc, peer.sender_id), 1.0)
                 except OSError:
                     pass
             self._drop(peer, graceful=False)
+
+    def _read_headers(self, peer: _Peer) -> None:
+        """shm: the socket carries headers only, so one ``recv_into`` takes every waiting frame
+        (up to :data:`_HEADER_BATCH` bytes); a short read means the socket is drained, which
+        saves the second, failing read per wake-up."""
+        hview = peer.hview
+        n = peer.sock.recv_into(hview[peer.got:], len(hview) - peer.got)
+        if n == 0:
+            if peer.got:
+                raise PeerLost("connection closed in the middle of a header")
+            raise Eof()
+        end, off = peer.got + n, 0
+        while end - off >= HEADER_SIZE:
+            h = unpack(hview[off:off + HEADER_SIZE])
+            off += HEADER_SIZE
+            if not self._on_header(peer, h):
+                return
+        peer.got = end - off
+        if peer.got:  # keep the partial header at the front
+            peer.hbuf[:peer.got] = bytes(hview[off:end])
+
+    def _read_stream(self, peer: _Peer) -> None:
+        """tcp: header, then the payload ``recv_into`` its slot (a small state machine)."""
+        sock = peer.sock
+        for _ in range(_MAX_FRAMES_PER_WAKEUP):
+            if peer.pview is None:
+                n = sock.recv_into(peer.hview[peer.got:], HEADER_SIZE - peer.got)
+                if n == 0:
+                    if peer.got:
+                        raise PeerLost("connection closed in the middle of a header")
+                    raise Eof()
+                peer.got += n
+                if peer.got < HEADER_SIZE:
+                    continue
+                peer.got = 0
+                if not self._on_header(peer, unpack(peer.hbuf)):
+                    return
+            else:
+                n = sock.recv_into(peer.pview[peer.pgot:], len(peer.pview) - peer.pgot)
+                if n == 0:
+                    raise PeerLost("connection closed in the middle of a payload")
+                peer.pgot += n
+                if peer.pgot == len(peer.pview):
+                    h, view = peer.header, peer.pview
+                    peer.header, peer.pview = None, None
+                    self._deliver(peer, h, view)
+
+    def _on_header(self, peer: _Peer, h: Header) -> bool:
+        """Act on one validated-on-arrival header; False once the peer is gone (CLOSE)."""
+        cap = peer.capacity
+        validate(h, sender_id=peer.sender_id, nslots=len(peer.slots.busy), slot_capacity=cap)
+        if h.kind == Kind.DATA:
+            with peer.lock:
+                peer.slots.occupy(h.slot, h.seq)
+            view = peer.view[h.slot * cap:h.slot * cap + h.payload_bytes]
+            if self.streams_payload and h.payload_bytes:
+                peer.header, peer.pview, peer.pgot = h, view, 0
+            else:
+                self._deliver(peer, h, view)
+            return True
+        if h.kind == Kind.CLOSE:
+            self._drop(peer, graceful=True)
+            return False
+        raise ProtocolError(f"unexpected {Kind(h.kind).name} frame from a sender")
 
     def _deliver(self, peer: _Peer, h: Header, view: memoryview) -> None:
         with self._lock:

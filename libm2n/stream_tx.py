@@ -49,6 +49,7 @@ class StreamSender(Sender):
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)  # wakes the reader when a send is queued
         self._rbuf = bytearray()  # receiver->sender bytes not yet parsed into whole frames
+        self._draining = False  # a drain is in progress (a failed write inside it must not nest)
         self._error: M2NError | None = None
         self._closed = False
         self._stats = dict(messages=0, bytes=0, queued=0)
@@ -97,10 +98,16 @@ class StreamSender(Sender):
         meta = (step, layer, micro_batch, rows, cols, dtype, len(data), tag, trace_id, span_id)
         fut = _DONE  # written inside send: a shared, already-finished completion
         with self._lock:
-            done = self._drain_locked()  # credits that came back since the last call
+            done: list[Future] = []
             err = self._error
+            got = None if err is not None else self._pool.take()
+            if got is None and err is None:
+                # Out of credits: read the ones that came back since the last call. (With a
+                # credit in hand the drain is skipped: a failed write drains to learn why.)
+                done = self._drain_locked()
+                err = self._error
+                got = None if err is not None else self._pool.take()
             if err is None:
-                got = self._pool.take()
                 if got is None:
                     fut = Future()
                     self._stats["queued"] += 1
@@ -110,7 +117,7 @@ class StreamSender(Sender):
                 else:
                     try:
                         self._write_locked(meta, data, *got)
-                    except PeerLost as exc:
+                    except M2NError as exc:
                         err = exc
         if done:
             _complete(done)  # outside the lock: set_result runs the futures' callbacks
@@ -225,9 +232,11 @@ class StreamSender(Sender):
         try:
             self._write(hdr, slot, data)
         except OSError as exc:
-            err = PeerLost(f"receiver {self.url} is gone: {exc}")
-            self._fail_locked(err)
-            raise PeerLost(str(err)) from None
+            if not self._draining:
+                self._drain_locked()  # an ERROR/CLOSE frame waiting there says why
+            self._fail_locked(PeerLost(f"receiver {self.url} is gone: {exc}"))
+            self._cv.notify_all()
+            raise type(self._error)(str(self._error)) from None
         self._stats["messages"] += 1
         self._stats["bytes"] += len(data)
 
@@ -263,6 +272,7 @@ class StreamSender(Sender):
         if self._error is not None:
             return []
         done: list[Future] = []
+        self._draining = True
         try:
             while True:
                 try:
@@ -281,6 +291,8 @@ class StreamSender(Sender):
             self._fail_io_locked(PeerLost(f"receiver {self.url} is gone: {exc}"))
         except ProtocolError as exc:
             self._fail_io_locked(exc)
+        finally:
+            self._draining = False
         return done
 
     def _parse_locked(self, done: list[Future]) -> None:
@@ -315,7 +327,7 @@ class StreamSender(Sender):
         for p, s, seq in self._pool.ready():
             try:
                 self._write_locked(p.meta, p.data, s, seq)
-            except PeerLost as exc:  # the link is failed; the rest get it from there
+            except M2NError as exc:  # the link is failed; the rest get it from there
                 p.future.set_exception(exc)
                 raise
             done.append(p.future)

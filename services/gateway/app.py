@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from services.common.tracing import TRACE_HEADERS
 from services.gateway.errors import GatewayError, bad_request
 from services.gateway.generation import Delta, Pipeline
 from services.gateway.metrics import GatewayMetrics
@@ -198,6 +199,8 @@ def create_app(text: ModelText, pipeline: Pipeline, metrics: GatewayMetrics,
         req = parse(model, body)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         gen = to_gen_request(req, text, rid)
+        gen.trace_headers = [(k, request.headers[k]) for k in TRACE_HEADERS
+                             if k in request.headers]
         want_ids = bool(req.return_token_ids)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -41,13 +41,11 @@ FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_
                 common_pb2.FINISH_REASON_ABORT: "abort", common_pb2.FINISH_REASON_ERROR: "error"}
 
 
-def outgoing_metadata(arrival_unix_ns: int) -> list[tuple[str, str]]:
-    """The gRPC metadata sent with every downstream call.
-
-    This is the one place to add W3C ``traceparent``/``tracestate`` propagation (inject the
-    current OpenTelemetry context here).
-    """
-    return [(ARRIVAL_KEY, str(arrival_unix_ns))]
+def outgoing_metadata(arrival_unix_ns: int, trace_headers: Sequence[tuple[str, str]] = ()
+                      ) -> list[tuple[str, str]]:
+    """The gRPC metadata sent with every downstream call: the client's arrival time and the
+    W3C ``traceparent``/``tracestate`` of the gateway's span (see services/common/tracing)."""
+    return [(ARRIVAL_KEY, str(arrival_unix_ns)), *trace_headers]
 
 
 @dataclass(frozen=True)
@@ -65,6 +63,7 @@ class BackendRequest:
     sampling: common_pb2.SamplingParams
     arrival_unix_ns: int = field(default_factory=time.time_ns)
     deadline: float | None = None  # time.monotonic() deadline; None = the config's timeout
+    trace_headers: list[tuple[str, str]] = field(default_factory=list)  # W3C, to propagate
 
 
 @dataclass
@@ -203,7 +202,8 @@ class Backend:
                     request_id=f"{req.request_id[:110]}.{attempt}",
                     prompt_token_ids=req.prompt_ids, sampling=req.sampling,
                     output_token_ids=output),
-                metadata=outgoing_metadata(req.arrival_unix_ns), timeout=remaining)
+                metadata=outgoing_metadata(req.arrival_unix_ns, req.trace_headers),
+                timeout=remaining)
             self.picker.started(replica)
             failed = False
             try:

@@ -14,7 +14,11 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
 from megascale.v1 import common_pb2
+from services.common import tracing
 from services.gateway.backend import Backend, BackendRequest
 from services.gateway.errors import GatewayError, bad_request
 from services.gateway.metrics import GatewayMetrics
@@ -38,6 +42,7 @@ class GenRequest:
     arrival_unix_ns: int = field(default_factory=time.time_ns)
     arrival_mono: float = field(default_factory=time.monotonic)
     deadline: float | None = None
+    trace_headers: list[tuple[str, str]] = field(default_factory=list)  # incoming W3C context
 
 
 @dataclass
@@ -133,8 +138,16 @@ class Pipeline:
         completion = 0
         self.metrics.in_flight.inc()
         self.metrics.prompt_tokens.inc(prompt_tokens)
+        span, downstream = None, []
+        if tracing.enabled():  # one trace per request: gateway -> attention -> experts
+            span = tracing.tracer(__name__).start_span(
+                "gateway.generate", tracing.context_from_headers(req.trace_headers),
+                kind=SpanKind.SERVER, attributes={"megascale.request_id": req.request_id,
+                                                  "megascale.prompt_tokens": prompt_tokens})
+            downstream = tracing.inject_headers(trace.set_span_in_context(span))
         events = self.backend.stream(BackendRequest(
-            req.request_id, req.prompt_ids, req.sampling, req.arrival_unix_ns, req.deadline))
+            req.request_id, req.prompt_ids, req.sampling, req.arrival_unix_ns, req.deadline,
+            downstream))
         try:
             async for ev in events:
                 held.extend(ev.token_ids)
@@ -160,6 +173,9 @@ class Pipeline:
         finally:
             await events.aclose()  # cancels the downstream call if still running
             self.metrics.in_flight.dec()
+            if span is not None:
+                span.set_attribute("megascale.completion_tokens", completion)
+                span.end()
 
     def _last(self, req: GenRequest, piece: str, held: list[int], reason: str,
               prompt_tokens: int, completion: int, error: str = "") -> Delta:

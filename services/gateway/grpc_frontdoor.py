@@ -14,6 +14,7 @@ import uuid
 import grpc
 
 from megascale.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.common.tracing import TRACE_HEADERS
 from services.gateway.errors import GatewayError, bad_request
 from services.gateway.generation import GenRequest, Pipeline, check_request
 from services.gateway.text import ModelText
@@ -35,6 +36,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             self._auth(context)
             gen = self._to_gen(request, context)
+            gen.trace_headers = [(k, v) for k, v in context.invocation_metadata() or ()
+                                 if k in TRACE_HEADERS]
         except GatewayError as exc:
             await context.abort(exc.grpc_code, exc.message)
         status = "ok"

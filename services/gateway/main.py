@@ -15,6 +15,7 @@ import logging
 import os
 
 from megascale.v1 import gateway_pb2, gateway_pb2_grpc
+from services.common import tracing
 from services.common.flags import add_flag, add_server_flags
 from services.common.grpcserver import start_server
 from services.common.metrics import serve_metrics
@@ -71,6 +72,7 @@ async def serve(config: GatewayConfig, ready_file: str | None = None,
     from services.gateway.app import create_app
     from services.gateway.grpc_frontdoor import GatewayServicer
 
+    tracing.setup_tracing("megascale-gateway")
     text = ModelText(config.model_dir, config.served_model_name, config.max_model_len)
     metrics = GatewayMetrics()
     picker = (SchedulerPicker(config.scheduler, config.served_model_name) if config.scheduler
@@ -112,3 +114,4 @@ async def serve(config: GatewayConfig, ready_file: str | None = None,
         await grpc_server.stop(grace=1.0)
         await asyncio.gather(http_task, return_exceptions=True)
         await backend.close()
+        tracing.shutdown_tracing()

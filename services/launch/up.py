@@ -153,8 +153,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         redis_url = args.redis_url or mesh.start_redis()
         sched = mesh.start_role("scheduler", ["--redis-url", redis_url, "--model", str(model),
-                                              "--micro-batches", str(args.micro_batches)],
-                                "scheduler")
+                                              "--micro-batches", str(args.micro_batches),
+                                              "--metrics-port", "0"], "scheduler")
         tag = f"{int(time.time()) % 100000}"
         experts = []
         for i, ids in enumerate(partition_experts(cfg.num_experts, args.experts, replicate)):
@@ -172,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
                 "--micro-batches", str(args.micro_batches), "--metrics-port", "0"],
                 f"attention-{i}"))
         gw_args = ["--model", str(model), "--port", str(args.port), "--host", args.host,
+                   "--metrics-port", "0",
                    "--scheduler", sched.grpc, "--attention", ",".join(r.grpc for r in replicas)]
         if args.api_key:
             gw_args += ["--api-key", args.api_key]

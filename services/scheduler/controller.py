@@ -180,8 +180,11 @@ class Controller:
             if not experts and plan.missing != self.missing:
                 log.info("no expert node registered yet: no placement")
             elif plan.missing != self.missing:
-                log.error("placement incomplete: experts %s have no live host; keeping "
-                          "placement epoch %d", list(plan.missing), self.current.epoch)
+                # ERROR once a complete placement existed (hosts were lost); while the first
+                # expert nodes are still registering it is expected.
+                level = logging.ERROR if self.current.epoch else logging.WARNING
+                log.log(level, "placement incomplete: experts %s have no live host; keeping "
+                        "placement epoch %d", list(plan.missing), self.current.epoch)
             self.missing = plan.missing
             self.metrics.observe_placement(plan, self.current.epoch)
             return

@@ -1,0 +1,70 @@
+"""The whole mesh as ``megascale up`` starts it (real redis-server, scheduler, 2 expert nodes,
+2 attention replicas with m = 2, gateway), shared by the tests of this folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from otlp_receiver import OtlpReceiver
+
+from services.core.demo import write_random_checkpoint
+
+MODEL_SHAPE = dict(layers=2, hidden=64, intermediate=96, experts=8, top_k=2, heads=4,
+                   kv_heads=2, vocab=512, max_position=256, seed=21)
+
+
+@dataclass
+class Up:
+    proc: subprocess.Popen
+    base_url: str          # http://127.0.0.1:PORT/v1
+    model: str
+    model_dir: Path
+    workdir: Path
+    otlp: OtlpReceiver
+
+    def ready(self) -> dict[str, dict]:
+        return {p.name.removesuffix(".ready.json"): json.loads(p.read_text())
+                for p in self.workdir.glob("*.ready.json")}
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("up")
+    model_dir = write_random_checkpoint(root / "mixtral-up", "mixtral", **MODEL_SHAPE)
+    otlp = OtlpReceiver()
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+           "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    workdir = root / "work"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "up", "--model", str(model_dir), "--port", "0",
+         "--attention", "2", "--experts", "2", "--micro-batches", "2", "--workdir",
+         str(workdir), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        text=True)
+    url = None
+    deadline = time.monotonic() + 180
+    lines = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if m := re.search(r"megascale is up: (http://\S+/v1)", line):
+            url = m.group(1)
+            break
+    if url is None:
+        proc.kill()
+        otlp.stop()
+        pytest.fail("megascale up did not come up:\n" + "".join(lines[-40:]))
+    handle = Up(proc, url, "mixtral-up", model_dir, workdir, otlp)
+    yield handle
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    otlp.stop()

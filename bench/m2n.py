@@ -9,9 +9,15 @@ moved in both directions / wall time of the slowest sender, in **GB/s (1e9 bytes
 limit of a one-copy transport.
 
 All transports run side by side in one invocation with the same schedule; figures depend on the
-machine's load, so read the printed ratios, not the absolute numbers.
+machine's load, so read the printed ratios, not the absolute numbers. ``--repeats R`` runs the
+whole schedule R times (every transport in every repeat); the target ratios are computed per
+repeat and reported as median [min .. max]; the table shows per-size medians over repeats.
 
     python bench/m2n.py --quick --json /tmp/m2n.json --plot /tmp/m2n.png
+    python bench/m2n.py --pairs 1x1 --sizes-kb 256,1024 --transports shm,gloo --repeats 5
+
+JSON: ``{"repeats", "targets": {figure: {median, min, max, target, met, values}},
+"medians": [record], "records": [record + "repeat"]}``.
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ def _m2n_sender(i, plan, sizes, iters, barrier, out):
     import libm2n
 
     rx = libm2n.open_receiver(plan["senders"][i],
-                              libm2n.ReceiverConfig(slots_per_sender=4, slot_bytes=max(sizes)))
+                              libm2n.ReceiverConfig(slots_per_sender=4, slot_bytes=max(sizes),
+                                                     spin_us=plan["spin_us"]))
     txs = [libm2n.connect(u, libm2n.SenderConfig(sender_id=i, connect_timeout_s=60))
            for u in plan["receivers"]]
     barrier.wait(timeout=120)
@@ -88,7 +95,8 @@ def _m2n_receiver(j, plan, sizes, iters, barrier, out):
     import libm2n
 
     rx = libm2n.open_receiver(plan["receivers"][j],
-                              libm2n.ReceiverConfig(slots_per_sender=4, slot_bytes=max(sizes)))
+                              libm2n.ReceiverConfig(slots_per_sender=4, slot_bytes=max(sizes),
+                                                     spin_us=plan["spin_us"]))
     txs = {i: libm2n.connect(u, libm2n.SenderConfig(sender_id=1000 + j, connect_timeout_s=60))
            for i, u in enumerate(plan["senders"])}
     barrier.wait(timeout=120)
@@ -215,7 +223,7 @@ def _run(fn, *args):
 
 
 def run_group(transport: str, m: int, n: int, sizes: list[int], quick: bool,
-              timeout_s: float = 240) -> list[dict]:
+              timeout_s: float = 240, spin_us: float = 0.0) -> list[dict]:
     ctx = mp.get_context("spawn")
     iters = {s: _iters(s, quick) for s in sizes}
     tag = uuid.uuid4().hex[:8]
@@ -230,6 +238,7 @@ def run_group(transport: str, m: int, n: int, sizes: list[int], quick: bool,
                 "receivers": [f"127.0.0.1:{_free_port()}" for _ in range(n)]}
     else:
         plan = {"port": _free_port(), "m": m, "n": n}
+    plan["spin_us"] = spin_us  # libm2n receivers: ReceiverConfig.spin_us
     out = ctx.Queue()
     procs = []
     if transport == "gloo":
@@ -313,24 +322,57 @@ def _find(records, transport, m, n, size):
     return None
 
 
-def summarize(records: list[dict], pairs: list[tuple[int, int]]) -> list[str]:
-    lines = []
+def target_ratios(records: list[dict], pairs: list[tuple[int, int]]) -> dict[str, float]:
+    """The issue's target figures from one repeat's records (keys name pair and figure)."""
+    out: dict[str, float] = {}
+    mc = _find(records, "memcpy", 1, 1, MB)
     for m, n in pairs:
         s, g = _find(records, "shm", m, n, 256 * KB), _find(records, "gloo", m, n, 256 * KB)
         if s and g:
-            p50 = 100 * (1 - s["p50_us"] / g["p50_us"])
-            lines.append(
-                f"{m}x{n} @256KB shm vs gloo: median latency {p50:.1f}% "
-                f"lower (target >=75), P99 {100 * (1 - s['p99_us'] / g['p99_us']):.1f}% lower "
-                f"(target >=90), throughput {s['gbps'] / g['gbps']:.2f}x (target >=4.5)")
-    mc = _find(records, "memcpy", 1, 1, MB)
-    for m, n in pairs:
-        s = _find(records, "shm", m, n, MB)
-        if s and mc:
-            lines.append(f"{m}x{n} @1MB shm throughput = {100 * s['gbps'] / mc['gbps']:.0f}% of "
-                         f"single-core memcpy ({s['gbps']:.2f} vs {mc['gbps']:.2f} GB/s; "
-                         "target >=50%)")
-    return lines
+            out[f"{m}x{n} p50_lower_pct"] = 100 * (1 - s["p50_us"] / g["p50_us"])
+            out[f"{m}x{n} p99_lower_pct"] = 100 * (1 - s["p99_us"] / g["p99_us"])
+            out[f"{m}x{n} throughput_x"] = s["gbps"] / g["gbps"]
+        s1 = _find(records, "shm", m, n, MB)
+        if s1 and mc:
+            out[f"{m}x{n} memcpy_pct_1MB"] = 100 * s1["gbps"] / mc["gbps"]
+    return out
+
+
+_TARGETS = {"p50_lower_pct": (">=", 75.0), "p99_lower_pct": (">=", 90.0),
+            "throughput_x": (">=", 4.5), "memcpy_pct_1MB": (">=", 50.0)}
+
+
+def summarize(per_repeat: list[dict[str, float]]) -> tuple[list[str], dict[str, dict]]:
+    """Median and spread (min..max) over repeats of every target figure; each repeat's ratios
+    were measured side by side in that repeat."""
+    lines, out = [], {}
+    for key in per_repeat[0] if per_repeat else []:
+        vals = [r[key] for r in per_repeat if key in r]
+        med = statistics.median(vals)
+        _, target = _TARGETS[key.split(" ", 1)[1]]
+        out[key] = {"median": med, "min": min(vals), "max": max(vals), "target": target,
+                    "met": med >= target, "values": vals}
+        lines.append(f"{key:24s} median {med:7.2f}  [min {min(vals):7.2f} .. max "
+                     f"{max(vals):7.2f}]  target >= {target:g}  "
+                     f"{'MET' if med >= target else 'not met'}")
+    return lines, out
+
+
+def median_records(records: list[dict]) -> list[dict]:
+    """One record per (transport, M, N, size): medians over repeats."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["transport"], r["senders"], r["receivers"], r["size_bytes"]),
+                          []).append(r)
+    out = []
+    for rs in groups.values():
+        rec = dict(rs[0])
+        for k in ("p50_us", "p99_us", "gbps"):
+            rec[k] = statistics.median(r[k] for r in rs)
+        rec["repeats"] = len(rs)
+        rec.pop("repeat", None)
+        out.append(rec)
+    return out
 
 
 def plot(records: list[dict], pairs: list[tuple[int, int]], path: str) -> None:
@@ -365,43 +407,72 @@ def plot(records: list[dict], pairs: list[tuple[int, int]], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1x1 and 2x2 at 16 KB, 256 KB, 1 MB")
-    ap.add_argument("--json", default="bench/m2n.json", help="where to write the records")
+    ap.add_argument("--json", default="bench/m2n.json", help="where to write the results")
     ap.add_argument("--plot", default="bench/m2n.png", help="where to write the PNG plot")
     ap.add_argument("--transports", default=",".join(TRANSPORTS))
+    ap.add_argument("--pairs", help="MxN list, e.g. 1x1,2x2 (default: by --quick)")
+    ap.add_argument("--sizes-kb", help="message sizes in KB, e.g. 256,1024 (default: by --quick)")
+    ap.add_argument("--spin-us", type=float, default=0.0,
+                    help="libm2n ReceiverConfig.spin_us for shm/tcp (default 0: no spin)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the whole schedule this many times; report medians and spread")
     args = ap.parse_args(argv)
     transports = [t for t in args.transports.split(",") if t]
     for t in transports:
         if t not in TRANSPORTS:
             ap.error(f"unknown transport {t!r} (choose from {', '.join(TRANSPORTS)})")
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
     if args.quick:
         pairs, sizes = [(1, 1), (2, 2)], [16 * KB, 256 * KB, MB]
     else:
         pairs = [(1, 1), (2, 2), (4, 4)]
         sizes = [2 * KB, 16 * KB, 64 * KB, 256 * KB, MB, 4 * MB, 8 * MB]
-    records = memcpy_records(sizes, args.quick)
+    try:
+        if args.pairs:
+            pairs = [tuple(int(x) for x in p.lower().split("x")) for p in args.pairs.split(",")]
+            assert all(len(p) == 2 and min(p) >= 1 for p in pairs)
+        if args.sizes_kb:
+            sizes = [int(x) * KB for x in args.sizes_kb.split(",")]
+            assert all(x > 0 for x in sizes)
+    except (ValueError, AssertionError):
+        ap.error("--pairs is like 1x1,2x2 and --sizes-kb like 256,1024 (positive integers)")
+    records: list[dict] = []
+    per_repeat: list[dict[str, float]] = []
     t0 = time.monotonic()
-    for m, n in pairs:
-        for t in transports:
-            try:
-                rs = run_group(t, m, n, sizes, args.quick)
-            except RuntimeError as exc:
-                print(f"!! {exc}", file=sys.stderr)
-                continue
-            records += rs
-            for r in rs:
-                print(f"{t:5s} {m}x{n} {r['size_bytes'] // KB:6d} KB  p50 {r['p50_us']:9.1f} us  "
-                      f"p99 {r['p99_us']:9.1f} us  {r['gbps']:7.3f} GB/s", flush=True)
-    for r in records:
-        if r["transport"] == "memcpy":
-            print(f"memcp 1x1 {r['size_bytes'] // KB:6d} KB  p50 {r['p50_us']:9.1f} us  "
-                  f"p99 {r['p99_us']:9.1f} us  {r['gbps']:7.3f} GB/s")
-    summary = summarize(records, pairs)
-    print("\n".join(summary))
+    for rep in range(args.repeats):
+        rec_rep = memcpy_records(sizes, args.quick)
+        for m, n in pairs:
+            for t in transports:  # side by side: every transport in every repeat
+                try:
+                    rs = run_group(t, m, n, sizes, args.quick, spin_us=args.spin_us)
+                except RuntimeError as exc:
+                    print(f"!! {exc}", file=sys.stderr)
+                    continue
+                rec_rep += rs
+                for r in rs:
+                    print(f"[{rep}] {t:5s} {m}x{n} {r['size_bytes'] // KB:6d} KB  "
+                          f"p50 {r['p50_us']:9.1f} us  p99 {r['p99_us']:9.1f} us  "
+                          f"{r['gbps']:7.3f} GB/s", flush=True)
+        for r in rec_rep:
+            r["repeat"] = rep
+        records += rec_rep
+        per_repeat.append(target_ratios(rec_rep, pairs))
+    med = median_records(records)
+    print(f"medians over {args.repeats} repeat(s):")
+    for r in sorted(med, key=lambda r: (r["senders"], r["size_bytes"], r["transport"])):
+        print(f"{r['transport']:6s} {r['senders']}x{r['receivers']} "
+              f"{r['size_bytes'] // KB:6d} KB  p50 {r['p50_us']:9.1f} us  "
+              f"p99 {r['p99_us']:9.1f} us  {r['gbps']:7.3f} GB/s")
+    lines, targets = summarize(per_repeat)
+    print("targets (shm vs gloo @256KB, shm vs memcpy @1MB), per-repeat ratios:")
+    print("\n".join(lines))
     print(f"(total {time.monotonic() - t0:.0f}s)")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump(records, f, indent=1)
-    plot(records, pairs, args.plot)
+        json.dump({"repeats": args.repeats, "spin_us": args.spin_us, "targets": targets,
+                   "medians": med, "records": records}, f, indent=1)
+    plot(med, pairs, args.plot)
     print(f"wrote {args.json} and {args.plot}")
     return 0
 

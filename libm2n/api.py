@@ -3,8 +3,9 @@
 Model
 -----
 A :class:`Receiver` listens on an endpoint URL (``shm://NAME``, ``tcp://HOST:PORT``,
-``rdma://DEVICE:PORT``). Every :class:`Sender` that connects gets its own pool of
-``slots_per_sender`` fixed-size slots on the receiver and starts with one credit per slot.
+``rdma://HOST:PORT`` whose HOST:PORT is the tcp side channel). Every :class:`Sender` that
+connects gets its own pool of ``slots_per_sender`` fixed-size slots on the receiver and starts
+with one credit per slot.
 ``Sender.send`` puts one message (a fixed 128-byte :mod:`~libm2n.header` + raw payload bytes) into a
 slot it holds a credit for and signals the receiver; ``Receiver.recv``/``poll`` hand back a
 :class:`Message` whose payload is a **view of the slot** (zero copies out). ``Message.release``
@@ -27,7 +28,8 @@ Threads and asyncio
 -------------------
 Every object is thread-safe. Receivers deliver through an internal queue: ``recv(timeout)``
 blocks without burning a core, ``poll()`` never blocks, ``arecv()`` awaits from asyncio.
-Completions are ``concurrent.futures.Future`` objects (``await asyncio.wrap_future(f)``).
+Completions are ``concurrent.futures.Future`` objects (``await asyncio.wrap_future(f)``). A send
+written at once returns a shared, already-done completion (no per-message Future).
 """
 
 from __future__ import annotations
@@ -63,13 +65,13 @@ class Endpoint:
 
 
 def parse_url(url: str) -> Endpoint:
-    """Parse ``shm://NAME``, ``tcp://HOST:PORT`` or ``rdma://DEVICE:PORT``.
+    """Parse ``shm://NAME``, ``tcp://HOST:PORT`` or ``rdma://HOST:PORT``.
 
     Raises InvalidArgument naming the problem.
     """
     if not isinstance(url, str) or "://" not in url:
         raise InvalidArgument(f"bad m2n endpoint {url!r}: expected shm://NAME, tcp://HOST:PORT "
-                              "or rdma://DEVICE:PORT")
+                              "or rdma://HOST:PORT")
     scheme = url.split("://", 1)[0].lower()
     if scheme not in SCHEMES:
         raise InvalidArgument(f"bad m2n endpoint {url!r}: unknown scheme {scheme!r} "

@@ -1,197 +1,261 @@
-"""RDMA transport (pyverbs): RC queue pairs, WRITE_WITH_IMM into registered slot memory.
+"""RDMA transport: RC queue pairs, WRITE_WITH_IMM into the receiver's registered slot memory.
 
-Status: device detection is tested here; the data path below is written against the pyverbs API
-but has **never run** (this machine has no RDMA device). Everything it shares with shm/tcp (the
-header, slot/credit accounting, the control frames) is tested through those transports.
+Contract (``rdma://HOST:PORT``)
+------------------------------
+* HOST:PORT is the **TCP side channel** (the receiver listens there, port 0 picks one). The verbs
+  device is ``$M2N_RDMA_DEVICE`` or the first one; without a device both ends raise
+  :class:`~libm2n.errors.TransportUnavailable` ("rdma: no RDMA device found ...").
+* The side channel is the tcp transport's control stream, unchanged: HELLO/WELCOME, then one
+  JSON line each way (:func:`encode_info`: ``qpn, psn, gid, lid, rkey, addr, size``), then
+  CREDIT / ERROR / CLOSE frames for the life of the link. Credits therefore travel exactly as on
+  shm/tcp, and the slot/credit/sequence accounting is the shared code
+  (:class:`~libm2n.credits.SlotTable` on the receiver, :class:`~libm2n.credits.CreditPool` in
+  :class:`~libm2n.stream_tx.StreamSender`).
+* Slot ``i`` of a sender lives at ``i * (128 + slot_bytes)`` of the receiver's MR: the 128-byte
+  header (:mod:`libm2n.header`), then the payload. The sender copies header + payload into the
+  same offset of its own staging MR and posts **one** ``RDMA_WRITE_WITH_IMM`` of
+  ``128 + payload`` bytes with ``imm = slot << 20 | (seq & 0xFFFFF)`` (:func:`pack_imm`).
+* The receiver sleeps in the same epoll set as every other transport: the completion channel's
+  fd joins it. On a receive completion it takes the slot from the immediate, reads the header
+  from the slot (zero copy), checks it against the immediate and validates it like any frame,
+  re-posts a receive and hands out a view of the payload. ``Message.release`` sends the CREDIT.
+* CUDA tensors are staged through host memory (GPUDirect registration is not implemented).
 
-Design:
-
-* ``rdma://DEVICE:PORT``: DEVICE is the verbs device (``mlx5_0``), PORT a TCP port used out of
-  band. The control connection is exactly the tcp transport's (HELLO/WELCOME, CREDIT, ERROR,
-  CLOSE frames), extended after the WELCOME by one JSON line each way carrying
-  ``qpn, psn, gid, lid, port, rkey, addr`` (receiver: its slot MR; sender: its staging MR).
-* Slot ``i`` of a sender lives at ``addr + i * (128 + slot_bytes)``: the 128-byte header, then
-  the payload. The sender writes header + payload into its staging MR, posts one
-  ``RDMA_WRITE_WITH_IMM`` with ``imm = slot << 20 | (seq & 0xFFFFF)`` into that slot; the receiver
-  polls its CQ, reads the header from the slot (zero copy), validates it like any other frame and
-  hands out a view of the payload. Releasing returns a CREDIT frame on the control connection.
-* GPUDirect: a CUDA tensor can be registered directly (``MR`` on device memory via dmabuf) when
-  the NIC and driver support it; not implemented here, CUDA tensors are staged to host memory.
+Status: the data path runs end to end in the tests over an in-process stand-in for the verbs
+queue pair (``tests/m2n/loopback_verbs.py``); against real pyverbs it has **never run** (no
+device on the development machine), see :mod:`libm2n.rdma_verbs`.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import os
-import sys
-from types import ModuleType
+import mmap
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
 
 from libm2n.api import Endpoint, ReceiverConfig, SenderConfig
-from libm2n.errors import TransportUnavailable
+from libm2n.errors import PeerLost, ProtocolError
+from libm2n.header import HEADER_SIZE, Header, Kind, unpack
+from libm2n.rdma_verbs import QueuePair, list_devices, load_pyverbs, open_context, pick_device
+from libm2n.stream_rx import StreamReceiver, _Peer
+from libm2n.stream_tx import StreamSender
+from libm2n.tcp import connect_tcp, listen_tcp
 
-SYSTEM_PYVERBS = "/usr/lib/python3/dist-packages/pyverbs"
+__all__ = ["IMM_SEQ_MASK", "IMM_SLOT_SHIFT", "RdmaReceiver", "RdmaSender", "check_imm",
+           "decode_info", "encode_info", "exchange_info", "list_devices", "load_pyverbs",
+           "open_context", "pack_imm", "slot_offset", "unpack_imm"]
+
 IMM_SLOT_SHIFT = 20
-SLOT_HEADER = 128
+IMM_SEQ_MASK = (1 << IMM_SLOT_SHIFT) - 1
+MAX_IMM_SLOTS = 1 << (32 - IMM_SLOT_SHIFT)  # 4096 = ReceiverConfig's slots_per_sender limit
+MAX_INFO_BYTES = 4096
+_INFO_INTS = {"qpn": 2**24 - 1, "psn": 2**24 - 1, "lid": 2**16 - 1, "rkey": 2**32 - 1,
+              "addr": 2**64 - 1, "size": 2**64 - 1}
+_SEQ = struct.Struct("<Q")  # header offset 24: seq
+
+# Builds the queue pair of one link: (slot or staging memory, depth) -> QueuePair-like object.
+QpFactory = Callable[[mmap.mmap, int], Any]
 
 
-def load_pyverbs() -> ModuleType:
-    """Import pyverbs, falling back to Debian's system copy (same CPython ABI)."""
+def pack_imm(slot: int, seq: int) -> int:
+    """The 32-bit immediate of a DATA write: slot in the top 12 bits, ``seq`` low 20 bits."""
+    if not 0 <= slot < MAX_IMM_SLOTS:
+        raise ProtocolError(f"slot {slot} does not fit the immediate (max {MAX_IMM_SLOTS - 1})")
+    if seq < 0:
+        raise ProtocolError(f"negative sequence number {seq}")
+    return slot << IMM_SLOT_SHIFT | (seq & IMM_SEQ_MASK)
+
+
+def unpack_imm(imm: int) -> tuple[int, int]:
+    """``(slot, seq & 0xFFFFF)`` from an immediate (ProtocolError if it is not 32 bits)."""
+    if not 0 <= imm < 1 << 32:
+        raise ProtocolError(f"immediate {imm} is not a 32-bit value")
+    return imm >> IMM_SLOT_SHIFT, imm & IMM_SEQ_MASK
+
+
+def check_imm(h: Header, slot: int, seq_bits: int) -> None:
+    """The in-slot header must be the DATA frame the immediate announced."""
+    if h.kind != Kind.DATA:
+        raise ProtocolError(f"rdma write into slot {slot} carries a {Kind(h.kind).name} header")
+    if h.slot != slot:
+        raise ProtocolError(f"header in slot {slot} names slot {h.slot}")
+    if h.seq & IMM_SEQ_MASK != seq_bits:
+        raise ProtocolError(f"header seq {h.seq} does not match the immediate's {seq_bits}")
+
+
+def slot_offset(slot: int, slot_bytes: int) -> int:
+    """Where slot ``slot`` (header + payload) starts in the slot / staging memory."""
+    return slot * (HEADER_SIZE + slot_bytes)
+
+
+def encode_info(info: dict) -> bytes:
+    """One JSON line describing a queue pair (see :func:`decode_info` for the fields)."""
+    return json.dumps(info, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+
+
+def decode_info(line: bytes) -> dict:
+    """Parse and check a peer's QP info line; ProtocolError naming the bad field."""
     try:
-        return importlib.import_module("pyverbs")
-    except ImportError:
-        pass
-    init = os.path.join(SYSTEM_PYVERBS, "__init__.py")
-    if not os.path.exists(init):
-        raise TransportUnavailable("rdma: pyverbs is not installed (python3-pyverbs)")
-    spec = importlib.util.spec_from_file_location("pyverbs", init,
-                                                  submodule_search_locations=[SYSTEM_PYVERBS])
-    if spec is None or spec.loader is None:
-        raise TransportUnavailable(f"rdma: cannot load pyverbs from {SYSTEM_PYVERBS}")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["pyverbs"] = mod
+        info = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("rdma: QP info is not a JSON object") from None
+    if not isinstance(info, dict):
+        raise ProtocolError("rdma: QP info is not a JSON object")
+    for key, top in _INFO_INTS.items():
+        v = info.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= top:
+            raise ProtocolError(f"rdma: QP info field {key!r} must be an int in 0..{top}, "
+                                f"got {v!r}")
+    if not isinstance(info.get("gid"), str) or len(info["gid"]) > 64:
+        raise ProtocolError(f"rdma: QP info field 'gid' must be a string, got {info.get('gid')!r}")
+    return info
+
+
+def exchange_info(sock: socket.socket, mine: dict) -> dict:
+    """Swap one QP info line each way over the (blocking) side-channel socket."""
     try:
-        spec.loader.exec_module(mod)
-    except Exception as exc:
-        sys.modules.pop("pyverbs", None)
-        raise TransportUnavailable(f"rdma: cannot import pyverbs ({exc})") from None
-    return mod
+        sock.sendall(encode_info(mine))
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(MAX_INFO_BYTES)
+            if not chunk:
+                raise PeerLost("rdma: peer closed the side channel during the QP info exchange")
+            buf += chunk
+            if len(buf) > MAX_INFO_BYTES:
+                raise ProtocolError("rdma: QP info line is too long")
+    except TimeoutError:
+        raise PeerLost("rdma: no QP info from the peer in time") from None
+    except OSError as exc:
+        raise PeerLost(f"rdma: side channel failed during the QP info exchange: {exc}") from None
+    return decode_info(buf)
 
 
-def list_devices() -> list[str]:
-    """Names of the RDMA devices; TransportUnavailable if there are none."""
-    load_pyverbs()
-    try:
-        from pyverbs.device import get_device_list
-
-        devices = get_device_list()
-    except Exception as exc:  # PyverbsRDMAError when the kernel has no verbs devices
-        raise TransportUnavailable(f"rdma: no RDMA device found ({exc})") from None
-    names = [d.name.decode() if isinstance(d.name, bytes) else str(d.name) for d in devices]
-    if not names:
-        raise TransportUnavailable("rdma: no RDMA device found (the device list is empty)")
-    return names
+def _default_factory() -> QpFactory:
+    device = pick_device()  # TransportUnavailable without a device
+    return lambda mem, depth: QueuePair(device, mem, depth)
 
 
-def open_context(device: str):  # noqa: ANN201 - pyverbs.device.Context
-    """Open ``device``; TransportUnavailable naming the devices that exist if it is not one."""
-    names = list_devices()
-    if device not in names:
-        raise TransportUnavailable(f"rdma: device {device!r} not found (have: {', '.join(names)})")
-    from pyverbs.device import Context
+class RdmaReceiver(StreamReceiver):
+    """``rdma://HOST:PORT`` receiver; see the module docstring.
 
-    return Context(name=device)
+    ``qp_factory`` builds each link's queue pair (default: pyverbs on the chosen device).
+    """
+
+    data_on_socket = False
+    slot_header = HEADER_SIZE
+
+    def __init__(self, ep: Endpoint, config: ReceiverConfig,
+                 qp_factory: QpFactory | None = None) -> None:
+        self._qp_factory = qp_factory or _default_factory()
+        super().__init__(ep, config)
+
+    def _listen(self, ep: Endpoint) -> tuple[socket.socket, str]:
+        sock, port = listen_tcp(ep)
+        return sock, Endpoint("rdma", ep.host, port).url
+
+    def _make_memory(self, sender_id: int, size: int) -> tuple[mmap.mmap, list[int]]:
+        return mmap.mmap(-1, size), []
+
+    def _connected(self, peer: _Peer) -> None:
+        nslots = len(peer.slots.busy)
+        try:
+            qp = self._qp_factory(peer.mem, nslots)
+        except Exception as exc:  # noqa: BLE001 - verbs errors of any kind refuse this link
+            raise ProtocolError(f"rdma: cannot create a queue pair: {exc}") from None
+        try:
+            remote = exchange_info(peer.sock, qp.local_info())
+            qp.connect(remote)
+            qp.post_recv(nslots)  # one receive per slot: at most nslots writes are in flight
+            qp.notify()
+        except BaseException:
+            qp.close()
+            raise
+        peer.ext = qp
+        peer.extra_fds = [qp.event_fd]
+
+    def _read(self, peer: _Peer, fd: int) -> None:
+        if fd == peer.fd:  # side channel: CLOSE (a DATA frame there is a protocol error)
+            self._read_headers(peer)
+            return
+        qp = peer.ext
+        qp.take_event()
+        qp.notify()  # re-arm first, then poll: a completion racing in still raises an event
+        stride = HEADER_SIZE + peer.capacity
+        nslots = len(peer.slots.busy)
+        while completions := qp.poll():  # until empty: re-arming does not re-signal these
+            for c in completions:
+                if not c.ok:
+                    raise PeerLost(f"rdma: receive completion failed: {c.error}")
+                if not c.recv:
+                    continue
+                slot, seq_bits = unpack_imm(c.imm)
+                if slot >= nslots:
+                    raise ProtocolError(f"rdma write into slot {slot} (receiver granted "
+                                        f"{nslots})")
+                off = slot * stride
+                h = unpack(peer.view[off:off + HEADER_SIZE])
+                check_imm(h, slot, seq_bits)
+                qp.post_recv(1)
+                if not self._on_header(peer, h, in_slot=True):
+                    return
+
+    def _forget(self, peer: _Peer) -> None:
+        if peer.ext is not None:
+            peer.ext.close()
+            peer.ext = None
 
 
-class _Verbs:
-    """One RC QP with its PD, CQ and one registered buffer (untested without a device)."""
+class RdmaSender(StreamSender):
+    """Sender to an ``rdma://HOST:PORT`` receiver; see the module docstring."""
 
-    def __init__(self, device: str, size: int, depth: int, port: int = 1, gid_index: int = 0):
-        import pyverbs.enums as e
-        from pyverbs.cq import CQ
-        from pyverbs.mr import MR
-        from pyverbs.pd import PD
-        from pyverbs.qp import QP, QPCap, QPInitAttr
+    def __init__(self, ep: Endpoint, config: SenderConfig,
+                 qp_factory: QpFactory | None = None) -> None:
+        self._qp_factory = qp_factory or _default_factory()
+        self._qp = None
+        super().__init__(ep, config)
 
-        self.e = e
-        self.ctx = open_context(device)
-        self.port, self.gid_index = port, gid_index
-        self.pd = PD(self.ctx)
-        self.cq = CQ(self.ctx, 2 * depth)
-        access = (e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE)
-        self.mr = MR(self.pd, size, access)
-        cap = QPCap(max_send_wr=depth, max_recv_wr=depth, max_send_sge=1, max_recv_sge=1)
-        self.qp = QP(self.pd, QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.cq, rcq=self.cq,
-                                         cap=cap))
-        self.psn = int.from_bytes(os.urandom(3), "little")
+    def _connect_once(self, ep: Endpoint) -> socket.socket:
+        return connect_tcp(ep, self.config.connect_timeout_s)
 
-    def local_info(self) -> dict:
-        gid = self.ctx.query_gid(self.port, self.gid_index)
-        lid = self.ctx.query_port(self.port).lid
-        return {"qpn": self.qp.qp_num, "psn": self.psn, "gid": str(gid), "lid": lid,
-                "rkey": self.mr.rkey, "addr": self.mr.buf}
+    def _attach(self, fds: list[int]) -> None:
+        stride = HEADER_SIZE + self.slot_bytes
+        self._mem = mmap.mmap(-1, self.nslots * stride)  # staging: header + payload per slot
+        try:
+            qp = self._qp_factory(self._mem, self.nslots)
+        except Exception as exc:  # noqa: BLE001
+            raise PeerLost(f"rdma: cannot create a queue pair: {exc}") from None
+        try:
+            remote = exchange_info(self._sock, qp.local_info())
+            if remote["size"] < self.nslots * stride:
+                raise ProtocolError(f"rdma: receiver memory of {remote['size']} bytes is smaller "
+                                    f"than {self.nslots} slots of {stride}")
+            qp.connect(remote)
+        except BaseException:
+            qp.close()
+            raise
+        self._qp = qp
 
-    def connect(self, remote: dict) -> None:
-        """Move the QP to RTS towards ``remote`` (the peer's :meth:`local_info`)."""
-        from pyverbs.addr import AHAttr, GlobalRoute
-        from pyverbs.qp import QPAttr
+    def _write(self, header: bytes, slot: int, data: memoryview) -> None:
+        off = slot_offset(slot, self.slot_bytes)
+        end = off + HEADER_SIZE + len(data)
+        mem = self._mem
+        mem[off:off + HEADER_SIZE] = header
+        mem[off + HEADER_SIZE:end] = data  # the one copy (into registered memory)
+        for c in self._qp.poll():  # reap earlier writes' completions (errors = peer gone)
+            if not c.ok:
+                raise OSError(f"rdma: write completion failed: {c.error}")
+        (seq,) = _SEQ.unpack_from(header, 24)
+        self._qp.write_imm(off, end - off, off, pack_imm(slot, seq))
 
-        e = self.e
-        attr = QPAttr(qp_state=e.IBV_QPS_RTR, cur_qp_state=e.IBV_QPS_INIT)
-        attr.path_mtu = e.IBV_MTU_1024
-        attr.dest_qp_num = remote["qpn"]
-        attr.rq_psn = remote["psn"]
-        attr.sq_psn = self.psn
-        attr.max_dest_rd_atomic = 1
-        attr.max_rd_atomic = 1
-        attr.min_rnr_timer = 12
-        attr.timeout = 14
-        attr.retry_cnt = 7
-        attr.rnr_retry = 7
-        gr = GlobalRoute(dgid=_gid(remote["gid"]), sgid_index=self.gid_index)
-        attr.ah_attr = AHAttr(gr=gr, is_global=1, port_num=self.port, dlid=remote["lid"])
-        attr.qp_access_flags = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE
-        self.qp.to_rts(attr)
-
-    def post_recv(self) -> None:
-        from pyverbs.wr import RecvWR
-
-        self.qp.post_recv(RecvWR(num_sge=0))
-
-    def write_imm(self, offset: int, length: int, raddr: int, rkey: int, imm: int) -> None:
-        from pyverbs.wr import SGE, SendWR
-
-        e = self.e
-        wr = SendWR(opcode=e.IBV_WR_RDMA_WRITE_WITH_IMM, num_sge=1,
-                    sg=[SGE(self.mr.buf + offset, length, self.mr.lkey)],
-                    send_flags=e.IBV_SEND_SIGNALED, imm_data=imm)
-        wr.set_wr_rdma(rkey, raddr)
-        self.qp.post_send(wr)
-
-    def poll(self, n: int = 16) -> list:
-        npolled, wcs = self.cq.poll(n)
-        return wcs[:npolled] if npolled > 0 else []
-
-    def close(self) -> None:
-        for obj in (self.qp, self.mr, self.cq, self.pd, self.ctx):
+    def _detach(self) -> None:
+        if self._qp is not None:
+            self._qp.close()
+            self._qp = None
+        mem = getattr(self, "_mem", None)
+        if mem is not None:
             try:
-                obj.close()
-            except Exception:  # noqa: BLE001 - best-effort teardown
+                mem.close()
+            except BufferError:
                 pass
-
-
-def _gid(text: str):  # noqa: ANN202
-    from pyverbs.addr import GID
-
-    return GID(text)
-
-
-def exchange_info(sock, mine: dict) -> dict:  # noqa: ANN001 - a connected tcp socket
-    """Swap one JSON line of connection info over the out-of-band tcp control socket."""
-    sock.sendall(json.dumps(mine).encode() + b"\n")
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk or len(buf) > 65536:
-            raise TransportUnavailable("rdma: peer closed during the QP info exchange")
-        buf += chunk
-    return json.loads(buf)
-
-
-class RdmaReceiver:
-    """``rdma://DEVICE:PORT`` receiver. Raises TransportUnavailable without an RDMA device."""
-
-    def __init__(self, ep: Endpoint, config: ReceiverConfig) -> None:
-        open_context(ep.host).close()  # fail fast and clearly when there is no device
-        raise TransportUnavailable(
-            "rdma: the receive path needs a device to be validated; see libm2n/rdma.py _Verbs")
-
-
-class RdmaSender:
-    """Sender to an ``rdma://DEVICE:PORT`` receiver. Raises TransportUnavailable without one."""
-
-    def __init__(self, ep: Endpoint, config: SenderConfig) -> None:
-        open_context(ep.host).close()
-        raise TransportUnavailable(
-            "rdma: the send path needs a device to be validated; see libm2n/rdma.py _Verbs")

@@ -42,7 +42,8 @@ class _Peer:
     """Receiver-side state of one connected sender, including its read state machine."""
 
     __slots__ = ("sock", "fd", "sender_id", "mem", "view", "slots", "capacity", "lock", "alive",
-                 "owner", "hbuf", "hview", "got", "header", "pview", "pgot", "credits")
+                 "owner", "hbuf", "hview", "got", "header", "pview", "pgot", "credits",
+                 "extra_fds", "ext")
 
     def __init__(self, sock: socket.socket, sender_id: int, mem: mmap.mmap, nslots: int,
                  capacity: int, owner: StreamReceiver) -> None:
@@ -64,6 +65,8 @@ class _Peer:
         self.pview: memoryview | None = None
         self.pgot = 0
         self.credits = [credit_frame(sender_id, i) for i in range(nslots)]
+        self.extra_fds: list[int] = []  # more fds to watch for this peer (rdma: its CQ events)
+        self.ext = None  # transport-specific state (rdma: the queue pair)
 
     def release(self, msg: Message) -> None:
         """Free the message's slot and send the CREDIT back (silently if the peer is gone)."""
@@ -93,6 +96,8 @@ class StreamReceiver(Receiver):
     """Receiver over a listening stream socket; subclasses provide the socket and slot memory."""
 
     streams_payload = False  # tcp: the payload follows the header on the socket
+    data_on_socket = True  # rdma: DATA arrives through the CQ, the socket is control only
+    slot_header = 0  # bytes before each slot's payload (rdma: the 128-byte header lives there)
 
     def __init__(self, ep: Endpoint, config: ReceiverConfig) -> None:
         self.config = config
@@ -125,6 +130,20 @@ class StreamReceiver(Receiver):
 
     def _send_welcome(self, sock: socket.socket, frame: bytes, fds: list[int]) -> None:
         sock.sendall(frame)
+
+    def _connected(self, peer: _Peer) -> None:
+        """After the WELCOME, still in the handshake thread with a blocking socket: set up
+        anything more the transport needs (rdma: swap QP info). Raise ProtocolError/OSError."""
+
+    def _read(self, peer: _Peer, fd: int) -> None:
+        """Read what arrived on ``fd`` of ``peer`` without blocking (BlockingIOError: drained)."""
+        if self.streams_payload:
+            self._read_stream(peer)
+        else:
+            self._read_headers(peer)
+
+    def _forget(self, peer: _Peer) -> None:
+        """``peer`` was dropped: free transport-specific state (called once)."""
 
     # -- public --------------------------------------------------------------------------------
     def recv(self, timeout: float | None = None) -> Message:
@@ -259,8 +278,9 @@ class StreamReceiver(Receiver):
                 sock.close()
                 return
             self._peers[peer.sender_id] = peer
-            self._by_fd[peer.fd] = peer
-            self._epoll.register(peer.fd, select.EPOLLIN)
+            for fd in (peer.fd, *peer.extra_fds):
+                self._by_fd[fd] = peer
+                self._epoll.register(fd, select.EPOLLIN)
 
     def _handshake(self, sock: socket.socket) -> _Peer:
         sock.settimeout(self.config.handshake_timeout_s)
@@ -283,7 +303,8 @@ class StreamReceiver(Receiver):
                 raise Refused(f"{self.url} is full ({cfg.max_senders} senders)")
             self._peers[h.sender_id] = None  # reserve the id until the WELCOME is out
         try:
-            mem, fds = self._make_memory(h.sender_id, cfg.slots_per_sender * cfg.slot_bytes)
+            mem, fds = self._make_memory(
+                h.sender_id, cfg.slots_per_sender * (self.slot_header + cfg.slot_bytes))
             peer = _Peer(sock, h.sender_id, mem, cfg.slots_per_sender, cfg.slot_bytes, self)
             welcome = pack(Header(kind=Kind.WELCOME, sender_id=h.sender_id,
                                   rows=cfg.slots_per_sender, cols=cfg.slot_bytes))
@@ -292,6 +313,7 @@ class StreamReceiver(Receiver):
             finally:
                 for fd in fds:
                     close_fd(fd)
+            self._connected(peer)
         except BaseException:
             with self._lock:
                 self._peers.pop(h.sender_id, None)
@@ -317,15 +339,12 @@ class StreamReceiver(Receiver):
                 continue
             peer = self._by_fd.get(fd)
             if peer is not None:
-                self._service(peer)
+                self._service(peer, fd)
 
-    def _service(self, peer: _Peer) -> None:
+    def _service(self, peer: _Peer, fd: int) -> None:
         """Read what ``peer`` has sent, without blocking; complete messages go to ``_ready``."""
         try:
-            if self.streams_payload:
-                self._read_stream(peer)
-            else:
-                self._read_headers(peer)
+            self._read(peer, fd)
         except BlockingIOError:
             return
         except (Eof, PeerLost, OSError):
@@ -385,20 +404,23 @@ class StreamReceiver(Receiver):
                     peer.header, peer.pview = None, None
                     self._deliver(peer, h, view)
 
-    def _on_header(self, peer: _Peer, h: Header) -> bool:
-        """Act on one validated-on-arrival header; False once the peer is gone (CLOSE)."""
+    def _on_header(self, peer: _Peer, h: Header, in_slot: bool = False) -> bool:
+        """Act on one header (validated here); False once the peer is gone (CLOSE).
+
+        ``in_slot``: the header was read from slot memory (rdma), not from the socket."""
         cap = peer.capacity
         validate(h, sender_id=peer.sender_id, nslots=len(peer.slots.busy), slot_capacity=cap)
-        if h.kind == Kind.DATA:
+        if h.kind == Kind.DATA and (in_slot or self.data_on_socket):
             with peer.lock:
                 peer.slots.occupy(h.slot, h.seq)
-            view = peer.view[h.slot * cap:h.slot * cap + h.payload_bytes]
+            off = h.slot * (self.slot_header + cap) + self.slot_header
+            view = peer.view[off:off + h.payload_bytes]
             if self.streams_payload and h.payload_bytes:
                 peer.header, peer.pview, peer.pgot = h, view, 0
             else:
                 self._deliver(peer, h, view)
             return True
-        if h.kind == Kind.CLOSE:
+        if h.kind == Kind.CLOSE and not in_slot:
             self._drop(peer, graceful=True)
             return False
         raise ProtocolError(f"unexpected {Kind(h.kind).name} frame from a sender")
@@ -411,12 +433,13 @@ class StreamReceiver(Receiver):
 
     def _drop(self, peer: _Peer, graceful: bool, count: bool = True) -> None:
         with self._lock:
-            if self._by_fd.get(peer.fd) is peer:
-                del self._by_fd[peer.fd]
-                try:
-                    self._epoll.unregister(peer.fd)
-                except (OSError, ValueError):
-                    pass
+            for fd in (peer.fd, *peer.extra_fds):
+                if self._by_fd.get(fd) is peer:
+                    del self._by_fd[fd]
+                    try:
+                        self._epoll.unregister(fd)
+                    except (OSError, ValueError):
+                        pass
             if self._peers.get(peer.sender_id) is peer:
                 del self._peers[peer.sender_id]
             if count:
@@ -425,6 +448,7 @@ class StreamReceiver(Receiver):
             if not peer.alive:
                 return
             peer.alive = False
+            self._forget(peer)
             peer.maybe_unmap()
             shutdown_quietly(peer.sock)
             peer.sock.close()

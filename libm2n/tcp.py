@@ -23,21 +23,39 @@ def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def listen_tcp(ep: Endpoint) -> tuple[socket.socket, int]:
+    """A listening socket on ``ep.host:ep.port`` and its real port (also the rdma side channel)."""
+    sock = socket.socket(_family(ep.host), socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((ep.host, ep.port))
+    except OSError as exc:
+        sock.close()
+        raise InvalidArgument(f"cannot listen on {ep.url}: {exc.strerror or exc}") from None
+    sock.listen(128)
+    return sock, sock.getsockname()[1]
+
+
+def connect_tcp(ep: Endpoint, timeout: float) -> socket.socket:
+    """One connection attempt to ``ep.host:ep.port`` with ``TCP_NODELAY`` (OSError on failure)."""
+    sock = socket.socket(_family(ep.host), socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(timeout)
+    try:
+        sock.connect((ep.host, ep.port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class TcpReceiver(StreamReceiver):
     """``tcp://HOST:PORT`` receiver (port 0 picks one; ``.url`` has the real port)."""
 
     streams_payload = True
 
     def _listen(self, ep: Endpoint) -> tuple[socket.socket, str]:
-        sock = socket.socket(_family(ep.host), socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((ep.host, ep.port))
-        except OSError as exc:
-            sock.close()
-            raise InvalidArgument(f"cannot listen on {ep.url}: {exc.strerror or exc}") from None
-        sock.listen(128)
-        port = sock.getsockname()[1]
+        sock, port = listen_tcp(ep)
         return sock, Endpoint("tcp", ep.host, port).url
 
     def _make_memory(self, sender_id: int, size: int) -> tuple[mmap.mmap, list[int]]:
@@ -49,15 +67,7 @@ class TcpSender(StreamSender):
     """Sender to a ``tcp://HOST:PORT`` receiver."""
 
     def _connect_once(self, ep: Endpoint) -> socket.socket:
-        sock = socket.socket(_family(ep.host), socket.SOCK_STREAM)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(self.config.connect_timeout_s)
-        try:
-            sock.connect((ep.host, ep.port))
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        return connect_tcp(ep, self.config.connect_timeout_s)
 
     def _write(self, header: bytes, slot: int, data: memoryview) -> None:
         sendmsg_all(self._sock, [header, data] if len(data) else [header])

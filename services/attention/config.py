@@ -25,6 +25,7 @@ class AttentionConfig:
     node_id: str = "attention-0"
     m2n_sender_id: int = 0            # this replica's id on every libm2n link (unique per replica)
     host: str = "127.0.0.1"
+    advertise_host: str | None = None  # what peers dial; see services.common.net
     grpc_port: int = 0                # 0 = pick a free port (reported in the ready file)
     metrics_port: int | None = None   # Prometheus /metrics; None = off, 0 = pick a free port
     m2n_url: str = "tcp://127.0.0.1:0"

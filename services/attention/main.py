@@ -38,7 +38,8 @@ def build(args: argparse.Namespace) -> AttentionConfig:
     return AttentionConfig(
         model_dir=args.model, expert_nodes=nodes,
         node_id=args.node_id or f"attention-{os.getpid()}", m2n_sender_id=args.m2n_sender_id,
-        host=args.host, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+        host=args.host, advertise_host=args.advertise_host, grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
         m2n_url=args.m2n_url, micro_batches=args.micro_batches, block_size=args.block_size,
         num_blocks=args.num_blocks,
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,

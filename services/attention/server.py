@@ -29,6 +29,7 @@ from services.attention.pingpong import StepTimings
 from services.attention.scheduler import QueueFull, StepPlan
 from services.common import tracing
 from services.common.grpcserver import start_server
+from services.common.net import advertise_host, advertised_url
 from services.common.readyfile import write_ready_file
 from services.common.registration import NodeRegistration
 from services.common.timeline import timeline_for
@@ -263,7 +264,9 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
     reply_rx = libm2n.open_receiver(config.m2n_url, libm2n.ReceiverConfig(
         slots_per_sender=slots,
         slot_bytes=max(4096, config.scheduler.max_batch_tokens * cfg.hidden_size * 4)))
-    placement = await attach_experts(config, reply_rx.url, cfg.num_experts)
+    host = advertise_host(config.host, config.advertise_host)
+    reply_url = advertised_url(reply_rx.url, host)
+    placement = await attach_experts(config, reply_url, cfg.num_experts)
     client = ExpertClient(placement, reply_rx, config.m2n_sender_id, cfg.hidden_size, cfg.top_k,
                           reply_timeout_s=config.expert_timeout_s,
                           peer_timeout_s=config.expert_timeout_s)
@@ -290,16 +293,16 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
         [attention_pb2.DESCRIPTOR.services_by_name["Attention"].full_name])
     metrics_port = metrics.serve(config.host, config.metrics_port)
     write_ready_file(ready_file, {"role": "attention", "node_id": config.node_id,
-                                  "grpc": f"{config.host}:{port}", "m2n_url": reply_rx.url,
+                                  "grpc": f"{host}:{port}", "m2n_url": reply_url,
                                   "metrics_port": metrics_port,
                                   "num_blocks": config.num_blocks})
     log.info("attention replica %s serving on %s:%d, %d expert node(s), m=%d", config.node_id,
-             config.host, port, len(placement.nodes), config.micro_batches)
+             host, port, len(placement.nodes), config.micro_batches)
     registration = None
     if config.scheduler_addr:
         registration = NodeRegistration(config.scheduler_addr, common_pb2.NodeInfo(
             node_id=config.node_id, role=common_pb2.NODE_ROLE_ATTENTION,
-            grpc_address=f"{config.host}:{port}", m2n_url=reply_rx.url,
+            grpc_address=f"{host}:{port}", m2n_url=reply_url,
             model=config.model_dir.name, kv_blocks=config.num_blocks,
             kv_block_size=config.block_size,
             max_running_requests=config.scheduler.max_num_seqs, started_at_unix_s=time.time()),

@@ -29,6 +29,8 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     """Flags every role has: where to listen, metrics, ready file, logging."""
     add_flag(p, "--node-id", help="node id (default: ROLE-PID)")
     add_flag(p, "--host", default="127.0.0.1", help="address to bind")
+    add_flag(p, "--advertise-host", default=None,
+             help="address peers should dial (default: --host; the pod IP in Kubernetes)")
     add_flag(p, "--grpc-port", type=int, default=0, help="gRPC port (0 = pick a free one)")
     add_flag(p, "--metrics-port", type=int, default=None,
              help="Prometheus /metrics port (0 = pick a free one; unset = off)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ class ExpertConfig:
     node_id: str = "expert-0"
     m2n_sender_id: int = 1 << 16      # sender id on reply links; distinct from replicas' ids
     host: str = "127.0.0.1"
+    advertise_host: str | None = None  # what peers dial; see services.common.net
     grpc_port: int = 0
     metrics_port: int | None = None
     m2n_url: str = "tcp://127.0.0.1:0"
@@ -69,3 +71,32 @@ def parse_expert_ids(text: str) -> tuple[int, ...]:
         except ValueError:
             raise ConfigError(f"bad expert id list {text!r}: cannot parse {part!r}") from None
     return tuple(out)
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"shard:I/N"`` -> (I, N) with 0 <= I < N; ConfigError otherwise."""
+    try:
+        index, count = (int(x) for x in spec.removeprefix("shard:").split("/"))
+    except ValueError:
+        raise ConfigError(f"bad expert shard {spec!r}: expected shard:I/N") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"bad expert shard {spec!r}: need 0 <= I < N")
+    return index, count
+
+
+def partition_experts(num_experts: int, nodes: int, replicate: Sequence[int] = ()
+                      ) -> list[list[int]]:
+    """Split expert ids over ``nodes`` contiguously; ids in ``replicate`` also go on the next
+    node (a redundant replica), e.g. (8, 3) -> [[0,1,2], [3,4,5], [6,7]]."""
+    if not 1 <= nodes <= num_experts:
+        raise ValueError(f"need 1..{num_experts} expert nodes, got {nodes}")
+    per, extra = divmod(num_experts, nodes)
+    out, start = [], 0
+    for i in range(nodes):
+        n = per + (1 if i < extra else 0)
+        out.append(list(range(start, start + n)))
+        start += n
+    for e in replicate:
+        home = next(i for i, ids in enumerate(out) if e in ids)
+        out[(home + 1) % nodes].append(e)
+    return [sorted(set(ids)) for ids in out]

@@ -7,18 +7,29 @@ import os
 
 from services.common.flags import add_compute_flags, add_flag, add_server_flags, threads_from
 from services.core.runtime import pick_device
-from services.expert.config import ExpertConfig, parse_expert_ids
+from services.errors import ConfigError
+from services.expert.config import (
+    ExpertConfig,
+    parse_expert_ids,
+    parse_shard,
+    partition_experts,
+)
 from services.expert.server import serve
 
 __all__ = ["add_arguments", "build", "serve"]
+
+SENDER_ID_BASE = 1 << 16  # expert nodes' libm2n ids sit above the attention replicas' (0..)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_server_flags(p)
     add_compute_flags(p)
-    add_flag(p, "--experts", required=True, help="expert ids hosted, e.g. 0,1,4-7")
-    add_flag(p, "--m2n-sender-id", type=int, default=1 << 16,
-             help="this node's id on its reply links")
+    add_flag(p, "--experts", required=True,
+             help="expert ids hosted, e.g. 0,1,4-7; or shard:I/N for the I-th of N even "
+                  "shards (a StatefulSet passes its pod index)")
+    add_flag(p, "--m2n-sender-id", type=int, default=None,
+             help="this node's id on its reply links (default 65536 + I for --experts "
+                  "shard:I/N, else 65536); unique among expert nodes")
     add_flag(p, "--slot-bytes", type=int, default=4 << 20,
              help="bytes per dispatch slot (bounds rows per dispatch)")
     add_flag(p, "--epoch", type=int, default=0, help="initial placement epoch")
@@ -28,9 +39,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build(args: argparse.Namespace) -> ExpertConfig:
     return ExpertConfig(
-        model_dir=args.model, expert_ids=parse_expert_ids(args.experts),
-        node_id=args.node_id or f"expert-{os.getpid()}", m2n_sender_id=args.m2n_sender_id,
-        host=args.host, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+        model_dir=args.model, expert_ids=resolve_experts(args.experts, args.model),
+        node_id=args.node_id or f"expert-{os.getpid()}",
+        m2n_sender_id=args.m2n_sender_id if args.m2n_sender_id is not None
+        else SENDER_ID_BASE + (parse_shard(args.experts)[0]
+                               if args.experts.startswith("shard:") else 0),
+        host=args.host, advertise_host=args.advertise_host, grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
         m2n_url=args.m2n_url, slot_bytes=args.slot_bytes, epoch=args.epoch,
         scheduler=args.scheduler,
         threads=threads_from(args), device=pick_device(args.device), dtype=args.dtype)
+
+
+def resolve_experts(spec: str, model_dir: str) -> tuple[int, ...]:
+    """``--experts`` as ids: a list, or ``shard:I/N`` split evenly over the model's experts."""
+    if not spec.startswith("shard:"):
+        return parse_expert_ids(spec)
+    from services.core.config import ModelConfig
+
+    index, count = parse_shard(spec)
+    num = ModelConfig.from_pretrained(model_dir).num_experts
+    if count > num:
+        raise ConfigError(f"--experts {spec}: {count} shards but the model has {num} experts")
+    return tuple(partition_experts(num, count)[index])

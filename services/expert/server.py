@@ -21,6 +21,7 @@ from megascale.v1 import common_pb2, expert_pb2, expert_pb2_grpc
 from services.common import tracing
 from services.common.grpcserver import start_server
 from services.common.metrics import LATENCY_BUCKETS, new_registry, serve_metrics
+from services.common.net import advertise_host, advertised_url
 from services.common.readyfile import write_ready_file
 from services.common.registration import NodeRegistration
 from services.common.timeline import timeline_for
@@ -78,11 +79,12 @@ class _WorkerCollector(Collector):
 class ExpertServicer(expert_pb2_grpc.ExpertServicer):
     """``megascale.v1.Expert``: control only; token rows travel over libm2n."""
 
-    def __init__(self, config: ExpertConfig, cfg: ModelConfig, worker: ExpertWorker) -> None:
+    def __init__(self, config: ExpertConfig, cfg: ModelConfig, worker: ExpertWorker,
+                 dispatch_url: str) -> None:
         self.config = config
         self.cfg = cfg
         self.worker = worker
-        self.dispatch_url = worker.rx.url
+        self.dispatch_url = dispatch_url
 
     async def Attach(self, request: expert_pb2.AttachRequest, context: grpc.aio.ServicerContext
                      ) -> expert_pb2.AttachResponse:
@@ -173,23 +175,25 @@ async def serve(config: ExpertConfig, ready_file: str | None = None,
     thread = threading.Thread(target=worker.run, args=(stop_thread,), name="expert-drain",
                               daemon=True)
     thread.start()
-    servicer = ExpertServicer(config, cfg, worker)
+    host = advertise_host(config.host, config.advertise_host)
+    m2n_url = advertised_url(rx.url, host)
+    servicer = ExpertServicer(config, cfg, worker, m2n_url)
     server, port, _health = await start_server(
         config.host, config.grpc_port,
         lambda s: expert_pb2_grpc.add_ExpertServicer_to_server(servicer, s),
         [expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name])
     metrics_port = serve_metrics(metrics.registry, config.host, config.metrics_port)
     write_ready_file(ready_file, {"role": "expert", "node_id": config.node_id,
-                                  "grpc": f"{config.host}:{port}", "m2n_url": rx.url,
+                                  "grpc": f"{host}:{port}", "m2n_url": m2n_url,
                                   "metrics_port": metrics_port,
                                   "expert_ids": list(config.expert_ids)})
     log.info("expert node %s serving experts %s on %s:%d (m2n %s)", config.node_id,
-             list(config.expert_ids), config.host, port, rx.url)
+             list(config.expert_ids), host, port, m2n_url)
     registration = None
     if config.scheduler:
         registration = NodeRegistration(config.scheduler, common_pb2.NodeInfo(
             node_id=config.node_id, role=common_pb2.NODE_ROLE_EXPERT,
-            grpc_address=f"{config.host}:{port}", m2n_url=rx.url,
+            grpc_address=f"{host}:{port}", m2n_url=m2n_url,
             model=config.model_dir.name, expert_ids=list(config.expert_ids),
             started_at_unix_s=time.time()),
             on_placement=lambda p: worker.set_epoch(max(worker.epoch, p.epoch)))

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from services.common.readyfile import wait_ready_file
+from services.expert.config import partition_experts
+
+__all__ = ["LocalMesh", "RoleProcess", "partition_experts", "spawn_role"]
 
 
 @dataclass
@@ -91,24 +94,6 @@ def spawn_role(role: str, args: Sequence[str], name: str, workdir: Path,
             tail = "\n" + "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
         raise RuntimeError(f"{name}: {exc} (exit code {proc.returncode}){tail}") from None
     return RoleProcess(name, proc, info, log_path)
-
-
-def partition_experts(num_experts: int, nodes: int, replicate: Sequence[int] = ()
-                      ) -> list[list[int]]:
-    """Split expert ids over ``nodes`` contiguously; ids in ``replicate`` also go on the next
-    node (a redundant replica), e.g. (8, 3) -> [[0,1,2], [3,4,5], [6,7]]."""
-    if not 1 <= nodes <= num_experts:
-        raise ValueError(f"need 1..{num_experts} expert nodes, got {nodes}")
-    per, extra = divmod(num_experts, nodes)
-    out, start = [], 0
-    for i in range(nodes):
-        n = per + (1 if i < extra else 0)
-        out.append(list(range(start, start + n)))
-        start += n
-    for e in replicate:
-        home = next(i for i, ids in enumerate(out) if e in ids)
-        out[(home + 1) % nodes].append(e)
-    return [sorted(set(ids)) for ids in out]
 
 
 @dataclass

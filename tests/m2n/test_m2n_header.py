@@ -118,6 +118,8 @@ def test_config_validation():
         libm2n.SenderConfig(sender_id=-1)
     with pytest.raises(InvalidArgument, match="peer_timeout_s"):
         libm2n.SenderConfig(sender_id=1, peer_timeout_s=0)
+    with pytest.raises(InvalidArgument, match="spin_us"):
+        libm2n.ReceiverConfig(spin_us=-1)
 
 
 def test_as_payload_rejects_unsupported():

@@ -161,3 +161,51 @@ def test_connect_to_nothing_fails_within_bound():
     with pytest.raises(libm2n.PeerLost, match="cannot connect to shm://nobody-here"):
         libm2n.connect("shm://nobody-here", libm2n.SenderConfig(sender_id=1, connect_timeout_s=0.3))
     assert time.monotonic() - t0 < 10  # bounded, generously
+
+
+def test_spinning_receiver_delivers_and_then_sleeps(transport, shm_name):
+    """spin_us: a bounded busy poll before blocking; a waiting receiver must still sleep."""
+    rx = libm2n.open_receiver(listen_url(transport, shm_name),
+                              libm2n.ReceiverConfig(spin_us=2000.0))
+    try:
+        with libm2n.connect(rx.url, libm2n.SenderConfig(sender_id=1)) as tx:
+            for i in range(20):
+                tx.send(pattern(1, i, 300), tag=i)
+                with rx.recv(timeout=10) as msg:
+                    assert msg.header.tag == i
+                    assert np.array_equal(np.frombuffer(msg.payload, np.uint8),
+                                          pattern(1, i, 300))
+            cpu0 = time.process_time()
+            with pytest.raises(TimeoutError):
+                rx.recv(timeout=1.0)
+            # A spin that never ended would burn ~1 s of CPU here; the bound is generous.
+            assert time.process_time() - cpu0 < 0.5
+    finally:
+        rx.close()
+
+
+def test_credits_are_read_lazily_but_outstanding_is_exact(transport, shm_name):
+    """Credits are drained inline by the next call, so counters are exact without a thread."""
+    rx = libm2n.open_receiver(listen_url(transport, shm_name),
+                              libm2n.ReceiverConfig(slots_per_sender=3, slot_bytes=1024))
+    try:
+        with libm2n.connect(rx.url, libm2n.SenderConfig(sender_id=1)) as tx:
+            for _ in range(5):
+                for i in range(3):
+                    tx.send(pattern(1, i, 100), tag=i)
+                assert tx.outstanding() == 3
+                queued = tx.send(pattern(1, 3, 100), tag=3)
+                assert not queued.done() and tx.outstanding() == 4
+                msgs = [rx.recv(timeout=10) for _ in range(3)]
+                for m in msgs:
+                    m.release()
+                queued.result(timeout=10)  # the reader thread wrote it once a credit came
+                with rx.recv(timeout=10) as m:
+                    assert m.header.tag == 3
+                deadline = time.monotonic() + 10
+                while tx.outstanding() and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                assert tx.outstanding() == 0
+            assert tx.stats()["queued"] == 5
+    finally:
+        rx.close()

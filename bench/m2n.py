@@ -16,8 +16,9 @@ repeat and reported as median [min .. max]; the table shows per-size medians ove
     python bench/m2n.py --quick --json /tmp/m2n.json --plot /tmp/m2n.png
     python bench/m2n.py --pairs 1x1 --sizes-kb 256,1024 --transports shm,gloo --repeats 5
 
-JSON: ``{"repeats", "targets": {figure: {median, min, max, target, met, values}},
-"medians": [record], "records": [record + "repeat"]}``.
+JSON (``--json PATH``): a list of records ``{transport, senders, receivers, size_bytes, iters,
+p50_us, p99_us, gbps, repeats, spin_us}``, medians over repeats; ``PATH.detail.json`` beside it
+holds every repeat's records and the per-repeat target ratios.
 """
 
 from __future__ import annotations
@@ -218,7 +219,10 @@ def _run(fn, *args):
     try:
         fn(*args)
     except Exception:  # report, never hang the parent
-        args[-1].put(("error", traceback.format_exc()))
+        out = args[-1]
+        out.put(("error", traceback.format_exc()))
+        out.close()
+        out.join_thread()  # flush the queue's feeder thread: os._exit would drop the report
         os._exit(1)
 
 
@@ -401,6 +405,7 @@ def plot(records: list[dict], pairs: list[tuple[int, int]], path: str) -> None:
             ax.set_xlabel("message size (KB)")
             ax.legend()
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
 
 
@@ -469,11 +474,15 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     print(f"(total {time.monotonic() - t0:.0f}s)")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    for r in med:  # the JSON is a list of records (medians over repeats), as the issue asks
+        r.update(repeats=args.repeats, spin_us=args.spin_us)
     with open(args.json, "w") as f:
-        json.dump({"repeats": args.repeats, "spin_us": args.spin_us, "targets": targets,
-                   "medians": med, "records": records}, f, indent=1)
+        json.dump(med, f, indent=1)
+    detail = os.path.splitext(args.json)[0] + ".detail.json"
+    with open(detail, "w") as f:  # every repeat's records and the target ratios
+        json.dump({"targets": targets, "records": records}, f, indent=1)
     plot(med, pairs, args.plot)
-    print(f"wrote {args.json} and {args.plot}")
+    print(f"wrote {args.json}, {detail} and {args.plot}")
     return 0
 
 

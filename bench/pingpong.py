@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -34,11 +35,71 @@ from megascale.v1 import attention_pb2, attention_pb2_grpc, common_pb2
 from services.core.demo import write_random_checkpoint
 from services.core.generate import generate
 from services.core.model import MonolithicModel
+from services.core.runtime import configure_threads
 from services.core.sampling import SamplingParams
 from services.launch.procs import LocalMesh
 
-SHAPE = dict(layers=4, hidden=512, intermediate=448, experts=8, top_k=2, heads=8, kv_heads=2,
+SHAPE = dict(layers=8, hidden=512, intermediate=224, experts=8, top_k=2, heads=8, kv_heads=2,
              vocab=1024, seed=5)
+CANDIDATE_INTERMEDIATE = (64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def calibrate(hidden: int, tokens: int, context: int, workdir: Path) -> tuple[int, float, float]:
+    """Pick the expert FFN width whose expert time per micro-batch of ``tokens`` tokens is
+    closest to the attention time (T_a ≈ T_e, where ping-pong pays most), measured in-process
+    on one thread with the real core layers. Returns (intermediate, T_a ms, T_e ms)."""
+    from services.core.batch import build_batch_meta
+    from services.core.kv_cache import BlockManager
+    from services.core.model import AttentionSide, ExpertSide
+
+    configure_threads(1)
+
+    def median_ms(fn, n: int = 15) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times)
+
+    best = None
+    t_a = hidden_in = meta = kv = None
+
+    def attention_all(attn, hidden, meta, kv) -> None:  # noqa: ANN001
+        for layer in range(SHAPE["layers"]):
+            attn.attention_block(layer, hidden, meta, kv)
+
+    def experts_all(experts, mi) -> None:  # noqa: ANN001
+        for layer in range(SHAPE["layers"]):
+            experts.forward(layer, mi.normed, mi.topk_ids, mi.topk_weights)
+
+    # Every layer in turn, as a decode step does: weights are only as cache-hot as in serving.
+    for inter in CANDIDATE_INTERMEDIATE:
+        shape = {**SHAPE, "hidden": hidden, "intermediate": inter}
+        path = write_random_checkpoint(workdir / f"cal-{inter}", "mixtral", tokenizer=False,
+                                       **shape)
+        attn, experts = AttentionSide.from_pretrained(path), ExpertSide.from_pretrained(path)
+        with torch.inference_mode():
+            if t_a is None:  # attention weights do not depend on the FFN width: measure once
+                blocks = BlockManager(4 * tokens, 16)
+                kv = attn.new_kv_cache(4 * tokens, 16)
+                for i in range(tokens):
+                    blocks.allocate(i, 0)
+                    blocks.append_slots(i, context + 1)
+                meta = build_batch_meta([blocks.block_table(i) for i in range(tokens)],
+                                        [context] * tokens, [1] * tokens, 16)
+                hidden_in = attn.embed(torch.randint(0, shape["vocab"], (tokens,)))
+                t_a = median_ms(partial(attention_all, attn, hidden_in, meta, kv)) / SHAPE[
+                    "layers"]
+            mi = attn.attention_block(0, hidden_in, meta, kv)
+            t_e = median_ms(partial(experts_all, experts, mi)) / SHAPE["layers"]
+        if best is None or abs(t_e - t_a) < abs(best[2] - t_a):
+            best = (inter, t_a, t_e)
+        if t_e > t_a:
+            break
+    return best
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -80,48 +141,66 @@ def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
 
 
 def bench_disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, m: int,
-                        repeats: int, workdir: Path, timeline_dir: Path | None = None) -> dict:
+                        repeats: int, workdir: Path, timeline_dir: Path | None = None,
+                        stream_interval: int = 1) -> dict:
     env = {"MEGASCALE_TIMELINE": str(timeline_dir)} if timeline_dir else None
     batch = len(prompts)
+    # one step may carry every prompt at once; a dispatch slot must hold that many rows
+    step_tokens = max(512, batch * len(prompts[0]))
+    slot_bytes = step_tokens * (SHAPE["hidden"] + 2 * SHAPE["top_k"]) * 4 + 4096
     with LocalMesh.start(
             model, [list(range(SHAPE["experts"]))], micro_batches=m, transport="shm",
-            attention_args=["--metrics-port", "0", "--max-batch-tokens", str(max(512, batch * 16)),
-                            "--max-num-seqs", str(max(64, batch))],
-            expert_args=["--metrics-port", "0"], workdir=workdir, env=env,
+            attention_args=["--metrics-port", "0", "--max-batch-tokens", str(step_tokens),
+                            "--max-num-seqs", str(max(64, batch)),
+                            "--stream-interval", str(stream_interval)],
+            expert_args=["--metrics-port", "0", "--slot-bytes", str(slot_bytes)],
+            workdir=workdir, env=env,
             attention_cpus="0", expert_cpus="1") as mesh:
         address = mesh.attention[0].grpc
         a_port = mesh.attention[0].info["metrics_port"]
         e_port = mesh.experts[0].info["metrics_port"]
         asyncio.run(run_batch(address, prompts, 4, "warm"))
         full, prefill, busy_a, busy_e, t_a, t_e, rtt = [], [], [], [], [], [], []
+        step_ms, loop_ms = [], []
         for r in range(repeats):
+            # Decode-only figures: everything measured over the N-token run minus the same
+            # measured over the 1-token (prefill-only) run of the same batch.
+            s0 = (scrape(a_port), scrape(e_port))
             prefill.append(asyncio.run(run_batch(address, prompts, 1, f"p{r}")))
-            a0, e0, w0 = scrape(a_port), scrape(e_port), time.perf_counter()
+            s1 = (scrape(a_port), scrape(e_port))
             full.append(asyncio.run(run_batch(address, prompts, new_tokens, f"n{r}")))
-            a1, e1, w1 = scrape(a_port), scrape(e_port), time.perf_counter()
-            wall = w1 - w0
-            attn_s = delta(a1, a0, "megascale:attention_compute_seconds_sum")
-            exp_s = delta(e1, e0, "megascale:expert_compute_seconds_sum")
-            steps = delta(a1, a0, "megascale:step_duration_seconds_count")
-            calls = delta(e1, e0, "megascale:expert_compute_seconds_count")
+            s2 = (scrape(a_port), scrape(e_port))
+
+            def window(key: str, side: int, s0=s0, s1=s1, s2=s2) -> float:
+                return delta(s2[side], s1[side], key) - delta(s1[side], s0[side], key)
+
+            wall = full[-1] - prefill[-1]
+            attn_s = window("megascale:attention_compute_seconds_sum", 0)
+            exp_s = window("megascale:expert_compute_seconds_sum", 1)
+            steps = window("megascale:step_duration_seconds_count", 0)
+            calls = window("megascale:expert_compute_seconds_count", 1)
             busy_a.append(attn_s / wall)
             busy_e.append(exp_s / wall)
+            step_ms.append(1000 * window("megascale:step_duration_seconds_sum", 0)
+                           / max(1.0, steps))
+            loop_ms.append(1000 * wall / max(1.0, steps))
             t_a.append(attn_s / max(1.0, steps * m * SHAPE["layers"]))
             t_e.append(exp_s / max(1.0, calls))
             key = "megascale:m2n_latency_seconds_{}|direction=round_trip"
-            n_rtt = delta(a1, a0, key.format("count"))
-            rtt.append(delta(a1, a0, key.format("sum")) / max(1.0, n_rtt))
+            rtt.append(window(key.format("sum"), 0) / max(1.0, window(key.format("count"), 0)))
     med = statistics.median
     decode = [batch * (new_tokens - 1) / (f - p) for f, p in zip(full, prefill, strict=True)]
     return {"impl": "disaggregated", "m": m, "batch": batch, "new_tokens": new_tokens,
             "tokens_per_s": med(decode), "tokens_per_s_all": decode,
             "attn_busy": med(busy_a), "expert_busy": med(busy_e),
-            "t_a_ms": 1000 * med(t_a), "t_e_ms": 1000 * med(t_e), "rtt_ms": 1000 * med(rtt)}
+            "t_a_ms": 1000 * med(t_a), "t_e_ms": 1000 * med(t_e), "rtt_ms": 1000 * med(rtt),
+            "stream_interval": stream_interval, "step_ms": med(step_ms),
+            "loop_ms": med(loop_ms)}
 
 
 def bench_monolithic(model: Path, prompts: list[list[int]], new_tokens: int,
                      repeats: int) -> dict:
-    torch.set_num_threads(1)
+    configure_threads(1)
     mono = MonolithicModel.from_pretrained(model)
 
     def timed(n: int) -> float:
@@ -143,7 +222,7 @@ def bench_transformers(model: Path, prompts: list[list[int]], new_tokens: int,
                        repeats: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(1)
+    configure_threads(1)
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     ids = torch.tensor(prompts)  # equal-length prompts: no padding
@@ -164,7 +243,25 @@ def bench_transformers(model: Path, prompts: list[list[int]], new_tokens: int,
             "attn_busy": None, "expert_busy": None}
 
 
-def plot_timeline(timeline_dir: Path, png: Path) -> None:
+def planner_predictions(model: Path, batch: int, context: int, ms: list[int]) -> list[dict]:
+    """The deployment planner's closed loop: profile this machine with the real core layers on
+    the benchmark's checkpoint, then predict decode tokens/s for each m (issue: within 25%)."""
+    from services.scheduler.planner.models import load_model
+    from services.scheduler.planner.profile import predict_local, profile_checkpoint
+
+    shape = load_model(str(model))
+    sizes = sorted({max(1, batch // k) for k in (4, 3, 2, 1)})
+    profile = profile_checkpoint(str(model), shape, seq_len=context, batches=tuple(sizes))
+    out = []
+    for m in ms:
+        pred = predict_local(profile, shape, batch, m)
+        out.append({"impl": "planner", "m": m, "batch": batch, "new_tokens": None,
+                    "tokens_per_s": pred["tokens_per_s"], "attn_busy": None,
+                    "expert_busy": None, "prediction": pred})
+    return out
+
+
+def plot_timeline(timeline_dir: Path, png: Path, batch: int) -> None:
     """Draw one steady-state decode step: attention compute / wait vs expert compute."""
     import matplotlib
 
@@ -173,7 +270,6 @@ def plot_timeline(timeline_dir: Path, png: Path) -> None:
 
     steps = [json.loads(x) for x in (timeline_dir / "attention-0.jsonl").read_text().splitlines()]
     expert = [json.loads(x) for x in (timeline_dir / "expert-0.jsonl").read_text().splitlines()]
-    batch = min(s["tokens"] for s in steps)
     decode = [s for s in steps if s["tokens"] == batch]  # decode steps: one token per request
     step = decode[len(decode) // 2]
     t0, t1 = step["start"], step["start"] + step["wall"]
@@ -199,11 +295,18 @@ def plot_timeline(timeline_dir: Path, png: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=SHAPE["hidden"])
+    ap.add_argument("--layers", type=int, default=SHAPE["layers"])
+    ap.add_argument("--intermediate", type=int, default=None,
+                    help="expert FFN width (default: calibrated so that T_a ≈ T_e at m=2)")
     ap.add_argument("--prompt-len", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ms", default="1,2,3,4")
+    ap.add_argument("--stream-interval", type=int, default=8,
+                    help="replica sends each request's tokens every N tokens (1 = per token; "
+                         "with 1 core per process, per-token gRPC writes compete with compute)")
     ap.add_argument("--quick", action="store_true", help="m=1,2 + baselines, 2 repeats")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--png", type=Path)
@@ -212,6 +315,15 @@ def main(argv: list[str] | None = None) -> int:
         args.ms, args.repeats, args.new_tokens = "1,2", 2, 16
     ms = [int(x) for x in args.ms.split(",")]
     work = Path(tempfile.mkdtemp(prefix="megascale-pingpong-"))
+    SHAPE["hidden"], SHAPE["layers"] = args.hidden, args.layers
+    if args.intermediate is None:
+        inter, cal_a, cal_e = calibrate(args.hidden, args.batch // 2,
+                                        args.prompt_len + args.new_tokens // 2, work)
+        print(f"calibrated: intermediate {inter} (in-process T_a {cal_a:.2f} ms, T_e "
+              f"{cal_e:.2f} ms per micro-batch of {args.batch // 2} tokens)", flush=True)
+        SHAPE["intermediate"] = inter
+    else:
+        SHAPE["intermediate"] = args.intermediate
     model = write_random_checkpoint(work / "model", "mixtral", tokenizer=False, **SHAPE)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, SHAPE["vocab"], (args.batch, args.prompt_len), generator=g).tolist()
@@ -219,32 +331,51 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for m in ms:
         records.append(bench_disaggregated(model, prompts, args.new_tokens, m, args.repeats,
-                                           work / f"m{m}"))
+                                           work / f"m{m}", stream_interval=args.stream_interval))
         print(json.dumps({k: v for k, v in records[-1].items() if k != "tokens_per_s_all"}),
               flush=True)
+    records.extend(planner_predictions(model, args.batch, args.prompt_len + args.new_tokens // 2,
+                                       ms))
     records.append(bench_monolithic(model, prompts, args.new_tokens, args.repeats))
     records.append(bench_transformers(model, prompts, args.new_tokens, args.repeats))
     if args.png:
         tl = work / "timeline"
-        bench_disaggregated(model, prompts, 16, 2, 1, work / "tl", tl)
-        plot_timeline(tl, args.png)
+        bench_disaggregated(model, prompts, 16, 2, 1, work / "tl", tl,
+                            stream_interval=args.stream_interval)
+        plot_timeline(tl, args.png, args.batch)
 
     by = {(r["impl"], r["m"]): r for r in records}
     mono, hf = by[("monolithic", 0)]["tokens_per_s"], by[("transformers", 0)]["tokens_per_s"]
     base = by.get(("disaggregated", 1))
-    print(f"\nbatch {args.batch}, {args.new_tokens} new tokens, median of {args.repeats}")
+    print(f"\nshape {SHAPE}\nbatch {args.batch}, {args.new_tokens} new tokens, median of "
+          f"{args.repeats}")
     print(f"{'impl':<14}{'m':>3}{'tok/s':>10}{'vs m=1':>8}{'vs mono':>9}{'vs HF':>7}"
-          f"{'attn busy':>11}{'exp busy':>10}{'T_a ms':>8}{'T_e ms':>8}{'RTT ms':>8}")
+          f"{'attn busy':>11}{'exp busy':>10}{'T_a ms':>8}{'T_e ms':>8}{'RTT ms':>8}"
+          f"{'step ms':>8}{'loop ms':>8}")
     for r in records:
+        if r["impl"] == "planner":
+            continue
         vs1 = r["tokens_per_s"] / base["tokens_per_s"] if base and r["m"] else None
         row = (f"{r['impl']:<14}{r['m']:>3}{r['tokens_per_s']:>10.1f}"
                f"{(f'{vs1:.2f}x' if vs1 else '-'):>8}{r['tokens_per_s'] / mono:>8.2f}x"
                f"{r['tokens_per_s'] / hf:>6.2f}x")
         if r["attn_busy"] is not None:
             row += (f"{r['attn_busy']:>11.0%}{r['expert_busy']:>10.0%}{r['t_a_ms']:>8.2f}"
-                    f"{r['t_e_ms']:>8.2f}{r['rtt_ms']:>8.2f}")
+                    f"{r['t_e_ms']:>8.2f}{r['rtt_ms']:>8.2f}{r['step_ms']:>8.1f}"
+                    f"{r['loop_ms']:>8.1f}")
         print(row)
+    print("\nplanner (megascale plan's performance model, profiled with the real core layers):")
+    for r in records:
+        if r["impl"] == "planner":
+            meas = by.get(("disaggregated", r["m"]))
+            p = r["prediction"]
+            err = f"{r['tokens_per_s'] / meas['tokens_per_s']:.2f}x of measured" if meas else ""
+            print(f"  m={r['m']}: predicted {r['tokens_per_s']:.0f} tok/s ({err}); T_a "
+                  f"{p['t_a_ms']:.2f} T_e {p['t_e_ms']:.2f} T_c {p['t_c_ms']:.3f} step "
+                  f"{p['step_overhead_ms']:.2f} ms")
     if args.json:
+        for r in records:
+            r["shape"] = dict(SHAPE)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=1))
     return 0

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from services.core.runtime import configure_threads
+
 
 def _prompts(batch: int, vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 repeats (finishes in < 3 minutes)")
     ap.add_argument("--json", dest="json_path", default=None)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    configure_threads(args.threads)  # threads + allocator, as every megascale process
     repeats = 2 if args.quick else args.repeats
 
     from transformers import AutoModelForCausalLM

@@ -30,6 +30,7 @@ class AttentionConfig:
     metrics_port: int | None = None   # Prometheus /metrics; None = off, 0 = pick a free port
     m2n_url: str = "tcp://127.0.0.1:0"
     micro_batches: int = 2
+    stream_interval: int = 1          # emit a request's tokens every N tokens (1 = each token)
     block_size: int = 16
     num_blocks: int = 512
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -47,6 +48,8 @@ class AttentionConfig:
             raise ConfigError("expert_nodes must name at least one expert node address")
         if not 1 <= self.micro_batches <= 16:
             raise ConfigError(f"micro_batches must be in 1..16, got {self.micro_batches}")
+        if not 1 <= self.stream_interval <= 1024:
+            raise ConfigError(f"stream_interval must be in 1..1024, got {self.stream_interval}")
         if self.block_size < 1 or self.num_blocks < 1:
             raise ConfigError(f"block_size and num_blocks must be >= 1, got {self.block_size}, "
                               f"{self.num_blocks}")

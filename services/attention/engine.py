@@ -100,7 +100,8 @@ class Engine:
             if bad is not None:
                 raise UserError(f"{name} contains {bad}, outside the vocabulary [0, {vocab})")
         req = Request(request_id, list(prompt), params, time.monotonic(), output=resumed,
-                      num_resumed=len(resumed), generator=params.make_generator(),
+                      num_resumed=len(resumed), num_streamed=len(resumed),
+                      generator=params.make_generator(),
                       trace=trace)
         with self._lock:
             self.scheduler.add(req)
@@ -208,7 +209,9 @@ class Engine:
         req.output.append(token)
         reason = finish_reason(req.params, req.output, self.eos_ids)
         stop_id = token if reason == "stop" else None
-        self._emit(req, (token,), reason, stop_token_id=stop_id)
+        unsent = len(req.output) - req.num_streamed
+        if reason is not None or unsent >= self.config.stream_interval:
+            self._emit(req, tuple(req.output[req.num_streamed:]), reason, stop_token_id=stop_id)
         if reason is not None:
             self.scheduler.finish(req, reason)
             self._listeners.pop(req.request_id, None)
@@ -216,7 +219,8 @@ class Engine:
     def _finish_locked(self, req: Request, reason: str, error: str | None = None) -> None:
         self.scheduler.finish(req, reason)
         self._abort_requested.discard(req.request_id)
-        self._emit(req, (), reason, error=error)
+        # tokens held back by the stream interval go out with the final event
+        self._emit(req, tuple(req.output[req.num_streamed:]), reason, error=error)
         self._listeners.pop(req.request_id, None)
 
     def _emit(self, req: Request, tokens: tuple[int, ...], reason: str | None,
@@ -225,6 +229,7 @@ class Engine:
         if listener is None:
             return
         index = len(req.output) - len(tokens)
+        req.num_streamed = len(req.output)
         event = TokenEvent(req.request_id, tokens, index, len(req.prompt), len(req.output),
                            reason, error, stop_token_id)
         try:

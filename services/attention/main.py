@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--m2n-sender-id", type=int, default=0,
              help="this replica's id on libm2n links (unique among attention replicas)")
     add_flag(p, "--micro-batches", type=int, default=2, help="m, micro-batches per step")
+    add_flag(p, "--stream-interval", type=int, default=1,
+             help="send a request's tokens every N tokens (fewer stream writes under load)")
     add_flag(p, "--block-size", type=int, default=16, help="KV cache block size (tokens)")
     add_flag(p, "--num-blocks", type=int, default=512, help="KV cache blocks")
     add_flag(p, "--max-num-seqs", type=int, default=64, help="running requests per step")
@@ -40,7 +42,8 @@ def build(args: argparse.Namespace) -> AttentionConfig:
         node_id=args.node_id or f"attention-{os.getpid()}", m2n_sender_id=args.m2n_sender_id,
         host=args.host, advertise_host=args.advertise_host, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
-        m2n_url=args.m2n_url, micro_batches=args.micro_batches, block_size=args.block_size,
+        m2n_url=args.m2n_url, micro_batches=args.micro_batches,
+        stream_interval=args.stream_interval, block_size=args.block_size,
         num_blocks=args.num_blocks,
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_batch_tokens=args.max_batch_tokens,

@@ -55,6 +55,7 @@ class Request:
     num_preemptions: int = 0
     first_scheduled: float | None = None
     trace: tuple[bytes, bytes] | None = None  # (trace id, span id) carried in M2N headers
+    num_streamed: int = 0  # output tokens already sent to the client (resumed ones count)
 
     @property
     def num_tokens(self) -> int:

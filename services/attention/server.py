@@ -78,13 +78,41 @@ def event_to_proto(ev: TokenEvent) -> attention_pb2.GenerateEvent:
     return out
 
 
+class EventRelay:
+    """Hands engine-thread events to the server's event loop, one wake-up per burst.
+
+    A decode step finishes every running request at once; waking the loop once per event
+    would make it contend for the GIL with the engine thread B times per step.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, TokenEvent]] = []
+
+    def push(self, queue: asyncio.Queue, event: TokenEvent) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+            first = len(self._pending) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._pending = self._pending, []
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
 class AttentionServicer(attention_pb2_grpc.AttentionServicer):
     """``megascale.v1.Attention`` (status codes are documented in attention.proto)."""
 
-    def __init__(self, engine: Engine, metrics: AttentionMetrics, max_model_len: int) -> None:
+    def __init__(self, engine: Engine, metrics: AttentionMetrics, max_model_len: int,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
         self.metrics = metrics
         self.max_model_len = max_model_len
+        self.relay = EventRelay(loop)
 
     async def Generate(self, request: attention_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext):  # noqa: ANN201 - async generator
@@ -93,7 +121,6 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "request_id must be 1..128 printable ASCII characters")
         arrival = _arrival(context)
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         span = None
         if tracing.enabled():
@@ -107,7 +134,7 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
             params = sampling_from_proto(request.sampling, len(request.prompt_token_ids),
                                          self.max_model_len)
             self.engine.submit(request.request_id, list(request.prompt_token_ids), params,
-                               lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
+                               lambda ev: self.relay.push(queue, ev),
                                list(request.output_token_ids),
                                tracing.span_ids(span) if span is not None else None)
         except UserError as exc:
@@ -286,7 +313,8 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
     stop_thread = threading.Event()
     thread = threading.Thread(target=engine.run, args=(stop_thread,), name="engine", daemon=True)
     thread.start()
-    servicer = AttentionServicer(engine, metrics, engine.scheduler.config.max_model_len)
+    servicer = AttentionServicer(engine, metrics, engine.scheduler.config.max_model_len,
+                                 asyncio.get_running_loop())
     server, port, _health = await start_server(
         config.host, config.grpc_port,
         lambda s: attention_pb2_grpc.add_AttentionServicer_to_server(servicer, s),

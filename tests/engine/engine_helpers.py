@@ -28,6 +28,7 @@ def grpc_generate(address: str, request_id: str, prompt: list[int], max_tokens: 
             sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True,
                                                **sampling))
         for ev in stub.Generate(req, timeout=timeout):
+            assert ev.index == len(tokens), "gap or duplicate in the token stream"
             tokens.extend(ev.token_ids)
             final = ev
         return Result(tokens, final)

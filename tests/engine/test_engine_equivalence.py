@@ -17,11 +17,11 @@ from services.launch.procs import LocalMesh, partition_experts
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], list(range(100, 141)), [300], list(range(20, 37))]
 NEW_TOKENS = 48
 
-# (attention replicas, expert nodes, replicated experts, m, transport)
+# (attention replicas, expert nodes, replicated experts, m, transport, stream interval)
 TOPOLOGIES = {
-    "1a1e_m1": (1, 1, (), 1, "tcp"),
-    "2a2e_m2": (2, 2, (), 2, "shm"),
-    "1a3e_m3_uneven_replicated": (1, 3, (3,), 3, "tcp"),
+    "1a1e_m1": (1, 1, (), 1, "tcp", 1),
+    "2a2e_m2": (2, 2, (), 2, "shm", 1),
+    "1a3e_m3_uneven_replicated": (1, 3, (3,), 3, "tcp", 5),
 }
 
 
@@ -54,11 +54,12 @@ def run_concurrently(mesh: LocalMesh) -> list[list[int]]:
 @pytest.mark.parametrize("topology", list(TOPOLOGIES))
 def test_disaggregated_tokens_equal_transformers(engine_ckpt, hf_greedy, tmp_path, family,
                                                  topology):
-    n_attn, n_exp, replicated, m, transport = TOPOLOGIES[topology]
+    n_attn, n_exp, replicated, m, transport, interval = TOPOLOGIES[topology]
     path = engine_ckpt(family)
     experts = partition_experts(8, n_exp, replicated)
     with LocalMesh.start(path, experts, attention_replicas=n_attn, micro_batches=m,
-                         attention_args=["--block-size", "4", "--max-batch-tokens", "64"],
+                         attention_args=["--block-size", "4", "--max-batch-tokens", "64",
+                                         "--stream-interval", str(interval)],
                          workdir=tmp_path, transport=transport) as mesh:
         got = run_concurrently(mesh)
     want = hf_greedy(path, PROMPTS, NEW_TOKENS)

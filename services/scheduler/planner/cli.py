@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from services.errors import UserError
 
@@ -127,12 +128,16 @@ def _print_plan(plan: Plan, out: dict) -> None:
 def _run_profile(args: argparse.Namespace) -> int:
     from services.core.runtime import configure_threads
 
-    from .profile import LOCAL_SHAPE, predict_local, profile_machine
+    from .profile import LOCAL_SHAPE, predict_local, profile_checkpoint, profile_machine
 
     configure_threads()
     shape = load_model(args.model) if args.model else LOCAL_SHAPE
     seq_len = args.seq_len if args.seq_len != 730 or args.model else 128
-    profile: HardwareProfile = profile_machine(shape, seq_len=seq_len)
+    if args.model and Path(args.model).is_dir() and any(Path(args.model).glob("*.safetensors")):
+        # a checkpoint: time the real core layers the engine runs
+        profile: HardwareProfile = profile_checkpoint(args.model, shape, seq_len=seq_len)
+    else:
+        profile = profile_machine(shape, seq_len=seq_len)
     save_profile(profile, args.profile_out)
     pred = predict_local(profile, shape, args.local_batch, args.local_m)
     out = {"profile": args.profile_out, "model": shape.name, "seq_len": seq_len,

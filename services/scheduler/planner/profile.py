@@ -168,11 +168,151 @@ def predict_local(profile: HardwareProfile, shape: MoEShape, batch: int, m: int,
     g = shape.experts / expert_nodes
     b_e = expert_batch(b_a, n_attention, shape.top_k, shape.experts)
     t_a = a_curve(b_a)
-    t_e = g * e_curve(b_e)
     elem = 4 if profile.extra.get("dtype", "float32") == "float32" else 2
-    msg = b_a * shape.top_k * shape.hidden * elem / expert_nodes
-    t_c = SHM_MSG_LATENCY_S + msg * expert_nodes / (profile.copy_gbs * 1e9)
-    total = iteration_time(t_a, t_e, t_c, m, shape.layers)
+    step = 0.0
+    if profile.extra.get("expert_points") == "node":
+        # Profiled with the real core (profile_checkpoint): expert points are one node's
+        # compute over a micro-batch's tokens (all its experts, grouped GEMMs); a dispatch
+        # carries each token row once with its K ids and weights (services/core/moe_wire).
+        t_e = e_curve(b_a * n_attention / expert_nodes)
+        msg = b_a * (shape.hidden + 2 * shape.top_k) * 4
+        t_c = profile.extra["m2n_latency_s"] + msg / (profile.copy_gbs * 1e9)
+        step = LatencyCurve(tuple(map(tuple, profile.extra["step_points"])))(batch)
+    else:
+        t_e = g * e_curve(b_e)
+        msg = b_a * shape.top_k * shape.hidden * elem / expert_nodes
+        t_c = SHM_MSG_LATENCY_S + msg * expert_nodes / (profile.copy_gbs * 1e9)
+    total = iteration_time(t_a, t_e, t_c, m, shape.layers) + step
     return {"tokens_per_s": n_attention * batch / total, "tbt_ms": total * 1e3,
-            "t_a_ms": t_a * 1e3, "t_e_ms": t_e * 1e3, "t_c_ms": t_c * 1e3, "b_a": b_a,
-            "b_e": b_e, "m": m, "batch": batch}
+            "t_a_ms": t_a * 1e3, "t_e_ms": t_e * 1e3, "t_c_ms": t_c * 1e3,
+            "step_overhead_ms": step * 1e3, "b_a": b_a, "b_e": b_e, "m": m, "batch": batch}
+
+
+# ----------------------------------------------------------------------------- real layers
+CORE_BATCHES = (8, 16, 32, 64, 128)
+
+
+def profile_checkpoint(model_dir: str, shape: MoEShape, seq_len: int = 32,
+                       batches=CORE_BATCHES, repeats: int = 7,
+                       name: str = "local-cpu") -> HardwareProfile:
+    """Profile this machine with the **real** model core on a checkpoint (what the engine runs).
+
+    Per micro-batch of ``b`` decode tokens at context ``seq_len``: ``attention_points`` time one
+    ``AttentionSide.attention_block`` (norms, QKV, RoPE, paged attention, O, router);
+    ``expert_points`` time one ``ExpertSide.forward`` over all experts (one expert node's
+    compute for that micro-batch, grouped GEMMs); ``step_points`` time what a step does once
+    (embedding, final norm + LM head over ``b`` rows). The libm2n shm one-way latency of a
+    dispatch-sized message is measured too. One torch thread, float32.
+    """
+    import torch
+
+    from services.core.batch import build_batch_meta
+    from services.core.checkpoint import CheckpointIndex
+    from services.core.config import ModelConfig
+    from services.core.kv_cache import BlockManager
+    from services.core.model import AttentionSide, ExpertSide
+    from services.core.runtime import configure_threads
+
+    configure_threads(1)  # the same thread count and allocator settings as the served roles
+    cfg = ModelConfig.from_pretrained(model_dir)
+    index = CheckpointIndex.open(model_dir)
+    attn = AttentionSide.from_pretrained(model_dir, cfg=cfg, index=index)
+    experts = ExpertSide.from_pretrained(model_dir, cfg=cfg, index=index)
+    # Time every sparse layer in turn (per-layer mean): cycling layers keeps the weights as
+    # cold in cache as they are in a real decode step, where one layer's hot reuse does not
+    # happen.
+    layers = [i for i, sparse in enumerate(cfg.sparse_layers) if sparse]
+    n = len(layers)
+
+    def attention_all(hidden, meta, kv) -> None:  # noqa: ANN001
+        for layer in layers:
+            attn.attention_block(layer, hidden, meta, kv)
+
+    def experts_all(mi) -> None:  # noqa: ANN001
+        for layer in layers:
+            experts.forward(layer, mi.normed, mi.topk_ids, mi.topk_weights)
+
+    a_pts, e_pts, s_pts = [], [], []
+    for b in batches:
+        blocks = BlockManager(b * (seq_len // 16 + 2), 16)
+        kv = attn.new_kv_cache(blocks.num_blocks, 16)
+        for i in range(b):
+            blocks.allocate(i, 0)
+            blocks.append_slots(i, seq_len + 1)
+        meta = build_batch_meta([blocks.block_table(i) for i in range(b)], [seq_len] * b,
+                                [1] * b, 16)
+        tokens = torch.randint(0, cfg.vocab_size, (b,))
+        with torch.inference_mode():
+            hidden = attn.embed(tokens)
+            mi = attn.attention_block(layers[0], hidden, meta, kv)
+            a_pts.append((float(b), _median_time(
+                lambda hidden=hidden, meta=meta, kv=kv: attention_all(hidden, meta, kv),
+                repeats) / n))
+            e_pts.append((float(b), _median_time(lambda mi=mi: experts_all(mi), repeats) / n))
+            s_pts.append((float(b), _median_time(
+                lambda tokens=tokens, meta=meta: attn.logits(attn.embed(tokens),
+                                                             meta.last_index), repeats)))
+    copy_gbs = measure_copy_gbs(repeats=repeats)
+    msg = max(batches) * (cfg.hidden_size + 2 * cfg.top_k) * 4
+    latency = measure_m2n_latency(msg, repeats=max(20, 4 * repeats))
+    b_big, t_big = e_pts[-1]
+    tflops = 2 * shape.expert_params_per_layer * shape.top_k / shape.experts * b_big / t_big / 1e12
+    import psutil
+
+    spec = HardwareSpec(name=name, memory_gb=psutil.virtual_memory().total / 1e9,
+                        tflops=max(tflops, 1e-6),
+                        mem_bw_gbs=copy_gbs, price=1.0, nic_gbs=copy_gbs, intra_bw_gbs=copy_gbs,
+                        compute_eff=1.0, mem_eff=1.0, overhead_us=0.0, gpus_per_node=1)
+    return HardwareProfile(spec=spec, model=shape.name, seq_len=seq_len,
+                           attention_points=tuple(a_pts), expert_points=tuple(e_pts),
+                           copy_gbs=copy_gbs, device="cpu",
+                           notes=f"real core layers on {model_dir}, float32, 1 thread",
+                           extra={"dtype": "float32", "repeats": repeats, "source": "core",
+                                  "expert_points": "node", "step_points": s_pts,
+                                  "m2n_latency_s": latency, "m2n_probe_bytes": msg})
+
+
+def measure_m2n_latency(size: int, repeats: int = 50) -> float:
+    """One-way latency (s) of a ``size``-byte libm2n shm message: median over ping-pongs of a
+    sender/receiver pair in this process (copy in + notification + wake-up), divided by 2."""
+    import os
+    import threading
+
+    import numpy as np
+
+    import libm2n
+
+    name = f"m2n-probe-{os.getpid()}"
+    rx_a = libm2n.open_receiver(f"shm://{name}-a", libm2n.ReceiverConfig(slot_bytes=size))
+    rx_b = libm2n.open_receiver(f"shm://{name}-b", libm2n.ReceiverConfig(slot_bytes=size))
+    payload = np.zeros(size, dtype=np.uint8)
+    stop = threading.Event()
+
+    def echo() -> None:
+        tx = libm2n.connect(rx_a.url, libm2n.SenderConfig(sender_id=2))
+        while not stop.is_set():
+            try:
+                msg = rx_b.recv(timeout=0.2)
+            except TimeoutError:
+                continue
+            with msg:
+                tx.send(msg.payload).result()
+        tx.close()
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+    tx = libm2n.connect(rx_b.url, libm2n.SenderConfig(sender_id=1))
+    try:
+        samples = []
+        for _ in range(repeats + 3):
+            t0 = time.perf_counter()
+            tx.send(payload).result()
+            rx_a.recv(timeout=10).release()
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples[3:]) / 2
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        tx.close()
+        rx_a.close()
+        rx_b.close()

@@ -70,12 +70,13 @@ class Placement:
 
 @dataclass
 class PendingCombine:
-    """Replies still owed for one (layer, micro-batch) dispatch: tag -> (node index, row ids)."""
+    """Replies still owed for one (layer, micro-batch) dispatch: tag -> (node index, row ids;
+    None = every row of the micro-batch)."""
 
     layer: int
     micro_batch: int
     num_tokens: int
-    waiting: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    waiting: dict[int, tuple[int, torch.Tensor | None]] = field(default_factory=dict)
     sent_at: float = 0.0
 
 
@@ -155,22 +156,12 @@ class ExpertClient:
 
         ``trace`` (trace id, span id) travels in the libm2n header for the expert's span."""
         trace_id, span_id = trace or (None, None)
-        ids, weights = moe_in.topk_ids, moe_in.topk_weights          # [T, K]
-        T = ids.shape[0]
-        token = torch.arange(T, device=ids.device)[:, None]         # [T, 1]
-        replica = token % self._count[ids]                          # [T, K]
-        owner = self._table[ids, replica]                           # [T, K] node index
-        pending = PendingCombine(moe_in.layer, micro_batch, T, sent_at=time.perf_counter())
-        for ni, sender in enumerate(self._senders):
-            mine = owner == ni                                       # [T, K]
-            row_ids = mine.any(dim=1).nonzero().squeeze(1)          # [n]
-            if row_ids.numel() == 0:
-                continue
-            sel = mine.index_select(0, row_ids)
-            payload = moe_wire.pack_dispatch(
-                moe_in.normed.index_select(0, row_ids),
-                torch.where(sel, ids.index_select(0, row_ids), -1),
-                torch.where(sel, weights.index_select(0, row_ids), 0.0))
+        pending = PendingCombine(moe_in.layer, micro_batch, moe_in.topk_ids.shape[0],
+                                 sent_at=time.perf_counter())
+        for ni, row_ids, ids, weights in self._split(moe_in.topk_ids, moe_in.topk_weights):
+            rows = moe_in.normed if row_ids is None else moe_in.normed.index_select(0, row_ids)
+            payload = moe_wire.pack_dispatch(rows, ids, weights)
+            sender = self._senders[ni]
             tag = next(self._tags)
             try:
                 sender.send(payload, step=step, layer=moe_in.layer, micro_batch=micro_batch,
@@ -181,9 +172,32 @@ class ExpertClient:
                 raise ExpertUnavailable(f"dispatch to expert node {node} failed: {exc}") from exc
             pending.waiting[tag] = (ni, row_ids)
             self.stats.messages += 1
-            self.stats.rows_sent += int(row_ids.numel())
+            self.stats.rows_sent += rows.shape[0]
         self.stats.dispatches += 1
         return pending
+
+    def _split(self, ids: torch.Tensor, weights: torch.Tensor
+               ) -> list[tuple[int, torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+        """Per destination node: (node index, row ids or None for all rows, ids, weights).
+
+        ids/weights [T, K]; a (row, k) served by another node gets id -1 and weight 0.
+        """
+        if len(self._senders) == 1:  # one node hosts every expert: no selection at all
+            return [(0, None, ids, weights)]
+        T = ids.shape[0]
+        token = torch.arange(T, device=ids.device)[:, None]         # [T, 1]
+        replica = token % self._count[ids]                          # [T, K]
+        owner = self._table[ids, replica]                           # [T, K] node index
+        out = []
+        for ni in range(len(self._senders)):
+            mine = owner == ni                                       # [T, K]
+            row_ids = mine.any(dim=1).nonzero().squeeze(1)          # [n]
+            if row_ids.numel() == 0:
+                continue
+            sel = mine.index_select(0, row_ids)
+            out.append((ni, row_ids, torch.where(sel, ids.index_select(0, row_ids), -1),
+                        torch.where(sel, weights.index_select(0, row_ids), 0.0)))
+        return out
 
     def combine(self, pending: PendingCombine, dtype: torch.dtype, device: torch.device
                 ) -> torch.Tensor:
@@ -200,11 +214,16 @@ class ExpertClient:
                     raise ExpertUnavailable(
                         f"expert node {self.placement.nodes[ni].node_id} refused layer "
                         f"{pending.layer}: {moe_wire.error_text(part)}")
-                if tuple(part.shape) != (row_ids.numel(), self.hidden):
+                want = pending.num_tokens if row_ids is None else row_ids.numel()
+                if tuple(part.shape) != (want, self.hidden):
                     raise ExpertUnavailable(
                         f"expert node {self.placement.nodes[ni].node_id} replied with shape "
-                        f"{tuple(part.shape)}, expected ({row_ids.numel()}, {self.hidden})")
-                out.index_add_(0, row_ids.to(device), part.to(device=device, dtype=dtype))
+                        f"{tuple(part.shape)}, expected ({want}, {self.hidden})")
+                part = part.to(device=device, dtype=dtype)
+                if row_ids is None:
+                    out.add_(part)
+                else:
+                    out.index_add_(0, row_ids.to(device), part)
         now = time.perf_counter()
         self.stats.wait_s += now - t0
         self.stats.round_trip_s.append(now - pending.sent_at)

@@ -86,6 +86,10 @@ class ExpertWorker:
         self.epoch = epoch
         self.peer_timeout_s = peer_timeout_s
         self.hosted = frozenset(experts.expert_ids)
+        # [E] True for experts hosted elsewhere; None when this node hosts every expert
+        foreign = torch.ones(self.cfg.num_experts, dtype=torch.bool)
+        foreign[list(self.hosted)] = False
+        self._foreign = foreign if bool(foreign.any()) else None
         self.sparse_layers = frozenset(i for i, s in enumerate(self.cfg.sparse_layers) if s)
         self.stats = WorkerStats()
         self.on_compute = on_compute
@@ -179,10 +183,11 @@ class ExpertWorker:
             raise ValueError(f"layer {h.layer} is not a sparse layer of this model")
         rows, ids, weights = moe_wire.unpack_dispatch(msg.tensor(), self.cfg.hidden_size,
                                                       self.cfg.top_k, self.cfg.num_experts)
-        wanted = set(ids[ids >= 0].unique().tolist())
-        foreign = sorted(wanted - self.hosted)
-        if foreign:
-            raise ValueError(f"experts {foreign} are not hosted on this node")
+        if self._foreign is not None:  # some experts live elsewhere: refuse rows for them
+            bad = self._foreign[ids.clamp(min=0)] & (ids >= 0)
+            if bool(bad.any()):
+                foreign = sorted(set(ids[bad].tolist()))
+                raise ValueError(f"experts {foreign} are not hosted on this node")
         return rows, ids, weights
 
     def _count(self, ids: torch.Tensor, start: float, seconds: float, nrows: int,
@@ -192,15 +197,15 @@ class ExpertWorker:
         s.compute_calls.append((nrows, seconds))
         if len(s.compute_calls) > 4096:
             del s.compute_calls[:2048]
-        flat = ids[ids >= 0]
-        experts, counts = flat.unique(return_counts=True)
-        for e, c in zip(experts.tolist(), counts.tolist(), strict=True):
+        per_expert = torch.bincount(ids[ids >= 0], minlength=self.cfg.num_experts).tolist()
+        experts = [e for e, c in enumerate(per_expert) if c]
+        counts = [per_expert[e] for e in experts]
+        for e, c in zip(experts, counts, strict=True):
             s.rows_by_expert[e] += c
         s.groups += len(experts)
-        s.group_rows += int(flat.numel())
+        s.group_rows += sum(counts)
         if self.on_compute is not None:
-            self.on_compute(ComputeEvent(experts.tolist(), counts.tolist(), start, seconds,
-                                         nrows, layer))
+            self.on_compute(ComputeEvent(experts, counts, start, seconds, nrows, layer))
 
     def _reply(self, msg: libm2n.Message, payload: torch.Tensor) -> None:
         self._reply_to(msg.header, payload)

@@ -198,24 +198,32 @@ def bench_disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, 
             "loop_ms": med(loop_ms)}
 
 
-def bench_monolithic(model: Path, prompts: list[list[int]], new_tokens: int,
-                     repeats: int) -> dict:
-    configure_threads(1)
-    mono = MonolithicModel.from_pretrained(model)
+def in_process_decode(impl: str, generate_fn, batch: int, new_tokens: int,
+                      repeats: int) -> dict:
+    """Decode tokens/s of an in-process baseline: T(new_tokens) - T(1 token), as above."""
 
     def timed(n: int) -> float:
         t0 = time.perf_counter()
-        generate(mono, prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        generate_fn(n)
         return time.perf_counter() - t0
 
     timed(4)
     decode = []
     for _ in range(repeats):
         p, f = timed(1), timed(new_tokens)
-        decode.append(len(prompts) * (new_tokens - 1) / (f - p))
-    return {"impl": "monolithic", "m": 0, "batch": len(prompts), "new_tokens": new_tokens,
+        decode.append(batch * (new_tokens - 1) / (f - p))
+    return {"impl": impl, "m": 0, "batch": batch, "new_tokens": new_tokens,
             "tokens_per_s": statistics.median(decode), "tokens_per_s_all": decode,
             "attn_busy": None, "expert_busy": None}
+
+
+def bench_monolithic(model: Path, prompts: list[list[int]], new_tokens: int,
+                     repeats: int) -> dict:
+    configure_threads(1)
+    mono = MonolithicModel.from_pretrained(model)
+    return in_process_decode("monolithic", lambda n: generate(
+        mono, prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)),
+        len(prompts), new_tokens, repeats)
 
 
 def bench_transformers(model: Path, prompts: list[list[int]], new_tokens: int,
@@ -227,20 +235,11 @@ def bench_transformers(model: Path, prompts: list[list[int]], new_tokens: int,
     hf.generation_config.eos_token_id = None
     ids = torch.tensor(prompts)  # equal-length prompts: no padding
 
-    def timed(n: int) -> float:
-        t0 = time.perf_counter()
+    def run(n: int) -> None:
         with torch.no_grad():
             hf.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
-        return time.perf_counter() - t0
 
-    timed(4)
-    decode = []
-    for _ in range(repeats):
-        p, f = timed(1), timed(new_tokens)
-        decode.append(len(prompts) * (new_tokens - 1) / (f - p))
-    return {"impl": "transformers", "m": 0, "batch": len(prompts), "new_tokens": new_tokens,
-            "tokens_per_s": statistics.median(decode), "tokens_per_s_all": decode,
-            "attn_busy": None, "expert_busy": None}
+    return in_process_decode("transformers", run, len(prompts), new_tokens, repeats)
 
 
 def planner_predictions(model: Path, batch: int, context: int, ms: list[int]) -> list[dict]:

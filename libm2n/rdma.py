@@ -113,13 +113,17 @@ def decode_info(line: bytes) -> dict:
     return info
 
 
+READY = b"R"  # receiver -> sender once its receives are posted (side channel, set-up only)
+
+
 def exchange_info(sock: socket.socket, mine: dict) -> dict:
     """Swap one QP info line each way over the (blocking) side-channel socket."""
     try:
         sock.sendall(encode_info(mine))
         buf = b""
         while not buf.endswith(b"\n"):
-            chunk = sock.recv(MAX_INFO_BYTES)
+            # byte by byte: the receiver's READY byte may follow the line at once (set-up only)
+            chunk = sock.recv(1)
             if not chunk:
                 raise PeerLost("rdma: peer closed the side channel during the QP info exchange")
             buf += chunk
@@ -169,6 +173,9 @@ class RdmaReceiver(StreamReceiver):
             qp.connect(remote)
             qp.post_recv(nslots)  # one receive per slot: at most nslots writes are in flight
             qp.notify()
+            # Only now may the sender write: a WRITE_WITH_IMM that lands before its receive is
+            # posted fails (RNR) or burns retries.
+            peer.sock.sendall(READY)
         except BaseException:
             qp.close()
             raise
@@ -232,6 +239,8 @@ class RdmaSender(StreamSender):
                 raise ProtocolError(f"rdma: receiver memory of {remote['size']} bytes is smaller "
                                     f"than {self.nslots} slots of {stride}")
             qp.connect(remote)
+            if self._sock.recv(1) != READY:
+                raise PeerLost("rdma: receiver closed the side channel before it was ready")
         except BaseException:
             qp.close()
             raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import shutil
 import signal
 import subprocess
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         sched = mesh.start_role("scheduler", ["--redis-url", redis_url, "--model", str(model),
                                               "--micro-batches", str(args.micro_batches),
                                               "--metrics-port", "0"], "scheduler")
-        tag = f"{int(time.time()) % 100000}"
+        tag = f"{os.getpid()}"  # unique shm names per launcher
         experts = []
         for i, ids in enumerate(partition_experts(cfg.num_experts, args.experts, replicate)):
             url = f"shm://m2n-up{tag}-e{i}" if args.transport == "shm" else "tcp://127.0.0.1:0"

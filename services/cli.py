@@ -17,13 +17,13 @@ import sys
 
 from services.errors import UserError
 
-# name -> module that defines register(subparsers). Order is the order of `megascale --help`.
-SUBCOMMANDS: dict[str, str] = {
-    "demo-model": "services.core.demo",
-    "generate": "services.core.generate",
-    "plan": "services.scheduler.planner.cli",
-    "serve": "services.launch.serve",
-    "up": "services.launch.up",
+# name -> (module that defines register(subparsers), one-line help). Order of `--help`.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo-model": ("services.core.demo", "write a small random MoE checkpoint + tokenizer"),
+    "generate": ("services.core.generate", "offline generation (the monolithic reference)"),
+    "plan": ("services.scheduler.planner.cli", "search a deployment plan (or --profile)"),
+    "serve": ("services.launch.serve", "run one role: attention | expert | scheduler | gateway"),
+    "up": ("services.launch.up", "start the whole mesh locally"),
 }
 
 
@@ -33,12 +33,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in argv if not a.startswith("-")), None)
-    for name, module in SUBCOMMANDS.items():
+    for name, (module, help_text) in SUBCOMMANDS.items():
         # Import only the requested sub-command's module; list the rest by name only.
         if wanted == name:
             importlib.import_module(module).register(subparsers)
         elif wanted not in SUBCOMMANDS:
-            subparsers.add_parser(name, help=f"(see `megascale {name} --help`)")
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 

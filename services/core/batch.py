@@ -67,6 +67,9 @@ def build_batch_meta(block_tables: Sequence[Sequence[int]], starts: Sequence[int
         if len(t) * block_size < seq_lens[b]:
             raise ValueError(f"block table of sequence {b} covers {len(t) * block_size} tokens, "
                              f"needs {seq_lens[b]}")
+    if qmax == 1:
+        return _decode_meta(block_tables, starts, seq_lens, nbmax, block_size, device,
+                            sliding_window)
     # Built from Python ints (cheap at decode sizes: a handful of tensor ops instead of ~25),
     # packed into one int64 tensor so a GPU gets one host-to-device copy, then split into views.
     positions: list[int] = []
@@ -103,3 +106,31 @@ def build_batch_meta(block_tables: Sequence[Sequence[int]], starts: Sequence[int
         positions=pos_t, slot_mapping=slot_t, block_tables=tables_t, q_gather=qg_t,
         attn_mask=mask[:, None], last_index=last_t, query_lens=tuple(query_lens),
         seq_lens=tuple(seq_lens), max_query_len=qmax, max_seq_len=smax)
+
+
+def _decode_meta(block_tables: Sequence[Sequence[int]], starts: Sequence[int],
+                 seq_lens: list[int], nbmax: int, block_size: int,
+                 device: str | torch.device, sliding_window: int | None) -> BatchMeta:
+    """:func:`build_batch_meta` when every sequence brings one token (every decode step):
+    token b is sequence b, so positions = query positions = starts and q_gather = last_index
+    = arange(B); only the slots and the padded tables are computed per sequence."""
+    B = len(block_tables)
+    bs = block_size
+    slots = [t[p // bs] * bs + p % bs for t, p in zip(block_tables, starts, strict=True)]
+    tables: list[int] = []
+    for t in block_tables:
+        tables.extend(t)
+        if len(t) < nbmax:
+            tables.extend([0] * (nbmax - len(t)))
+    packed = torch.tensor([*starts, *slots, *range(B), *tables],
+                          dtype=torch.int64).to(device, non_blocking=True)
+    pos_t, slot_t, idx_t = packed[:B], packed[B:2 * B], packed[2 * B:3 * B]
+    k_pos = torch.arange(max(seq_lens), device=packed.device)
+    mask = k_pos[None, :] <= pos_t[:, None]  # [B, S]: the context, position included
+    if sliding_window is not None:
+        mask &= k_pos[None, :] > pos_t[:, None] - sliding_window
+    return BatchMeta(
+        positions=pos_t, slot_mapping=slot_t, block_tables=packed[3 * B:].view(B, nbmax),
+        q_gather=idx_t, attn_mask=mask[:, None, None], last_index=idx_t,
+        query_lens=(1,) * B, seq_lens=tuple(seq_lens), max_query_len=1,
+        max_seq_len=max(seq_lens))

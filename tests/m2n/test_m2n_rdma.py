@@ -41,6 +41,22 @@ def test_pyverbs_loads_from_the_system_copy():
     assert mod.__name__ == "pyverbs"
 
 
+@pytest.mark.skipif(REASON is not None, reason=REASON or "")
+def test_real_device_round_trip_byte_exact():
+    """On a machine with an RDMA NIC: a real RC queue pair, WRITE_WITH_IMM into the slot."""
+    rx = libm2n.open_receiver("rdma://127.0.0.1:0", libm2n.ReceiverConfig(slot_bytes=1 << 20))
+    tx = libm2n.connect(rx.url, libm2n.SenderConfig(sender_id=1))
+    try:
+        for size in (2048, 256 << 10, 1 << 20):
+            data = bytes(range(256)) * (size // 256)
+            tx.send(data).result(timeout=10)
+            with rx.recv(timeout=10) as msg:
+                assert bytes(msg.payload) == data
+    finally:
+        tx.close()
+        rx.close()
+
+
 @pytest.mark.skipif(REASON is None, reason="this machine has an RDMA device")
 def test_no_device_is_a_clear_error():
     assert REASON.startswith("rdma: ")

@@ -194,6 +194,9 @@ def bench_disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, 
             "tokens_per_s": med(decode), "tokens_per_s_all": decode,
             "attn_busy": med(busy_a), "expert_busy": med(busy_e),
             "t_a_ms": 1000 * med(t_a), "t_e_ms": 1000 * med(t_e), "rtt_ms": 1000 * med(rtt),
+            # T_c estimate: the round trip minus the expert's compute, per direction (it also
+            # holds any queueing at the expert node behind other micro-batches)
+            "t_c_ms": 1000 * max(0.0, med(rtt) - med(t_e)) / 2,
             "stream_interval": stream_interval, "step_ms": med(step_ms),
             "loop_ms": med(loop_ms)}
 
@@ -349,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nshape {SHAPE}\nbatch {args.batch}, {args.new_tokens} new tokens, median of "
           f"{args.repeats}")
     print(f"{'impl':<14}{'m':>3}{'tok/s':>10}{'vs m=1':>8}{'vs mono':>9}{'vs HF':>7}"
-          f"{'attn busy':>11}{'exp busy':>10}{'T_a ms':>8}{'T_e ms':>8}{'RTT ms':>8}"
+          f"{'attn busy':>11}{'exp busy':>10}{'T_a ms':>8}{'T_e ms':>8}{'RTT ms':>8}{'T_c ms':>8}"
           f"{'step ms':>8}{'loop ms':>8}")
     for r in records:
         if r["impl"] == "planner":
@@ -360,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                f"{r['tokens_per_s'] / hf:>6.2f}x")
         if r["attn_busy"] is not None:
             row += (f"{r['attn_busy']:>11.0%}{r['expert_busy']:>10.0%}{r['t_a_ms']:>8.2f}"
-                    f"{r['t_e_ms']:>8.2f}{r['rtt_ms']:>8.2f}{r['step_ms']:>8.1f}"
+                    f"{r['t_e_ms']:>8.2f}{r['rtt_ms']:>8.2f}{r['t_c_ms']:>8.2f}{r['step_ms']:>8.1f}"
                     f"{r['loop_ms']:>8.1f}")
         print(row)
     print("\nplanner (megascale plan's performance model, profiled with the real core layers):")

@@ -80,17 +80,6 @@ class PendingCombine:
     sent_at: float = 0.0
 
 
-@dataclass
-class ClientStats:
-    """Counters the engine exports (seconds are cumulative)."""
-
-    dispatches: int = 0
-    messages: int = 0
-    rows_sent: int = 0
-    wait_s: float = 0.0          # time blocked in combine (attention idle, experts busy)
-    round_trip_s: list[float] = field(default_factory=list)  # dispatch -> last reply, per call
-
-
 class ExpertClient:
     """libm2n senders to every expert node plus the combine receiver (module docstring)."""
 
@@ -103,7 +92,7 @@ class ExpertClient:
         self.top_k = top_k
         self.reply_timeout_s = reply_timeout_s
         self.peer_timeout_s = peer_timeout_s
-        self.stats = ClientStats()
+        self._round_trips: list[float] = []  # per dispatch: sent -> last reply, seconds
         self._tags = itertools.count(1)
         self._arrived: dict[int, libm2n.Message] = {}  # tag -> reply that nobody waited for yet
         self._senders: list[libm2n.Sender] = []
@@ -171,9 +160,6 @@ class ExpertClient:
                 node = self.placement.nodes[ni].node_id
                 raise ExpertUnavailable(f"dispatch to expert node {node} failed: {exc}") from exc
             pending.waiting[tag] = (ni, row_ids)
-            self.stats.messages += 1
-            self.stats.rows_sent += rows.shape[0]
-        self.stats.dispatches += 1
         return pending
 
     def _split(self, ids: torch.Tensor, weights: torch.Tensor
@@ -204,7 +190,6 @@ class ExpertClient:
         """Wait for every reply of ``pending``; returns the summed expert output [T, H]."""
         out = torch.zeros(pending.num_tokens, self.hidden, dtype=dtype, device=device)
         deadline = time.monotonic() + self.reply_timeout_s
-        t0 = time.perf_counter()
         while pending.waiting:
             msg = self._next_reply(pending, deadline)
             ni, row_ids = pending.waiting.pop(msg.header.tag)
@@ -224,9 +209,7 @@ class ExpertClient:
                     out.add_(part)
                 else:
                     out.index_add_(0, row_ids.to(device), part)
-        now = time.perf_counter()
-        self.stats.wait_s += now - t0
-        self.stats.round_trip_s.append(now - pending.sent_at)
+        self._round_trips.append(time.perf_counter() - pending.sent_at)
         return out
 
     def _next_reply(self, pending: PendingCombine, deadline: float) -> libm2n.Message:
@@ -260,7 +243,7 @@ class ExpertClient:
 
     def take_round_trips(self) -> list[float]:
         """Round-trip times recorded since the last call (then forgotten)."""
-        out, self.stats.round_trip_s = self.stats.round_trip_s, []
+        out, self._round_trips = self._round_trips, []
         return out
 
     def discard_pending(self) -> None:

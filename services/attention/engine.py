@@ -23,16 +23,10 @@ import torch
 from services.attention.config import AttentionConfig
 from services.attention.dispatch import ExpertClient, ExpertUnavailable, Placement
 from services.attention.pingpong import PingPongRunner, StepTimings, build_micro_batches
-from services.attention.scheduler import (
-    Request,
-    RequestScheduler,
-    SchedulerConfig,
-    StepPlan,
-    finish_reason,
-)
+from services.attention.scheduler import Request, RequestScheduler, SchedulerConfig, StepPlan
 from services.core.kv_cache import BlockManager
 from services.core.model import AttentionSide
-from services.core.sampling import SamplingParams, sample
+from services.core.sampling import SamplingParams, finish_reason, sample
 from services.errors import UserError
 
 log = logging.getLogger("megascale.attention.engine")

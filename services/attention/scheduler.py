@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -116,23 +115,6 @@ class SchedulerConfig:
 
 class QueueFull(RuntimeError):
     """The waiting queue is at ``max_waiting``; the caller should retry elsewhere."""
-
-
-def finish_reason(params: SamplingParams, output: list[int], eos_ids: Iterable[int],
-                  max_len_reached: bool = False) -> str | None:
-    """Why a request with this ``output`` stops now ("stop" | "length"), or None to go on.
-
-    The last token stops the request when it is a stop token id, or an EOS id and not
-    ``ignore_eos``; ``max_tokens`` (counting resumed tokens) or the model length end it with
-    "length".
-    """
-    if output:
-        last = output[-1]
-        if last in params.stop_token_ids or (not params.ignore_eos and last in eos_ids):
-            return "stop"
-    if len(output) >= params.max_tokens or max_len_reached:
-        return "length"
-    return None
 
 
 class RequestScheduler:

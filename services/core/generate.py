@@ -18,7 +18,7 @@ import torch
 from services.core.batch import build_batch_meta
 from services.core.kv_cache import BlockManager
 from services.core.model import MonolithicModel
-from services.core.sampling import SamplingParams, sample
+from services.core.sampling import SamplingParams, finish_reason, sample
 from services.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,11 +73,7 @@ def generate_completions(model: MonolithicModel, prompts: list[list[int]],
 
     def accept(i: int, token: int) -> None:
         outs[i].append(token)
-        sp = params[i]
-        if token in sp.stop_token_ids or (not sp.ignore_eos and token in eos):
-            reasons[i] = "stop"
-        elif len(outs[i]) >= sp.max_tokens:
-            reasons[i] = "length"
+        reasons[i] = finish_reason(params[i], outs[i], eos)
         if reasons[i] is not None:
             bm.free(i)
 

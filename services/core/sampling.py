@@ -7,7 +7,7 @@ seeded request reproduces the same tokens whatever it is batched with.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,3 +93,19 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     for j, i in enumerate(rows):
         out[i] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(0)
     return out
+
+
+def finish_reason(params: SamplingParams, output: Sequence[int], eos_ids: Container[int]
+                  ) -> str | None:
+    """Why a request with this ``output`` stops now ("stop" | "length"), or None to go on.
+
+    The last token stops the request when it is a stop token id, or an EOS id and not
+    ``ignore_eos``; reaching ``max_tokens`` (resumed tokens count) ends it with "length".
+    """
+    if output:
+        last = output[-1]
+        if last in params.stop_token_ids or (not params.ignore_eos and last in eos_ids):
+            return "stop"
+    if len(output) >= params.max_tokens:
+        return "length"
+    return None

@@ -58,7 +58,6 @@ class WorkerStats:
     groups: int = 0
     group_rows: int = 0
     started: float = field(default_factory=time.monotonic)
-    compute_calls: list[tuple[int, float]] = field(default_factory=list)  # (rows, seconds)
 
 
 def _compute_span(layer: int, headers: list, rows: int):  # noqa: ANN202 - OpenTelemetry span
@@ -194,9 +193,6 @@ class ExpertWorker:
                layer: int) -> None:
         s = self.stats
         s.compute_s += seconds
-        s.compute_calls.append((nrows, seconds))
-        if len(s.compute_calls) > 4096:
-            del s.compute_calls[:2048]
         per_expert = torch.bincount(ids[ids >= 0], minlength=self.cfg.num_experts).tolist()
         experts = [e for e, c in enumerate(per_expert) if c]
         counts = [per_expert[e] for e in experts]

@@ -11,10 +11,9 @@ from services.attention.scheduler import (
     RequestScheduler,
     SchedulerConfig,
     Status,
-    finish_reason,
 )
 from services.core.kv_cache import BlockManager
-from services.core.sampling import SamplingParams
+from services.core.sampling import SamplingParams, finish_reason
 from services.errors import UserError
 
 

@@ -37,6 +37,8 @@ import uuid
 
 import numpy as np
 
+from libm2n.api import ReceiverConfig
+
 TRANSPORTS = ("shm", "tcp", "gloo", "grpc")
 KB, MB = 1 << 10, 1 << 20
 WARMUP = 10
@@ -227,7 +229,7 @@ def _run(fn, *args):
 
 
 def run_group(transport: str, m: int, n: int, sizes: list[int], quick: bool,
-              timeout_s: float = 240, spin_us: float = 0.0) -> list[dict]:
+              timeout_s: float = 240, spin_us: float | None = None) -> list[dict]:
     ctx = mp.get_context("spawn")
     iters = {s: _iters(s, quick) for s in sizes}
     tag = uuid.uuid4().hex[:8]
@@ -242,7 +244,8 @@ def run_group(transport: str, m: int, n: int, sizes: list[int], quick: bool,
                 "receivers": [f"127.0.0.1:{_free_port()}" for _ in range(n)]}
     else:
         plan = {"port": _free_port(), "m": m, "n": n}
-    plan["spin_us"] = spin_us  # libm2n receivers: ReceiverConfig.spin_us
+    # libm2n receivers: ReceiverConfig.spin_us (None: the library's default)
+    plan["spin_us"] = ReceiverConfig().spin_us if spin_us is None else spin_us
     out = ctx.Queue()
     procs = []
     if transport == "gloo":
@@ -417,8 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transports", default=",".join(TRANSPORTS))
     ap.add_argument("--pairs", help="MxN list, e.g. 1x1,2x2 (default: by --quick)")
     ap.add_argument("--sizes-kb", help="message sizes in KB, e.g. 256,1024 (default: by --quick)")
-    ap.add_argument("--spin-us", type=float, default=0.0,
-                    help="libm2n ReceiverConfig.spin_us for shm/tcp (default 0: no spin)")
+    ap.add_argument("--spin-us", type=float, default=ReceiverConfig().spin_us,
+                    help="libm2n ReceiverConfig.spin_us for shm/tcp (default: the library's, "
+                         f"{ReceiverConfig().spin_us:g} us; 0 = sleep at once)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="run the whole schedule this many times; report medians and spread")
     args = ap.parse_args(argv)

@@ -49,8 +49,8 @@ class SlotTable:
 class PendingSend:
     """A send waiting for a credit: what to write, and the completion to finish."""
 
-    meta: tuple  # header fields, see StreamSender._write_locked
-    data: memoryview
+    meta: tuple  # header fields, see StreamSender._write
+    data: object  # a C-contiguous buffer (fastpath.payload), kept alive until written
     future: Future
     deadline: float
 

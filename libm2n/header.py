@@ -26,6 +26,9 @@ Wire layout (little endian, 128 bytes, ``struct`` format :data:`HEADER_FORMAT`):
 
 Every field is checked by :func:`unpack` / :func:`validate`; a violation raises
 :class:`~libm2n.errors.ProtocolError` (or :class:`~libm2n.errors.VersionMismatch`).
+The hot path works on plain *fields tuples* (:data:`FIELDS` order) instead of :class:`Header`
+objects: :func:`unpack_fields` / :func:`validate_fields` / :func:`pack_fields` here are the
+reference implementations; :mod:`libm2n.fastpath` picks them or their C twins in ``_fast.c``.
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ class Header:
 _HEADER_SETTERS = tuple(Header.__dict__[f].__set__ for f in Header.__dataclass_fields__)
 
 
-def _new_header(values: tuple) -> Header:
+def new_header(values: tuple) -> Header:
     """A :class:`Header` from all its fields in declaration order (already range-checked)."""
     h = object.__new__(Header)
     for setter, value in zip(_HEADER_SETTERS, values, strict=True):
@@ -153,8 +156,21 @@ def pack_into(buf, h: Header) -> None:  # noqa: ANN001 - any writable buffer
     buf[:HEADER_SIZE] = pack(h)
 
 
-def unpack(data) -> Header:  # noqa: ANN001 - bytes-like of exactly HEADER_SIZE
-    """Decode and check magic, version, kind and padding; see :func:`validate` for the rest."""
+FIELDS = tuple(Header.__dataclass_fields__)  # the order of a "fields" tuple
+# Index of each field in a fields tuple (the hot path reads tuples, not Header objects).
+(F_KIND, F_SENDER_ID, F_EPOCH, F_SLOT, F_SEQ, F_STEP, F_LAYER, F_MICRO_BATCH, F_ROWS, F_COLS,
+ F_DTYPE, F_PAYLOAD_BYTES, F_TAG, F_TRACE_ID, F_SPAN_ID, F_VERSION, F_MAGIC) = range(17)
+assert FIELDS.index("payload_bytes") == F_PAYLOAD_BYTES and FIELDS.index("magic") == F_MAGIC
+
+
+def fields_of(h: Header) -> tuple:
+    """``h`` as a fields tuple (:data:`FIELDS` order, what :func:`unpack_fields` returns)."""
+    return tuple(getattr(h, f) for f in FIELDS)
+
+
+def unpack_fields(data) -> tuple:  # noqa: ANN001 - bytes-like of exactly HEADER_SIZE
+    """Decode and check magic, version, kind and padding; returns the 17 fields in
+    :data:`FIELDS` order (the reference for :mod:`libm2n._fast`'s ``unpack``)."""
     if len(data) != HEADER_SIZE:
         raise ProtocolError(f"short header: {len(data)} bytes, expected {HEADER_SIZE}")
     (magic, version, kind, epoch, sender_id, slot, seq, step, layer, micro_batch, rows, cols,
@@ -168,8 +184,13 @@ def unpack(data) -> Header:  # noqa: ANN001 - bytes-like of exactly HEADER_SIZE
         raise ProtocolError(f"unknown frame kind {kind}")
     if reserved or pad or tail != _ZERO_TAIL:
         raise ProtocolError("reserved header bytes are not zero")
-    return _new_header((kind, sender_id, epoch, slot, seq, step, layer, micro_batch, rows, cols,
-                        dtype, payload_bytes, tag, trace_id, span_id, version, magic))
+    return (kind, sender_id, epoch, slot, seq, step, layer, micro_batch, rows, cols, dtype,
+            payload_bytes, tag, trace_id, span_id, version, magic)
+
+
+def unpack(data) -> Header:  # noqa: ANN001 - bytes-like of exactly HEADER_SIZE
+    """Decode and check magic, version, kind and padding; see :func:`validate` for the rest."""
+    return new_header(unpack_fields(data))
 
 
 def validate(h: Header, *, sender_id: int | None, nslots: int, slot_capacity: int) -> None:
@@ -177,28 +198,41 @@ def validate(h: Header, *, sender_id: int | None, nslots: int, slot_capacity: in
 
     ``slot_capacity`` is the payload capacity of one slot in bytes. Raises ProtocolError.
     """
-    if sender_id is not None and h.sender_id != sender_id:
-        raise ProtocolError(f"sender id {h.sender_id} on a connection opened by {sender_id}")
-    if h.kind == Kind.DATA:
-        itemsize = ITEMSIZE.get(h.dtype)
+    _validate(h.kind, h.sender_id, h.slot, h.rows, h.cols, h.dtype, h.payload_bytes,
+              sender_id, nslots, slot_capacity)
+
+
+def validate_fields(f: tuple, *, sender_id: int | None, nslots: int, slot_capacity: int) -> None:
+    """:func:`validate` of a fields tuple (the reference for :mod:`libm2n._fast`'s ``check``)."""
+    _validate(f[F_KIND], f[F_SENDER_ID], f[F_SLOT], f[F_ROWS], f[F_COLS], f[F_DTYPE],
+              f[F_PAYLOAD_BYTES], sender_id, nslots, slot_capacity)
+
+
+def _validate(kind: int, frame_sender: int, slot: int, rows: int, cols: int, dtype: int,
+              payload_bytes: int, sender_id: int | None, nslots: int,
+              slot_capacity: int) -> None:
+    if sender_id is not None and frame_sender != sender_id:
+        raise ProtocolError(f"sender id {frame_sender} on a connection opened by {sender_id}")
+    if kind == Kind.DATA:
+        itemsize = ITEMSIZE.get(dtype)
         if itemsize is None:
-            raise ProtocolError(f"unknown dtype code {h.dtype}")
-        if h.slot >= nslots:
-            raise ProtocolError(f"slot {h.slot} out of range (receiver granted {nslots})")
-        if h.rows * h.cols * itemsize != h.payload_bytes:
+            raise ProtocolError(f"unknown dtype code {dtype}")
+        if slot >= nslots:
+            raise ProtocolError(f"slot {slot} out of range (receiver granted {nslots})")
+        if rows * cols * itemsize != payload_bytes:
             raise ProtocolError(
-                f"rows*cols*itemsize = {h.rows}*{h.cols}*{itemsize} != payload_bytes "
-                f"{h.payload_bytes}"
+                f"rows*cols*itemsize = {rows}*{cols}*{itemsize} != payload_bytes "
+                f"{payload_bytes}"
             )
-        if h.payload_bytes > slot_capacity:
+        if payload_bytes > slot_capacity:
             raise ProtocolError(
-                f"payload of {h.payload_bytes} bytes exceeds the slot size {slot_capacity}"
+                f"payload of {payload_bytes} bytes exceeds the slot size {slot_capacity}"
             )
-    elif h.kind == Kind.CREDIT:
-        if h.slot >= nslots:
-            raise ProtocolError(f"credit for slot {h.slot} out of range ({nslots} slots)")
-    elif h.kind == Kind.ERROR:
-        if h.payload_bytes > MAX_ERROR_BYTES:
-            raise ProtocolError(f"error message of {h.payload_bytes} bytes is too long")
-    elif h.payload_bytes != 0:
-        raise ProtocolError(f"{Kind(h.kind).name} frame with payload_bytes {h.payload_bytes}")
+    elif kind == Kind.CREDIT:
+        if slot >= nslots:
+            raise ProtocolError(f"credit for slot {slot} out of range ({nslots} slots)")
+    elif kind == Kind.ERROR:
+        if payload_bytes > MAX_ERROR_BYTES:
+            raise ProtocolError(f"error message of {payload_bytes} bytes is too long")
+    elif payload_bytes != 0:
+        raise ProtocolError(f"{Kind(kind).name} frame with payload_bytes {payload_bytes}")

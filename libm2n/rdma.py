@@ -31,13 +31,13 @@ from __future__ import annotations
 import json
 import mmap
 import socket
-import struct
 from collections.abc import Callable
 from typing import Any
 
 from libm2n.api import Endpoint, ReceiverConfig, SenderConfig
 from libm2n.errors import PeerLost, ProtocolError
-from libm2n.header import HEADER_SIZE, Header, Kind, unpack
+from libm2n.fastpath import pack_fields, unpack_fields
+from libm2n.header import HEADER_SIZE, Header, Kind, new_header, validate_fields
 from libm2n.rdma_verbs import QueuePair, list_devices, load_pyverbs, open_context, pick_device
 from libm2n.stream_rx import StreamReceiver, _Peer
 from libm2n.stream_tx import StreamSender
@@ -53,7 +53,6 @@ MAX_IMM_SLOTS = 1 << (32 - IMM_SLOT_SHIFT)  # 4096 = ReceiverConfig's slots_per_
 MAX_INFO_BYTES = 4096
 _INFO_INTS = {"qpn": 2**24 - 1, "psn": 2**24 - 1, "lid": 2**16 - 1, "rkey": 2**32 - 1,
               "addr": 2**64 - 1, "size": 2**64 - 1}
-_SEQ = struct.Struct("<Q")  # header offset 24: seq
 
 # Builds the queue pair of one link: (slot or staging memory, depth) -> QueuePair-like object.
 QpFactory = Callable[[mmap.mmap, int], Any]
@@ -202,10 +201,12 @@ class RdmaReceiver(StreamReceiver):
                     raise ProtocolError(f"rdma write into slot {slot} (receiver granted "
                                         f"{nslots})")
                 off = slot * stride
-                h = unpack(peer.view[off:off + HEADER_SIZE])
-                check_imm(h, slot, seq_bits)
+                f = unpack_fields(peer.view[off:off + HEADER_SIZE])
+                check_imm(new_header(f), slot, seq_bits)
+                validate_fields(f, sender_id=peer.sender_id, nslots=nslots,
+                                slot_capacity=peer.capacity)
                 qp.post_recv(1)
-                if not self._on_header(peer, h, in_slot=True):
+                if not self._on_header(peer, f, in_slot=True):
                     return
 
     def _forget(self, peer: _Peer) -> None:
@@ -246,16 +247,16 @@ class RdmaSender(StreamSender):
             raise
         self._qp = qp
 
-    def _write(self, header: bytes, slot: int, data: memoryview) -> None:
+    def _write(self, slot: int, seq: int, meta: tuple, data: Any) -> None:
+        header = pack_fields(Kind.DATA, self.sender_id, self.epoch, slot, seq, *meta)
         off = slot_offset(slot, self.slot_bytes)
-        end = off + HEADER_SIZE + len(data)
+        end = off + HEADER_SIZE + meta[6]
         mem = self._mem
         mem[off:off + HEADER_SIZE] = header
         mem[off + HEADER_SIZE:end] = data  # the one copy (into registered memory)
         for c in self._qp.poll():  # reap earlier writes' completions (errors = peer gone)
             if not c.ok:
                 raise OSError(f"rdma: write completion failed: {c.error}")
-        (seq,) = _SEQ.unpack_from(header, 24)
         self._qp.write_imm(off, end - off, off, pack_imm(slot, seq))
 
     def _detach(self) -> None:

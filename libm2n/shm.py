@@ -22,14 +22,18 @@ from __future__ import annotations
 import mmap
 import os
 import socket
+from typing import Any
 
 from libm2n.api import Endpoint
 from libm2n.errors import InvalidArgument, ProtocolError
+from libm2n.fastpath import shm_send
+from libm2n.header import Kind
 from libm2n.stream import Eof, read_exact
 from libm2n.stream_rx import StreamReceiver
 from libm2n.stream_tx import StreamSender
 
 SEGMENT_PREFIX = "m2n-"
+_DATA = int(Kind.DATA)
 _SHM_DIR = "/dev/shm"
 
 
@@ -144,11 +148,14 @@ class ShmSender(StreamSender):
             raise ProtocolError(f"shared segment from {self.url} is smaller than its slots")
         self._mem = mmap.mmap(fds[0], size)
         self._view = memoryview(self._mem)
+        self._fd = self._sock.fileno()
 
-    def _write(self, header: bytes, slot: int, data: memoryview) -> None:
-        off = slot * self.slot_bytes
-        self._view[off:off + len(data)] = data  # the one copy in
-        self._sock.sendall(header)  # the notification
+    def _write(self, slot: int, seq: int, meta: tuple, data: Any) -> None:
+        # the one copy in, then the header on the socket is the notification (C: one call)
+        rest = shm_send(self._fd, self._view, slot * self.slot_bytes, data, _DATA,
+                        self.sender_id, self.epoch, slot, seq, *meta)
+        if rest:  # the socket buffer was full (or the pure-Python path): finish blocking
+            self._sock.sendall(rest)
 
     def _detach(self) -> None:
         view = getattr(self, "_view", None)

@@ -64,9 +64,10 @@ def read_exact(sock: socket.socket, view: memoryview) -> None:
         got += k
 
 
-def sendmsg_all(sock: socket.socket, bufs: list) -> None:
-    """``sendmsg`` that copes with partial writes (one syscall in the common case)."""
-    total = sum(len(b) for b in bufs)
+def sendmsg_all(sock: socket.socket, bufs: list, total: int) -> None:
+    """``sendmsg`` of ``total`` bytes of buffers that copes with partial writes (one syscall in
+    the common case). ``bufs`` are any C-contiguous buffers (``len`` of one need not be its byte
+    count, e.g. a 2-D array)."""
     sent = sock.sendmsg(bufs)
     if sent == total:
         return

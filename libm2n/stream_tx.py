@@ -19,10 +19,11 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
-from libm2n.api import Endpoint, Sender, SenderConfig, as_payload
+from libm2n.api import Endpoint, Sender, SenderConfig
 from libm2n.credits import CreditPool, PendingSend
 from libm2n.errors import CreditTimeout, InvalidArgument, M2NError, PeerLost, ProtocolError
-from libm2n.header import HEADER_SIZE, Header, Kind, pack, pack_fields, unpack, validate
+from libm2n.fastpath import payload as fast_payload
+from libm2n.header import HEADER_SIZE, Header, Kind, pack, unpack, validate
 from libm2n.stream import (
     Eof,
     close_fd,
@@ -76,7 +77,10 @@ class StreamSender(Sender):
     def _attach(self, fds: list[int]) -> None:
         """Map the slot memory (shm); tcp has nothing to do."""
 
-    def _write(self, header: bytes, slot: int, data: memoryview) -> None:
+    def _write(self, slot: int, seq: int, meta: tuple, data: Any) -> None:
+        """Put one DATA frame into ``slot`` and signal it. ``meta``: the header fields after
+        ``seq`` in :func:`~libm2n.fastpath.pack_fields` order (step ... span_id; index 6 is
+        payload_bytes); ``data`` exports exactly that many bytes. OSError: the link broke."""
         raise NotImplementedError
 
     def _detach(self) -> None:
@@ -86,16 +90,16 @@ class StreamSender(Sender):
     def send(self, payload: Any, *, step: int = 0, layer: int = 0, micro_batch: int = 0,
              tag: int = 0, trace_id: bytes | None = None,
              span_id: bytes | None = None) -> Future:
-        data, rows, cols, dtype = as_payload(payload)
-        if len(data) > self.slot_bytes:
-            raise InvalidArgument(f"payload of {len(data)} bytes exceeds the slot size "
+        data, nbytes, rows, cols, dtype = fast_payload(payload)
+        if nbytes > self.slot_bytes:
+            raise InvalidArgument(f"payload of {nbytes} bytes exceeds the slot size "
                                   f"{self.slot_bytes} of {self.url}")
         trace_id = _ZERO_TRACE if trace_id is None else bytes(trace_id)
         span_id = _ZERO_SPAN if span_id is None else bytes(span_id)
         if len(trace_id) != 16 or len(span_id) != 8:
             raise InvalidArgument("trace_id must be 16 bytes and span_id 8 bytes")
         # Header fields in pack_fields order after (kind, sender_id, epoch, slot, seq).
-        meta = (step, layer, micro_batch, rows, cols, dtype, len(data), tag, trace_id, span_id)
+        meta = (step, layer, micro_batch, rows, cols, dtype, nbytes, tag, trace_id, span_id)
         fut = _DONE  # written inside send: a shared, already-finished completion
         with self._lock:
             done: list[Future] = []
@@ -227,10 +231,9 @@ class StreamSender(Sender):
                 close_fd(fd)
         sock.settimeout(None)
 
-    def _write_locked(self, meta: tuple, data: memoryview, slot: int, seq: int) -> None:
-        hdr = pack_fields(Kind.DATA, self.sender_id, self.epoch, slot, seq, *meta)
+    def _write_locked(self, meta: tuple, data: Any, slot: int, seq: int) -> None:
         try:
-            self._write(hdr, slot, data)
+            self._write(slot, seq, meta, data)
         except OSError as exc:
             if not self._draining:
                 self._drain_locked()  # an ERROR/CLOSE frame waiting there says why
@@ -238,7 +241,7 @@ class StreamSender(Sender):
             self._cv.notify_all()
             raise type(self._error)(str(self._error)) from None
         self._stats["messages"] += 1
-        self._stats["bytes"] += len(data)
+        self._stats["bytes"] += meta[6]
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

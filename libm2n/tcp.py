@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import mmap
 import socket
+from typing import Any
 
 from libm2n.api import Endpoint
 from libm2n.errors import InvalidArgument
+from libm2n.fastpath import pack_fields
+from libm2n.header import HEADER_SIZE, Kind
 from libm2n.stream import sendmsg_all
 from libm2n.stream_rx import StreamReceiver
 from libm2n.stream_tx import StreamSender
+
+_DATA = int(Kind.DATA)
 
 
 def _family(host: str) -> int:
@@ -69,5 +74,7 @@ class TcpSender(StreamSender):
     def _connect_once(self, ep: Endpoint) -> socket.socket:
         return connect_tcp(ep, self.config.connect_timeout_s)
 
-    def _write(self, header: bytes, slot: int, data: memoryview) -> None:
-        sendmsg_all(self._sock, [header, data] if len(data) else [header])
+    def _write(self, slot: int, seq: int, meta: tuple, data: Any) -> None:
+        header = pack_fields(_DATA, self.sender_id, self.epoch, slot, seq, *meta)
+        n = meta[6]
+        sendmsg_all(self._sock, [header, data] if n else [header], HEADER_SIZE + n)

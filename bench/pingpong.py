@@ -148,10 +148,14 @@ def bench_disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, 
     # one step may carry every prompt at once; a dispatch slot must hold that many rows
     step_tokens = max(512, batch * len(prompts[0]))
     slot_bytes = step_tokens * (SHAPE["hidden"] + 2 * SHAPE["top_k"]) * 4 + 4096
+    # KV blocks for every request at full length (+1 block each for the partial last one), so
+    # the whole batch decodes together: no request waits for blocks or is preempted.
+    num_blocks = batch * (-(-(len(prompts[0]) + new_tokens) // 16) + 1)
     with LocalMesh.start(
             model, [list(range(SHAPE["experts"]))], micro_batches=m, transport="shm",
             attention_args=["--metrics-port", "0", "--max-batch-tokens", str(step_tokens),
                             "--max-num-seqs", str(max(64, batch)),
+                            "--num-blocks", str(num_blocks), "--block-size", "16",
                             "--stream-interval", str(stream_interval)],
             expert_args=["--metrics-port", "0", "--slot-bytes", str(slot_bytes)],
             workdir=workdir, env=env,
@@ -297,7 +301,7 @@ def plot_timeline(timeline_dir: Path, png: Path, batch: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--hidden", type=int, default=SHAPE["hidden"])
     ap.add_argument("--layers", type=int, default=SHAPE["layers"])
     ap.add_argument("--intermediate", type=int, default=None,

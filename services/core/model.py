@@ -59,6 +59,9 @@ class MoEInput:
     dense_out: torch.Tensor | None = None
 
 
+_ROPE_CACHE_ENTRIES = 8  # > the largest micro-batch count (the planner searches m <= 4)
+
+
 class AttentionSide:
     """Attention-side weights and compute; knows nothing about expert weights."""
 
@@ -70,7 +73,8 @@ class AttentionSide:
         inv_freq, self.rope_scale = cfg.rope_inv_freq()
         self.inv_freq = inv_freq.to(self.device)
         self.scale = cfg.head_dim ** -0.5
-        self._rope_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # id(positions) -> (positions, cos, signed sin); see _rope.
+        self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # Fused QKV projection per layer ([(NH + 2 KVH) * D, H], one GEMM instead of three);
         # the layer's q/k/v become views into it, so the weights are not held twice.
         self._qkv: list[tuple[torch.Tensor, torch.Tensor | None]] = []
@@ -87,12 +91,17 @@ class AttentionSide:
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, signed sin) ``[T, 1, D]`` for :func:`layers.apply_rope_signed`."""
-        # Every layer of a step uses the same positions tensor: compute the tables once per
-        # step. (Holding a reference to the tensor keeps the identity check sound.)
-        cached = self._rope_cache
+        # Every layer of a micro-batch uses the same positions tensor: compute the tables once
+        # per micro-batch and step. The ping-pong loop interleaves m micro-batches layer by
+        # layer, so the cache holds several (a single entry would be recomputed on every
+        # call). Holding a reference to the tensor keeps the identity check sound.
+        cached = self._rope_cache.get(id(positions))
         if cached is None or cached[0] is not positions or cached[1].dtype != dtype:
+            if len(self._rope_cache) >= _ROPE_CACHE_ENTRIES:
+                self._rope_cache.clear()  # a new step: the old micro-batches are done
             cos, sin = L.rope_cos_sin(positions, self.inv_freq, self.rope_scale, dtype)
-            self._rope_cache = cached = (positions, cos, L.signed_sin(sin))
+            cached = (positions, cos, L.signed_sin(sin))
+            self._rope_cache[id(positions)] = cached
         return cached[1], cached[2]
 
     @classmethod

@@ -95,3 +95,22 @@ def test_profile_then_plan_with_it(tmp_path):
     assert r.returncode == 0, r.stderr
     planned = json.loads(r.stdout)
     assert planned["attention_gpu"] == "local-cpu" and planned["tp_a"] == 1
+
+
+def test_profile_a_checkpoint_times_the_real_engine_path(tmp_path):
+    from services.core.demo import write_random_checkpoint
+
+    model = write_random_checkpoint(tmp_path / "m", "mixtral", tokenizer=False, layers=2,
+                                    hidden=64, intermediate=64, experts=4, top_k=2, heads=4,
+                                    kv_heads=2, vocab=128)
+    out = tmp_path / "hw.json"
+    r = plan("--profile", "--model", str(model), "--profile-out", str(out), "--json",
+             "--local-batch", "16", "--local-m", "2", "--seq-len", "32")
+    assert r.returncode == 0, r.stderr
+    pred = json.loads(r.stdout)["prediction"]
+    profile = load_profile(out)
+    # T_c comes from real dispatch/combine round trips at every profiled batch size.
+    tc = profile.extra["transfer_points"]
+    assert [b for b, _ in tc] == [b for b, _ in profile.attention_points]
+    assert all(0 < t < 1.0 for _, t in tc)
+    assert pred["b_a"] == 8 and 0 < pred["t_c_ms"] < 1000 and pred["tokens_per_s"] > 0

@@ -175,8 +175,7 @@ def predict_local(profile: HardwareProfile, shape: MoEShape, batch: int, m: int,
         # compute over a micro-batch's tokens (all its experts, grouped GEMMs); a dispatch
         # carries each token row once with its K ids and weights (services/core/moe_wire).
         t_e = e_curve(b_a * n_attention / expert_nodes)
-        msg = b_a * (shape.hidden + 2 * shape.top_k) * 4
-        t_c = profile.extra["m2n_latency_s"] + msg / (profile.copy_gbs * 1e9)
+        t_c = LatencyCurve(tuple(map(tuple, profile.extra["transfer_points"])))(b_a)
         step = LatencyCurve(tuple(map(tuple, profile.extra["step_points"])))(batch)
     else:
         t_e = g * e_curve(b_e)
@@ -197,15 +196,18 @@ def profile_checkpoint(model_dir: str, shape: MoEShape, seq_len: int = 32,
                        name: str = "local-cpu") -> HardwareProfile:
     """Profile this machine with the **real** model core on a checkpoint (what the engine runs).
 
-    Per micro-batch of ``b`` decode tokens at context ``seq_len``: ``attention_points`` time one
-    ``AttentionSide.attention_block`` (norms, QKV, RoPE, paged attention, O, router);
+    Per micro-batch of ``b`` decode tokens at context ``seq_len``: ``attention_points`` time what
+    the engine counts as T_a: one ``AttentionSide.attention_block`` (norms, QKV, RoPE, paged
+    attention, O, router), packing its dispatch and adding the combine;
     ``expert_points`` time one ``ExpertSide.forward`` over all experts (one expert node's
     compute for that micro-batch, grouped GEMMs); ``step_points`` time what a step does once
-    (embedding, final norm + LM head over ``b`` rows). The libm2n shm one-way latency of a
-    dispatch-sized message is measured too. One torch thread, float32.
+    (embedding, final norm + LM head over ``b`` rows). ``transfer_points`` time T_c, one
+    direction of a real dispatch/combine round trip without compute
+    (:func:`measure_moe_transfer`). One torch thread, float32.
     """
     import torch
 
+    from services.core import moe_wire
     from services.core.batch import build_batch_meta
     from services.core.checkpoint import CheckpointIndex
     from services.core.config import ModelConfig
@@ -225,8 +227,12 @@ def profile_checkpoint(model_dir: str, shape: MoEShape, seq_len: int = 32,
     n = len(layers)
 
     def attention_all(hidden, meta, kv) -> None:  # noqa: ANN001
+        # What the engine counts as T_a per micro-batch and layer (services/attention/
+        # pingpong.py): the attention block, packing the dispatch, and adding the combine.
         for layer in layers:
-            attn.attention_block(layer, hidden, meta, kv)
+            mi = attn.attention_block(layer, hidden, meta, kv)
+            moe_wire.pack_dispatch(mi.normed, mi.topk_ids, mi.topk_weights)
+            attn.finish_layer(mi, torch.zeros_like(hidden).add_(mi.normed))
 
     def experts_all(mi) -> None:  # noqa: ANN001
         for layer in layers:
@@ -253,8 +259,8 @@ def profile_checkpoint(model_dir: str, shape: MoEShape, seq_len: int = 32,
                 lambda tokens=tokens, meta=meta: attn.logits(attn.embed(tokens),
                                                              meta.last_index), repeats)))
     copy_gbs = measure_copy_gbs(repeats=repeats)
-    msg = max(batches) * (cfg.hidden_size + 2 * cfg.top_k) * 4
-    latency = measure_m2n_latency(msg, repeats=max(20, 4 * repeats))
+    tc_pts = [(float(b), measure_moe_transfer(b, cfg.hidden_size, cfg.top_k, cfg.num_experts,
+                                              repeats=max(20, 4 * repeats))) for b in batches]
     b_big, t_big = e_pts[-1]
     tflops = 2 * shape.expert_params_per_layer * shape.top_k / shape.experts * b_big / t_big / 1e12
     import psutil
@@ -269,26 +275,38 @@ def profile_checkpoint(model_dir: str, shape: MoEShape, seq_len: int = 32,
                            notes=f"real core layers on {model_dir}, float32, 1 thread",
                            extra={"dtype": "float32", "repeats": repeats, "source": "core",
                                   "expert_points": "node", "step_points": s_pts,
-                                  "m2n_latency_s": latency, "m2n_probe_bytes": msg})
+                                  "transfer_points": tc_pts})
 
 
-def measure_m2n_latency(size: int, repeats: int = 50) -> float:
-    """One-way latency (s) of a ``size``-byte libm2n shm message: median over ping-pongs of a
-    sender/receiver pair in this process (copy in + notification + wake-up), divided by 2."""
+def measure_moe_transfer(rows: int, hidden: int, top_k: int, num_experts: int,
+                         repeats: int = 30) -> float:
+    """T_c (s): one direction of a real MoE dispatch/combine round trip without the expert
+    compute, over libm2n ``shm://`` in this process (an echo thread plays the expert node).
+
+    The round trip runs the engine's own host-side work around the transfer: the replica packs
+    the dispatch (:func:`moe_wire.pack_dispatch`) and sends it; the "expert" unpacks and checks
+    it (:func:`moe_wire.unpack_dispatch`), copies the rows out of the slot and sends a
+    ``[rows, H]`` reply; the replica adds the reply into a zeroed buffer. Median over
+    ``repeats`` round trips, halved.
+    """
     import os
     import threading
 
-    import numpy as np
+    import torch
 
     import libm2n
+    from services.core import moe_wire
 
-    name = f"m2n-probe-{os.getpid()}"
+    size = rows * (hidden + 2 * top_k) * 4
+    name = f"m2n-probe-{os.getpid()}-{rows}"
     rx_a = libm2n.open_receiver(f"shm://{name}-a", libm2n.ReceiverConfig(slot_bytes=size))
     rx_b = libm2n.open_receiver(f"shm://{name}-b", libm2n.ReceiverConfig(slot_bytes=size))
-    payload = np.zeros(size, dtype=np.uint8)
+    normed = torch.randn(rows, hidden)
+    ids = torch.randint(0, num_experts, (rows, top_k))
+    weights = torch.rand(rows, top_k)
     stop = threading.Event()
 
-    def echo() -> None:
+    def expert() -> None:
         tx = libm2n.connect(rx_a.url, libm2n.SenderConfig(sender_id=2))
         while not stop.is_set():
             try:
@@ -296,18 +314,21 @@ def measure_m2n_latency(size: int, repeats: int = 50) -> float:
             except TimeoutError:
                 continue
             with msg:
-                tx.send(msg.payload).result()
+                x, _ids, _w = moe_wire.unpack_dispatch(msg.tensor(), hidden, top_k, num_experts)
+                x = x.clone()  # the node copies the rows out of the slot before computing
+            tx.send(x).result()
         tx.close()
 
-    thread = threading.Thread(target=echo, daemon=True)
+    thread = threading.Thread(target=expert, daemon=True)
     thread.start()
     tx = libm2n.connect(rx_b.url, libm2n.SenderConfig(sender_id=1))
     try:
         samples = []
         for _ in range(repeats + 3):
             t0 = time.perf_counter()
-            tx.send(payload).result()
-            rx_a.recv(timeout=10).release()
+            tx.send(moe_wire.pack_dispatch(normed, ids, weights)).result()
+            with rx_a.recv(timeout=10) as msg:
+                torch.zeros(rows, hidden).add_(msg.tensor())
             samples.append(time.perf_counter() - t0)
         return statistics.median(samples[3:]) / 2
     finally:

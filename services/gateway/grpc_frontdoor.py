@@ -39,6 +39,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             gen.trace_headers = [(k, v) for k, v in context.invocation_metadata() or ()
                                  if k in TRACE_HEADERS]
         except GatewayError as exc:
+            self._count(exc.grpc_code.name)  # refused before the pipeline: counted here
             await context.abort(exc.grpc_code, exc.message)
         status = "ok"
         try:
@@ -55,7 +56,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             status = exc.grpc_code.name
             await context.abort(exc.grpc_code, exc.message)
         finally:
-            self.pipeline.metrics.requests.labels(endpoint="grpc.Generate", status=status).inc()
+            self._count(status)
+
+    def _count(self, status: str) -> None:
+        self.pipeline.metrics.requests.labels(endpoint="grpc.Generate", status=status).inc()
 
     async def ListModels(self, request: gateway_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> gateway_pb2.ListModelsResponse:

@@ -190,8 +190,14 @@ def test_grpc_front_door_same_tokens_as_rest(stack, hf):
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             return events, list(models.models)
 
+    before = _samples(httpx.get(stack.http + "/metrics").text)
     events, models = asyncio.run(call())
+    after = _samples(httpx.get(stack.http + "/metrics").text)
     assert [m.id for m in models] == [MODEL_NAME] and models[0].max_model_len == 256
+    for status in ("ok", "NOT_FOUND", "INVALID_ARGUMENT"):  # refusals are counted too
+        key = ("megascale:gateway_requests_total",
+               (("endpoint", "grpc.Generate"), ("status", status)))
+        assert after[key] == before.get(key, 0) + 1, status
     ids = [t for ev in events for t in ev.token_ids]
     assert ids == rest_ids
     assert "".join(ev.text for ev in events) == rest_text

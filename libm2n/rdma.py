@@ -40,7 +40,7 @@ from libm2n.fastpath import pack_fields, unpack_fields
 from libm2n.header import HEADER_SIZE, Header, Kind, new_header, validate_fields
 from libm2n.rdma_verbs import QueuePair, list_devices, load_pyverbs, open_context, pick_device
 from libm2n.stream_rx import StreamReceiver, _Peer
-from libm2n.stream_tx import StreamSender
+from libm2n.stream_tx import META_NBYTES, StreamSender
 from libm2n.tcp import connect_tcp, listen_tcp
 
 __all__ = ["IMM_SEQ_MASK", "IMM_SLOT_SHIFT", "RdmaReceiver", "RdmaSender", "check_imm",
@@ -250,7 +250,7 @@ class RdmaSender(StreamSender):
     def _write(self, slot: int, seq: int, meta: tuple, data: Any) -> None:
         header = pack_fields(Kind.DATA, self.sender_id, self.epoch, slot, seq, *meta)
         off = slot_offset(slot, self.slot_bytes)
-        end = off + HEADER_SIZE + meta[6]
+        end = off + HEADER_SIZE + meta[META_NBYTES]
         mem = self._mem
         mem[off:off + HEADER_SIZE] = header
         mem[off + HEADER_SIZE:end] = data  # the one copy (into registered memory)

@@ -35,6 +35,7 @@ from libm2n.stream import (
 
 _TICK_S = 0.1  # reader thread wake-up period for deadline checks (only while sends queue)
 _DRAIN_BYTES = 64 * HEADER_SIZE  # one non-blocking read takes up to 64 control frames
+META_NBYTES = 6  # index of payload_bytes in a send's ``meta`` tuple (step ... span_id)
 _ZERO_TRACE = b"\0" * 16
 _ZERO_SPAN = b"\0" * 8
 
@@ -79,8 +80,9 @@ class StreamSender(Sender):
 
     def _write(self, slot: int, seq: int, meta: tuple, data: Any) -> None:
         """Put one DATA frame into ``slot`` and signal it. ``meta``: the header fields after
-        ``seq`` in :func:`~libm2n.fastpath.pack_fields` order (step ... span_id; index 6 is
-        payload_bytes); ``data`` exports exactly that many bytes. OSError: the link broke."""
+        ``seq`` in :func:`~libm2n.fastpath.pack_fields` order (step ... span_id; payload_bytes
+        at :data:`META_NBYTES`); ``data`` exports exactly that many bytes. OSError: the link
+        broke."""
         raise NotImplementedError
 
     def _detach(self) -> None:
@@ -241,7 +243,7 @@ class StreamSender(Sender):
             self._cv.notify_all()
             raise type(self._error)(str(self._error)) from None
         self._stats["messages"] += 1
-        self._stats["bytes"] += meta[6]
+        self._stats["bytes"] += meta[META_NBYTES]
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

@@ -19,7 +19,7 @@ from libm2n.fastpath import pack_fields
 from libm2n.header import HEADER_SIZE, Kind
 from libm2n.stream import sendmsg_all
 from libm2n.stream_rx import StreamReceiver
-from libm2n.stream_tx import StreamSender
+from libm2n.stream_tx import META_NBYTES, StreamSender
 
 _DATA = int(Kind.DATA)
 
@@ -76,5 +76,5 @@ class TcpSender(StreamSender):
 
     def _write(self, slot: int, seq: int, meta: tuple, data: Any) -> None:
         header = pack_fields(_DATA, self.sender_id, self.epoch, slot, seq, *meta)
-        n = meta[6]
+        n = meta[META_NBYTES]
         sendmsg_all(self._sock, [header, data] if n else [header], HEADER_SIZE + n)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -140,9 +141,9 @@ def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
     return after.get(key, 0.0) - before.get(key, 0.0)
 
 
-def bench_disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, m: int,
-                        repeats: int, workdir: Path, timeline_dir: Path | None = None,
-                        stream_interval: int = 1) -> dict:
+def start_mesh(model: Path, prompts: list[list[int]], new_tokens: int, m: int, workdir: Path,
+               timeline_dir: Path | None = None, stream_interval: int = 1) -> LocalMesh:
+    """One attention replica (core 0) + one expert node (core 1) at ``m`` micro-batches."""
     env = {"MEGASCALE_TIMELINE": str(timeline_dir)} if timeline_dir else None
     batch = len(prompts)
     # one step may carry every prompt at once; a dispatch slot must hold that many rows
@@ -151,58 +152,81 @@ def bench_disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, 
     # KV blocks for every request at full length (+1 block each for the partial last one), so
     # the whole batch decodes together: no request waits for blocks or is preempted.
     num_blocks = batch * (-(-(len(prompts[0]) + new_tokens) // 16) + 1)
-    with LocalMesh.start(
-            model, [list(range(SHAPE["experts"]))], micro_batches=m, transport="shm",
-            attention_args=["--metrics-port", "0", "--max-batch-tokens", str(step_tokens),
-                            "--max-num-seqs", str(max(64, batch)),
-                            "--num-blocks", str(num_blocks), "--block-size", "16",
-                            "--stream-interval", str(stream_interval)],
-            expert_args=["--metrics-port", "0", "--slot-bytes", str(slot_bytes)],
-            workdir=workdir, env=env,
-            attention_cpus="0", expert_cpus="1") as mesh:
-        address = mesh.attention[0].grpc
-        a_port = mesh.attention[0].info["metrics_port"]
-        e_port = mesh.experts[0].info["metrics_port"]
-        asyncio.run(run_batch(address, prompts, 4, "warm"))
-        full, prefill, busy_a, busy_e, t_a, t_e, rtt = [], [], [], [], [], [], []
-        step_ms, loop_ms = [], []
+    return LocalMesh.start(
+        model, [list(range(SHAPE["experts"]))], micro_batches=m, transport="shm",
+        attention_args=["--metrics-port", "0", "--max-batch-tokens", str(step_tokens),
+                        "--max-num-seqs", str(max(64, batch)),
+                        "--num-blocks", str(num_blocks), "--block-size", "16",
+                        "--stream-interval", str(stream_interval)],
+        expert_args=["--metrics-port", "0", "--slot-bytes", str(slot_bytes)],
+        workdir=workdir, env=env, attention_cpus="0", expert_cpus="1")
+
+
+def measure_once(mesh: LocalMesh, prompts: list[list[int]], new_tokens: int, m: int,
+                 tag: str) -> dict:
+    """One repeat on a running mesh. Decode-only figures: everything measured over the N-token
+    run minus the same measured over the 1-token (prefill-only) run of the same batch."""
+    address = mesh.attention[0].grpc
+    a_port = mesh.attention[0].info["metrics_port"]
+    e_port = mesh.experts[0].info["metrics_port"]
+    s0 = (scrape(a_port), scrape(e_port))
+    prefill = asyncio.run(run_batch(address, prompts, 1, f"p{tag}"))
+    s1 = (scrape(a_port), scrape(e_port))
+    full = asyncio.run(run_batch(address, prompts, new_tokens, f"n{tag}"))
+    s2 = (scrape(a_port), scrape(e_port))
+
+    def window(key: str, side: int) -> float:
+        return delta(s2[side], s1[side], key) - delta(s1[side], s0[side], key)
+
+    wall = full - prefill
+    attn_s = window("megascale:attention_compute_seconds_sum", 0)
+    exp_s = window("megascale:expert_compute_seconds_sum", 1)
+    steps = max(1.0, window("megascale:step_duration_seconds_count", 0))
+    key = "megascale:m2n_latency_seconds_{}|direction=round_trip"
+    return {"decode": len(prompts) * (new_tokens - 1) / wall,
+            "busy_a": attn_s / wall, "busy_e": exp_s / wall,
+            "step_ms": 1000 * window("megascale:step_duration_seconds_sum", 0) / steps,
+            "loop_ms": 1000 * wall / steps,
+            "t_a": attn_s / (steps * m * SHAPE["layers"]),
+            "t_e": exp_s / max(1.0, window("megascale:expert_compute_seconds_count", 1)),
+            "rtt": window(key.format("sum"), 0) / max(1.0, window(key.format("count"), 0))}
+
+
+def bench_disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, ms: list[int],
+                        repeats: int, workdir: Path, stream_interval: int = 1) -> list[dict]:
+    """Every m's mesh runs at once (idle ones sleep); the repeats go round the m values, so
+    each m is measured minutes apart at most and the per-repeat ratio to m=1 is side by side
+    (``vs_m1_all``). This machine's speed drifts between runs by more than many effects."""
+    samples: dict[int, list[dict]] = {m: [] for m in ms}
+    with contextlib.ExitStack() as stack:
+        meshes = {m: stack.enter_context(start_mesh(model, prompts, new_tokens, m,
+                                                    workdir / f"m{m}",
+                                                    stream_interval=stream_interval))
+                  for m in ms}
+        for m, mesh in meshes.items():
+            asyncio.run(run_batch(mesh.attention[0].grpc, prompts, 4, f"warm{m}"))
         for r in range(repeats):
-            # Decode-only figures: everything measured over the N-token run minus the same
-            # measured over the 1-token (prefill-only) run of the same batch.
-            s0 = (scrape(a_port), scrape(e_port))
-            prefill.append(asyncio.run(run_batch(address, prompts, 1, f"p{r}")))
-            s1 = (scrape(a_port), scrape(e_port))
-            full.append(asyncio.run(run_batch(address, prompts, new_tokens, f"n{r}")))
-            s2 = (scrape(a_port), scrape(e_port))
-
-            def window(key: str, side: int, s0=s0, s1=s1, s2=s2) -> float:
-                return delta(s2[side], s1[side], key) - delta(s1[side], s0[side], key)
-
-            wall = full[-1] - prefill[-1]
-            attn_s = window("megascale:attention_compute_seconds_sum", 0)
-            exp_s = window("megascale:expert_compute_seconds_sum", 1)
-            steps = window("megascale:step_duration_seconds_count", 0)
-            calls = window("megascale:expert_compute_seconds_count", 1)
-            busy_a.append(attn_s / wall)
-            busy_e.append(exp_s / wall)
-            step_ms.append(1000 * window("megascale:step_duration_seconds_sum", 0)
-                           / max(1.0, steps))
-            loop_ms.append(1000 * wall / max(1.0, steps))
-            t_a.append(attn_s / max(1.0, steps * m * SHAPE["layers"]))
-            t_e.append(exp_s / max(1.0, calls))
-            key = "megascale:m2n_latency_seconds_{}|direction=round_trip"
-            rtt.append(window(key.format("sum"), 0) / max(1.0, window(key.format("count"), 0)))
+            for m, mesh in meshes.items():
+                samples[m].append(measure_once(mesh, prompts, new_tokens, m, f"{m}-{r}"))
     med = statistics.median
-    decode = [batch * (new_tokens - 1) / (f - p) for f, p in zip(full, prefill, strict=True)]
-    return {"impl": "disaggregated", "m": m, "batch": batch, "new_tokens": new_tokens,
-            "tokens_per_s": med(decode), "tokens_per_s_all": decode,
-            "attn_busy": med(busy_a), "expert_busy": med(busy_e),
-            "t_a_ms": 1000 * med(t_a), "t_e_ms": 1000 * med(t_e), "rtt_ms": 1000 * med(rtt),
-            # T_c estimate: the round trip minus the expert's compute, per direction (it also
-            # holds any queueing at the expert node behind other micro-batches)
-            "t_c_ms": 1000 * max(0.0, med(rtt) - med(t_e)) / 2,
-            "stream_interval": stream_interval, "step_ms": med(step_ms),
-            "loop_ms": med(loop_ms)}
+    records = []
+    for m, got in samples.items():
+        col = {k: [g[k] for g in got] for k in got[0]}
+        rec = {"impl": "disaggregated", "m": m, "batch": len(prompts), "new_tokens": new_tokens,
+               "tokens_per_s": med(col["decode"]), "tokens_per_s_all": col["decode"],
+               "attn_busy": med(col["busy_a"]), "expert_busy": med(col["busy_e"]),
+               "t_a_ms": 1000 * med(col["t_a"]), "t_e_ms": 1000 * med(col["t_e"]),
+               "rtt_ms": 1000 * med(col["rtt"]),
+               # T_c estimate: the round trip minus the expert's compute, per direction (it
+               # also holds any queueing at the expert node behind other micro-batches)
+               "t_c_ms": 1000 * max(0.0, med(col["rtt"]) - med(col["t_e"])) / 2,
+               "stream_interval": stream_interval, "step_ms": med(col["step_ms"]),
+               "loop_ms": med(col["loop_ms"])}
+        if 1 in samples:  # per-repeat ratio to m=1, measured in the same round
+            rec["vs_m1_all"] = [a["decode"] / b["decode"]
+                                for a, b in zip(got, samples[1], strict=True)]
+        records.append(rec)
+    return records
 
 
 def in_process_decode(impl: str, generate_fn, batch: int, new_tokens: int,
@@ -334,20 +358,18 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, SHAPE["vocab"], (args.batch, args.prompt_len), generator=g).tolist()
 
-    records = []
-    for m in ms:
-        records.append(bench_disaggregated(model, prompts, args.new_tokens, m, args.repeats,
-                                           work / f"m{m}", stream_interval=args.stream_interval))
-        print(json.dumps({k: v for k, v in records[-1].items() if k != "tokens_per_s_all"}),
-              flush=True)
+    records = bench_disaggregated(model, prompts, args.new_tokens, ms, args.repeats, work,
+                                  stream_interval=args.stream_interval)
     records.extend(planner_predictions(model, args.batch, args.prompt_len + args.new_tokens // 2,
                                        ms))
     records.append(bench_monolithic(model, prompts, args.new_tokens, args.repeats))
     records.append(bench_transformers(model, prompts, args.new_tokens, args.repeats))
     if args.png:
         tl = work / "timeline"
-        bench_disaggregated(model, prompts, 16, 2, 1, work / "tl", tl,
-                            stream_interval=args.stream_interval)
+        with start_mesh(model, prompts, 16, 2, work / "tl", tl,
+                        stream_interval=args.stream_interval) as mesh:
+            asyncio.run(run_batch(mesh.attention[0].grpc, prompts, 4, "warm"))
+            measure_once(mesh, prompts, 16, 2, "tl")
         plot_timeline(tl, args.png, args.batch)
 
     by = {(r["impl"], r["m"]): r for r in records}
@@ -370,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['t_e_ms']:>8.2f}{r['rtt_ms']:>8.2f}{r['t_c_ms']:>8.2f}{r['step_ms']:>8.1f}"
                     f"{r['loop_ms']:>8.1f}")
         print(row)
+    for r in records:
+        if r.get("vs_m1_all") and r["m"] != 1:
+            v = r["vs_m1_all"]
+            print(f"m={r['m']} / m=1 per repeat (same round): median {statistics.median(v):.2f}x "
+                  f"[{min(v):.2f} .. {max(v):.2f}]")
     print("\nplanner (megascale plan's performance model, profiled with the real core layers):")
     for r in records:
         if r["impl"] == "planner":

@@ -46,6 +46,7 @@ from libm2n.stream import (
     shutdown_quietly,
 )
 
+_REUSE_GRACE_S = 1.0  # how long a HELLO waits for its sender id's old connection to go
 _MAX_FRAMES_PER_WAKEUP = 64  # per connection, so one busy sender cannot starve the others
 _HEADER_BATCH = _MAX_FRAMES_PER_WAKEUP * HEADER_SIZE  # shm: bytes read per recv_into
 _DATA = int(Kind.DATA)  # a plain int compares faster than the enum member
@@ -314,14 +315,22 @@ class StreamReceiver(Receiver):
             raise ProtocolError(f"expected HELLO, got {Kind(h.kind).name}")
         validate(h, sender_id=None, nslots=0, slot_capacity=0)
         cfg = self.config
-        with self._lock:
-            if self._closed:
-                raise Refused("receiver is closing")
-            if h.sender_id in self._peers:
+        # A sender that reconnects right after closing (a restart) finds its id still taken
+        # until the reader thread has processed the old connection's CLOSE/EOF: wait for that
+        # a little before refusing the id as a duplicate.
+        grace_end = time.monotonic() + min(cfg.handshake_timeout_s, _REUSE_GRACE_S)
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise Refused("receiver is closing")
+                if h.sender_id not in self._peers:
+                    if len(self._peers) >= cfg.max_senders:
+                        raise Refused(f"{self.url} is full ({cfg.max_senders} senders)")
+                    self._peers[h.sender_id] = None  # reserve the id until the WELCOME is out
+                    break
+            if time.monotonic() >= grace_end:
                 raise Refused(f"sender id {h.sender_id} is already connected to {self.url}")
-            if len(self._peers) >= cfg.max_senders:
-                raise Refused(f"{self.url} is full ({cfg.max_senders} senders)")
-            self._peers[h.sender_id] = None  # reserve the id until the WELCOME is out
+            time.sleep(0.005)
         try:
             mem, fds = self._make_memory(
                 h.sender_id, cfg.slots_per_sender * (self.slot_header + cfg.slot_bytes))

@@ -179,6 +179,16 @@ def test_tcp_garbage_is_refused_and_receiver_survives(tcp_rx, data):
             assert bytes(m.payload) == b"ok"
 
 
+def test_sender_reconnects_with_its_id_right_after_closing(tcp_rx):
+    # A restarted sender reuses its id at once; the receiver may not have read the old
+    # connection's CLOSE yet, and must admit the new one rather than refuse a "duplicate".
+    for i in range(10):
+        with libm2n.connect(tcp_rx.url, libm2n.SenderConfig(sender_id=21)) as tx:
+            tx.send(bytes([i])).result(timeout=5)
+            with tcp_rx.recv(timeout=5) as m:
+                assert bytes(m.payload) == bytes([i])
+
+
 def _hello(sock: socket.socket, sender_id: int = 3) -> hdr.Header:
     sock.sendall(hdr.pack(hdr.Header(kind=hdr.Kind.HELLO, sender_id=sender_id)))
     h, _ = _recv_frame(sock)

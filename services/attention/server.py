@@ -108,11 +108,12 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
     """``megascale.v1.Attention`` (status codes are documented in attention.proto)."""
 
     def __init__(self, engine: Engine, metrics: AttentionMetrics, max_model_len: int,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, attacher: ExpertAttacher) -> None:
         self.engine = engine
         self.metrics = metrics
         self.max_model_len = max_model_len
         self.relay = EventRelay(loop)
+        self.attacher = attacher
 
     async def Generate(self, request: attention_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext):  # noqa: ANN201 - async generator
@@ -183,9 +184,11 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
     async def UpdatePlacement(self, request: common_pb2.ExpertPlacement,
                               context: grpc.aio.ServicerContext
                               ) -> common_pb2.UpdatePlacementResponse:
-        """Adopt a newer placement at the next step boundary (older epochs are ignored)."""
+        """Adopt a newer placement at the next step boundary (older epochs are ignored),
+        attaching first to expert nodes it names that this replica has not attached to.
+        INVALID_ARGUMENT: malformed, or a new node cannot be attached."""
         try:
-            applied = adopt_placement(self.engine, request)
+            applied = await adopt_placement(self.engine, request, self.attacher)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return common_pb2.UpdatePlacementResponse(applied_epoch=applied)
@@ -197,29 +200,46 @@ def _end_span(span, reason: str) -> None:  # noqa: ANN001 - an OpenTelemetry spa
         span.end()
 
 
-def adopt_placement(engine: Engine, p: common_pb2.ExpertPlacement) -> int:
+_LATE_ATTACH_S = 5.0  # an Attach made for a pushed placement (the RPC that pushed it waits)
+
+
+async def adopt_placement(engine: Engine, p: common_pb2.ExpertPlacement,
+                          attacher: ExpertAttacher) -> int:
     """Install a newer placement at the next step boundary; returns the epoch in force.
 
-    Raises ValueError for a placement that is malformed or names an expert node this replica
-    is not attached to (a node that joined later needs an Attach first: not supported yet).
-    Older epochs are ignored.
+    Expert nodes the placement names that this replica is not attached to yet (nodes that
+    joined later) are attached first, at the ``grpc_address`` the placement gives. Raises
+    ValueError for a placement that is malformed or names a node that cannot be attached (the
+    placement in force stays). Older epochs are ignored.
     """
     current = engine.client.placement
     if p.epoch <= current.epoch:
         return current.epoch
     placement = placement_from_proto(p, current)
-    known = engine.client.attached
-    unknown = sorted(n.node_id for n in placement.nodes if n.node_id not in known)
-    if unknown:
-        raise ValueError(f"placement epoch {p.epoch} names expert nodes {unknown} this "
-                         "replica is not attached to")
+    known = engine.client.attached  # only read and written on the server's event loop
+    addresses = {h.node_id: h.grpc_address for rep in p.experts for h in rep.hosts}
+    for node in placement.nodes:
+        if node.node_id in known:
+            continue
+        if not addresses[node.node_id]:
+            raise ValueError(f"placement epoch {p.epoch} names expert node {node.node_id}, "
+                             "which this replica is not attached to, without its grpc_address")
+        try:
+            resp = await attacher.attach(addresses[node.node_id], timeout_s=_LATE_ATTACH_S)
+        except ConfigError as exc:
+            raise ValueError(f"placement epoch {p.epoch}: {exc}") from None
+        if resp.node_id != node.node_id:
+            raise ValueError(f"expert node at {addresses[node.node_id]} is {resp.node_id!r}, "
+                             f"the placement calls it {node.node_id!r}")
+        known[resp.node_id] = resp.dispatch_url
     engine.set_placement(placement)
     return p.epoch
 
 
-def _adopt_logged(engine: Engine, p: common_pb2.ExpertPlacement) -> None:
+async def _adopt_logged(engine: Engine, p: common_pb2.ExpertPlacement,
+                        attacher: ExpertAttacher) -> None:
     try:
-        adopt_placement(engine, p)
+        await adopt_placement(engine, p, attacher)
     except ValueError as exc:
         log.warning("ignoring placement: %s", exc)
 
@@ -250,29 +270,46 @@ def _arrival(context: grpc.aio.ServicerContext) -> float:
     return time.monotonic()
 
 
-async def attach_experts(config: AttentionConfig, reply_url: str, num_experts: int
-                         ) -> Placement:
-    """Attach to every expert node; the placement is what they report hosting."""
-    routes, epochs = [], set()
-    for address in config.expert_nodes:
+class ExpertAttacher:
+    """Calls ``Expert.Attach`` for this replica: the node opens its reply link to
+    ``reply_url`` and reports what it hosts. At start for ``--expert-nodes``; later for nodes
+    a pushed placement names (expert scale-out)."""
+
+    def __init__(self, node_id: str, sender_id: int, reply_url: str, num_experts: int) -> None:
+        self.node_id = node_id
+        self.sender_id = sender_id
+        self.reply_url = reply_url
+        self.num_experts = num_experts
+
+    async def attach(self, address: str, timeout_s: float = 30.0) -> expert_pb2.AttachResponse:
+        """Raises ConfigError (one line) when the node cannot be reached or serves another
+        model."""
         async with grpc.aio.insecure_channel(address) as channel:
             stub = expert_pb2_grpc.ExpertStub(channel)
             try:
                 resp = await stub.Attach(expert_pb2.AttachRequest(
-                    node_id=config.node_id, m2n_sender_id=config.m2n_sender_id,
-                    reply_url=reply_url), timeout=30, wait_for_ready=True)
+                    node_id=self.node_id, m2n_sender_id=self.sender_id,
+                    reply_url=self.reply_url), timeout=timeout_s, wait_for_ready=True)
             except grpc.aio.AioRpcError as exc:
                 raise ConfigError(f"cannot attach to expert node {address}: "
                                   f"{exc.code().name} {exc.details()}") from None
-        if resp.num_experts != num_experts:
+        if resp.num_experts != self.num_experts:
             raise ConfigError(f"expert node {address} serves a model with {resp.num_experts} "
-                              f"experts, this replica's model has {num_experts}")
+                              f"experts, this replica's model has {self.num_experts}")
+        return resp
+
+
+async def attach_experts(config: AttentionConfig, attacher: ExpertAttacher) -> Placement:
+    """Attach to every expert node; the placement is what they report hosting."""
+    routes, epochs = [], set()
+    for address in config.expert_nodes:
+        resp = await attacher.attach(address)
         routes.append(ExpertNodeRoute(resp.node_id, resp.dispatch_url, tuple(resp.expert_ids)))
         epochs.add(resp.epoch)
     if len(epochs) != 1:
         raise ConfigError(f"expert nodes disagree on the placement epoch: {sorted(epochs)}")
     try:
-        return Placement(epochs.pop(), tuple(routes), num_experts)
+        return Placement(epochs.pop(), tuple(routes), attacher.num_experts)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -293,7 +330,8 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
         slot_bytes=max(4096, config.scheduler.max_batch_tokens * cfg.hidden_size * 4)))
     host = advertise_host(config.host, config.advertise_host)
     reply_url = advertised_url(reply_rx.url, host)
-    placement = await attach_experts(config, reply_url, cfg.num_experts)
+    attacher = ExpertAttacher(config.node_id, config.m2n_sender_id, reply_url, cfg.num_experts)
+    placement = await attach_experts(config, attacher)
     client = ExpertClient(placement, reply_rx, config.m2n_sender_id, cfg.hidden_size, cfg.top_k,
                           reply_timeout_s=config.expert_timeout_s,
                           peer_timeout_s=config.expert_timeout_s)
@@ -314,7 +352,7 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
     thread = threading.Thread(target=engine.run, args=(stop_thread,), name="engine", daemon=True)
     thread.start()
     servicer = AttentionServicer(engine, metrics, engine.scheduler.config.max_model_len,
-                                 asyncio.get_running_loop())
+                                 asyncio.get_running_loop(), attacher)
     server, port, _health = await start_server(
         config.host, config.grpc_port,
         lambda s: attention_pb2_grpc.add_AttentionServicer_to_server(servicer, s),
@@ -335,7 +373,7 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
             kv_block_size=config.block_size,
             max_running_requests=config.scheduler.max_num_seqs, started_at_unix_s=time.time()),
             load_fn=lambda: metrics.load_report(engine),
-            on_placement=lambda p: _adopt_logged(engine, p))
+            on_placement=lambda p: _adopt_logged(engine, p, attacher))
         await registration.start()
     stop = stop or asyncio.Event()
     try:

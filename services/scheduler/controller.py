@@ -46,12 +46,14 @@ _EMA = 0.5  # weight of the newest window in the per-expert load
 
 
 def _expert_nodes(records: list[NodeRecord]) -> list[ExpertNode]:
-    return [ExpertNode(r.info.node_id, r.info.m2n_url, tuple(sorted(set(r.info.expert_ids))))
+    return [ExpertNode(r.info.node_id, r.info.m2n_url, tuple(sorted(set(r.info.expert_ids))),
+                       r.info.grpc_address)
             for r in records if r.info.role == common_pb2.NODE_ROLE_EXPERT]
 
 
-def _urls(placement: common_pb2.ExpertPlacement) -> dict[str, str]:
-    return {h.node_id: h.m2n_url for rep in placement.experts for h in rep.hosts}
+def _urls(placement: common_pb2.ExpertPlacement, field: str = "m2n_url") -> dict[str, str]:
+    """node id -> ``field`` of its ExpertHost entries (m2n_url or grpc_address)."""
+    return {h.node_id: getattr(h, field) for rep in placement.experts for h in rep.hosts}
 
 
 class Controller:
@@ -190,6 +192,7 @@ class Controller:
             return
         self.missing = ()
         urls = {n.node_id: n.m2n_url for n in experts}
+        addresses = {n.node_id: n.grpc_address for n in experts}
         same = (plan.hosts == hosts_from_proto(self.current)
                 and all(_urls(self.current).get(n) == urls[n] for hs in plan.hosts for n in hs))
         if same:
@@ -200,12 +203,13 @@ class Controller:
                             [n.node_id for n in experts])
             if plan.max_load >= (1 - cfg.rebalance_threshold) * old:
                 return  # not worth a new epoch
-        await self._publish(plan, urls, floor=self.current.epoch)
+        await self._publish(plan, urls, addresses, floor=self.current.epoch)
 
-    async def _publish(self, plan: PlacementPlan, urls: dict[str, str], floor: int) -> None:
+    async def _publish(self, plan: PlacementPlan, urls: dict[str, str],
+                       addresses: dict[str, str], floor: int) -> None:
         try:
             epoch = await self.state.next_placement_epoch(floor)
-            placement = to_proto(plan, epoch, urls)
+            placement = to_proto(plan, epoch, urls, addresses)
             await self.state.save_placement(placement)
         except REDIS_ERRORS as exc:
             self._on_redis_error(exc)
@@ -250,7 +254,7 @@ class Controller:
             log.warning("a node is at placement epoch %d > ours (%d): re-issuing", newest,
                         p.epoch)
             plan = PlacementPlan(p.num_experts, hosts_from_proto(p), (), ())
-            await self._publish(plan, _urls(p), floor=newest)
+            await self._publish(plan, _urls(p), _urls(p, "grpc_address"), floor=newest)
 
     async def _push_one(self, rec: NodeRecord, p: common_pb2.ExpertPlacement) -> int | None:
         node = rec.info.node_id

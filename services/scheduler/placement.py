@@ -35,6 +35,7 @@ class ExpertNode:
     node_id: str
     m2n_url: str
     expert_ids: tuple[int, ...]
+    grpc_address: str = ""  # where replicas that have not attached yet call Expert.Attach
 
 
 @dataclass(frozen=True)
@@ -155,13 +156,16 @@ def plan_load(plan_hosts: Sequence[Sequence[str]], expert_load: Mapping[int, flo
     return max(node_loads(plan_hosts, load, node_ids).values(), default=0.0)
 
 
-def to_proto(plan: PlacementPlan, epoch: int, urls: Mapping[str, str]
-             ) -> common_pb2.ExpertPlacement:
-    """The wire table: one ExpertReplicas per expert id, in id order (``urls``: node -> m2n)."""
+def to_proto(plan: PlacementPlan, epoch: int, urls: Mapping[str, str],
+             addresses: Mapping[str, str] | None = None) -> common_pb2.ExpertPlacement:
+    """The wire table: one ExpertReplicas per expert id, in id order (``urls``: node -> m2n
+    URL, ``addresses``: node -> gRPC address)."""
+    addresses = addresses or {}
     return common_pb2.ExpertPlacement(
         epoch=epoch, num_experts=plan.num_experts,
         experts=[common_pb2.ExpertReplicas(
-            expert_id=e, hosts=[common_pb2.ExpertHost(node_id=n, m2n_url=urls.get(n, ""))
+            expert_id=e, hosts=[common_pb2.ExpertHost(node_id=n, m2n_url=urls.get(n, ""),
+                                                      grpc_address=addresses.get(n, ""))
                                 for n in hs])
                  for e, hs in enumerate(plan.hosts)])
 

@@ -15,6 +15,7 @@ from megascale.v1 import (
     attention_pb2,
     attention_pb2_grpc,
     common_pb2,
+    expert_pb2,
     expert_pb2_grpc,
     scheduler_pb2,
     scheduler_pb2_grpc,
@@ -166,6 +167,77 @@ def test_attention_adopts_pushed_placement_and_generates(model_dir, redis_url, t
     finally:
         if sched is not None:
             sched.stop()
+        mesh.stop()
+
+
+def test_attention_attaches_to_an_expert_node_that_joins_later(model_dir, redis_url, tmp_path):
+    # The replica starts attached to expert-0 only; expert-late joins afterwards and the
+    # scheduler's placement spreads experts 2 and 3 onto it. The replica must Attach to it
+    # (at the grpc_address in the placement), adopt the table and route rows to it.
+    mesh = LocalMesh.start(model_dir, [[0, 1, 2, 3]], attention_replicas=1, workdir=tmp_path)
+    sched = late = None
+    try:
+        sched = _start_scheduler(model_dir, redis_url, tmp_path, "mesh-late:")
+
+        async def body():
+            nonlocal late
+            regs = [NodeRegistration(sched.grpc, i, max_backoff_s=0.2)
+                    for i in _infos(mesh, attention=True)]
+            channels = [grpc.aio.insecure_channel(x)
+                        for x in (sched.grpc, mesh.attention[0].grpc)]
+            s_stub = scheduler_pb2_grpc.SchedulerStub(channels[0])
+            a_stub = attention_pb2_grpc.AttentionStub(channels[1])
+            try:
+                first = await _generate(a_stub)
+                # A pushed table naming a node the replica cannot attach to is refused whole.
+                ghost = common_pb2.ExpertPlacement(epoch=99, num_experts=NUM_EXPERTS, experts=[
+                    common_pb2.ExpertReplicas(expert_id=e, hosts=[common_pb2.ExpertHost(
+                        node_id="ghost", m2n_url="tcp://127.0.0.1:9")])
+                    for e in range(NUM_EXPERTS)])
+                with pytest.raises(grpc.aio.AioRpcError) as bad:
+                    await a_stub.UpdatePlacement(ghost, timeout=10)
+                assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "ghost" in bad.value.details() and "grpc_address" in bad.value.details()
+                assert await _epoch(a_stub) < 99
+                for r in regs:
+                    await r.start()
+                placement = await eventually(lambda: _complete(s_stub, nodes=1), timeout=20,
+                                             what="a placement on expert-0")
+                await eventually(lambda: _at(a_stub, placement.epoch), timeout=10,
+                                 what="attention at the first epoch")
+                late = spawn_role("expert", ["--model", str(model_dir), "--experts", "2,3",
+                                             "--m2n-url", "tcp://127.0.0.1:0",
+                                             "--m2n-sender-id", "1001"],
+                                  "expert-late", tmp_path, log=tmp_path / "expert-late.log")
+                regs.append(NodeRegistration(sched.grpc, common_pb2.NodeInfo(
+                    node_id=late.info["node_id"], role=common_pb2.NODE_ROLE_EXPERT,
+                    grpc_address=late.grpc, m2n_url=late.info["m2n_url"],
+                    expert_ids=late.info["expert_ids"]), max_backoff_s=0.2))
+                await regs[-1].start()
+                both = await eventually(lambda: _complete(s_stub, placement.epoch, nodes=2),
+                                        timeout=20, what="a placement using expert-late")
+                assert any(h.grpc_address == late.grpc for r in both.experts for h in r.hosts)
+                await eventually(lambda: _at(a_stub, both.epoch), timeout=20,
+                                 what="attention attached and at the new epoch")
+                async with grpc.aio.insecure_channel(late.grpc) as ch:
+                    e_stub = expert_pb2_grpc.ExpertStub(ch)
+                    before = (await e_stub.GetStats(expert_pb2.GetStatsRequest(),
+                                                    timeout=5)).messages_received
+                    assert await _generate(a_stub) == first  # greedy: same tokens
+                    after = (await e_stub.GetStats(expert_pb2.GetStatsRequest(),
+                                                   timeout=5)).messages_received
+                assert after > before  # rows really went to the node that joined later
+            finally:
+                for r in regs:
+                    await r.stop()
+                for c in channels:
+                    await c.close()
+
+        run(body, timeout=150)
+    finally:
+        for p in (late, sched):
+            if p is not None:
+                p.stop()
         mesh.stop()
 
 

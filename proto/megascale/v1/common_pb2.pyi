@@ -119,12 +119,14 @@ class LoadReport(_message.Message):
     def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., free_kv_blocks: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., attention_time_ms: _Optional[float] = ..., expert_wait_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., expert_queue_rows: _Optional[int] = ..., reported_at_unix_s: _Optional[float] = ...) -> None: ...
 
 class ExpertHost(_message.Message):
-    __slots__ = ("node_id", "m2n_url")
+    __slots__ = ("node_id", "m2n_url", "grpc_address")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     M2N_URL_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     m2n_url: str
-    def __init__(self, node_id: _Optional[str] = ..., m2n_url: _Optional[str] = ...) -> None: ...
+    grpc_address: str
+    def __init__(self, node_id: _Optional[str] = ..., m2n_url: _Optional[str] = ..., grpc_address: _Optional[str] = ...) -> None: ...
 
 class ExpertReplicas(_message.Message):
     __slots__ = ("expert_id", "hosts")

@@ -188,7 +188,8 @@ class Engine:
         if rows:
             stacked = torch.stack([r for _, r in rows])
             tokens = sample(stacked, [c.request.params for c, _ in rows],
-                            [c.request.generator for c, _ in rows]).tolist()
+                            [c.request.generator for c, _ in rows],
+                            [len(c.request.output) for c, _ in rows], self.eos_ids).tolist()
         with self._lock:
             for (c, _), tok in zip(rows, tokens, strict=True):
                 self._accept_locked(c.request, tok)

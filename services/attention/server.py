@@ -50,8 +50,6 @@ def sampling_from_proto(p: common_pb2.SamplingParams, prompt_len: int, max_model
                         ) -> SamplingParams:
     """Proto defaults -> core SamplingParams (UserError names the bad field)."""
     max_tokens = p.max_tokens or max(1, max_model_len - prompt_len)
-    if p.min_tokens:
-        raise UserError("sampling.min_tokens is not supported yet")
     temperature = p.temperature if p.HasField("temperature") else 1.0
     if temperature > 100:
         raise UserError(f"sampling.temperature must be <= 100, got {temperature}")
@@ -61,7 +59,8 @@ def sampling_from_proto(p: common_pb2.SamplingParams, prompt_len: int, max_model
         temperature=temperature, top_p=p.top_p if p.HasField("top_p") else 1.0,
         top_k=p.top_k or -1, max_tokens=max_tokens,
         seed=p.seed if p.HasField("seed") else None,
-        stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos)
+        stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos,
+        min_tokens=p.min_tokens)
 
 
 def event_to_proto(ev: TokenEvent) -> attention_pb2.GenerateEvent:

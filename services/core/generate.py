@@ -85,7 +85,8 @@ def generate_completions(model: MonolithicModel, prompts: list[list[int]],
                                 [len(t) for t in tokens], block_size, device, window)
         flat = torch.tensor([x for t in tokens for x in t], dtype=torch.int64, device=device)
         logits = model.forward(flat, meta, kv)
-        picked = sample(logits, [params[i] for i in ids], [gens[i] for i in ids]).tolist()
+        picked = sample(logits, [params[i] for i in ids], [gens[i] for i in ids],
+                        [len(outs[i]) for i in ids], eos).tolist()
         for i, t in zip(ids, picked, strict=True):
             accept(i, t)
 

@@ -7,7 +7,7 @@ seeded request reproduces the same tokens whatever it is batched with.
 from __future__ import annotations
 
 import random
-from collections.abc import Container, Sequence
+from collections.abc import Collection, Container, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +21,8 @@ class SamplingParams:
 
     temperature 0 = greedy; top_k -1 or 0 = off; top_p 1 = off; seed None = random.
     Generation stops after ``max_tokens`` tokens, or at an EOS / ``stop_token_ids`` token (which
-    is included in the output) unless ``ignore_eos``.
+    is included in the output) unless ``ignore_eos``. Until ``min_tokens`` tokens exist, those
+    stopping tokens cannot be sampled (their logits are masked; HF's ``min_new_tokens``).
     """
 
     temperature: float = 1.0
@@ -31,6 +32,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:  # also rejects NaN
@@ -41,6 +43,9 @@ class SamplingParams:
             raise UserError(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise UserError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise UserError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}]"
+                            f", got {self.min_tokens}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise UserError(f"seed must be an integer, got {self.seed!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -71,14 +76,39 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def _mask_stops(logits: torch.Tensor, params: Sequence[SamplingParams],
+                output_lens: Sequence[int], eos_ids: Collection[int]) -> torch.Tensor:
+    """``logits`` with each row's stopping tokens at -inf while it is short of ``min_tokens``
+    (a copy only when some row needs it)."""
+    rows, cols = [], []
+    for i, (p, n) in enumerate(zip(params, output_lens, strict=True)):
+        if n < p.min_tokens:
+            stops = set(p.stop_token_ids) if p.ignore_eos else {*p.stop_token_ids, *eos_ids}
+            stops = [t for t in stops if 0 <= t < logits.shape[-1]]
+            rows += [i] * len(stops)
+            cols += stops
+    if not rows:
+        return logits
+    logits = logits.clone()
+    logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = (
+        float("-inf"))
+    return logits
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+           generators: Sequence[torch.Generator | None],
+           output_lens: Sequence[int] | None = None, eos_ids: Collection[int] = ()
+           ) -> torch.Tensor:
     """Pick one token per row of ``logits`` [B, V] -> [B] int64.
 
-    Greedy rows take the argmax. Sampled rows are filtered (temperature, top-k, top-p) in one
-    batched pass, then draw with their own generator (one draw per row: that is what makes a
-    request's tokens independent of its batch-mates).
+    ``output_lens`` (tokens each row's request has generated so far) enables ``min_tokens``:
+    rows short of it cannot pick a stop token id or, unless ``ignore_eos``, an ``eos_ids``
+    token. Greedy rows take the argmax. Sampled rows are filtered (temperature, top-k, top-p)
+    in one batched pass, then draw with their own generator (one draw per row: that is what
+    makes a request's tokens independent of its batch-mates).
     """
+    if output_lens is not None:
+        logits = _mask_stops(logits, params, output_lens, eos_ids)
     out = torch.argmax(logits, dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:

@@ -60,8 +60,8 @@ class Delta:
 def make_sampling(*, temperature: float | None = None, top_p: float | None = None,
                   top_k: int | None = None, seed: int | None = None,
                   max_tokens: int | None = None, stop_token_ids: list[int] | None = None,
-                  ignore_eos: bool = False, max_tokens_param: str = "max_tokens"
-                  ) -> common_pb2.SamplingParams:
+                  ignore_eos: bool = False, max_tokens_param: str = "max_tokens",
+                  min_tokens: int | None = None) -> common_pb2.SamplingParams:
     """Range-check sampling fields (400 naming the field) and build the proto message."""
     sp = common_pb2.SamplingParams(ignore_eos=bool(ignore_eos))
     if temperature is not None:
@@ -86,6 +86,11 @@ def make_sampling(*, temperature: float | None = None, top_p: float | None = Non
             raise bad_request(f"{max_tokens_param} must be >= 1, got {max_tokens}",
                               max_tokens_param)
         sp.max_tokens = min(max_tokens, U64 >> 32)
+    if min_tokens:
+        if min_tokens < 0 or (max_tokens is not None and min_tokens > max_tokens):
+            raise bad_request(f"min_tokens must be in [0, {max_tokens_param}], got {min_tokens}",
+                              "min_tokens")
+        sp.min_tokens = min(min_tokens, U64 >> 32)
     if stop_token_ids:
         if len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise bad_request(f"stop_token_ids holds more than {MAX_STOP_TOKEN_IDS} ids",

@@ -110,8 +110,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if sp.HasField("top_p") and not 0 < sp.top_p <= 1:
             raise bad_request(f"sampling.top_p must be in (0, 1], got {sp.top_p}",
                               "sampling.top_p")
-        if sp.min_tokens:
-            raise bad_request("sampling.min_tokens is not supported", "sampling.min_tokens")
+        if sp.max_tokens and sp.min_tokens > sp.max_tokens:
+            raise bad_request(f"sampling.min_tokens ({sp.min_tokens}) exceeds sampling."
+                              f"max_tokens ({sp.max_tokens})", "sampling.min_tokens")
         if len(sp.stop_token_ids) > 64:
             raise bad_request("sampling.stop_token_ids holds more than 64 ids",
                               "sampling.stop_token_ids")

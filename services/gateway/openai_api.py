@@ -41,6 +41,7 @@ class _Common(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False
+    min_tokens: int | None = None  # vLLM extension: no EOS / stop token id before this many
     stop_token_ids: list[int] | None = None
     return_token_ids: bool | None = False
     presence_penalty: float | None = None
@@ -130,7 +131,7 @@ def to_gen_request(req: _Common, text: ModelText, request_id: str) -> GenRequest
     sampling = make_sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                              seed=req.seed, max_tokens=max_tokens,
                              stop_token_ids=req.stop_token_ids, ignore_eos=bool(req.ignore_eos),
-                             max_tokens_param=mt_param)
+                             max_tokens_param=mt_param, min_tokens=req.min_tokens)
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     if isinstance(req, CompletionRequest):
         prompt_ids, param = _completion_prompt(req.prompt, text), "prompt"

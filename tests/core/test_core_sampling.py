@@ -62,3 +62,47 @@ def test_stop_tokens_end_generation(mixtral_dir):
     got = generate(model, [[4, 5, 6]], SamplingParams(temperature=0, max_tokens=10,
                                                        stop_token_ids=(stop,), ignore_eos=True))[0]
     assert got == full[: full.index(stop) + 1]
+
+
+def test_min_tokens_matches_transformers_min_new_tokens(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from services.core.demo import write_random_checkpoint
+
+    d = write_random_checkpoint(tmp_path / "m", "mixtral", tokenizer=False, layers=2, hidden=64,
+                                intermediate=64, experts=4, top_k=2, heads=4, kv_heads=2,
+                                vocab=128)
+    prompt = [5, 6, 7, 8]
+    free = generate(MonolithicModel.from_pretrained(d), [prompt],
+                    SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    eos = free[2]  # make the greedy third token the EOS: without min_tokens it stops there
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((d / name).read_text())
+        cfg["eos_token_id"] = eos
+        (d / name).write_text(json.dumps(cfg))
+    model = MonolithicModel.from_pretrained(d)
+    plain = generate(model, [prompt], SamplingParams(temperature=0, max_tokens=8))[0]
+    assert plain[-1] == eos and len(plain) <= 3
+    ours = generate(model, [prompt], SamplingParams(temperature=0, max_tokens=8, min_tokens=6))[0]
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8,
+                          min_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert ours == ref[0, len(prompt):].tolist()
+    assert len(ours) >= 6 and eos not in ours[:5]
+
+
+def test_min_tokens_masks_stop_ids_and_eos_unless_ignored():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0]]).repeat(3, 1)  # argmax 1, then 2
+    params = [SamplingParams(temperature=0, max_tokens=4, min_tokens=2, stop_token_ids=(1,)),
+              SamplingParams(temperature=0, max_tokens=4, min_tokens=2),
+              SamplingParams(temperature=0, max_tokens=4, min_tokens=2, ignore_eos=True)]
+    gens = [None] * 3
+    # short of min_tokens: stop id 1 is masked (row 0), EOS 1 is masked (row 1) unless ignored
+    assert sample(logits, params, gens, [1, 1, 1], eos_ids={1}).tolist() == [2, 2, 1]
+    assert sample(logits, params, gens, [2, 2, 2], eos_ids={1}).tolist() == [1, 1, 1]
+    assert logits[0, 1] == 5.0  # the caller's logits are not modified
+    with pytest.raises(UserError, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)

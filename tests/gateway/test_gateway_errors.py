@@ -24,6 +24,10 @@ CASES = [  # (path, body, status, param)
     ("/v1/completions", {**GOOD, "max_tokens": "5"}, 400, "max_tokens"),
     ("/v1/completions", {**GOOD, "max_tokens": -3}, 400, "max_tokens"),
     ("/v1/completions", {**GOOD, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {**GOOD, "min_tokens": 3}, 400, "min_tokens"),  # > max_tokens 2
+    ("/v1/completions", {**GOOD, "min_tokens": -1}, 400, "min_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 2, "min_tokens": 5}, 400,
+     "min_tokens"),
     ("/v1/completions", {**GOOD, "temperature": -0.5}, 400, "temperature"),
     ("/v1/completions", {**GOOD, "temperature": 1e9}, 400, "temperature"),
     ("/v1/completions", {**GOOD, "top_p": 0}, 400, "top_p"),

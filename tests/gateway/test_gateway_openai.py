@@ -188,16 +188,29 @@ def test_grpc_front_door_same_tokens_as_rest(stack, hf):
                     model=MODEL_NAME, token_ids=gateway_pb2.TokenIds(ids=[1, 100000])),
                     timeout=10).read()
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # min_tokens reaches the replica (the core test checks it against transformers)
+            got = [ev async for ev in stub.Generate(gateway_pb2.GatewayGenerateRequest(
+                model=MODEL_NAME, text=PROMPTS[0], include_usage=True,
+                sampling=common_pb2.SamplingParams(temperature=0, max_tokens=4, min_tokens=3)),
+                timeout=60)]
+            assert got[-1].usage.completion_tokens >= 3
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await stub.Generate(gateway_pb2.GatewayGenerateRequest(
+                    model=MODEL_NAME, text="x",
+                    sampling=common_pb2.SamplingParams(max_tokens=2, min_tokens=3)),
+                    timeout=10).read()
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "min_tokens" in bad.value.details()
             return events, list(models.models)
 
     before = _samples(httpx.get(stack.http + "/metrics").text)
     events, models = asyncio.run(call())
     after = _samples(httpx.get(stack.http + "/metrics").text)
     assert [m.id for m in models] == [MODEL_NAME] and models[0].max_model_len == 256
-    for status in ("ok", "NOT_FOUND", "INVALID_ARGUMENT"):  # refusals are counted too
+    for status, n in (("ok", 2), ("NOT_FOUND", 1), ("INVALID_ARGUMENT", 2)):  # refusals too
         key = ("megascale:gateway_requests_total",
                (("endpoint", "grpc.Generate"), ("status", status)))
-        assert after[key] == before.get(key, 0) + 1, status
+        assert after[key] == before.get(key, 0) + n, status
     ids = [t for ev in events for t in ev.token_ids]
     assert ids == rest_ids
     assert "".join(ev.text for ev in events) == rest_text

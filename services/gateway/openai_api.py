@@ -5,7 +5,7 @@ bool), so a wrong type is a 400 naming the field, never a silent coercion. Unkno
 ignored, as OpenAI's own server does; known-but-unsupported ones (``n > 1``, ``logprobs``,
 ``echo``, ``best_of > 1``, penalties, tools) are refused with a 400 that says so.
 
-Extension fields (vLLM spelling): ``top_k``, ``ignore_eos``, ``stop_token_ids``, and
+Extension fields (vLLM spelling): ``top_k``, ``ignore_eos``, ``stop_token_ids``, ``min_tokens``, and
 ``return_token_ids`` (adds ``prompt_token_ids`` and each choice's ``token_ids``).
 """
 

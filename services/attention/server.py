@@ -211,6 +211,12 @@ async def adopt_placement(engine: Engine, p: common_pb2.ExpertPlacement,
     ValueError for a placement that is malformed or names a node that cannot be attached (the
     placement in force stays). Older epochs are ignored.
     """
+    async with attacher.lock:
+        return await _adopt_locked(engine, p, attacher)
+
+
+async def _adopt_locked(engine: Engine, p: common_pb2.ExpertPlacement,
+                        attacher: ExpertAttacher) -> int:
     current = engine.client.placement
     if p.epoch <= current.epoch:
         return current.epoch
@@ -279,6 +285,9 @@ class ExpertAttacher:
         self.sender_id = sender_id
         self.reply_url = reply_url
         self.num_experts = num_experts
+        # One adoption at a time: the scheduler's push and the registration's poll may
+        # deliver the same placement together, and a node must be attached once.
+        self.lock = asyncio.Lock()
 
     async def attach(self, address: str, timeout_s: float = 30.0) -> expert_pb2.AttachResponse:
         """Raises ConfigError (one line) when the node cannot be reached or serves another

@@ -316,8 +316,8 @@ class StreamReceiver(Receiver):
         validate(h, sender_id=None, nslots=0, slot_capacity=0)
         cfg = self.config
         # A sender that reconnects right after closing (a restart) finds its id still taken
-        # until the reader thread has processed the old connection's CLOSE/EOF: wait for that
-        # a little before refusing the id as a duplicate.
+        # until a reader has processed the old connection's CLOSE/EOF: wait for that (reading
+        # ourselves when no one else is) a little before refusing the id as a duplicate.
         grace_end = time.monotonic() + min(cfg.handshake_timeout_s, _REUSE_GRACE_S)
         while True:
             with self._lock:
@@ -330,6 +330,14 @@ class StreamReceiver(Receiver):
                     break
             if time.monotonic() >= grace_end:
                 raise Refused(f"sender id {h.sender_id} is already connected to {self.url}")
+            if self._rlock.acquire(blocking=False):
+                # Nobody is reading (an idle owner): read the pending frames ourselves, so the
+                # old connection's CLOSE/EOF is seen; messages found wait in _ready as usual.
+                try:
+                    if not self._closed:
+                        self._progress(0)
+                finally:
+                    self._rlock.release()
             time.sleep(0.005)
         try:
             mem, fds = self._make_memory(

@@ -99,6 +99,16 @@ class ExpertWorker:
     # ------------------------------------------------------------------ control
     def attach(self, sender_id: int, reply_url: str) -> None:
         """Connect the reply link to an attention replica (idempotent per sender id)."""
+        with self._lock:
+            same = self._replies.get(sender_id)
+            if same is not None and same.url == reply_url:
+                # The same receiver would refuse a second link with our sender id while the
+                # first is open: close it first (a reply in between fails like a lost link).
+                del self._replies[sender_id]
+            else:
+                same = None
+        if same is not None:
+            same.close()
         sender = libm2n.connect(reply_url, libm2n.SenderConfig(
             sender_id=self.m2n_sender_id, epoch=self.epoch, peer_timeout_s=self.peer_timeout_s))
         with self._lock:

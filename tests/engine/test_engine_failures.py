@@ -207,6 +207,22 @@ def test_expert_refuses_bad_dispatches_and_keeps_serving(expert_node, engine_ckp
     rx2.close()
 
 
+def test_expert_reattach_to_the_same_replica_replaces_its_reply_link(expert_node):
+    rx, resp = attach(expert_node, 79)
+    try:
+        for _ in range(2):  # the second Attach reuses the reply URL (a replica re-attaching)
+            with grpc.insecure_channel(expert_node.grpc) as ch:
+                expert_pb2_grpc.ExpertStub(ch).Attach(expert_pb2.AttachRequest(
+                    node_id="test-79", m2n_sender_id=79, reply_url=rx.url), timeout=30)
+        payload = moe_wire.pack_dispatch(torch.randn(2, 64), torch.tensor([[0, 1], [2, 3]]),
+                                         torch.rand(2, 2))
+        with libm2n.connect(resp.dispatch_url, libm2n.SenderConfig(
+                sender_id=79, epoch=resp.epoch)) as tx:
+            assert not moe_wire.is_error(roundtrip(tx, rx, payload, 0, 1))
+    finally:
+        rx.close()
+
+
 def test_dead_expert_node_fails_requests_with_clear_error(engine_ckpt, tmp_path):
     with LocalMesh.start(engine_ckpt("mixtral"), [[0, 1, 2, 3], [4, 5, 6, 7]],
                          attention_args=["--expert-timeout", "3"], workdir=tmp_path) as mesh:

@@ -5,6 +5,7 @@ expires."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import grpc
@@ -53,11 +54,16 @@ async def _generate(stub) -> list[int]:
     return tokens
 
 
+def _expert_info(e) -> common_pb2.NodeInfo:  # noqa: ANN001 - a RoleProcess
+    """The NodeInfo an expert process would register with (from its ready file)."""
+    return common_pb2.NodeInfo(node_id=e.info["node_id"], role=common_pb2.NODE_ROLE_EXPERT,
+                               grpc_address=e.grpc, m2n_url=e.info["m2n_url"],
+                               expert_ids=e.info["expert_ids"])
+
+
 def _infos(mesh: LocalMesh, attention: bool) -> list[common_pb2.NodeInfo]:
     """The NodeInfo each mesh process would register with (from its ready file)."""
-    out = [common_pb2.NodeInfo(node_id=e.info["node_id"], role=common_pb2.NODE_ROLE_EXPERT,
-                               grpc_address=e.grpc, m2n_url=e.info["m2n_url"],
-                               expert_ids=e.info["expert_ids"]) for e in mesh.experts]
+    out = [_expert_info(e) for e in mesh.experts]
     if attention:
         att = mesh.attention[0]
         out.append(common_pb2.NodeInfo(
@@ -65,6 +71,21 @@ def _infos(mesh: LocalMesh, attention: bool) -> list[common_pb2.NodeInfo]:
             grpc_address=att.grpc, m2n_url=att.info["m2n_url"], kv_blocks=512,
             kv_block_size=16, max_running_requests=64))
     return out
+
+
+@contextlib.asynccontextmanager
+async def _session(sched, infos: list[common_pb2.NodeInfo], addresses: list[str]):  # noqa: ANN001
+    """(registrations for ``infos``, not started; channels to the scheduler, then
+    ``addresses``); every registration in the list (appended ones too) is stopped after."""
+    regs = [NodeRegistration(sched.grpc, i, max_backoff_s=0.2) for i in infos]
+    channels = [grpc.aio.insecure_channel(x) for x in (sched.grpc, *addresses)]
+    try:
+        yield regs, channels
+    finally:
+        for r in regs:
+            await r.stop()
+        for c in channels:
+            await c.close()
 
 
 def _start_scheduler(model_dir: Path, redis_url: str, tmp_path: Path, prefix: str):
@@ -85,13 +106,10 @@ def test_placement_pushed_to_real_expert_nodes_and_dead_node_dropped(model_dir, 
         assert sched.info["role"] == "scheduler" and sched.info["grpc"]
 
         async def body():
-            regs = [NodeRegistration(sched.grpc, i, max_backoff_s=0.2)
-                    for i in _infos(mesh, attention=False)]
-            channels = [grpc.aio.insecure_channel(x)
-                        for x in (sched.grpc, *(e.grpc for e in mesh.experts))]
-            s_stub = scheduler_pb2_grpc.SchedulerStub(channels[0])
-            e_stubs = [expert_pb2_grpc.ExpertStub(c) for c in channels[1:]]
-            try:
+            async with _session(sched, _infos(mesh, attention=False),
+                                [e.grpc for e in mesh.experts]) as (regs, channels):
+                s_stub = scheduler_pb2_grpc.SchedulerStub(channels[0])
+                e_stubs = [expert_pb2_grpc.ExpertStub(c) for c in channels[1:]]
                 assert [await _epoch(s) for s in e_stubs] == [0, 0]
                 for r in regs:
                     await r.start()
@@ -114,11 +132,6 @@ def test_placement_pushed_to_real_expert_nodes_and_dead_node_dropped(model_dir, 
                 assert all({h.node_id for h in r.hosts} == {"expert-0"} for r in newer.experts)
                 await eventually(lambda: _at(e_stubs[0], newer.epoch), timeout=10,
                                  what="push of the new epoch")
-            finally:
-                for r in regs:
-                    await r.stop()
-                for c in channels:
-                    await c.close()
 
         run(body, timeout=120)
     finally:
@@ -135,13 +148,10 @@ def test_attention_adopts_pushed_placement_and_generates(model_dir, redis_url, t
         sched = _start_scheduler(model_dir, redis_url, tmp_path, "mesh-attention:")
 
         async def body():
-            regs = [NodeRegistration(sched.grpc, i, max_backoff_s=0.2)
-                    for i in _infos(mesh, attention=True)]
-            channels = [grpc.aio.insecure_channel(x)
-                        for x in (sched.grpc, mesh.attention[0].grpc)]
-            s_stub = scheduler_pb2_grpc.SchedulerStub(channels[0])
-            a_stub = attention_pb2_grpc.AttentionStub(channels[1])
-            try:
+            async with _session(sched, _infos(mesh, attention=True),
+                                [mesh.attention[0].grpc]) as (regs, channels):
+                s_stub = scheduler_pb2_grpc.SchedulerStub(channels[0])
+                a_stub = attention_pb2_grpc.AttentionStub(channels[1])
                 first = await _generate(a_stub)  # on the static Attach placement
                 for r in regs:
                     await r.start()
@@ -157,11 +167,6 @@ def test_attention_adopts_pushed_placement_and_generates(model_dir, redis_url, t
                 await eventually(lambda: _at(a_stub, newer.epoch), timeout=10,
                                  what="attention at the newer epoch")
                 assert await _generate(a_stub) == first
-            finally:
-                for r in regs:
-                    await r.stop()
-                for c in channels:
-                    await c.close()
 
         run(body, timeout=120)
     finally:
@@ -181,13 +186,10 @@ def test_attention_attaches_to_an_expert_node_that_joins_later(model_dir, redis_
 
         async def body():
             nonlocal late
-            regs = [NodeRegistration(sched.grpc, i, max_backoff_s=0.2)
-                    for i in _infos(mesh, attention=True)]
-            channels = [grpc.aio.insecure_channel(x)
-                        for x in (sched.grpc, mesh.attention[0].grpc)]
-            s_stub = scheduler_pb2_grpc.SchedulerStub(channels[0])
-            a_stub = attention_pb2_grpc.AttentionStub(channels[1])
-            try:
+            async with _session(sched, _infos(mesh, attention=True),
+                                [mesh.attention[0].grpc]) as (regs, channels):
+                s_stub = scheduler_pb2_grpc.SchedulerStub(channels[0])
+                a_stub = attention_pb2_grpc.AttentionStub(channels[1])
                 first = await _generate(a_stub)
                 # A pushed table naming a node the replica cannot attach to is refused whole.
                 ghost = common_pb2.ExpertPlacement(epoch=99, num_experts=NUM_EXPERTS, experts=[
@@ -209,10 +211,8 @@ def test_attention_attaches_to_an_expert_node_that_joins_later(model_dir, redis_
                                              "--m2n-url", "tcp://127.0.0.1:0",
                                              "--m2n-sender-id", "1001"],
                                   "expert-late", tmp_path, log=tmp_path / "expert-late.log")
-                regs.append(NodeRegistration(sched.grpc, common_pb2.NodeInfo(
-                    node_id=late.info["node_id"], role=common_pb2.NODE_ROLE_EXPERT,
-                    grpc_address=late.grpc, m2n_url=late.info["m2n_url"],
-                    expert_ids=late.info["expert_ids"]), max_backoff_s=0.2))
+                regs.append(NodeRegistration(sched.grpc, _expert_info(late),
+                                             max_backoff_s=0.2))
                 await regs[-1].start()
                 both = await eventually(lambda: _complete(s_stub, placement.epoch, nodes=2),
                                         timeout=20, what="a placement using expert-late")
@@ -227,11 +227,6 @@ def test_attention_attaches_to_an_expert_node_that_joins_later(model_dir, redis_
                     after = (await e_stub.GetStats(expert_pb2.GetStatsRequest(),
                                                    timeout=5)).messages_received
                 assert after > before  # rows really went to the node that joined later
-            finally:
-                for r in regs:
-                    await r.stop()
-                for c in channels:
-                    await c.close()
 
         run(body, timeout=150)
     finally:

@@ -34,7 +34,7 @@ class AttentionConfig:
     block_size: int = 16
     num_blocks: int = 512
     scheduler: SchedulerConfig = SchedulerConfig()
-    expert_timeout_s: float = 10.0    # bound on one dispatch's replies before requests fail
+    expert_timeout_s: float = 10.0    # bound on a node's replies before it is marked down
     scheduler_addr: str | None = None  # scheduler gRPC address; None = run without one
     threads: int = 1
     device: str = "cpu"

@@ -8,76 +8,62 @@ at least one of the micro-batch's routed experts and returns a :class:`PendingCo
 :meth:`ExpertClient.combine` waits for that dispatch's replies (replies for other micro-batches
 that arrive meanwhile are kept) and adds the partial sums back into a ``[T, H]`` tensor.
 
-A replicated expert (hosted on several nodes) is served by replica ``token_index % replicas``,
-which spreads its rows evenly and deterministically.
+Which node serves which rows: :mod:`services.attention.routing`. **Failover**: when a node's
+link breaks (a send fails, or the link check fails while waiting) or it does not reply within
+``reply_timeout_s``, the client marks it down, re-sends the parts it still owed to other
+replicas of the same experts, and routes later dispatches around it; replies that the node
+sends late are dropped. Only when an expert has no live replica left does the step fail with
+:class:`ExpertUnavailable`. A node stays down until a placement names it over a fresh, healthy
+link (:meth:`ExpertClient.set_placement`).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 import libm2n
+from services.attention.routing import ExpertUnavailable, Part, Placement, Routes
 from services.core import moe_wire
 from services.core.model import MoEInput
 
+__all__ = ["ExpertClient", "ExpertUnavailable", "PendingCombine"]
 
-class ExpertUnavailable(RuntimeError):
-    """An expert node failed, refused a dispatch, or did not reply within the bound."""
-
-
-@dataclass(frozen=True)
-class ExpertNodeRoute:
-    """Where one expert node listens for dispatches and which experts it hosts."""
-
-    node_id: str
-    dispatch_url: str
-    expert_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Placement:
-    """The expert placement an attention replica routes by (validated at construction)."""
-
-    epoch: int
-    nodes: tuple[ExpertNodeRoute, ...]
-    num_experts: int
-
-    def __post_init__(self) -> None:
-        hosted = {e for n in self.nodes for e in n.expert_ids}
-        missing = sorted(set(range(self.num_experts)) - hosted)
-        if missing:
-            raise ValueError(f"placement epoch {self.epoch} hosts no replica of experts {missing}")
-        bad = sorted(e for e in hosted if not 0 <= e < self.num_experts)
-        if bad:
-            raise ValueError(f"placement names expert ids {bad} outside [0, {self.num_experts})")
-
-    def replica_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``table [E, R]`` node index of each replica (padded with -1), ``count [E]``."""
-        per_expert: list[list[int]] = [[] for _ in range(self.num_experts)]
-        for ni, node in enumerate(self.nodes):
-            for e in node.expert_ids:
-                per_expert[e].append(ni)
-        width = max(len(r) for r in per_expert)
-        table = torch.full((self.num_experts, width), -1, dtype=torch.int64)
-        for e, r in enumerate(per_expert):
-            table[e, : len(r)] = torch.tensor(r, dtype=torch.int64)
-        return table, torch.tensor([len(r) for r in per_expert], dtype=torch.int64)
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class PendingCombine:
-    """Replies still owed for one (layer, micro-batch) dispatch: tag -> (node index, row ids;
-    None = every row of the micro-batch)."""
+    """Replies still owed for one (layer, micro-batch) dispatch.
 
+    ``waiting``: tag -> the :data:`~services.attention.routing.Part` sent under it (row ids
+    None = every row). ``rows`` [T, H] (the expert input) and ``trace`` are kept so that a part
+    can be re-sent to another replica when its node fails.
+    """
+
+    step: int
     layer: int
     micro_batch: int
-    num_tokens: int
-    waiting: dict[int, tuple[int, torch.Tensor | None]] = field(default_factory=dict)
+    rows: torch.Tensor
+    trace: tuple[bytes, bytes] | None = None
+    waiting: dict[int, Part] = field(default_factory=dict)
     sent_at: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.rows.shape[0])
+
+
+def _link_ok(sender: libm2n.Sender) -> bool:
+    try:
+        sender.check()
+    except libm2n.M2NError:
+        return False
+    return True
 
 
 class ExpertClient:
@@ -92,9 +78,16 @@ class ExpertClient:
         self.top_k = top_k
         self.reply_timeout_s = reply_timeout_s
         self.peer_timeout_s = peer_timeout_s
+        self.failovers = 0  # parts re-sent to another replica because their node went down
+        self.dropped_replies = 0  # late replies to re-sent parts or failed steps
+        self.down: dict[str, str] = {}  # node id -> why it is considered down
         self._round_trips: list[float] = []  # per dispatch: sent -> last reply, seconds
         self._tags = itertools.count(1)
         self._arrived: dict[int, libm2n.Message] = {}  # tag -> reply that nobody waited for yet
+        # Tags sent and not yet combined. A reply whose tag is not here belongs to a part that
+        # was re-sent elsewhere or to a failed step: it is dropped, never held (a held reply
+        # keeps a receive slot of its node busy).
+        self._outstanding: set[int] = set()
         self._senders: list[libm2n.Sender] = []
         self.placement: Placement | None = None
         # Expert nodes this replica attached to (they hold its reply link); a placement may
@@ -104,21 +97,33 @@ class ExpertClient:
 
     # ------------------------------------------------------------------ placement
     def set_placement(self, placement: Placement) -> None:
-        """Connect to the nodes of ``placement`` (call between steps, never mid-step)."""
+        """Connect to the nodes of ``placement`` (call between steps, never mid-step).
+
+        A node marked down stays down within its epoch; a new epoch re-admits every node
+        whose link is healthy, reconnecting a broken link first (a restarted node)."""
         # Links to nodes that stay are kept (only the epoch stamped in headers moves); links
         # to new nodes are opened before the ones to departed nodes are closed, so a failure
         # leaves the old placement fully in force.
+        new_epoch = self.placement is None or placement.epoch != self.placement.epoch
         old = {s.url: s for s in self._senders}
         opened: list[libm2n.Sender] = []
+        down: dict[str, str] = {}
         try:
             senders = []
             for n in placement.nodes:
                 s = old.get(n.dispatch_url)
-                if s is None:
-                    s = libm2n.connect(n.dispatch_url, libm2n.SenderConfig(
-                        sender_id=self.sender_id, epoch=placement.epoch,
-                        peer_timeout_s=self.peer_timeout_s))
-                    opened.append(s)
+                if s is None or (new_epoch and not _link_ok(s)):
+                    try:
+                        fresh = libm2n.connect(n.dispatch_url, libm2n.SenderConfig(
+                            sender_id=self.sender_id, epoch=placement.epoch,
+                            peer_timeout_s=self.peer_timeout_s))
+                    except libm2n.M2NError as exc:
+                        if s is None:  # a node we never reached: refuse the placement
+                            raise
+                        down[n.node_id] = f"cannot reconnect: {exc}"  # keep the dead link
+                    else:
+                        opened.append(fresh)
+                        s = fresh
                 senders.append(s)
         except BaseException:
             for s in opened:
@@ -129,9 +134,25 @@ class ExpertClient:
         for s in old.values():
             if all(s is not kept for kept in senders):
                 s.close()
+        if not new_epoch:
+            down.update((n.node_id, self.down[n.node_id]) for n in placement.nodes
+                        if n.node_id in self.down)
         self._senders = senders
         self.placement = placement
-        self._table, self._count = placement.replica_table()
+        self.down = down
+        self._routes = Routes(placement, self._down_indices())
+
+    def _down_indices(self) -> dict[int, str]:
+        return {ni: self.down[n.node_id] for ni, n in enumerate(self.placement.nodes)
+                if n.node_id in self.down}
+
+    def _mark_down(self, ni: int, why: str) -> None:
+        node = self.placement.nodes[ni].node_id
+        if node in self.down:
+            return
+        log.error("expert node %s is down (%s); routing around it", node, why)
+        self.down[node] = why
+        self._routes = Routes(self.placement, self._down_indices())
 
     def max_rows(self) -> int:
         """Largest micro-batch (rows) one dispatch slot on every node can hold."""
@@ -144,55 +165,66 @@ class ExpertClient:
         """Send each node the rows it serves; never blocks on the experts' compute.
 
         ``trace`` (trace id, span id) travels in the libm2n header for the expert's span."""
-        trace_id, span_id = trace or (None, None)
-        pending = PendingCombine(moe_in.layer, micro_batch, moe_in.topk_ids.shape[0],
+        pending = PendingCombine(step, moe_in.layer, micro_batch, moe_in.normed, trace,
                                  sent_at=time.perf_counter())
-        for ni, row_ids, ids, weights in self._split(moe_in.topk_ids, moe_in.topk_weights):
-            rows = moe_in.normed if row_ids is None else moe_in.normed.index_select(0, row_ids)
-            payload = moe_wire.pack_dispatch(rows, ids, weights)
-            sender = self._senders[ni]
-            tag = next(self._tags)
-            try:
-                sender.send(payload, step=step, layer=moe_in.layer, micro_batch=micro_batch,
-                            tag=tag, trace_id=trace_id, span_id=span_id
-                            ).result(timeout=self.peer_timeout_s)
-            except (libm2n.M2NError, TimeoutError) as exc:
-                node = self.placement.nodes[ni].node_id
-                raise ExpertUnavailable(f"dispatch to expert node {node} failed: {exc}") from exc
-            pending.waiting[tag] = (ni, row_ids)
+        self._send(pending, None, self._routes.split(moe_in.topk_ids, moe_in.topk_weights,
+                                                     self._offset(pending)))
         return pending
 
-    def _split(self, ids: torch.Tensor, weights: torch.Tensor
-               ) -> list[tuple[int, torch.Tensor | None, torch.Tensor, torch.Tensor]]:
-        """Per destination node: (node index, row ids or None for all rows, ids, weights).
-
-        ids/weights [T, K]; a (row, k) served by another node gets id -1 and weight 0.
-        """
-        if len(self._senders) == 1:  # one node hosts every expert: no selection at all
-            return [(0, None, ids, weights)]
-        T = ids.shape[0]
-        token = torch.arange(T, device=ids.device)[:, None]         # [T, 1]
-        replica = token % self._count[ids]                          # [T, K]
-        owner = self._table[ids, replica]                           # [T, K] node index
-        out = []
-        for ni in range(len(self._senders)):
-            mine = owner == ni                                       # [T, K]
-            row_ids = mine.any(dim=1).nonzero().squeeze(1)          # [n]
-            if row_ids.numel() == 0:
+    def _send(self, pending: PendingCombine, base: torch.Tensor | None, parts: list[Part]
+              ) -> None:
+        """Send ``parts`` (their row ids index ``base``, the rows of ``pending`` they came
+        from; None = all rows); a part whose send fails goes to another replica."""
+        trace_id, span_id = pending.trace or (None, None)
+        for ni, sub, ids, weights in parts:
+            row_ids = sub if base is None else base if sub is None else base.index_select(0, sub)
+            rows = pending.rows if row_ids is None else pending.rows.index_select(0, row_ids)
+            tag = next(self._tags)
+            try:
+                self._senders[ni].send(moe_wire.pack_dispatch(rows, ids, weights),
+                                       step=pending.step, layer=pending.layer,
+                                       micro_batch=pending.micro_batch, tag=tag,
+                                       trace_id=trace_id, span_id=span_id
+                                       ).result(timeout=self.peer_timeout_s)
+            except (libm2n.M2NError, TimeoutError) as exc:
+                self._mark_down(ni, f"dispatch failed: {exc}")
+                self._resend(pending, (ni, row_ids, ids, weights))
                 continue
-            sel = mine.index_select(0, row_ids)
-            out.append((ni, row_ids, torch.where(sel, ids.index_select(0, row_ids), -1),
-                        torch.where(sel, weights.index_select(0, row_ids), 0.0)))
-        return out
+            pending.waiting[tag] = (ni, row_ids, ids, weights)
+            self._outstanding.add(tag)
+
+    def _resend(self, pending: PendingCombine, part: Part) -> None:
+        """Route a part owed by a node now marked down to the other replicas of its experts
+        (raises :class:`ExpertUnavailable` when an expert has none left)."""
+        ni, row_ids, ids, weights = part
+        self.failovers += 1
+        log.warning("re-sending layer %d micro-batch %d rows owed by expert node %s to other "
+                    "replicas", pending.layer, pending.micro_batch,
+                    self.placement.nodes[ni].node_id)
+        self._send(pending, row_ids, self._routes.split(ids, weights, self._offset(pending),
+                                                        partial=True))
+
+    @staticmethod
+    def _offset(pending: PendingCombine) -> int:
+        """Rotates the replica choice by step and layer (see routing)."""
+        return pending.step + pending.layer
 
     def combine(self, pending: PendingCombine, dtype: torch.dtype, device: torch.device
                 ) -> torch.Tensor:
-        """Wait for every reply of ``pending``; returns the summed expert output [T, H]."""
+        """Wait for every reply of ``pending``; returns the summed expert output [T, H].
+
+        Parts owed by a node that goes down meanwhile are re-sent (module docstring); each
+        round of re-sending gets a fresh ``reply_timeout_s``."""
         out = torch.zeros(pending.num_tokens, self.hidden, dtype=dtype, device=device)
         deadline = time.monotonic() + self.reply_timeout_s
         while pending.waiting:
+            self._fail_over(pending)
             msg = self._next_reply(pending, deadline)
-            ni, row_ids = pending.waiting.pop(msg.header.tag)
+            if msg is None:  # nodes were marked down: re-send their parts, wait afresh
+                deadline = time.monotonic() + self.reply_timeout_s
+                continue
+            ni, row_ids, _, _ = pending.waiting.pop(msg.header.tag)
+            self._outstanding.discard(msg.header.tag)
             with msg:
                 part = msg.tensor()
                 if moe_wire.is_error(part):
@@ -212,34 +244,55 @@ class ExpertClient:
         self._round_trips.append(time.perf_counter() - pending.sent_at)
         return out
 
-    def _next_reply(self, pending: PendingCombine, deadline: float) -> libm2n.Message:
+    def _fail_over(self, pending: PendingCombine) -> None:
+        """Re-send the parts of ``pending`` owed by nodes marked down (a reply that already
+        arrived from such a node is still used)."""
+        if not self.down:
+            return
+        down = self._routes.down
+        for tag in [t for t, p in pending.waiting.items() if p[0] in down]:
+            if tag not in self._arrived:
+                self._outstanding.discard(tag)
+                self._resend(pending, pending.waiting.pop(tag))
+
+    def _next_reply(self, pending: PendingCombine, deadline: float) -> libm2n.Message | None:
+        """The next reply for ``pending``, or None once a node it waits on was marked down
+        (link broken, or silent past ``deadline``)."""
         for tag in pending.waiting:
             if tag in self._arrived:
                 return self._arrived.pop(tag)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                nodes = sorted({self.placement.nodes[ni].node_id
-                                for ni, _ in pending.waiting.values()})
-                raise ExpertUnavailable(f"expert node(s) {', '.join(nodes)} did not reply to "
-                                        f"layer {pending.layer} within {self.reply_timeout_s:g} s")
+                for ni in sorted({p[0] for p in pending.waiting.values()}):
+                    self._mark_down(ni, f"no reply to layer {pending.layer} within "
+                                        f"{self.reply_timeout_s:g} s")
+                return None
             try:
                 msg = self.reply_rx.recv(timeout=min(left, 0.5))
             except TimeoutError:
-                self._check_senders()
+                if self._check_senders():
+                    return None
                 continue
-            if msg.header.tag in pending.waiting:
+            tag = msg.header.tag
+            if tag in pending.waiting:
                 return msg
-            self._arrived[msg.header.tag] = msg
+            if tag in self._outstanding:  # another micro-batch's: kept until combined
+                self._arrived[tag] = msg
+            else:  # late reply of a re-sent part or of a failed step
+                self.dropped_replies += 1
+                msg.release()
 
-    def _check_senders(self) -> None:
-        """Fail fast when a node's link is known to be down (instead of waiting the bound)."""
+    def _check_senders(self) -> bool:
+        """Mark down every node whose link is known to be broken (instead of waiting the
+        bound); True when one was newly marked."""
+        before = len(self.down)
         for ni, s in enumerate(self._senders):
             try:
                 s.check()
             except libm2n.M2NError as exc:
-                raise ExpertUnavailable(f"expert node {self.placement.nodes[ni].node_id} "
-                                        f"is gone: {exc}") from exc
+                self._mark_down(ni, f"link lost: {exc}")
+        return len(self.down) > before
 
     def take_round_trips(self) -> list[float]:
         """Round-trip times recorded since the last call (then forgotten)."""
@@ -247,10 +300,12 @@ class ExpertClient:
         return out
 
     def discard_pending(self) -> None:
-        """Drop replies kept for abandoned dispatches (after a failed step)."""
+        """Drop replies kept for abandoned dispatches (after a failed step); replies still in
+        flight for them are dropped when they arrive."""
         for msg in self._arrived.values():
             msg.release()
         self._arrived.clear()
+        self._outstanding.clear()
 
     def close(self) -> None:
         self.discard_pending()

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from services.attention.config import AttentionConfig
-from services.attention.dispatch import ExpertClient, ExpertUnavailable, Placement
+from services.attention.dispatch import ExpertClient
 from services.attention.pingpong import PingPongRunner, StepTimings, build_micro_batches
+from services.attention.routing import ExpertUnavailable, Placement
 from services.attention.scheduler import Request, RequestScheduler, SchedulerConfig, StepPlan
 from services.core.kv_cache import BlockManager
 from services.core.model import AttentionSide

@@ -6,7 +6,7 @@ import time
 from collections import deque
 
 from prometheus_client import Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from megascale.v1 import common_pb2
@@ -33,6 +33,16 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("megascale:kv_cache_usage_perc",
                                 "Fraction of KV cache blocks in use (0-1)",
                                 value=load["kv_usage"])
+        client = self.engine.client  # plain int / dict reads: safe from the scrape thread
+        yield CounterMetricFamily("megascale:expert_failovers",
+                                  "Dispatch parts re-sent to another expert replica because "
+                                  "their node went down", value=client.failovers)
+        yield CounterMetricFamily("megascale:expert_replies_dropped",
+                                  "Expert replies that arrived after their part was re-sent "
+                                  "elsewhere or their step failed", value=client.dropped_replies)
+        yield GaugeMetricFamily("megascale:expert_nodes_down",
+                                "Expert nodes of the current placement routed around",
+                                value=len(client.down))
 
 
 class AttentionMetrics:

@@ -22,10 +22,11 @@ from megascale.v1 import (
     expert_pb2_grpc,
 )
 from services.attention.config import AttentionConfig
-from services.attention.dispatch import ExpertClient, ExpertNodeRoute, Placement
+from services.attention.dispatch import ExpertClient
 from services.attention.engine import Engine, TokenEvent
 from services.attention.metrics import AttentionMetrics
 from services.attention.pingpong import StepTimings
+from services.attention.routing import ExpertNodeRoute, Placement
 from services.attention.scheduler import QueueFull, StepPlan
 from services.common import tracing
 from services.common.grpcserver import start_server

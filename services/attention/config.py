@@ -35,6 +35,7 @@ class AttentionConfig:
     num_blocks: int = 512
     scheduler: SchedulerConfig = SchedulerConfig()
     expert_timeout_s: float = 10.0    # bound on a node's replies before it is marked down
+    expert_readmit_s: float = 30.0    # retry a down node with a healthy link after this; 0 = no
     scheduler_addr: str | None = None  # scheduler gRPC address; None = run without one
     threads: int = 1
     device: str = "cpu"
@@ -57,6 +58,8 @@ class AttentionConfig:
             raise ConfigError(f"m2n_sender_id must be in 0..2**32-1, got {self.m2n_sender_id}")
         if not self.expert_timeout_s > 0:
             raise ConfigError(f"expert_timeout_s must be > 0, got {self.expert_timeout_s}")
+        if not self.expert_readmit_s >= 0:
+            raise ConfigError(f"expert_readmit_s must be >= 0, got {self.expert_readmit_s}")
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.dtype not in ("float32", "bfloat16", "float16"):

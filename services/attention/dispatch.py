@@ -13,8 +13,10 @@ link breaks (a send fails, or the link check fails while waiting) or it does not
 ``reply_timeout_s``, the client marks it down, re-sends the parts it still owed to other
 replicas of the same experts, and routes later dispatches around it; replies that the node
 sends late are dropped. Only when an expert has no live replica left does the step fail with
-:class:`ExpertUnavailable`. A node stays down until a placement names it over a fresh, healthy
-link (:meth:`ExpertClient.set_placement`).
+:class:`ExpertUnavailable`. A down node comes back when a new placement epoch names it over a
+healthy link (reconnecting a broken one: a restarted node), or, ``readmit_after_s`` after it
+went down, when its link is healthy (a hang that ended; if it hangs again it is marked down
+again after another ``reply_timeout_s``).
 """
 
 from __future__ import annotations
@@ -71,13 +73,15 @@ class ExpertClient:
 
     def __init__(self, placement: Placement, reply_rx: libm2n.Receiver, sender_id: int,
                  hidden: int, top_k: int, reply_timeout_s: float = 10.0,
-                 peer_timeout_s: float = 10.0) -> None:
+                 peer_timeout_s: float = 10.0, readmit_after_s: float = 30.0) -> None:
         self.reply_rx = reply_rx
         self.sender_id = sender_id
         self.hidden = hidden
         self.top_k = top_k
         self.reply_timeout_s = reply_timeout_s
         self.peer_timeout_s = peer_timeout_s
+        self.readmit_after_s = readmit_after_s  # 0: only a new placement epoch re-admits
+        self._down_at: dict[str, float] = {}  # node id -> time.monotonic() it went down
         self.failovers = 0  # parts re-sent to another replica because their node went down
         self.dropped_replies = 0  # late replies to re-sent parts or failed steps
         self.down: dict[str, str] = {}  # node id -> why it is considered down
@@ -140,6 +144,8 @@ class ExpertClient:
         self._senders = senders
         self.placement = placement
         self.down = down
+        now = time.monotonic()
+        self._down_at = {n: self._down_at.get(n, now) for n in down}
         self._routes = Routes(placement, self._down_indices())
 
     def _down_indices(self) -> dict[int, str]:
@@ -152,6 +158,25 @@ class ExpertClient:
             return
         log.error("expert node %s is down (%s); routing around it", node, why)
         self.down[node] = why
+        self._down_at[node] = time.monotonic()
+        self._routes = Routes(self.placement, self._down_indices())
+
+    def _readmit(self) -> None:
+        """Take back nodes down for ``readmit_after_s`` whose link is healthy."""
+        now = time.monotonic()
+        back = []
+        for ni, n in enumerate(self.placement.nodes):
+            if n.node_id in self.down and now - self._down_at[n.node_id] >= self.readmit_after_s:
+                if _link_ok(self._senders[ni]):
+                    back.append(ni)
+                else:  # still broken: probe again one interval later
+                    self._down_at[n.node_id] = now
+        if not back:
+            return
+        for ni in back:
+            node = self.placement.nodes[ni].node_id
+            log.warning("re-admitting expert node %s: its link is healthy", node)
+            del self.down[node], self._down_at[node]
         self._routes = Routes(self.placement, self._down_indices())
 
     def max_rows(self) -> int:
@@ -165,6 +190,8 @@ class ExpertClient:
         """Send each node the rows it serves; never blocks on the experts' compute.
 
         ``trace`` (trace id, span id) travels in the libm2n header for the expert's span."""
+        if self.down and self.readmit_after_s:
+            self._readmit()
         pending = PendingCombine(step, moe_in.layer, micro_batch, moe_in.normed, trace,
                                  sent_at=time.perf_counter())
         self._send(pending, None, self._routes.split(moe_in.topk_ids, moe_in.topk_weights,

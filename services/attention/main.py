@@ -32,7 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--scheduler", default=None,
              help="scheduler gRPC address to register with (optional)")
     add_flag(p, "--expert-timeout", type=float, default=10.0,
-             help="seconds to wait for expert replies before failing the step's requests")
+             help="seconds to wait for an expert node's replies before marking it down (its "
+                  "rows go to other replicas; requests fail when an expert has none left)")
+    add_flag(p, "--expert-readmit", type=float, default=30.0,
+             help="seconds after which a node marked down is tried again if its link is "
+                  "healthy (a hang that ended); 0 = only a new placement epoch re-admits")
 
 
 def build(args: argparse.Namespace) -> AttentionConfig:
@@ -48,6 +52,7 @@ def build(args: argparse.Namespace) -> AttentionConfig:
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_batch_tokens=args.max_batch_tokens,
                                   max_model_len=args.max_model_len),
-        expert_timeout_s=args.expert_timeout, scheduler_addr=args.scheduler,
+        expert_timeout_s=args.expert_timeout, expert_readmit_s=args.expert_readmit,
+        scheduler_addr=args.scheduler,
         threads=threads_from(args),
         device=pick_device(args.device), dtype=args.dtype)

@@ -343,7 +343,8 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
     placement = await attach_experts(config, attacher)
     client = ExpertClient(placement, reply_rx, config.m2n_sender_id, cfg.hidden_size, cfg.top_k,
                           reply_timeout_s=config.expert_timeout_s,
-                          peer_timeout_s=config.expert_timeout_s)
+                          peer_timeout_s=config.expert_timeout_s,
+                          readmit_after_s=config.expert_readmit_s)
     metrics = AttentionMetrics()
     timeline = timeline_for(config.node_id)
 

@@ -15,8 +15,10 @@ import pytest
 import torch
 from engine_helpers import grpc_generate
 
-from megascale.v1 import attention_pb2, attention_pb2_grpc, common_pb2
+from megascale.v1 import attention_pb2, attention_pb2_grpc, common_pb2, expert_pb2, expert_pb2_grpc
+from services.attention.config import AttentionConfig
 from services.attention.routing import ExpertNodeRoute, ExpertUnavailable, Placement, Routes
+from services.errors import ConfigError
 from services.launch.procs import LocalMesh, RoleProcess
 
 ALL = list(range(8))
@@ -103,31 +105,51 @@ def test_killed_replicated_node_fails_over_with_exact_tokens(engine_ckpt, hf_gre
     assert m["megascale:expert_nodes_down"] == 1
 
 
-def test_hung_node_is_routed_around_and_its_late_replies_dropped(engine_ckpt, hf_greedy,
-                                                                  tmp_path):
+def _received(expert: RoleProcess) -> int:
+    with grpc.insecure_channel(expert.grpc) as ch:
+        return expert_pb2_grpc.ExpertStub(ch).GetStats(expert_pb2.GetStatsRequest(),
+                                                       timeout=10).messages_received
+
+
+def test_hung_node_is_routed_around_then_readmitted(engine_ckpt, hf_greedy, tmp_path):
     path = engine_ckpt("qwen3_moe")
     with LocalMesh.start(path, [ALL, [0, 1, 2, 3], [4, 5, 6, 7]], micro_batches=2,
-                         attention_args=["--expert-timeout", "1.5", "--metrics-port", "0"],
+                         attention_args=["--expert-timeout", "1.5", "--expert-readmit", "3",
+                                         "--metrics-port", "0"],
                          workdir=tmp_path) as mesh:
-        hung = mesh.experts[1].proc
-        resumed = threading.Timer(4.0, os.kill, (hung.pid, signal.SIGCONT))
+        replica, hung = mesh.attention[0], mesh.experts[1]
+        resumed = threading.Timer(4.0, os.kill, (hung.proc.pid, signal.SIGCONT))
         try:
             def freeze() -> None:
-                os.kill(hung.pid, signal.SIGSTOP)
+                os.kill(hung.proc.pid, signal.SIGSTOP)
                 resumed.start()  # the node wakes up later and answers what it was sent
 
-            got = _stream_across(mesh.attention[0].grpc, freeze)
+            got = _stream_across(replica.grpc, freeze)
         finally:
             resumed.cancel()
-            os.kill(hung.pid, signal.SIGCONT)
+            os.kill(hung.proc.pid, signal.SIGCONT)
         resumed.join()
         time.sleep(0.5)  # the woken node's replies reach the replica; the next request reads them
-        after = grpc_generate(mesh.attention[0].grpc, "after", [300, 301], 24)
-        m = _metrics(mesh.attention[0])
+        after = grpc_generate(replica.grpc, "after", [300, 301], 24)
+        down = _metrics(replica)
+        time.sleep(3.5)  # past --expert-readmit: the healthy link is taken back
+        seen = _received(hung)
+        again = grpc_generate(replica.grpc, "again", [300, 301], 24)
+        back = _metrics(replica)
+        assert _received(hung) > seen, "the re-admitted node gets traffic again"
         assert all(e.alive() for e in mesh.experts)
     want_long, want_after = hf_greedy(path, [PROMPT, [300, 301]], LONG)
     assert got == want_long
     assert after.final.error_message == "" and after.tokens == want_after[:24]
-    assert m["megascale:expert_failovers_total"] >= 1
-    assert m["megascale:expert_nodes_down"] == 1
-    assert m["megascale:expert_replies_dropped_total"] >= 1  # the woken node's late answers
+    assert again.final.error_message == "" and again.tokens == want_after[:24]
+    assert down["megascale:expert_failovers_total"] >= 1
+    assert down["megascale:expert_replies_dropped_total"] >= 1  # the woken node's late answers
+    assert back["megascale:expert_nodes_down"] == 0
+
+
+@pytest.mark.parametrize("field,value", [("expert_timeout_s", 0.0),
+                                         ("expert_readmit_s", -1.0)])
+def test_failover_settings_are_validated(engine_ckpt, field, value):
+    with pytest.raises(ConfigError, match=field):
+        AttentionConfig(model_dir=engine_ckpt("mixtral"), expert_nodes=("127.0.0.1:1",),
+                        **{field: value})

@@ -48,10 +48,10 @@ CANDIDATE_INTERMEDIATE = (64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 def calibrate(hidden: int, tokens: int, context: int, workdir: Path) -> tuple[int, float, float]:
     """Pick the expert FFN width whose expert time per micro-batch of ``tokens`` tokens is
     closest to the attention time (T_a ≈ T_e, where ping-pong pays most), measured in-process
-    on one thread with the real core layers. Returns (intermediate, T_a ms, T_e ms)."""
-    from services.core.batch import build_batch_meta
-    from services.core.kv_cache import BlockManager
+    on one thread with the real core layers (the planner's profiled work, see
+    services/scheduler/planner/corun.py). Returns (intermediate, T_a ms, T_e ms)."""
     from services.core.model import AttentionSide, ExpertSide
+    from services.scheduler.planner import corun
 
     configure_threads(1)
 
@@ -66,36 +66,21 @@ def calibrate(hidden: int, tokens: int, context: int, workdir: Path) -> tuple[in
         return 1000 * statistics.median(times)
 
     best = None
-    t_a = hidden_in = meta = kv = None
-
-    def attention_all(attn, hidden, meta, kv) -> None:  # noqa: ANN001
-        for layer in range(SHAPE["layers"]):
-            attn.attention_block(layer, hidden, meta, kv)
-
-    def experts_all(experts, mi) -> None:  # noqa: ANN001
-        for layer in range(SHAPE["layers"]):
-            experts.forward(layer, mi.normed, mi.topk_ids, mi.topk_weights)
-
+    t_a = batch = None
+    layers = range(SHAPE["layers"])
     # Every layer in turn, as a decode step does: weights are only as cache-hot as in serving.
     for inter in CANDIDATE_INTERMEDIATE:
         shape = {**SHAPE, "hidden": hidden, "intermediate": inter}
         path = write_random_checkpoint(workdir / f"cal-{inter}", "mixtral", tokenizer=False,
                                        **shape)
         attn, experts = AttentionSide.from_pretrained(path), ExpertSide.from_pretrained(path)
+        if t_a is None:  # attention weights do not depend on the FFN width: measure once
+            batch = corun.decode_batch(attn, tokens, context)
+            t_a = median_ms(partial(corun.attention_pass, attn, layers, batch)) / len(layers)
         with torch.inference_mode():
-            if t_a is None:  # attention weights do not depend on the FFN width: measure once
-                blocks = BlockManager(4 * tokens, 16)
-                kv = attn.new_kv_cache(4 * tokens, 16)
-                for i in range(tokens):
-                    blocks.allocate(i, 0)
-                    blocks.append_slots(i, context + 1)
-                meta = build_batch_meta([blocks.block_table(i) for i in range(tokens)],
-                                        [context] * tokens, [1] * tokens, 16)
-                hidden_in = attn.embed(torch.randint(0, shape["vocab"], (tokens,)))
-                t_a = median_ms(partial(attention_all, attn, hidden_in, meta, kv)) / SHAPE[
-                    "layers"]
-            mi = attn.attention_block(0, hidden_in, meta, kv)
-            t_e = median_ms(partial(experts_all, experts, mi)) / SHAPE["layers"]
+            mi = attn.attention_block(0, batch.hidden, batch.meta, batch.kv)
+        t_e = median_ms(partial(corun.expert_pass, experts, layers, mi.normed, mi.topk_ids,
+                                mi.topk_weights)) / len(layers)
         if best is None or abs(t_e - t_a) < abs(best[2] - t_a):
             best = (inter, t_a, t_e)
         if t_e > t_a:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -114,3 +115,13 @@ def test_profile_a_checkpoint_times_the_real_engine_path(tmp_path):
     assert [b for b, _ in tc] == [b for b, _ in profile.attention_points]
     assert all(0 < t < 1.0 for _, t in tc)
     assert pred["b_a"] == 8 and 0 < pred["t_c_ms"] < 1000 and pred["tokens_per_s"] > 0
+    # Two CPUs here: both sides were timed again while the other side ran on the other CPU,
+    # and an overlapped (m >= 2) prediction uses those points; m = 1 does not overlap.
+    assert len(os.sched_getaffinity(0)) >= 2
+    for key in ("attention_points_corun", "expert_points_corun"):
+        points = profile.extra[key]
+        assert [b for b, _ in points] == [b for b, _ in profile.attention_points]
+        assert all(0 < t < 1.0 for _, t in points)
+    assert pred["co_run"] is True
+    shape = load_model(str(model))
+    assert predict_local(profile, shape, batch=16, m=1)["co_run"] is False

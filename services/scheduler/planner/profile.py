@@ -155,7 +155,8 @@ def predict_local(profile: HardwareProfile, shape: MoEShape, batch: int, m: int,
     ``batch`` sequences split into ``m`` micro-batches, ``expert_nodes`` expert processes
     sharing the E experts, shared-memory transport on the same host (``T_c`` = per-message
     latency + bytes / copy bandwidth). Uses the profile's measured points, so ``shape`` must be
-    the shape the profile was taken for. Returns the inputs of the prediction too.
+    the shape the profile was taken for; at ``m >= 2`` the co-run points when the profile has
+    them (the two sides overlap). Returns the inputs of the prediction too.
     """
     if profile.model != shape.name:
         raise UserError(f"profile was taken for {profile.model!r}, not {shape.name!r}; "
@@ -165,6 +166,10 @@ def predict_local(profile: HardwareProfile, shape: MoEShape, batch: int, m: int,
     b_a = batch / m
     a_curve = LatencyCurve(profile.attention_points)
     e_curve = LatencyCurve(profile.expert_points)
+    overlapped = m >= 2 and "attention_points_corun" in profile.extra
+    if overlapped:  # both sides compute at once on this host: their co-run per-call times
+        a_curve = LatencyCurve(tuple(map(tuple, profile.extra["attention_points_corun"])))
+        e_curve = LatencyCurve(tuple(map(tuple, profile.extra["expert_points_corun"])))
     g = shape.experts / expert_nodes
     b_e = expert_batch(b_a, n_attention, shape.top_k, shape.experts)
     t_a = a_curve(b_a)
@@ -184,7 +189,8 @@ def predict_local(profile: HardwareProfile, shape: MoEShape, batch: int, m: int,
     total = iteration_time(t_a, t_e, t_c, m, shape.layers) + step
     return {"tokens_per_s": n_attention * batch / total, "tbt_ms": total * 1e3,
             "t_a_ms": t_a * 1e3, "t_e_ms": t_e * 1e3, "t_c_ms": t_c * 1e3,
-            "step_overhead_ms": step * 1e3, "b_a": b_a, "b_e": b_e, "m": m, "batch": batch}
+            "step_overhead_ms": step * 1e3, "b_a": b_a, "b_e": b_e, "m": m, "batch": batch,
+            "co_run": overlapped}
 
 
 # ----------------------------------------------------------------------------- real layers
@@ -193,27 +199,30 @@ CORE_BATCHES = (8, 16, 32, 64, 128)
 
 def profile_checkpoint(model_dir: str, shape: MoEShape, seq_len: int = 32,
                        batches=CORE_BATCHES, repeats: int = 7,
-                       name: str = "local-cpu") -> HardwareProfile:
+                       name: str = "local-cpu", corun: bool = True) -> HardwareProfile:
     """Profile this machine with the **real** model core on a checkpoint (what the engine runs).
 
     Per micro-batch of ``b`` decode tokens at context ``seq_len``: ``attention_points`` time what
-    the engine counts as T_a: one ``AttentionSide.attention_block`` (norms, QKV, RoPE, paged
-    attention, O, router), packing its dispatch and adding the combine;
-    ``expert_points`` time one ``ExpertSide.forward`` over all experts (one expert node's
-    compute for that micro-batch, grouped GEMMs); ``step_points`` time what a step does once
-    (embedding, final norm + LM head over ``b`` rows). ``transfer_points`` time T_c, one
-    direction of a real dispatch/combine round trip without compute
-    (:func:`measure_moe_transfer`). One torch thread, float32.
+    the engine counts as T_a (:func:`corun.attention_pass`: attention block, packing its
+    dispatch, adding the combine); ``expert_points`` time one ``ExpertSide.forward`` over all
+    experts (one expert node's compute for that micro-batch, grouped GEMMs); ``step_points``
+    time what a step does once (embedding, final norm + LM head over ``b`` rows).
+    ``transfer_points`` time T_c, one direction of a real dispatch/combine round trip without
+    compute (:func:`measure_moe_transfer`). One torch thread, float32.
+
+    With ``corun`` and two CPUs, both sides are timed again while a second process runs the
+    other side's work on the other CPU (:class:`corun.CoRunner`): ``extra`` gets
+    ``attention_points_corun`` / ``expert_points_corun``, the per-call times of an overlapped
+    (m >= 2) pipeline on one host.
     """
     import torch
 
-    from services.core import moe_wire
-    from services.core.batch import build_batch_meta
     from services.core.checkpoint import CheckpointIndex
     from services.core.config import ModelConfig
-    from services.core.kv_cache import BlockManager
     from services.core.model import AttentionSide, ExpertSide
     from services.core.runtime import configure_threads
+
+    from . import corun as co
 
     configure_threads(1)  # the same thread count and allocator settings as the served roles
     cfg = ModelConfig.from_pretrained(model_dir)
@@ -225,42 +234,43 @@ def profile_checkpoint(model_dir: str, shape: MoEShape, seq_len: int = 32,
     # happen.
     layers = [i for i, sparse in enumerate(cfg.sparse_layers) if sparse]
     n = len(layers)
-
-    def attention_all(hidden, meta, kv) -> None:  # noqa: ANN001
-        # What the engine counts as T_a per micro-batch and layer (services/attention/
-        # pingpong.py): the attention block, packing the dispatch, and adding the combine.
-        for layer in layers:
-            mi = attn.attention_block(layer, hidden, meta, kv)
-            moe_wire.pack_dispatch(mi.normed, mi.topk_ids, mi.topk_weights)
-            attn.finish_layer(mi, torch.zeros_like(hidden).add_(mi.normed))
-
-    def experts_all(mi) -> None:  # noqa: ANN001
-        for layer in layers:
-            experts.forward(layer, mi.normed, mi.topk_ids, mi.topk_weights)
-
-    a_pts, e_pts, s_pts = [], [], []
+    inputs = {}
     for b in batches:
-        blocks = BlockManager(b * (seq_len // 16 + 2), 16)
-        kv = attn.new_kv_cache(blocks.num_blocks, 16)
-        for i in range(b):
-            blocks.allocate(i, 0)
-            blocks.append_slots(i, seq_len + 1)
-        meta = build_batch_meta([blocks.block_table(i) for i in range(b)], [seq_len] * b,
-                                [1] * b, 16)
-        tokens = torch.randint(0, cfg.vocab_size, (b,))
+        batch = co.decode_batch(attn, b, seq_len)
         with torch.inference_mode():
-            hidden = attn.embed(tokens)
-            mi = attn.attention_block(layers[0], hidden, meta, kv)
-            a_pts.append((float(b), _median_time(
-                lambda hidden=hidden, meta=meta, kv=kv: attention_all(hidden, meta, kv),
-                repeats) / n))
-            e_pts.append((float(b), _median_time(lambda mi=mi: experts_all(mi), repeats) / n))
-            s_pts.append((float(b), _median_time(
-                lambda tokens=tokens, meta=meta: attn.logits(attn.embed(tokens),
-                                                             meta.last_index), repeats)))
+            mi = attn.attention_block(layers[0], batch.hidden, batch.meta, batch.kv)
+        inputs[b] = (batch, (mi.normed, mi.topk_ids, mi.topk_weights))
+
+    def time_attention(b: int) -> float:
+        return _median_time(lambda: co.attention_pass(attn, layers, inputs[b][0]), repeats) / n
+
+    def time_experts(b: int) -> float:
+        return _median_time(lambda: co.expert_pass(experts, layers, *inputs[b][1]), repeats) / n
+
+    a_pts = [(float(b), time_attention(b)) for b in batches]
+    e_pts = [(float(b), time_experts(b)) for b in batches]
+    with torch.inference_mode():
+        s_pts = [(float(b), _median_time(
+            lambda b=b: attn.logits(attn.embed(inputs[b][0].tokens), inputs[b][0].meta.last_index),
+            repeats)) for b in batches]
+    extra: dict = {"dtype": "float32", "repeats": repeats, "source": "core",
+                   "expert_points": "node", "step_points": s_pts}
+    cpus = co.spare_cpus() if corun else None
+    if cpus is not None:
+        mine, other = cpus
+        with co.pinned(mine):
+            for side, timer, key in (("experts", time_attention, "attention_points_corun"),
+                                     ("attention", time_experts, "expert_points_corun")):
+                with co.CoRunner(model_dir, side, seq_len, other) as hog:
+                    points = []
+                    for b in batches:
+                        hog.set_batch(b)
+                        points.append((float(b), timer(b)))
+                extra[key] = points
     copy_gbs = measure_copy_gbs(repeats=repeats)
-    tc_pts = [(float(b), measure_moe_transfer(b, cfg.hidden_size, cfg.top_k, cfg.num_experts,
-                                              repeats=max(20, 4 * repeats))) for b in batches]
+    extra["transfer_points"] = [
+        (float(b), measure_moe_transfer(b, cfg.hidden_size, cfg.top_k, cfg.num_experts,
+                                        repeats=max(20, 4 * repeats))) for b in batches]
     b_big, t_big = e_pts[-1]
     tflops = 2 * shape.expert_params_per_layer * shape.top_k / shape.experts * b_big / t_big / 1e12
     import psutil
@@ -269,13 +279,13 @@ def profile_checkpoint(model_dir: str, shape: MoEShape, seq_len: int = 32,
                         tflops=max(tflops, 1e-6),
                         mem_bw_gbs=copy_gbs, price=1.0, nic_gbs=copy_gbs, intra_bw_gbs=copy_gbs,
                         compute_eff=1.0, mem_eff=1.0, overhead_us=0.0, gpus_per_node=1)
+    corun_note = ", co-run points on 2 CPUs" if cpus is not None else ""
     return HardwareProfile(spec=spec, model=shape.name, seq_len=seq_len,
                            attention_points=tuple(a_pts), expert_points=tuple(e_pts),
                            copy_gbs=copy_gbs, device="cpu",
-                           notes=f"real core layers on {model_dir}, float32, 1 thread",
-                           extra={"dtype": "float32", "repeats": repeats, "source": "core",
-                                  "expert_points": "node", "step_points": s_pts,
-                                  "transfer_points": tc_pts})
+                           notes=f"real core layers on {model_dir}, float32, 1 thread"
+                                 f"{corun_note}",
+                           extra=extra)
 
 
 def measure_moe_transfer(rows: int, hidden: int, top_k: int, num_experts: int,

@@ -272,7 +272,11 @@ def planner_predictions(model: Path, batch: int, context: int, ms: list[int]) ->
         pred = predict_local(profile, shape, batch, m)
         out.append({"impl": "planner", "m": m, "batch": batch, "new_tokens": None,
                     "tokens_per_s": pred["tokens_per_s"], "attn_busy": None,
-                    "expert_busy": None, "prediction": pred})
+                    "expert_busy": None, "prediction": pred,
+                    "profile": {"attention_points": profile.attention_points,
+                                "expert_points": profile.expert_points,
+                                **{k: v for k, v in profile.extra.items()
+                                   if k.endswith("_points")}}})
     return out
 
 

@@ -155,8 +155,9 @@ def predict_local(profile: HardwareProfile, shape: MoEShape, batch: int, m: int,
     ``batch`` sequences split into ``m`` micro-batches, ``expert_nodes`` expert processes
     sharing the E experts, shared-memory transport on the same host (``T_c`` = per-message
     latency + bytes / copy bandwidth). Uses the profile's measured points, so ``shape`` must be
-    the shape the profile was taken for; at ``m >= 2`` the co-run points when the profile has
-    them (the two sides overlap). Returns the inputs of the prediction too.
+    the shape the profile was taken for; at ``m >= 2``, with a profile that has co-run points,
+    the two sides' mutual slowdown while they overlap (:func:`_with_contention`). Returns the
+    inputs of the prediction too.
     """
     if profile.model != shape.name:
         raise UserError(f"profile was taken for {profile.model!r}, not {shape.name!r}; "
@@ -166,22 +167,23 @@ def predict_local(profile: HardwareProfile, shape: MoEShape, batch: int, m: int,
     b_a = batch / m
     a_curve = LatencyCurve(profile.attention_points)
     e_curve = LatencyCurve(profile.expert_points)
-    overlapped = m >= 2 and "attention_points_corun" in profile.extra
-    if overlapped:  # both sides compute at once on this host: their co-run per-call times
-        a_curve = LatencyCurve(tuple(map(tuple, profile.extra["attention_points_corun"])))
-        e_curve = LatencyCurve(tuple(map(tuple, profile.extra["expert_points_corun"])))
     g = shape.experts / expert_nodes
     b_e = expert_batch(b_a, n_attention, shape.top_k, shape.experts)
     t_a = a_curve(b_a)
     elem = 4 if profile.extra.get("dtype", "float32") == "float32" else 2
     step = 0.0
+    overlapped = False
     if profile.extra.get("expert_points") == "node":
         # Profiled with the real core (profile_checkpoint): expert points are one node's
         # compute over a micro-batch's tokens (all its experts, grouped GEMMs); a dispatch
         # carries each token row once with its K ids and weights (services/core/moe_wire).
-        t_e = e_curve(b_a * n_attention / expert_nodes)
+        b_node = b_a * n_attention / expert_nodes
+        t_e = e_curve(b_node)
         t_c = LatencyCurve(tuple(map(tuple, profile.extra["transfer_points"])))(b_a)
         step = LatencyCurve(tuple(map(tuple, profile.extra["step_points"])))(batch)
+        overlapped = m >= 2 and "attention_points_corun" in profile.extra
+        if overlapped:
+            t_a, t_e = _with_contention(profile, t_a, t_e, b_a, b_node)
     else:
         t_e = g * e_curve(b_e)
         msg = b_a * shape.top_k * shape.hidden * elem / expert_nodes
@@ -191,6 +193,21 @@ def predict_local(profile: HardwareProfile, shape: MoEShape, batch: int, m: int,
             "t_a_ms": t_a * 1e3, "t_e_ms": t_e * 1e3, "t_c_ms": t_c * 1e3,
             "step_overhead_ms": step * 1e3, "b_a": b_a, "b_e": b_e, "m": m, "batch": batch,
             "co_run": overlapped}
+
+
+def _with_contention(profile: HardwareProfile, t_a: float, t_e: float, b_a: float,
+                     b_node: float) -> tuple[float, float]:
+    """Per-call times of an overlapped pipeline (m >= 2) on one host.
+
+    A side is slowed by the other only while the other computes. In the steady ping-pong
+    every call of the slower side overlaps a call of the faster side for the faster one's
+    duration, so the slower side meets contention for ``T_fast / T_slow`` of its time and the
+    faster side for all of it. Contended time runs at the co-run speed (profile_checkpoint's
+    ``*_points_corun``, measured with the other side busy on the other CPU)."""
+    co_a = LatencyCurve(tuple(map(tuple, profile.extra["attention_points_corun"])))(b_a)
+    co_e = LatencyCurve(tuple(map(tuple, profile.extra["expert_points_corun"])))(b_node)
+    share_a, share_e = min(1.0, co_e / co_a), min(1.0, co_a / co_e)
+    return (t_a + share_a * max(0.0, co_a - t_a), t_e + share_e * max(0.0, co_e - t_e))
 
 
 # ----------------------------------------------------------------------------- real layers

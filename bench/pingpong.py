@@ -276,7 +276,7 @@ def planner_predictions(model: Path, batch: int, context: int, ms: list[int]) ->
                     "profile": {"attention_points": profile.attention_points,
                                 "expert_points": profile.expert_points,
                                 **{k: v for k, v in profile.extra.items()
-                                   if k.endswith("_points")}}})
+                                   if "_points" in k}}})
     return out
 
 
@@ -395,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  m={r['m']}: predicted {r['tokens_per_s']:.0f} tok/s ({err}); T_a "
                   f"{p['t_a_ms']:.2f} T_e {p['t_e_ms']:.2f} T_c {p['t_c_ms']:.3f} step "
                   f"{p['step_overhead_ms']:.2f} ms")
+    prof = next((r["profile"] for r in records if r["impl"] == "planner"), {})
+    for key, points in prof.items():
+        if isinstance(points, list | tuple):
+            print(f"  profile {key}: " + ", ".join(f"{b:.0f}: {1e3 * t:.2f}" for b, t in points)
+                  + " ms")
     if args.json:
         for r in records:
             r["shape"] = dict(SHAPE)

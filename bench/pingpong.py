@@ -276,7 +276,7 @@ def planner_predictions(model: Path, batch: int, context: int, ms: list[int]) ->
                     "profile": {"attention_points": profile.attention_points,
                                 "expert_points": profile.expert_points,
                                 **{k: v for k, v in profile.extra.items()
-                                   if "_points" in k}}})
+                                   if "_points" in k and not isinstance(v, str)}}})
     return out
 
 

@@ -28,12 +28,15 @@ BLOCK = 16  # KV block size used for profiling (the engine's default)
 @dataclass
 class DecodeBatch:
     """``b`` sequences at context ``seq_len`` decoding one token each: the attention side's
-    inputs (tokens [b], their hidden [b, H], metadata, a paged KV cache holding the context)."""
+    inputs (tokens [b], their hidden [b, H], metadata, a paged KV cache holding the context,
+    and the block tables the metadata was built from)."""
 
     tokens: Any
     hidden: Any
     meta: Any
     kv: Any
+    tables: list[list[int]]
+    seq_len: int
 
 
 def decode_batch(attn: Any, b: int, seq_len: int) -> DecodeBatch:
@@ -47,11 +50,11 @@ def decode_batch(attn: Any, b: int, seq_len: int) -> DecodeBatch:
     for i in range(b):
         blocks.allocate(i, 0)
         blocks.append_slots(i, seq_len + 1)
-    meta = build_batch_meta([blocks.block_table(i) for i in range(b)], [seq_len] * b, [1] * b,
-                            BLOCK)
+    tables = [blocks.block_table(i) for i in range(b)]
+    meta = build_batch_meta(tables, [seq_len] * b, [1] * b, BLOCK)
     tokens = torch.randint(0, attn.cfg.vocab_size, (b,))
     with torch.inference_mode():
-        return DecodeBatch(tokens, attn.embed(tokens), meta, kv)
+        return DecodeBatch(tokens, attn.embed(tokens), meta, kv, tables, seq_len)
 
 
 def attention_pass(attn: Any, layers: Sequence[int], batch: DecodeBatch) -> None:
@@ -65,6 +68,23 @@ def attention_pass(attn: Any, layers: Sequence[int], batch: DecodeBatch) -> None
             mi = attn.attention_block(layer, batch.hidden, batch.meta, batch.kv)
             moe_wire.pack_dispatch(mi.normed, mi.topk_ids, mi.topk_weights)
             attn.finish_layer(mi, torch.zeros_like(batch.hidden).add_(mi.normed))
+
+
+def step_pass(attn: Any, batch: DecodeBatch) -> None:
+    """What a decode step does once, outside the layers: build the batch metadata and the token
+    tensor, embed, final norm + LM head, greedy sampling."""
+    import torch
+
+    from services.core.batch import build_batch_meta
+    from services.core.sampling import SamplingParams, sample
+
+    b = len(batch.tables)
+    greedy = SamplingParams(temperature=0.0)
+    build_batch_meta(batch.tables, [batch.seq_len] * b, [1] * b, BLOCK)
+    tokens = torch.tensor(batch.tokens.tolist(), dtype=torch.int64)
+    with torch.inference_mode():
+        logits = attn.logits(attn.embed(tokens), batch.meta.last_index)
+        sample(logits, [greedy] * b, [None] * b, [0] * b, attn.cfg.eos_token_ids).tolist()
 
 
 def expert_pass(experts: Any, layers: Sequence[int], rows: Any, ids: Any, weights: Any) -> None:

@@ -223,7 +223,8 @@ def profile_checkpoint(model_dir: str, shape: MoEShape, seq_len: int = 32,
     the engine counts as T_a (:func:`corun.attention_pass`: attention block, packing its
     dispatch, adding the combine); ``expert_points`` time one ``ExpertSide.forward`` over all
     experts (one expert node's compute for that micro-batch, grouped GEMMs); ``step_points``
-    time what a step does once (embedding, final norm + LM head over ``b`` rows).
+    time what a step does once (:func:`corun.step_pass`: batch metadata, embedding, final norm
+    + LM head over ``b`` rows, greedy sampling).
     ``transfer_points`` time T_c, one direction of a real dispatch/combine round trip without
     compute (:func:`measure_moe_transfer`). One torch thread, float32.
 
@@ -266,10 +267,8 @@ def profile_checkpoint(model_dir: str, shape: MoEShape, seq_len: int = 32,
 
     a_pts = [(float(b), time_attention(b)) for b in batches]
     e_pts = [(float(b), time_experts(b)) for b in batches]
-    with torch.inference_mode():
-        s_pts = [(float(b), _median_time(
-            lambda b=b: attn.logits(attn.embed(inputs[b][0].tokens), inputs[b][0].meta.last_index),
-            repeats)) for b in batches]
+    s_pts = [(float(b), _median_time(lambda b=b: co.step_pass(attn, inputs[b][0]), repeats))
+             for b in batches]
     extra: dict = {"dtype": "float32", "repeats": repeats, "source": "core",
                    "expert_points": "node", "step_points": s_pts}
     cpus = co.spare_cpus() if corun else None

@@ -223,9 +223,23 @@ async def _adopt_locked(engine: Engine, p: common_pb2.ExpertPlacement,
         return current.epoch
     placement = placement_from_proto(p, current)
     known = engine.client.attached  # only read and written on the server's event loop
+    down = set(engine.client.down)  # written by the engine thread: take a copy
     addresses = {h.node_id: h.grpc_address for rep in p.experts for h in rep.hosts}
     for node in placement.nodes:
         if node.node_id in known:
+            # Attach again when the node moved (a restart: new dispatch URL) or this replica
+            # routes around it: a restarted node has no reply link to us until it is attached.
+            if known[node.node_id] == node.dispatch_url and node.node_id not in down:
+                continue
+            if addresses[node.node_id]:
+                try:
+                    resp = await attacher.attach(addresses[node.node_id],
+                                                 timeout_s=_LATE_ATTACH_S)
+                except ConfigError as exc:  # still unreachable: it stays routed around
+                    log.warning("re-attaching expert node %s failed: %s", node.node_id, exc)
+                else:
+                    if resp.node_id == node.node_id:
+                        known[resp.node_id] = resp.dispatch_url
             continue
         if not addresses[node.node_id]:
             raise ValueError(f"placement epoch {p.epoch} names expert node {node.node_id}, "

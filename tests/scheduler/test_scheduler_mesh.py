@@ -250,3 +250,69 @@ async def _at(stub, epoch: int) -> bool:
     except grpc.aio.AioRpcError:
         return False
 
+
+
+def test_restarted_expert_node_is_routed_around_then_attached_again(model_dir, redis_url,
+                                                                     tmp_path):
+    # expert-1 is killed; the scheduler's table has experts on it alone, so the replica fails
+    # those requests and routes around it. It restarts under the same node id at new addresses
+    # and registers again; the replica must Attach it anew (the new process has no reply link
+    # to the replica) and route rows to it again.
+    mesh = LocalMesh.start(model_dir, [[0, 1, 2, 3], [2, 3]], attention_replicas=1,
+                           attention_args=["--expert-timeout", "3"], workdir=tmp_path)
+    sched = reborn = None
+    try:
+        sched = _start_scheduler(model_dir, redis_url, tmp_path, "mesh-restart:")
+        victim = mesh.experts[1].info["node_id"]
+
+        async def body():
+            nonlocal reborn
+            async with _session(sched, _infos(mesh, attention=True),
+                                [mesh.attention[0].grpc]) as (regs, channels):
+                s_stub = scheduler_pb2_grpc.SchedulerStub(channels[0])
+                a_stub = attention_pb2_grpc.AttentionStub(channels[1])
+                first = await _generate(a_stub)
+                for r in regs:
+                    await r.start()
+                placement = await eventually(lambda: _complete(s_stub, nodes=2), timeout=20,
+                                             what="a placement on both nodes")
+                await eventually(lambda: _at(a_stub, placement.epoch), timeout=10,
+                                 what="attention at the two-node epoch")
+                mesh.experts[1].kill()
+                req = attention_pb2.GenerateRequest(
+                    request_id="while-down", prompt_token_ids=[1, 2, 3, 4],
+                    sampling=common_pb2.SamplingParams(temperature=0, max_tokens=3))
+                last = [ev async for ev in a_stub.Generate(req, timeout=60)][-1]
+                assert last.finish_reason == common_pb2.FINISH_REASON_ERROR
+                assert f"{victim} is down" in last.error_message
+                await regs[1].stop(deregister=False)
+                reborn = spawn_role("expert", ["--model", str(model_dir), "--experts", "2,3",
+                                               "--m2n-url", "tcp://127.0.0.1:0",
+                                               "--m2n-sender-id", "1001"],
+                                    victim, tmp_path, log=tmp_path / "reborn.log")
+                assert reborn.info["node_id"] == victim
+                regs.append(NodeRegistration(sched.grpc, _expert_info(reborn),
+                                             max_backoff_s=0.2))
+                await regs[-1].start()
+
+                async def reborn_used() -> common_pb2.ExpertPlacement | None:
+                    p = await _complete(s_stub, placement.epoch, nodes=2)
+                    hosts = [h for r in (p.experts if p else ()) for h in r.hosts]
+                    return p if any(h.grpc_address == reborn.grpc for h in hosts) else None
+
+                newer = await eventually(reborn_used, timeout=30,
+                                         what="a placement naming the restarted node")
+                await eventually(lambda: _at(a_stub, newer.epoch), timeout=20,
+                                 what="attention at the epoch with the restarted node")
+                async with grpc.aio.insecure_channel(reborn.grpc) as ch:
+                    e_stub = expert_pb2_grpc.ExpertStub(ch)
+                    assert await _generate(a_stub) == first
+                    stats = await e_stub.GetStats(expert_pb2.GetStatsRequest(), timeout=5)
+                assert stats.messages_received > 0  # rows reach the restarted node again
+
+        run(body, timeout=150)
+    finally:
+        for p in (reborn, sched):
+            if p is not None:
+                p.stop()
+        mesh.stop()

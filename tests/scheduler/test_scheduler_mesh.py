@@ -88,6 +88,18 @@ async def _session(sched, infos: list[common_pb2.NodeInfo], addresses: list[str]
             await c.close()
 
 
+async def _join_expert(sched, regs: list[NodeRegistration], model_dir: Path, node_id: str,  # noqa: ANN001
+                       tmp_path: Path):
+    """Start an expert node hosting experts 2 and 3 under ``node_id`` and register it (its
+    registration joins ``regs``, stopped by :func:`_session`)."""
+    node = spawn_role("expert", ["--model", str(model_dir), "--experts", "2,3",
+                                 "--m2n-url", "tcp://127.0.0.1:0", "--m2n-sender-id", "1001"],
+                      node_id, tmp_path, log=tmp_path / f"{node_id}-joined.log")
+    regs.append(NodeRegistration(sched.grpc, _expert_info(node), max_backoff_s=0.2))
+    await regs[-1].start()
+    return node
+
+
 def _start_scheduler(model_dir: Path, redis_url: str, tmp_path: Path, prefix: str):
     return spawn_role("scheduler", ["--redis-url", redis_url, "--model", str(model_dir),
                                     "--node-ttl", "1", "--key-prefix", prefix,
@@ -207,13 +219,7 @@ def test_attention_attaches_to_an_expert_node_that_joins_later(model_dir, redis_
                                              what="a placement on expert-0")
                 await eventually(lambda: _at(a_stub, placement.epoch), timeout=10,
                                  what="attention at the first epoch")
-                late = spawn_role("expert", ["--model", str(model_dir), "--experts", "2,3",
-                                             "--m2n-url", "tcp://127.0.0.1:0",
-                                             "--m2n-sender-id", "1001"],
-                                  "expert-late", tmp_path, log=tmp_path / "expert-late.log")
-                regs.append(NodeRegistration(sched.grpc, _expert_info(late),
-                                             max_backoff_s=0.2))
-                await regs[-1].start()
+                late = await _join_expert(sched, regs, model_dir, "expert-late", tmp_path)
                 both = await eventually(lambda: _complete(s_stub, placement.epoch, nodes=2),
                                         timeout=20, what="a placement using expert-late")
                 assert any(h.grpc_address == late.grpc for r in both.experts for h in r.hosts)
@@ -286,14 +292,7 @@ def test_restarted_expert_node_is_routed_around_then_attached_again(model_dir, r
                 assert last.finish_reason == common_pb2.FINISH_REASON_ERROR
                 assert f"{victim} is down" in last.error_message
                 await regs[1].stop(deregister=False)
-                reborn = spawn_role("expert", ["--model", str(model_dir), "--experts", "2,3",
-                                               "--m2n-url", "tcp://127.0.0.1:0",
-                                               "--m2n-sender-id", "1001"],
-                                    victim, tmp_path, log=tmp_path / "reborn.log")
-                assert reborn.info["node_id"] == victim
-                regs.append(NodeRegistration(sched.grpc, _expert_info(reborn),
-                                             max_backoff_s=0.2))
-                await regs[-1].start()
+                reborn = await _join_expert(sched, regs, model_dir, victim, tmp_path)
 
                 async def reborn_used() -> common_pb2.ExpertPlacement | None:
                     p = await _complete(s_stub, placement.epoch, nodes=2)

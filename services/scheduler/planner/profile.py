@@ -11,6 +11,7 @@ torch is imported inside the functions: importing this module stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -265,19 +266,20 @@ def profile_checkpoint(model_dir: str, shape: MoEShape, seq_len: int = 32,
     def time_experts(b: int) -> float:
         return _median_time(lambda: co.expert_pass(experts, layers, *inputs[b][1]), repeats) / n
 
-    a_pts = [(float(b), time_attention(b)) for b in batches]
-    e_pts = [(float(b), time_experts(b)) for b in batches]
-    s_pts = [(float(b), _median_time(lambda b=b: co.step_pass(attn, inputs[b][0]), repeats))
-             for b in batches]
-    extra: dict = {"dtype": "float32", "repeats": repeats, "source": "core",
-                   "expert_points": "node", "step_points": s_pts}
     cpus = co.spare_cpus() if corun else None
-    if cpus is not None:
-        mine, other = cpus
-        with co.pinned(mine):
+    extra: dict = {"dtype": "float32", "repeats": repeats, "source": "core",
+                   "expert_points": "node"}
+    # Solo and co-run timings on the same CPU (as a served role is pinned to its core).
+    with co.pinned(cpus[0]) if cpus is not None else contextlib.nullcontext():
+        a_pts = [(float(b), time_attention(b)) for b in batches]
+        e_pts = [(float(b), time_experts(b)) for b in batches]
+        extra["step_points"] = [
+            (float(b), _median_time(lambda b=b: co.step_pass(attn, inputs[b][0]), repeats))
+            for b in batches]
+        if cpus is not None:
             for side, timer, key in (("experts", time_attention, "attention_points_corun"),
                                      ("attention", time_experts, "expert_points_corun")):
-                with co.CoRunner(model_dir, side, seq_len, other) as hog:
+                with co.CoRunner(model_dir, side, seq_len, cpus[1]) as hog:
                     points = []
                     for b in batches:
                         hog.set_batch(b)

@@ -200,6 +200,17 @@ static int as_ull(PyObject *o, unsigned long long *out, const char *what) {
     return 0;
 }
 
+/* The (sender_id | None, nslots, capacity) arguments of check() and read_headers(). */
+static int parse_limits(PyObject *const *a, int *has_sender, unsigned long long *sid,
+                        unsigned long long *nslots, unsigned long long *cap) {
+    *has_sender = a[0] != Py_None;
+    *sid = 0;
+    if ((*has_sender && as_ull(a[0], sid, "sender_id") < 0) ||
+        as_ull(a[1], nslots, "nslots") < 0 || as_ull(a[2], cap, "capacity") < 0)
+        return -1;
+    return 0;
+}
+
 /* check(buf, off, sender_id | None, nslots, capacity) -> fields */
 static PyObject *fast_check(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5) {
@@ -208,11 +219,9 @@ static PyObject *fast_check(PyObject *self, PyObject *const *args, Py_ssize_t na
     }
     Py_ssize_t off = PyLong_AsSsize_t(args[1]);
     if (off == -1 && PyErr_Occurred()) return NULL;
-    unsigned long long sid = 0, nslots, cap;
-    int has_sender = args[2] != Py_None;
-    if ((has_sender && as_ull(args[2], &sid, "sender_id") < 0) ||
-        as_ull(args[3], &nslots, "nslots") < 0 || as_ull(args[4], &cap, "capacity") < 0)
-        return NULL;
+    unsigned long long sid, nslots, cap;
+    int has_sender;
+    if (parse_limits(args + 2, &has_sender, &sid, &nslots, &cap) < 0) return NULL;
     Py_buffer b;
     if (PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) < 0) return NULL;
     /* same length rule as unpack(buf[off:off + 128]) */
@@ -247,11 +256,9 @@ static PyObject *fast_read_headers(PyObject *self, PyObject *const *args, Py_ssi
     if (fd == -1 && PyErr_Occurred()) return NULL;
     Py_ssize_t got = PyLong_AsSsize_t(args[2]);
     if (got == -1 && PyErr_Occurred()) return NULL;
-    unsigned long long sid = 0, nslots, cap;
-    int has_sender = args[3] != Py_None;
-    if ((has_sender && as_ull(args[3], &sid, "sender_id") < 0) ||
-        as_ull(args[4], &nslots, "nslots") < 0 || as_ull(args[5], &cap, "capacity") < 0)
-        return NULL;
+    unsigned long long sid, nslots, cap;
+    int has_sender;
+    if (parse_limits(args + 3, &has_sender, &sid, &nslots, &cap) < 0) return NULL;
     Py_buffer b;
     if (PyObject_GetBuffer(args[1], &b, PyBUF_WRITABLE) < 0) return NULL;
     if (fd < 0 || fd > INT32_MAX || got < 0 || got >= b.len) {

@@ -101,7 +101,8 @@ class Routes:
         if len(self.live) == 1:  # one node serves everything: no selection at all
             return [(self.live[0], None, ids, weights)]
         token = torch.arange(offset, offset + ids.shape[0], device=ids.device)[:, None]  # [T,1]
-        replica = token % self.count[safe].clamp(min=1)                    # [T, K]
+        count = self.count[safe] if self.complete else self.count[safe].clamp(min=1)
+        replica = token % count                                            # [T, K]
         owner = self.table[safe, replica]                                  # [T, K] node index
         if valid is not None:
             owner = torch.where(valid, owner, -1)

@@ -226,34 +226,39 @@ async def _adopt_locked(engine: Engine, p: common_pb2.ExpertPlacement,
     down = set(engine.client.down)  # written by the engine thread: take a copy
     addresses = {h.node_id: h.grpc_address for rep in p.experts for h in rep.hosts}
     for node in placement.nodes:
-        if node.node_id in known:
-            # Attach again when the node moved (a restart: new dispatch URL) or this replica
-            # routes around it: a restarted node has no reply link to us until it is attached.
-            if known[node.node_id] == node.dispatch_url and node.node_id not in down:
-                continue
-            if addresses[node.node_id]:
-                try:
-                    resp = await attacher.attach(addresses[node.node_id],
-                                                 timeout_s=_LATE_ATTACH_S)
-                except ConfigError as exc:  # still unreachable: it stays routed around
-                    log.warning("re-attaching expert node %s failed: %s", node.node_id, exc)
-                else:
-                    if resp.node_id == node.node_id:
-                        known[resp.node_id] = resp.dispatch_url
+        new = node.node_id not in known
+        # A known node is attached again when it moved (a restart: new dispatch URL) or this
+        # replica routes around it: a restarted node has no reply link to us until then.
+        if not new and known[node.node_id] == node.dispatch_url and node.node_id not in down:
             continue
-        if not addresses[node.node_id]:
-            raise ValueError(f"placement epoch {p.epoch} names expert node {node.node_id}, "
-                             "which this replica is not attached to, without its grpc_address")
         try:
-            resp = await attacher.attach(addresses[node.node_id], timeout_s=_LATE_ATTACH_S)
-        except ConfigError as exc:
-            raise ValueError(f"placement epoch {p.epoch}: {exc}") from None
-        if resp.node_id != node.node_id:
-            raise ValueError(f"expert node at {addresses[node.node_id]} is {resp.node_id!r}, "
-                             f"the placement calls it {node.node_id!r}")
+            resp = await _attach_node(attacher, p.epoch, node.node_id, addresses[node.node_id])
+        except ValueError as exc:
+            if new:  # a table naming a node we cannot reach is refused whole
+                raise
+            log.warning("re-attaching expert node %s failed (it stays routed around): %s",
+                        node.node_id, exc)
+            continue
         known[resp.node_id] = resp.dispatch_url
     engine.set_placement(placement)
     return p.epoch
+
+
+async def _attach_node(attacher: ExpertAttacher, epoch: int, node_id: str, address: str
+                       ) -> expert_pb2.AttachResponse:
+    """``Expert.Attach`` at ``address``; ValueError when there is no address, the node cannot
+    be reached, or it is not ``node_id``."""
+    if not address:
+        raise ValueError(f"placement epoch {epoch} names expert node {node_id}, which this "
+                         "replica is not attached to, without its grpc_address")
+    try:
+        resp = await attacher.attach(address, timeout_s=_LATE_ATTACH_S)
+    except ConfigError as exc:
+        raise ValueError(f"placement epoch {epoch}: {exc}") from None
+    if resp.node_id != node_id:
+        raise ValueError(f"expert node at {address} is {resp.node_id!r}, the placement calls "
+                         f"it {node_id!r}")
+    return resp
 
 
 async def _adopt_logged(engine: Engine, p: common_pb2.ExpertPlacement,

@@ -196,11 +196,13 @@ def measure_once(mesh: LocalMesh, prompts: list[list[int]], new_tokens: int, m: 
     exp_s = window("megascale:expert_compute_seconds_sum", 1)
     steps = max(1.0, window("megascale:step_duration_seconds_count", 0))
     key = "megascale:m2n_latency_seconds_{}|direction=round_trip"
+    # Lane steps: each of the m lanes steps on its own, one micro-batch per lane step; a round
+    # (every lane one step) is what a step-synchronous engine would call one step.
     return {"decode": len(prompts) * (new_tokens - 1) / wall,
             "busy_a": attn_s / wall, "busy_e": exp_s / wall,
             "step_ms": 1000 * window("megascale:step_duration_seconds_sum", 0) / steps,
-            "loop_ms": 1000 * wall / steps,
-            "t_a": attn_s / (steps * m * SHAPE["layers"]),
+            "loop_ms": 1000 * wall * m / steps,
+            "t_a": attn_s / (steps * SHAPE["layers"]),
             "t_e": exp_s / max(1.0, window("megascale:expert_compute_seconds_count", 1)),
             "rtt": window(key.format("sum"), 0) / max(1.0, window(key.format("count"), 0))}
 
@@ -317,24 +319,31 @@ def plot_timeline(timeline_dir: Path, png: Path, batch: int) -> None:
 
     steps = [json.loads(x) for x in (timeline_dir / "attention-0.jsonl").read_text().splitlines()]
     expert = [json.loads(x) for x in (timeline_dir / "expert-0.jsonl").read_text().splitlines()]
-    decode = [s for s in steps if s["tokens"] == batch]  # decode steps: one token per request
-    step = decode[len(decode) // 2]
+    # One steady-state decode step of lane 0 (one token per request: at most batch / 2 at m=2)
+    # and every lane's intervals inside its span: the lanes overlap, that is the pipeline.
+    lane0 = [s for s in steps if s["lane"] == 0 and s["tokens"] <= batch]
+    step = lane0[len(lane0) // 2]
     t0, t1 = step["start"], step["start"] + step["wall"]
     fig, ax = plt.subplots(figsize=(12, 2.8))
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
-    for kind, _layer, mb, a, b in step["intervals"]:
-        if kind == "attn" and mb >= 0:
-            ax.barh(1, (b - a) * 1e3, left=(a - t0) * 1e3, color=colors[mb % 4], edgecolor="k",
-                    linewidth=0.3)
-        elif kind == "wait":
-            ax.barh(1, (b - a) * 1e3, left=(a - t0) * 1e3, color="lightgrey", hatch="//")
+    for rec in steps:
+        for kind, _layer, lane, a, b in rec["intervals"]:
+            if b < t0 or a > t1:
+                continue
+            if kind == "attn":
+                ax.barh(1, (b - a) * 1e3, left=(a - t0) * 1e3, color=colors[lane % 4],
+                        edgecolor="k", linewidth=0.3)
+            else:
+                ax.barh(1, (b - a) * 1e3, left=(a - t0) * 1e3, color="lightgrey", hatch="//")
     for ev in expert:
         if ev["end"] >= t0 and ev["start"] <= t1:
             ax.barh(0, (ev["end"] - ev["start"]) * 1e3, left=(ev["start"] - t0) * 1e3,
                     color="tab:purple", edgecolor="k", linewidth=0.3)
+    ax.set_xlim(0, (t1 - t0) * 1e3)
     ax.set_yticks([0, 1], ["expert node", "attention"])
-    ax.set_xlabel("ms since step start (colours: micro-batch; hatched: waiting for combine)")
-    ax.set_title(f"one decode step, m=2 ({step['tokens']} tokens)")
+    ax.set_xlabel("ms since lane 0's step start (colours: lane = micro-batch; hatched: waiting "
+                  "for combine)")
+    ax.set_title(f"one decode step of lane 0, m=2 ({step['tokens']} tokens per lane)")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)

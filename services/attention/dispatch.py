@@ -326,16 +326,21 @@ class ExpertClient:
         out, self._round_trips = self._round_trips, []
         return out
 
-    def discard_pending(self) -> None:
-        """Drop replies kept for abandoned dispatches (after a failed step); replies still in
-        flight for them are dropped when they arrive."""
+    def discard(self, pending: PendingCombine) -> None:
+        """Abandon a dispatch (its lane step failed): replies already kept for it are
+        released, replies still in flight are dropped when they arrive."""
+        for tag in pending.waiting:
+            msg = self._arrived.pop(tag, None)
+            if msg is not None:
+                msg.release()
+            self._outstanding.discard(tag)
+        pending.waiting.clear()
+
+    def close(self) -> None:
         for msg in self._arrived.values():
             msg.release()
         self._arrived.clear()
         self._outstanding.clear()
-
-    def close(self) -> None:
-        self.discard_pending()
         for s in self._senders:
             s.close()
         self._senders = []

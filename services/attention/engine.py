@@ -1,10 +1,16 @@
-"""The attention replica's engine loop: schedule → micro-batches → ping-pong → sample → emit.
+"""The attention replica's engine loop: per lane, schedule → micro-batch → layers (ping-pong
+with the other lanes) → sample → emit.
+
+The engine keeps ``micro_batches`` lanes in flight (services/attention/pingpong.py) and goes
+round them: a lane takes its combine and runs on to its next dispatch; a lane that finishes
+its step samples, emits, and starts its next step at once. So the pipeline never drains.
 
 Threads: the engine runs in one dedicated thread (``run``); gRPC handlers call ``submit`` and
 ``abort`` from the server's event loop. Scheduler state is guarded by one lock that is **not**
 held during the forward pass, so submissions and aborts never wait for a step. A running request
-that is aborted mid-step is finished at the next step boundary (its KV blocks cannot be freed
-while a forward pass may still write them).
+that is aborted mid-step is finished when its lane is between steps (its KV blocks cannot be
+freed while a forward pass may still write them). A new expert placement is installed when no
+lane is mid-step: lanes stop starting steps until the last one is done.
 
 Per request the engine emits :class:`TokenEvent` objects to the listener given at submission:
 one per sampled token, the last one carrying ``finish_reason``.
@@ -22,9 +28,20 @@ import torch
 
 from services.attention.config import AttentionConfig
 from services.attention.dispatch import ExpertClient
-from services.attention.pingpong import PingPongRunner, StepTimings, build_micro_batches
+from services.attention.pingpong import (
+    LaneStep,
+    PingPongRunner,
+    StepTimings,
+    build_micro_batch,
+)
 from services.attention.routing import ExpertUnavailable, Placement
-from services.attention.scheduler import Request, RequestScheduler, SchedulerConfig, StepPlan
+from services.attention.scheduler import (
+    Request,
+    RequestScheduler,
+    SchedulerConfig,
+    Status,
+    StepPlan,
+)
 from services.core.kv_cache import BlockManager
 from services.core.model import AttentionSide
 from services.core.sampling import SamplingParams, finish_reason, sample
@@ -80,6 +97,7 @@ class Engine:
         self._abort_requested: set[str] = set()
         self._new_placement: Placement | None = None
         self._step = 0
+        self._lanes: list[LaneStep | None] = [None] * config.micro_batches  # engine thread only
 
     # ------------------------------------------------------------------ called by handlers
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
@@ -113,14 +131,14 @@ class Engine:
             if req is None:
                 return False
             if req in self.scheduler.running:
-                self._abort_requested.add(request_id)  # finished at the next step boundary
+                self._abort_requested.add(request_id)  # finished when its lane is between steps
             else:
                 self._finish_locked(req, "abort")
         self._wake.set()
         return True
 
     def set_placement(self, placement: Placement) -> None:
-        """Install a new expert placement at the next step boundary."""
+        """Install a new expert placement once no lane is mid-step."""
         with self._lock:
             self._new_placement = placement
         self._wake.set()
@@ -134,10 +152,11 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop: threading.Event) -> None:
-        """Step until ``stop`` is set; sleeps (no spinning) while there is no work."""
+        """Go round the lanes until ``stop`` is set; sleeps (no spinning) while there is no
+        work."""
         while not stop.is_set():
             try:
-                busy = self.step()
+                busy = self.tick()
             except Exception:  # noqa: BLE001 - a bug in one step must not stop the replica
                 log.exception("engine step failed outside the forward pass")
                 busy = False
@@ -145,10 +164,26 @@ class Engine:
                 self._wake.wait(0.05)
                 self._wake.clear()
 
-    def step(self) -> bool:
-        """Run one step; False when there was nothing to do."""
+    def tick(self) -> bool:
+        """One turn of every lane; False when no lane had anything to do."""
+        busy = False
+        for lane, ls in enumerate(self._lanes):
+            if ls is not None:
+                ls = self._advance(ls)
+                busy = True
+            if ls is None:  # between steps: start the next one straight away
+                ls = self._start(lane)
+                busy |= ls is not None
+            self._lanes[lane] = ls
+        return busy
+
+    def _start(self, lane: int) -> LaneStep | None:
+        """Schedule lane ``lane``'s next step and run it to its first dispatch."""
         with self._lock:
+            idle = all(ls is None for i, ls in enumerate(self._lanes) if i != lane)
             if self._new_placement is not None:
+                if not idle:
+                    return None  # drain: the placement switches with no dispatch in flight
                 placement, self._new_placement = self._new_placement, None
                 try:
                     self.client.set_placement(placement)
@@ -156,47 +191,57 @@ class Engine:
                     log.exception("could not switch to placement epoch %d", placement.epoch)
             for rid in list(self._abort_requested):
                 req = self.scheduler.get(rid)
-                if req is not None:
+                if req is None:
+                    self._abort_requested.discard(rid)
+                elif (req.status is not Status.RUNNING or req.lane == lane
+                      or self._lanes[req.lane] is None):  # not mid-step
                     self._finish_locked(req, "abort")
-            self._abort_requested.clear()
-            plan = self.scheduler.schedule()
+            plan = self.scheduler.schedule(lane, len(self._lanes))
+            if not plan.chunks:
+                return None
             step = self._step
             self._step += 1
-        if not plan.chunks:
-            return False
+        now = time.monotonic()
         for c in plan.chunks:
             if c.request.first_scheduled is None:
-                c.request.first_scheduled = time.monotonic()
-        mbs = build_micro_batches(plan.chunks, self.config.micro_batches, self.blocks,
-                                  self.attention.device, self.cfg.sliding_window)
+                c.request.first_scheduled = now
+        mb = build_micro_batch(plan.chunks, self.blocks, self.attention.device,
+                               self.cfg.sliding_window)
+        return self._advance(self.runner.start(step, lane, plan, mb))
+
+    def _advance(self, ls: LaneStep) -> LaneStep | None:
+        """Run ``ls`` on to its next dispatch; None once its step is over (sampled and
+        emitted, or failed: then its requests are finished with the error)."""
         try:
-            logits, timings = self.runner.run(step, mbs)
+            logits = self.runner.advance(ls)
         except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
+            self.runner.abandon(ls)
             if isinstance(exc, ExpertUnavailable):
-                log.error("step %d failed: %s", step, exc)
+                log.error("step %d failed: %s", ls.step, exc)
                 message = str(exc)
             else:
-                log.exception("step %d failed", step)
-                message = f"internal error in step {step}: {type(exc).__name__}: {exc}"
+                log.exception("step %d failed", ls.step)
+                message = f"internal error in step {ls.step}: {type(exc).__name__}: {exc}"
             with self._lock:
-                for c in plan.chunks:
+                for c in ls.plan.chunks:
                     self._finish_locked(c.request, "error", message)
-            return True
+            return None
+        if logits is None:
+            return ls
         # Sample the chunks that reached their request's last token (one row per chunk).
-        rows = [(c, lg[j]) for mb, lg in zip(mbs, logits, strict=True)
-                for j, c in enumerate(mb.chunks) if c.samples]
+        rows = [(c, logits[j]) for j, c in enumerate(ls.mb.chunks) if c.samples]
         tokens: list[int] = []
         if rows:
-            stacked = torch.stack([r for _, r in rows])
-            tokens = sample(stacked, [c.request.params for c, _ in rows],
+            tokens = sample(torch.stack([r for _, r in rows]),
+                            [c.request.params for c, _ in rows],
                             [c.request.generator for c, _ in rows],
                             [len(c.request.output) for c, _ in rows], self.eos_ids).tolist()
         with self._lock:
             for (c, _), tok in zip(rows, tokens, strict=True):
                 self._accept_locked(c.request, tok)
         if self.on_step is not None:
-            self.on_step(plan, timings)
-        return True
+            self.on_step(ls.plan, ls.timings)
+        return None
 
     # ------------------------------------------------------------------ helpers (lock held)
     def _accept_locked(self, req: Request, token: int) -> None:

@@ -1,15 +1,24 @@
-"""The ping-pong micro-batch pipeline of one engine step (MegaScale-Infer §4).
+"""The ping-pong micro-batch pipeline (MegaScale-Infer §4), run as ``m`` lanes.
 
-A step's batch is split into ``m`` micro-batches. For every layer, for every micro-batch: take
-the previous layer's combine for that micro-batch, run attention + router, dispatch the routed
-rows to the expert nodes, and move straight on to the next micro-batch. While micro-batch ``i``
-is at the experts, attention computes micro-batch ``i + 1``; with ``T_a ≈ T_e`` and enough
-micro-batches (``m >= 2 (1 + T_c / T_f)``) neither side idles.
+The replica's running requests are split into ``m`` *lanes*; each lane is one micro-batch that
+steps on its own (the scheduler plans per lane, services/attention/scheduler.py). The engine
+goes round the lanes; at each turn a lane takes the combine of its previous layer, runs
+attention + router for its next layer and dispatches the routed rows to the expert nodes, and
+the engine moves straight on to the next lane. While lane ``i`` is at the experts, attention
+computes lane ``i + 1``; with ``T_a ≈ T_e`` and enough lanes (``m >= 2 (1 + T_c / T_f)``)
+neither side idles.
 
-Timeline for m = 2 (A = attention, E = experts, layer l)::
+Because lanes step independently, the pipeline does not drain at a step boundary: when lane 0
+finishes its last layer it samples, is rescheduled and dispatches its next step's first layer
+while lane 1's last layer is still at the experts. (A step-synchronous pipeline, where all
+micro-batches of a step finish before the next step starts, leaves the attention side idle for
+the last micro-batch's expert call and the expert side idle for the first micro-batch's
+attention, once per step.)
 
-    A: [a0 l][a1 l]      [a0 l+1][a1 l+1] ...
-    E:       [e0 l][e1 l]       [e0 l+1] ...
+Timeline for m = 2 (A = attention, E = experts, lane/layer; L = last layer)::
+
+    A: [0/L-1][1/L-1]    [0/L, sample, 0/0 of the next step][1/L, sample, 1/0] ...
+    E:        [0/L-1][1/L-1]      [0/L]   [1/L]                  [0/0]      ...
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.attention.dispatch import ExpertClient, PendingCombine
-from services.attention.scheduler import ScheduledChunk
+from services.attention.scheduler import ScheduledChunk, StepPlan
 from services.core.batch import BatchMeta, build_batch_meta
 from services.core.kv_cache import BlockManager, PagedKVCache
 from services.core.model import AttentionSide, MoEInput
@@ -28,73 +37,66 @@ from services.core.model import AttentionSide, MoEInput
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """A contiguous group of scheduled chunks run as one attention batch."""
+    """A lane's step: its scheduled chunks run as one attention batch."""
 
     chunks: tuple[ScheduledChunk, ...]
     token_ids: torch.Tensor   # [T] int64, the chunks' tokens end to end
     meta: BatchMeta
+    trace: tuple[bytes, bytes] | None = None  # what its dispatches carry (see tracing.py)
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
 
-    @property
-    def trace(self) -> tuple[bytes, bytes] | None:
-        """Trace context its dispatches carry: the first traced request's (see tracing.py)."""
-        return next((c.request.trace for c in self.chunks if c.request.trace), None)
 
-
-def split_chunks(chunks: tuple[ScheduledChunk, ...], m: int) -> list[tuple[ScheduledChunk, ...]]:
-    """Split into at most ``m`` contiguous groups with near-equal token counts (a chunk is
-    never split; fewer groups when there are fewer chunks than ``m``)."""
-    m = max(1, min(m, len(chunks)))
-    total = sum(c.num_tokens for c in chunks)
-    groups: list[tuple[ScheduledChunk, ...]] = []
-    start, acc = 0, 0
-    for i, c in enumerate(chunks):
-        acc += c.num_tokens
-        left_chunks = len(chunks) - (i + 1)
-        left_groups = m - len(groups) - 1
-        # close the group once it reaches its share, keeping one chunk per remaining group
-        if left_groups > 0 and (acc * m >= total * (len(groups) + 1) or left_chunks == left_groups):
-            groups.append(chunks[start: i + 1])
-            start = i + 1
-    groups.append(chunks[start:])
-    return [g for g in groups if g]
-
-
-def build_micro_batches(chunks: tuple[ScheduledChunk, ...], m: int, blocks: BlockManager,
-                        device: torch.device, sliding_window: int | None) -> list[MicroBatch]:
-    """Turn a step plan's chunks into micro-batches with their attention metadata."""
-    out = []
-    for group in split_chunks(chunks, m):
-        ids = [c.request.request_id for c in group]
-        meta = build_batch_meta([blocks.block_table(i) for i in ids], [c.start for c in group],
-                                [c.num_tokens for c in group], blocks.block_size, device,
-                                sliding_window)
-        tokens = torch.tensor([t for c in group for t in c.token_ids], dtype=torch.int64,
-                              device=device)
-        out.append(MicroBatch(tuple(group), tokens, meta))
-    return out
+def build_micro_batch(chunks: tuple[ScheduledChunk, ...], blocks: BlockManager,
+                      device: torch.device, sliding_window: int | None) -> MicroBatch:
+    """Turn a lane's step plan into a micro-batch with its attention metadata."""
+    ids = [c.request.request_id for c in chunks]
+    meta = build_batch_meta([blocks.block_table(i) for i in ids], [c.start for c in chunks],
+                            [c.num_tokens for c in chunks], blocks.block_size, device,
+                            sliding_window)
+    tokens = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64,
+                          device=device)
+    # the first traced request's context stands for the micro-batch
+    trace = next((c.request.trace for c in chunks if c.request.trace), None)
+    return MicroBatch(chunks, tokens, meta, trace)
 
 
 @dataclass
 class StepTimings:
-    """Where one step's wall time went (seconds)."""
+    """Where one lane step's wall time went (seconds). Lanes overlap in time: the replica's
+    busy time is the sum of ``attention_s`` over lane steps, not of ``wall_s``."""
 
     start: float = 0.0         # time.perf_counter() at the step start (CLOCK_MONOTONIC: the
                                # same clock in every process of a host, for timelines)
+    lane: int = 0
     wall_s: float = 0.0
     attention_s: float = 0.0   # attention + router + embed + head compute (T_a summed)
     wait_s: float = 0.0        # blocked waiting for combines (experts or links busy)
     round_trips: list[float] = field(default_factory=list)  # per dispatch: sent -> combined
     intervals: list[tuple[str, int, int, float, float]] = field(default_factory=list)
-    # (kind "attn"|"wait", layer, micro-batch, start, end) relative to the step start, only
+    # (kind "attn"|"wait", layer, lane, start, end) relative to the step start, only
     # recorded when asked for (bench timeline)
 
 
+@dataclass(eq=False)
+class LaneStep:
+    """One lane's step in flight: how far through the layers its micro-batch is."""
+
+    step: int                 # engine-wide step number (dispatch headers, replica rotation)
+    lane: int
+    plan: StepPlan
+    mb: MicroBatch
+    timings: StepTimings
+    hidden: torch.Tensor      # [T, H] input of layer ``layer`` (residual stream)
+    layer: int = 0            # the next layer whose attention runs
+    moe: MoEInput | None = None
+    pending: PendingCombine | None = None  # the dispatch of layer ``layer - 1``
+
+
 class PingPongRunner:
-    """Runs one step's micro-batches through every layer (module docstring)."""
+    """Moves lane steps through the layers, one dispatch at a time (module docstring)."""
 
     def __init__(self, attention: AttentionSide, kv: PagedKVCache, client: ExpertClient,
                  record_intervals: bool = False) -> None:
@@ -103,60 +105,60 @@ class PingPongRunner:
         self.client = client
         self.record_intervals = record_intervals
 
+    def _mark(self, t: StepTimings, kind: str, layer: int, lane: int, start: float) -> float:
+        end = time.perf_counter()
+        if kind == "attn":
+            t.attention_s += end - start
+        else:
+            t.wait_s += end - start
+        if self.record_intervals:
+            t.intervals.append((kind, layer, lane, start - t.start, end - t.start))
+        return end
+
     @torch.inference_mode()
-    def run(self, step: int, mbs: list[MicroBatch]) -> tuple[list[torch.Tensor], StepTimings]:
-        """Returns logits ``[B_i, V]`` per micro-batch (one row per chunk) and timings."""
-        attn, client, kv = self.attention, self.client, self.kv
+    def start(self, step: int, lane: int, plan: StepPlan, mb: MicroBatch) -> LaneStep:
+        """Embed the micro-batch's tokens; :meth:`advance` then runs its layers."""
         t0 = time.perf_counter()
-        t = StepTimings(start=t0)
-        record = self.record_intervals
+        t = StepTimings(start=t0, lane=lane)
+        ls = LaneStep(step, lane, plan, mb, t, self.attention.embed(mb.token_ids))
+        self._mark(t, "attn", -1, lane, t0)
+        return ls
 
-        def mark(kind: str, layer: int, i: int, start: float) -> float:
-            end = time.perf_counter()
-            if kind == "attn":
-                t.attention_s += end - start
-            else:
-                t.wait_s += end - start
-            if record:
-                t.intervals.append((kind, layer, i, start - t0, end - t0))
-            return end
-
-        n = len(mbs)
-        hidden = [attn.embed(mb.token_ids) for mb in mbs]
-        moe: list[MoEInput | None] = [None] * n
-        pending: list[PendingCombine | None] = [None] * n
-        mark("attn", -1, -1, t0)
-
-        def take_combine(i: int, layer: int) -> None:
+    @torch.inference_mode()
+    def advance(self, ls: LaneStep) -> torch.Tensor | None:
+        """Take the lane's pending combine (blocking), then run attention layer by layer until
+        the next routed layer is dispatched (None) or the last layer is done: then the
+        logits ``[B, V]`` of its micro-batch (one row per chunk). Raises what the combine or a
+        layer raises; :meth:`abandon` the step then."""
+        attn, client, t = self.attention, self.client, ls.timings
+        mb, lane = ls.mb, ls.lane
+        if ls.pending is not None:
             s = time.perf_counter()
-            out = client.combine(pending[i], hidden[i].dtype, hidden[i].device)
-            s = mark("wait", layer, i, s)
-            hidden[i] = attn.finish_layer(moe[i], out)
-            mark("attn", layer, i, s)
-            pending[i] = None
-
-        try:
-            for layer in range(attn.cfg.num_layers):
-                for i, mb in enumerate(mbs):
-                    if pending[i] is not None:
-                        take_combine(i, layer - 1)
-                    s = time.perf_counter()
-                    mi = attn.attention_block(layer, hidden[i], mb.meta, kv)
-                    if mi.routed:
-                        moe[i] = mi
-                        pending[i] = client.dispatch(step, mi, i, mb.trace)
-                    else:
-                        hidden[i] = attn.finish_layer(mi, None)
-                    mark("attn", layer, i, s)
-            for i in range(n):
-                if pending[i] is not None:
-                    take_combine(i, attn.cfg.num_layers - 1)
+            out = client.combine(ls.pending, ls.hidden.dtype, ls.hidden.device)
+            s = self._mark(t, "wait", ls.layer - 1, lane, s)
+            ls.hidden = attn.finish_layer(ls.moe, out)
+            ls.pending = ls.moe = None
+            self._mark(t, "attn", ls.layer - 1, lane, s)
+        while ls.layer < attn.cfg.num_layers:
             s = time.perf_counter()
-            logits = [attn.logits(hidden[i], mb.meta.last_index) for i, mb in enumerate(mbs)]
-            mark("attn", attn.cfg.num_layers, -1, s)
-        except BaseException:
-            client.discard_pending()
-            raise
-        t.wall_s = time.perf_counter() - t0
+            mi = attn.attention_block(ls.layer, ls.hidden, mb.meta, self.kv)
+            ls.layer += 1
+            if mi.routed:
+                ls.moe = mi
+                ls.pending = client.dispatch(ls.step, mi, lane, mb.trace)
+                self._mark(t, "attn", ls.layer - 1, lane, s)
+                return None
+            ls.hidden = attn.finish_layer(mi, None)
+            self._mark(t, "attn", ls.layer - 1, lane, s)
+        s = time.perf_counter()
+        logits = attn.logits(ls.hidden, mb.meta.last_index)
+        self._mark(t, "attn", attn.cfg.num_layers, lane, s)
+        t.wall_s = time.perf_counter() - t.start
         t.round_trips = client.take_round_trips()
-        return logits, t
+        return logits
+
+    def abandon(self, ls: LaneStep) -> None:
+        """Forget a failed lane step's dispatch (its replies are dropped when they come)."""
+        if ls.pending is not None:
+            self.client.discard(ls.pending)
+            ls.pending = None

@@ -10,6 +10,12 @@ Every engine step the scheduler decides which requests run and how many of their
    (``max_batch_tokens``), the running-request cap (``max_num_seqs``) and free blocks allow;
    a long prompt is prefilled in chunks across steps (chunked prefill mixed with decode).
 
+**Lanes.** The ping-pong engine keeps ``m`` micro-batches in flight as *lanes* that step
+independently (services/attention/pingpong.py). A request joins a lane when it is admitted and
+stays in it; ``schedule(lane, lanes)`` plans one lane's next step over that lane's requests
+only, with a ``1/lanes`` share of the token budget and of ``max_num_seqs``. Preemption picks the
+newest request *of the same lane*: the other lanes may be mid-step, writing their blocks.
+
 Nothing here touches tensors; the engine turns a :class:`StepPlan` into micro-batches.
 """
 
@@ -55,6 +61,7 @@ class Request:
     first_scheduled: float | None = None
     trace: tuple[bytes, bytes] | None = None  # (trace id, span id) carried in M2N headers
     num_streamed: int = 0  # output tokens already sent to the client (resumed ones count)
+    lane: int = 0  # the engine lane (micro-batch) it runs in, set at admission
 
     @property
     def num_tokens(self) -> int:
@@ -171,31 +178,36 @@ class RequestScheduler:
         return bool(self.waiting or self.running)
 
     # ------------------------------------------------------------------ the step
-    def schedule(self) -> StepPlan:
-        budget = self.config.max_batch_tokens
+    def schedule(self, lane: int = 0, lanes: int = 1) -> StepPlan:
+        """Plan lane ``lane``'s next step (of ``lanes``; one lane = the whole replica)."""
+        if not 0 <= lane < lanes:
+            raise ValueError(f"lane {lane} outside 0..{lanes - 1}")
+        budget = -(-self.config.max_batch_tokens // lanes)
+        seq_cap = -(-self.config.max_num_seqs // lanes)
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
         blocks = self.blocks
+        mine = [r for r in self.running if r.lane == lane]  # oldest first
 
-        # 1. running requests, oldest first; preempt the newest when the pool is short.
+        # 1. the lane's running requests, oldest first; preempt its newest when blocks run out.
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        while i < len(mine) and budget > 0:
+            req = mine[i]
             n = min(req.num_tokens - req.num_computed, budget)
             while not blocks.can_append(req.request_id, n):
-                victim = self.running[-1]
+                victim = mine.pop()
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is req:
                     break
             if req.status is not Status.RUNNING:
-                break  # req itself was preempted: nothing newer is left running
+                break  # req itself was preempted: nothing newer is left in the lane
             chunks.append(self._take(req, n))
             budget -= n
             i += 1
 
         # 2. admit waiting requests in arrival order (no skipping: FCFS fairness).
-        while (self.waiting and budget > 0 and not preempted
+        while (self.waiting and budget > 0 and not preempted and len(mine) < seq_cap
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
             n = min(req.num_tokens - req.num_computed, budget)
@@ -204,7 +216,9 @@ class RequestScheduler:
             self.waiting.popleft()
             blocks.allocate(req.request_id, 0)
             req.status = Status.RUNNING
+            req.lane = lane
             self.running.append(req)
+            mine.append(req)
             chunks.append(self._take(req, n))
             budget -= n
         return StepPlan(tuple(chunks), tuple(preempted))

@@ -370,7 +370,8 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
     def on_step(plan: StepPlan, t: StepTimings) -> None:
         metrics.on_step(plan, t)
         if timeline is not None:
-            timeline.write({"start": t.start, "wall": t.wall_s, "tokens": plan.num_tokens,
+            timeline.write({"start": t.start, "wall": t.wall_s, "lane": t.lane,
+                            "tokens": plan.num_tokens,
                             "intervals": [[k, layer, mb, t.start + a, t.start + b]
                                           for k, layer, mb, a, b in t.intervals]})
 

@@ -6,6 +6,7 @@ libm2n; requests of different lengths arrive at different times and run concurre
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -66,3 +67,30 @@ def test_disaggregated_tokens_equal_transformers(engine_ckpt, hf_greedy, tmp_pat
     for prompt, g, w in zip(PROMPTS, got, want, strict=True):
         assert g == w, f"{family}/{topology}: prompt of length {len(prompt)} diverged"
     assert len({t for g in got for t in g}) > 10  # a degenerate model would make this weak
+
+
+def test_lanes_do_not_drain_at_step_boundaries(engine_ckpt, hf_greedy, tmp_path):
+    """m=2: each lane steps on its own, so one lane starts its next step while the other is
+    still mid-step (a step-synchronous engine never overlaps steps); the tokens stay exact."""
+    path = engine_ckpt("mixtral")
+    timeline = tmp_path / "timeline"
+    with LocalMesh.start(path, [list(range(8))], micro_batches=2,
+                         attention_args=["--block-size", "4", "--max-batch-tokens", "64"],
+                         workdir=tmp_path, transport="shm",
+                         env={"MEGASCALE_TIMELINE": str(timeline)}) as mesh:
+        got = run_concurrently(mesh)
+    assert got == hf_greedy(path, PROMPTS, NEW_TOKENS)
+    steps = [json.loads(x) for x in (timeline / "attention-0.jsonl").read_text().splitlines()]
+    lanes = {s["lane"] for s in steps}
+    assert lanes == {0, 1}
+    spans = {lane: [(s["start"], s["start"] + s["wall"]) for s in steps if s["lane"] == lane]
+             for lane in lanes}
+    # a lane step that starts while a step of the other lane is running
+    overlapping = sum(1 for a0, _ in spans[0] for b0, b1 in spans[1] if b0 < a0 < b1)
+    overlapping += sum(1 for a0, _ in spans[1] for b0, b1 in spans[0] if b0 < a0 < b1)
+    assert overlapping >= NEW_TOKENS // 2, f"only {overlapping} of {len(steps)} steps overlap"
+    # every attention interval of a step lies inside it, tagged with its lane
+    for s in steps:
+        end = s["start"] + s["wall"] + 1e-6
+        for _kind, _layer, lane, a, b in s["intervals"]:
+            assert lane == s["lane"] and s["start"] - 1e-6 <= a <= b <= end

@@ -1,10 +1,9 @@
-"""Unit tests of the replica's request scheduler and micro-batch split (small factories)."""
+"""Unit tests of the replica's request scheduler and its lanes (small factories)."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.attention.pingpong import split_chunks
 from services.attention.scheduler import (
     QueueFull,
     Request,
@@ -30,9 +29,9 @@ def make_request(prompt_len: int = 8, max_tokens: int = 8, rid: str | None = Non
                    SamplingParams(temperature=0, max_tokens=max_tokens), arrival=float(n))
 
 
-def step_and_sample(s: RequestScheduler, token: int = 7):
-    """Schedule one step and append a sampled token to every chunk that samples."""
-    plan = s.schedule()
+def step_and_sample(s: RequestScheduler, token: int = 7, lane: int = 0, lanes: int = 1):
+    """Schedule one (lane) step and append a sampled token to every chunk that samples."""
+    plan = s.schedule(lane, lanes)
     for c in plan.chunks:
         if c.samples:
             c.request.output.append(token)
@@ -136,18 +135,43 @@ def test_finish_reason_rules():
     assert finish_reason(ignore, [2], eos_ids={2}) is None
 
 
-@pytest.mark.parametrize("sizes,m,expect", [
-    ([1, 1, 1, 1], 2, [[1, 1], [1, 1]]),
-    ([1, 1, 1], 4, [[1], [1], [1]]),
-    ([30, 1, 1, 1], 2, [[30], [1, 1, 1]]),
-    ([5], 3, [[5]]),
-    ([2, 2, 2, 2, 2, 2], 3, [[2, 2], [2, 2], [2, 2]]),
-])
-def test_split_chunks_balances_tokens(sizes, m, expect):
-    s = make_scheduler(num_blocks=256, max_batch_tokens=1024)
-    for n in sizes:
-        s.add(make_request(n))
-    chunks = s.schedule().chunks
-    groups = split_chunks(chunks, m)
-    assert [[c.num_tokens for c in g] for g in groups] == expect
-    assert [c for g in groups for c in g] == list(chunks)  # order kept, nothing lost
+def test_lanes_partition_requests_budget_and_seq_cap():
+    s = make_scheduler(num_blocks=64, max_batch_tokens=12, max_num_seqs=4)
+    reqs = [make_request(3) for _ in range(5)]
+    for r in reqs:
+        s.add(r)
+    lane0 = step_and_sample(s, lane=0, lanes=2)   # half the seqs (2) and half the budget (6)
+    lane1 = step_and_sample(s, lane=1, lanes=2)
+    assert [c.request for c in lane0.chunks] == reqs[:2]
+    assert [c.request for c in lane1.chunks] == reqs[2:4]
+    assert [r.lane for r in reqs[:4]] == [0, 0, 1, 1]
+    assert reqs[4].status is Status.WAITING       # max_num_seqs (4) is the replica's total
+    # a lane's later steps carry only its own requests, one decode token each
+    plan = step_and_sample(s, lane=1, lanes=2)
+    assert [(c.request, c.num_tokens) for c in plan.chunks] == [(reqs[2], 1), (reqs[3], 1)]
+    s.finish(reqs[0], "stop")                     # a seat frees up in lane 0 only
+    plan = step_and_sample(s, lane=0, lanes=2)
+    assert [c.request for c in plan.chunks] == [reqs[1], reqs[4]] and reqs[4].lane == 0
+    with pytest.raises(ValueError, match="lane 2 outside"):
+        s.schedule(2, 2)
+
+
+def test_preemption_stays_inside_the_lane():
+    s = make_scheduler(num_blocks=3, block_size=4)    # 12 slots
+    a, b = make_request(4, max_tokens=8), make_request(4, max_tokens=8)
+    s.add(a)
+    step_and_sample(s, lane=0, lanes=2)               # a in lane 0 (1 block)
+    s.add(b)
+    step_and_sample(s, lane=1, lanes=2)               # b in lane 1 (1 block)
+    c = make_request(3, max_tokens=2)
+    s.add(c)
+    step_and_sample(s, lane=0, lanes=2)               # a decodes into block 2, c waits (0 free)
+    assert c.status is Status.WAITING
+    # b needs a second block at its 5th token: none is free, and lane 0 may be mid-step, so
+    # lane 1 preempts its own newest request (b itself), never a's blocks
+    plan = step_and_sample(s, lane=1, lanes=2)
+    assert plan.preempted == (b,) and not plan.chunks
+    assert a.status is Status.RUNNING and a.num_preemptions == 0
+    assert b.status is Status.WAITING and s.waiting[0] is b
+
+

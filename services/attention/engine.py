@@ -228,17 +228,20 @@ class Engine:
             return None
         if logits is None:
             return ls
-        # Sample the chunks that reached their request's last token (one row per chunk).
-        rows = [(c, logits[j]) for j, c in enumerate(ls.mb.chunks) if c.samples]
+        # Sample the chunks that reached their request's last token (one logits row per
+        # chunk; at decode every chunk samples, so the rows are taken as they are).
+        chunks = ls.mb.chunks
+        picked = [j for j, c in enumerate(chunks) if c.samples]
+        reqs = [chunks[j].request for j in picked]
         tokens: list[int] = []
-        if rows:
-            tokens = sample(torch.stack([r for _, r in rows]),
-                            [c.request.params for c, _ in rows],
-                            [c.request.generator for c, _ in rows],
-                            [len(c.request.output) for c, _ in rows], self.eos_ids).tolist()
+        if picked:
+            if len(picked) < len(chunks):
+                logits = logits.index_select(0, torch.tensor(picked, device=logits.device))
+            tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs],
+                            [len(r.output) for r in reqs], self.eos_ids).tolist()
         with self._lock:
-            for (c, _), tok in zip(rows, tokens, strict=True):
-                self._accept_locked(c.request, tok)
+            for req, tok in zip(reqs, tokens, strict=True):
+                self._accept_locked(req, tok)
         if self.on_step is not None:
             self.on_step(ls.plan, ls.timings)
         return None

@@ -155,9 +155,13 @@ def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
 
 
 def start_mesh(model: Path, prompts: list[list[int]], new_tokens: int, m: int, workdir: Path,
-               timeline_dir: Path | None = None, stream_interval: int = 1) -> LocalMesh:
-    """One attention replica (core 0) + one expert node (core 1) at ``m`` micro-batches."""
-    env = {"MEGASCALE_TIMELINE": str(timeline_dir)} if timeline_dir else None
+               timeline_dir: Path | None = None, stream_interval: int = 1,
+               env: dict[str, str] | None = None) -> LocalMesh:
+    """One attention replica (core 0) + one expert node (core 1) at ``m`` micro-batches;
+    ``env`` is added to the processes' environment."""
+    env = dict(env or {})
+    if timeline_dir:
+        env["MEGASCALE_TIMELINE"] = str(timeline_dir)
     batch = len(prompts)
     # one step may carry every prompt at once; a dispatch slot must hold that many rows
     step_tokens = max(512, batch * len(prompts[0]))

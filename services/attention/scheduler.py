@@ -13,7 +13,8 @@ Every engine step the scheduler decides which requests run and how many of their
 **Lanes.** The ping-pong engine keeps ``m`` micro-batches in flight as *lanes* that step
 independently (services/attention/pingpong.py). A request joins a lane when it is admitted and
 stays in it; ``schedule(lane, lanes)`` plans one lane's next step over that lane's requests
-only, with a ``1/lanes`` share of the token budget and of ``max_num_seqs``. Preemption picks the
+only, with a ``1/lanes`` share of the token budget, of ``max_num_seqs`` and of the requests
+present (so lanes fill evenly). Preemption picks the
 newest request *of the same lane*: the other lanes may be mid-step, writing their blocks.
 
 Nothing here touches tensors; the engine turns a :class:`StepPlan` into micro-batches.
@@ -183,7 +184,12 @@ class RequestScheduler:
         if not 0 <= lane < lanes:
             raise ValueError(f"lane {lane} outside 0..{lanes - 1}")
         budget = -(-self.config.max_batch_tokens // lanes)
-        seq_cap = -(-self.config.max_num_seqs // lanes)
+        # A lane holds its share of max_num_seqs, and no more than its share of the requests
+        # there are, so a burst of arrivals is split evenly instead of filling lane 0 first
+        # (a lane twice the size of the other keeps the expert side waiting on it).
+        present = len(self.running) + len(self.waiting)
+        seq_cap = min(-(-self.config.max_num_seqs // lanes),
+                      present // lanes + (lane < present % lanes))
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
         blocks = self.blocks

@@ -156,6 +156,15 @@ def test_lanes_partition_requests_budget_and_seq_cap():
         s.schedule(2, 2)
 
 
+def test_a_burst_of_arrivals_is_split_evenly_over_the_lanes():
+    s = make_scheduler(num_blocks=64, max_batch_tokens=256, max_num_seqs=64)
+    reqs = [make_request(2) for _ in range(7)]
+    for r in reqs:
+        s.add(r)
+    sizes = [len(step_and_sample(s, lane=lane, lanes=3).chunks) for lane in range(3)]
+    assert sizes == [3, 2, 2] and not s.waiting
+
+
 def test_preemption_stays_inside_the_lane():
     s = make_scheduler(num_blocks=3, block_size=4)    # 12 slots
     a, b = make_request(4, max_tokens=8), make_request(4, max_tokens=8)

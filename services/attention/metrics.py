@@ -62,12 +62,12 @@ class AttentionMetrics:
                               "recompute included)", registry=r)
         self.finished = Counter("megascale:request_success", "Finished requests by reason",
                                 ["reason"], registry=r)
-        self.step = Histogram("megascale:step_duration_seconds", "Engine step wall time",
-                              buckets=b, registry=r)
+        self.step = Histogram("megascale:step_duration_seconds", "Wall time of one lane's "
+                              "step (the m lanes overlap in time)", buckets=b, registry=r)
         self.attn = Histogram("megascale:attention_compute_seconds", "T_a: attention compute "
-                              "per step (all micro-batches and layers)", buckets=b, registry=r)
-        self.wait = Histogram("megascale:expert_wait_seconds", "Time per step blocked on "
-                              "expert combines", buckets=b, registry=r)
+                              "per lane step (all layers)", buckets=b, registry=r)
+        self.wait = Histogram("megascale:expert_wait_seconds", "Time per lane step blocked "
+                              "on expert combines", buckets=b, registry=r)
         self.m2n = Histogram("megascale:m2n_latency_seconds", "M2N latency by direction "
                              "(round_trip: dispatch sent to last combine received)",
                              ["direction"], buckets=b, registry=r)

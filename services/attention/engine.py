@@ -167,7 +167,10 @@ class Engine:
     def tick(self) -> bool:
         """One turn of every lane; False when no lane had anything to do."""
         busy = False
-        for lane, ls in enumerate(self._lanes):
+        for lane in range(len(self._lanes)):
+            # Idle while it is handled: whatever goes wrong below, a lane is never left
+            # holding a step that would be run (and sampled) a second time.
+            ls, self._lanes[lane] = self._lanes[lane], None
             if ls is not None:
                 ls = self._advance(ls)
                 busy = True
@@ -205,46 +208,62 @@ class Engine:
         for c in plan.chunks:
             if c.request.first_scheduled is None:
                 c.request.first_scheduled = now
-        mb = build_micro_batch(plan.chunks, self.blocks, self.attention.device,
-                               self.cfg.sliding_window)
-        return self._advance(self.runner.start(step, lane, plan, mb))
+        try:
+            mb = build_micro_batch(plan.chunks, self.blocks, self.attention.device,
+                                   self.cfg.sliding_window)
+            ls = self.runner.start(step, lane, plan, mb)
+        except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
+            self._fail(plan, step, exc)
+            return None
+        return self._advance(ls)
 
     def _advance(self, ls: LaneStep) -> LaneStep | None:
         """Run ``ls`` on to its next dispatch; None once its step is over (sampled and
         emitted, or failed: then its requests are finished with the error)."""
         try:
             logits = self.runner.advance(ls)
+            if logits is not None:
+                self._sample(ls, logits)
         except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
             self.runner.abandon(ls)
-            if isinstance(exc, ExpertUnavailable):
-                log.error("step %d failed: %s", ls.step, exc)
-                message = str(exc)
-            else:
-                log.exception("step %d failed", ls.step)
-                message = f"internal error in step {ls.step}: {type(exc).__name__}: {exc}"
-            with self._lock:
-                for c in ls.plan.chunks:
-                    self._finish_locked(c.request, "error", message)
+            self._fail(ls.plan, ls.step, exc)
             return None
         if logits is None:
             return ls
-        # Sample the chunks that reached their request's last token (one logits row per
-        # chunk; at decode every chunk samples, so the rows are taken as they are).
+        if self.on_step is not None:
+            try:
+                self.on_step(ls.plan, ls.timings)
+            except Exception:  # noqa: BLE001 - an observer must not take the engine down
+                log.exception("step observer failed")
+        return None
+
+    def _sample(self, ls: LaneStep, logits: torch.Tensor) -> None:
+        """Sample the chunks that reached their request's last token and hand the tokens on
+        (one logits row per chunk; at decode every chunk samples: the rows as they are)."""
         chunks = ls.mb.chunks
         picked = [j for j, c in enumerate(chunks) if c.samples]
+        if not picked:
+            return
         reqs = [chunks[j].request for j in picked]
-        tokens: list[int] = []
-        if picked:
-            if len(picked) < len(chunks):
-                logits = logits.index_select(0, torch.tensor(picked, device=logits.device))
-            tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs],
-                            [len(r.output) for r in reqs], self.eos_ids).tolist()
+        if len(picked) < len(chunks):
+            logits = logits.index_select(0, torch.tensor(picked, device=logits.device))
+        tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs],
+                        [len(r.output) for r in reqs], self.eos_ids).tolist()
         with self._lock:
             for req, tok in zip(reqs, tokens, strict=True):
                 self._accept_locked(req, tok)
-        if self.on_step is not None:
-            self.on_step(ls.plan, ls.timings)
-        return None
+
+    def _fail(self, plan: StepPlan, step: int, exc: Exception) -> None:
+        """Finish a failed step's requests with the error (the others keep running)."""
+        if isinstance(exc, ExpertUnavailable):
+            log.error("step %d failed: %s", step, exc)
+            message = str(exc)
+        else:
+            log.exception("step %d failed", step, exc_info=exc)
+            message = f"internal error in step {step}: {type(exc).__name__}: {exc}"
+        with self._lock:
+            for c in plan.chunks:
+                self._finish_locked(c.request, "error", message)
 
     # ------------------------------------------------------------------ helpers (lock held)
     def _accept_locked(self, req: Request, token: int) -> None:

@@ -105,14 +105,14 @@ class PingPongRunner:
         self.client = client
         self.record_intervals = record_intervals
 
-    def _mark(self, t: StepTimings, kind: str, layer: int, lane: int, start: float) -> float:
+    def _mark(self, t: StepTimings, kind: str, layer: int, start: float) -> float:
         end = time.perf_counter()
         if kind == "attn":
             t.attention_s += end - start
         else:
             t.wait_s += end - start
         if self.record_intervals:
-            t.intervals.append((kind, layer, lane, start - t.start, end - t.start))
+            t.intervals.append((kind, layer, t.lane, start - t.start, end - t.start))
         return end
 
     @torch.inference_mode()
@@ -121,7 +121,7 @@ class PingPongRunner:
         t0 = time.perf_counter()
         t = StepTimings(start=t0, lane=lane)
         ls = LaneStep(step, lane, plan, mb, t, self.attention.embed(mb.token_ids))
-        self._mark(t, "attn", -1, lane, t0)
+        self._mark(t, "attn", -1, t0)
         return ls
 
     @torch.inference_mode()
@@ -135,10 +135,10 @@ class PingPongRunner:
         if ls.pending is not None:
             s = time.perf_counter()
             out = client.combine(ls.pending, ls.hidden.dtype, ls.hidden.device)
-            s = self._mark(t, "wait", ls.layer - 1, lane, s)
+            s = self._mark(t, "wait", ls.layer - 1, s)
             ls.hidden = attn.finish_layer(ls.moe, out)
             ls.pending = ls.moe = None
-            self._mark(t, "attn", ls.layer - 1, lane, s)
+            self._mark(t, "attn", ls.layer - 1, s)
         while ls.layer < attn.cfg.num_layers:
             s = time.perf_counter()
             mi = attn.attention_block(ls.layer, ls.hidden, mb.meta, self.kv)
@@ -146,13 +146,13 @@ class PingPongRunner:
             if mi.routed:
                 ls.moe = mi
                 ls.pending = client.dispatch(ls.step, mi, lane, mb.trace)
-                self._mark(t, "attn", ls.layer - 1, lane, s)
+                self._mark(t, "attn", ls.layer - 1, s)
                 return None
             ls.hidden = attn.finish_layer(mi, None)
-            self._mark(t, "attn", ls.layer - 1, lane, s)
+            self._mark(t, "attn", ls.layer - 1, s)
         s = time.perf_counter()
         logits = attn.logits(ls.hidden, mb.meta.last_index)
-        self._mark(t, "attn", attn.cfg.num_layers, lane, s)
+        self._mark(t, "attn", attn.cfg.num_layers, s)
         t.wall_s = time.perf_counter() - t.start
         t.round_trips = client.take_round_trips()
         return logits

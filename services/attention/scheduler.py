@@ -14,8 +14,8 @@ Every engine step the scheduler decides which requests run and how many of their
 independently (services/attention/pingpong.py). A request joins a lane when it is admitted and
 stays in it; ``schedule(lane, lanes)`` plans one lane's next step over that lane's requests
 only, with a ``1/lanes`` share of the token budget, of ``max_num_seqs`` and of the requests
-present (so lanes fill evenly). Preemption picks the
-newest request *of the same lane*: the other lanes may be mid-step, writing their blocks.
+present (so lanes fill evenly). Preemption picks the newest request *of the same lane*: the
+other lanes may be mid-step, writing their blocks.
 
 Nothing here touches tensors; the engine turns a :class:`StepPlan` into micro-batches.
 """

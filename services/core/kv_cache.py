@@ -81,18 +81,18 @@ class BlockManager:
         self._lens[seq_id] = 0
         return self._tables[seq_id]
 
-    def append_slots(self, seq_id: Hashable, num_new_tokens: int) -> list[int]:
-        """Extend ``seq_id`` by ``num_new_tokens``; returns their flat slot indices."""
-        table, start = self._tables[seq_id], self._lens[seq_id]
-        end = start + num_new_tokens
+    def append_slots(self, seq_id: Hashable, num_new_tokens: int) -> None:
+        """Extend ``seq_id`` by ``num_new_tokens``, taking blocks as needed (the tokens' flat
+        slots follow from :meth:`block_table`; ``build_batch_meta`` computes them)."""
+        table = self._tables[seq_id]
+        end = self._lens[seq_id] + num_new_tokens
         need = self.blocks_needed(end) - len(table)
-        if need > len(self._free):
-            raise KVCacheFull(f"sequence {seq_id!r} needs {need} more blocks, "
-                              f"{len(self._free)} free")
-        table.extend(self._free.pop() for _ in range(max(need, 0)))
+        if need > 0:  # most appends (one decode token) stay inside the last block
+            if need > len(self._free):
+                raise KVCacheFull(f"sequence {seq_id!r} needs {need} more blocks, "
+                                  f"{len(self._free)} free")
+            table.extend(self._free.pop() for _ in range(need))
         self._lens[seq_id] = end
-        bs = self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def free(self, seq_id: Hashable) -> None:
         """Return all of a sequence's blocks to the pool (finish, abort, preemption)."""

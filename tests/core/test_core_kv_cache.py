@@ -16,10 +16,9 @@ def test_block_manager_allocate_append_free():
     bm = BlockManager(num_blocks=5, block_size=4)
     bm.allocate("a", 6)  # 2 blocks reserved
     assert bm.num_free_blocks == 3
-    slots = bm.append_slots("a", 6)
+    bm.append_slots("a", 6)
     table = bm.block_table("a")
-    assert slots == [table[p // 4] * 4 + p % 4 for p in range(6)]
-    assert bm.seq_len("a") == 6 and len(table) == 2
+    assert bm.seq_len("a") == 6 and len(table) == 2 and bm.num_free_blocks == 3
     bm.append_slots("a", 3)  # crosses into a third block
     assert len(bm.block_table("a")) == 3 and bm.num_free_blocks == 2
     assert not bm.can_allocate(9) and bm.can_allocate(8)

@@ -111,4 +111,6 @@ class AttentionMetrics:
             attention_time_ms=1000 * sum(r[1] for r in recent) / n,
             expert_wait_ms=1000 * sum(r[2] for r in recent) / n,
             tokens_per_s=tokens / span if span > 0 else 0.0,
-            reported_at_unix_s=time.time())
+            reported_at_unix_s=time.time(),
+            # list(): one C-level copy under the GIL while the engine thread may mutate it
+            expert_nodes_down=sorted(list(engine.client.down)))

@@ -12,6 +12,10 @@ on every sweep, so HPA/KEDA read one endpoint instead of scraping every node:
 - ``megascale:scheduler_expert_queue_wait_seconds``: expert queue wait estimated with
   Little's law (queued rows / rows per second) averaged over expert nodes. LoadReport has no
   attention-side queue-wait field, so attention queue pressure is the waiting count.
+
+Health: ``megascale:scheduler_expert_node_down_reports{node_id}`` counts the live attention
+replicas that route around a live expert node (LoadReport.expert_nodes_down). A lease only
+proves the node's control plane; a non-zero value means its data path fails (alert on it).
 """
 
 from __future__ import annotations
@@ -81,6 +85,10 @@ class SchedulerMetrics:
                                    "Rows queued at expert nodes, summed")
         self.expert_queue_wait = g("megascale:scheduler_expert_queue_wait_seconds",
                                    "Mean expert queue wait, queued rows / rows per second")
+        self.down_reports = g("megascale:scheduler_expert_node_down_reports",
+                              "Live attention replicas whose last report routes around this "
+                              "live expert node (its data path fails while its lease holds)",
+                              ["node_id"])
         self.registrations = c("megascale:scheduler_registrations", "Register calls accepted",
                                ["role"])
         self.expirations = c("megascale:scheduler_lease_expirations",
@@ -111,6 +119,11 @@ class SchedulerMetrics:
         self.t_a.set(t_a)
         self.t_e.set(t_e)
         self.ta_te.set(t_a / t_e if t_e > 0 else 0.0)
+        # One series per live expert node (0 = nobody reports it down); departed nodes drop out.
+        self.down_reports.clear()
+        for rec in by_role["expert"]:
+            self.down_reports.labels(node_id=rec.info.node_id).set(
+                sum(rec.info.node_id in x.expert_nodes_down for x in att))
         exp = [r.load for r in by_role["expert"] if r.load is not None]
         self.expert_queue_rows.set(sum(x.expert_queue_rows for x in exp))
         self.expert_queue_wait.set(_mean([x.expert_queue_rows / x.tokens_per_s

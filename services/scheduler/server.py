@@ -34,6 +34,7 @@ log = logging.getLogger("megascale.scheduler")
 
 T = TypeVar("T")
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+MAX_REPORTED_DOWN = 1024  # expert node ids one LoadReport may name
 _M2N_RE = re.compile(r"^(shm|tcp|rdma)://\S+$")
 COMPLETE_KEY = "x-megascale-placement-complete"
 MISSING_KEY = "x-megascale-placement-missing"
@@ -88,6 +89,11 @@ def validate_load(load: common_pb2.LoadReport) -> None:
         v = getattr(load, field)
         if not (math.isfinite(v) and v >= 0):
             raise BadRequest(f"load.{field} must be a finite number >= 0, got {v}")
+    if len(load.expert_nodes_down) > MAX_REPORTED_DOWN:
+        raise BadRequest(f"load.expert_nodes_down names {len(load.expert_nodes_down)} nodes, "
+                         f"more than {MAX_REPORTED_DOWN}")
+    for node_id in load.expert_nodes_down:
+        check_node_id(node_id, "load.expert_nodes_down")
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):

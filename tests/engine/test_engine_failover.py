@@ -66,6 +66,13 @@ def _metrics(proc: RoleProcess) -> dict[str, float]:
             if line.startswith("megascale:expert_")}
 
 
+def _reported_down(address: str) -> list[str]:
+    """The expert nodes the replica's load report (what it heartbeats) names as down."""
+    with grpc.insecure_channel(address) as ch:
+        return list(attention_pb2_grpc.AttentionStub(ch).GetLoad(
+            attention_pb2.GetLoadRequest(), timeout=10).expert_nodes_down)
+
+
 def _stream_across(address: str, fault) -> list[int]:
     """Generate LONG tokens for PROMPT, calling ``fault()`` once the stream has started."""
     with grpc.insecure_channel(address) as ch:
@@ -98,6 +105,7 @@ def test_killed_replicated_node_fails_over_with_exact_tokens(engine_ckpt, hf_gre
         after = grpc_generate(replica.grpc, "after", [300, 301], 24)  # routed around at once
         assert after.final.error_message == ""
         m = _metrics(replica)
+        assert _reported_down(replica.grpc) == [mesh.experts[1].info["node_id"]]
     want_long, want_after = hf_greedy(path, [PROMPT, [300, 301]], LONG)
     assert got == want_long
     assert after.tokens == want_after[:24]
@@ -136,6 +144,7 @@ def test_hung_node_is_routed_around_then_readmitted(engine_ckpt, hf_greedy, tmp_
         seen = _received(hung)
         again = grpc_generate(replica.grpc, "again", [300, 301], 24)
         back = _metrics(replica)
+        assert _reported_down(replica.grpc) == []
         assert _received(hung) > seen, "the re-admitted node gets traffic again"
         assert all(e.alive() for e in mesh.experts)
     want_long, want_after = hf_greedy(path, [PROMPT, [300, 301]], LONG)

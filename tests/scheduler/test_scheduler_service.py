@@ -154,6 +154,11 @@ def test_bad_input_is_invalid_argument_naming_the_field(redis_url):
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "kv_usage" in msg
             code, msg = await _code(st.Heartbeat(_hb("ok-id", step_time_ms=float("nan"))))
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "step_time_ms" in msg
+            code, msg = await _code(st.Heartbeat(_hb("ok-id", expert_nodes_down=["bad id"])))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "expert_nodes_down" in msg
+            code, msg = await _code(st.Heartbeat(_hb("ok-id",
+                                                     expert_nodes_down=["e"] * 1025)))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "more than 1024" in msg
             code, _ = await _code(st.Deregister(scheduler_pb2.DeregisterRequest(node_id="")))
             assert code == grpc.StatusCode.INVALID_ARGUMENT
         finally:
@@ -239,8 +244,10 @@ def test_autoscaling_metrics_from_load_reports(redis_url):
             await st.Register(attention_info("a0", 7400))
             await st.Register(attention_info("a1", 7401))
             await st.Register(expert_info("e0", 7410, [0, 1, 2, 3]))
+            await st.Register(expert_info("e1", 7411, [0, 1, 2, 3]))
+            # a0 routes around e1 (its data path failed), and names a node that already left
             await st.Heartbeat(_hb("a0", waiting=3, kv_usage=0.5, attention_time_ms=8.0,
-                                   expert_wait_ms=2.0))
+                                   expert_wait_ms=2.0, expert_nodes_down=["e1", "gone"]))
             await st.Heartbeat(_hb("a1", waiting=1, kv_usage=0.25, attention_time_ms=4.0,
                                    expert_wait_ms=4.0))
             await st.Heartbeat(_hb("e0", expert_queue_rows=50, tokens_per_s=100.0))
@@ -258,7 +265,11 @@ def test_autoscaling_metrics_from_load_reports(redis_url):
                 'megascale:scheduler_requests_waiting{role="attention"}') == 4 else None)(
                     scrape()), what="metrics refresh")
             assert m['megascale:scheduler_nodes{role="attention"}'] == 2
-            assert m['megascale:scheduler_nodes{role="expert"}'] == 1
+            assert m['megascale:scheduler_nodes{role="expert"}'] == 2
+            # one series per live expert node: how many replicas report it down
+            assert m['megascale:scheduler_expert_node_down_reports{node_id="e1"}'] == 1
+            assert m['megascale:scheduler_expert_node_down_reports{node_id="e0"}'] == 0
+            assert not any("gone" in k for k in m)
             assert m['megascale:scheduler_mean_requests_waiting{role="attention"}'] == 2
             assert m["megascale:scheduler_kv_usage_mean"] == pytest.approx(0.375)
             assert m["megascale:scheduler_kv_usage_max"] == pytest.approx(0.5)

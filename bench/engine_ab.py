@@ -3,10 +3,10 @@
 The ping-pong benchmark's figures move by more than many engine changes between runs on a shared
 machine, so comparing two runs taken minutes apart says little. This starts one bench/pingpong.py
 mesh (1 attention replica on core 0 + 1 expert node on core 1, shm) per (tree, m) on the same
-checkpoint and batch, and goes round all of them in every repeat: each figure is measured
-seconds from its counterpart. The baseline tree is any checkout of this repository (e.g. ``git
-worktree add /tmp/base <commit>`` and a copy of the built ``libm2n/_fast*.so``); its processes
-run with ``PYTHONPATH`` pointing at it.
+checkpoint and batch, and goes round all of them in every repeat (every other repeat in
+reverse order): each figure is measured seconds from its counterpart. The baseline tree is
+any checkout of this repository (e.g. ``git worktree add /tmp/base <commit>`` and a copy of
+the built ``libm2n/_fast*.so``); its processes run with ``PYTHONPATH`` pointing at it.
 
     python bench/engine_ab.py --baseline /tmp/base --intermediate 320 --json ab.json
 
@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         for (tree, m), mesh in meshes.items():
             asyncio.run(run_batch(mesh.attention[0].grpc, prompts, 4, f"warm-{tree}{m}"))
         for r in range(args.repeats):
-            for (tree, m), mesh in meshes.items():
+            # every other repeat in reverse, so neither tree always runs right after the other
+            order = list(meshes.items())
+            for (tree, m), mesh in order if r % 2 == 0 else reversed(order):
                 got.setdefault((tree, m), []).append(
                     measure_once(mesh, prompts, args.new_tokens, m, f"{tree}{m}-{r}"))
             print(f"repeat {r}: " + ", ".join(f"{t} m={m} {v[-1]['decode']:.0f}"

@@ -88,6 +88,16 @@ async def _session(sched, infos: list[common_pb2.NodeInfo], addresses: list[str]
             await c.close()
 
 
+@contextlib.asynccontextmanager
+async def _attention_session(sched, mesh: LocalMesh):  # noqa: ANN001
+    """:func:`_session` over every node of ``mesh`` (registrations not started), with stubs
+    for the scheduler and the mesh's attention replica."""
+    async with _session(sched, _infos(mesh, attention=True),
+                        [mesh.attention[0].grpc]) as (regs, channels):
+        yield (regs, scheduler_pb2_grpc.SchedulerStub(channels[0]),
+               attention_pb2_grpc.AttentionStub(channels[1]))
+
+
 async def _join_expert(sched, regs: list[NodeRegistration], model_dir: Path, node_id: str,  # noqa: ANN001
                        tmp_path: Path):
     """Start an expert node hosting experts 2 and 3 under ``node_id`` and register it (its
@@ -160,10 +170,7 @@ def test_attention_adopts_pushed_placement_and_generates(model_dir, redis_url, t
         sched = _start_scheduler(model_dir, redis_url, tmp_path, "mesh-attention:")
 
         async def body():
-            async with _session(sched, _infos(mesh, attention=True),
-                                [mesh.attention[0].grpc]) as (regs, channels):
-                s_stub = scheduler_pb2_grpc.SchedulerStub(channels[0])
-                a_stub = attention_pb2_grpc.AttentionStub(channels[1])
+            async with _attention_session(sched, mesh) as (regs, s_stub, a_stub):
                 first = await _generate(a_stub)  # on the static Attach placement
                 for r in regs:
                     await r.start()
@@ -198,10 +205,7 @@ def test_attention_attaches_to_an_expert_node_that_joins_later(model_dir, redis_
 
         async def body():
             nonlocal late
-            async with _session(sched, _infos(mesh, attention=True),
-                                [mesh.attention[0].grpc]) as (regs, channels):
-                s_stub = scheduler_pb2_grpc.SchedulerStub(channels[0])
-                a_stub = attention_pb2_grpc.AttentionStub(channels[1])
+            async with _attention_session(sched, mesh) as (regs, s_stub, a_stub):
                 first = await _generate(a_stub)
                 # A pushed table naming a node the replica cannot attach to is refused whole.
                 ghost = common_pb2.ExpertPlacement(epoch=99, num_experts=NUM_EXPERTS, experts=[
@@ -273,10 +277,7 @@ def test_restarted_expert_node_is_routed_around_then_attached_again(model_dir, r
 
         async def body():
             nonlocal reborn
-            async with _session(sched, _infos(mesh, attention=True),
-                                [mesh.attention[0].grpc]) as (regs, channels):
-                s_stub = scheduler_pb2_grpc.SchedulerStub(channels[0])
-                a_stub = attention_pb2_grpc.AttentionStub(channels[1])
+            async with _attention_session(sched, mesh) as (regs, s_stub, a_stub):
                 first = await _generate(a_stub)
                 for r in regs:
                     await r.start()

@@ -98,6 +98,19 @@ async def _attention_session(sched, mesh: LocalMesh):  # noqa: ANN001
                attention_pb2_grpc.AttentionStub(channels[1]))
 
 
+async def _place_on(regs: list[NodeRegistration], s_stub, a_stub, nodes: int  # noqa: ANN001
+                   ) -> common_pb2.ExpertPlacement:
+    """Start the registrations; wait for a complete placement on ``nodes`` expert nodes and
+    for the replica to be at its epoch."""
+    for r in regs:
+        await r.start()
+    placement = await eventually(lambda: _complete(s_stub, nodes=nodes), timeout=20,
+                                 what=f"a complete placement on {nodes} node(s)")
+    await eventually(lambda: _at(a_stub, placement.epoch), timeout=10,
+                     what="attention at the pushed epoch")
+    return placement
+
+
 async def _join_expert(sched, regs: list[NodeRegistration], model_dir: Path, node_id: str,  # noqa: ANN001
                        tmp_path: Path):
     """Start an expert node hosting experts 2 and 3 under ``node_id`` and register it (its
@@ -172,12 +185,7 @@ def test_attention_adopts_pushed_placement_and_generates(model_dir, redis_url, t
         async def body():
             async with _attention_session(sched, mesh) as (regs, s_stub, a_stub):
                 first = await _generate(a_stub)  # on the static Attach placement
-                for r in regs:
-                    await r.start()
-                placement = await eventually(lambda: _complete(s_stub, nodes=2), timeout=20,
-                                             what="a complete placement")
-                await eventually(lambda: _at(a_stub, placement.epoch), timeout=10,
-                                 what="attention at the pushed epoch")
+                placement = await _place_on(regs, s_stub, a_stub, nodes=2)
                 assert await _generate(a_stub) == first  # greedy: same tokens
                 await regs[1].stop(deregister=False)
                 mesh.experts[1].kill()
@@ -217,12 +225,7 @@ def test_attention_attaches_to_an_expert_node_that_joins_later(model_dir, redis_
                 assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert "ghost" in bad.value.details() and "grpc_address" in bad.value.details()
                 assert await _epoch(a_stub) < 99
-                for r in regs:
-                    await r.start()
-                placement = await eventually(lambda: _complete(s_stub, nodes=1), timeout=20,
-                                             what="a placement on expert-0")
-                await eventually(lambda: _at(a_stub, placement.epoch), timeout=10,
-                                 what="attention at the first epoch")
+                placement = await _place_on(regs, s_stub, a_stub, nodes=1)  # expert-0
                 late = await _join_expert(sched, regs, model_dir, "expert-late", tmp_path)
                 both = await eventually(lambda: _complete(s_stub, placement.epoch, nodes=2),
                                         timeout=20, what="a placement using expert-late")
@@ -279,12 +282,7 @@ def test_restarted_expert_node_is_routed_around_then_attached_again(model_dir, r
             nonlocal reborn
             async with _attention_session(sched, mesh) as (regs, s_stub, a_stub):
                 first = await _generate(a_stub)
-                for r in regs:
-                    await r.start()
-                placement = await eventually(lambda: _complete(s_stub, nodes=2), timeout=20,
-                                             what="a placement on both nodes")
-                await eventually(lambda: _at(a_stub, placement.epoch), timeout=10,
-                                 what="attention at the two-node epoch")
+                placement = await _place_on(regs, s_stub, a_stub, nodes=2)
                 mesh.experts[1].kill()
                 req = attention_pb2.GenerateRequest(
                     request_id="while-down", prompt_token_ids=[1, 2, 3, 4],

@@ -89,6 +89,7 @@ class SchedulerMetrics:
                               "Live attention replicas whose last report routes around this "
                               "live expert node (its data path fails while its lease holds)",
                               ["node_id"])
+        self._down_labels: set[str] = set()  # node ids with a down_reports series
         self.registrations = c("megascale:scheduler_registrations", "Register calls accepted",
                                ["role"])
         self.expirations = c("megascale:scheduler_lease_expirations",
@@ -119,11 +120,15 @@ class SchedulerMetrics:
         self.t_a.set(t_a)
         self.t_e.set(t_e)
         self.ta_te.set(t_a / t_e if t_e > 0 else 0.0)
-        # One series per live expert node (0 = nobody reports it down); departed nodes drop out.
-        self.down_reports.clear()
-        for rec in by_role["expert"]:
-            self.down_reports.labels(node_id=rec.info.node_id).set(
-                sum(rec.info.node_id in x.expert_nodes_down for x in att))
+        # One series per live expert node (0 = nobody reports it down); departed nodes drop out
+        # (removed one by one, so a scrape never sees the live nodes' series missing).
+        live = {rec.info.node_id for rec in by_role["expert"]}
+        for node_id in live:
+            self.down_reports.labels(node_id=node_id).set(
+                sum(node_id in x.expert_nodes_down for x in att))
+        for node_id in self._down_labels - live:
+            self.down_reports.remove(node_id)
+        self._down_labels = live
         exp = [r.load for r in by_role["expert"] if r.load is not None]
         self.expert_queue_rows.set(sum(x.expert_queue_rows for x in exp))
         self.expert_queue_wait.set(_mean([x.expert_queue_rows / x.tokens_per_s

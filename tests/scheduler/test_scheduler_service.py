@@ -270,6 +270,11 @@ def test_autoscaling_metrics_from_load_reports(redis_url):
             assert m['megascale:scheduler_expert_node_down_reports{node_id="e1"}'] == 1
             assert m['megascale:scheduler_expert_node_down_reports{node_id="e0"}'] == 0
             assert not any("gone" in k for k in m)
+            await st.Deregister(scheduler_pb2.DeregisterRequest(node_id="e1"))
+            key = 'megascale:scheduler_expert_node_down_reports{node_id="e1"}'
+            m = await eventually(lambda: (lambda d: d if key not in d else None)(scrape()),
+                                 what="the departed node's series removed")
+            assert m['megascale:scheduler_expert_node_down_reports{node_id="e0"}'] == 0
             assert m['megascale:scheduler_mean_requests_waiting{role="attention"}'] == 2
             assert m["megascale:scheduler_kv_usage_mean"] == pytest.approx(0.375)
             assert m["megascale:scheduler_kv_usage_max"] == pytest.approx(0.5)

@@ -183,9 +183,8 @@ class Engine:
     def _start(self, lane: int) -> LaneStep | None:
         """Schedule lane ``lane``'s next step and run it to its first dispatch."""
         with self._lock:
-            idle = all(ls is None for i, ls in enumerate(self._lanes) if i != lane)
             if self._new_placement is not None:
-                if not idle:
+                if any(ls is not None for i, ls in enumerate(self._lanes) if i != lane):
                     return None  # drain: the placement switches with no dispatch in flight
                 placement, self._new_placement = self._new_placement, None
                 try:

@@ -242,7 +242,7 @@ class ExpertClient:
 
         Parts owed by a node that goes down meanwhile are re-sent (module docstring); each
         round of re-sending gets a fresh ``reply_timeout_s``."""
-        out = torch.zeros(pending.num_tokens, self.hidden, dtype=dtype, device=device)
+        out: torch.Tensor | None = None
         deadline = time.monotonic() + self.reply_timeout_s
         while pending.waiting:
             self._fail_over(pending)
@@ -263,12 +263,22 @@ class ExpertClient:
                     raise ExpertUnavailable(
                         f"expert node {self.placement.nodes[ni].node_id} replied with shape "
                         f"{tuple(part.shape)}, expected ({want}, {self.hidden})")
-                part = part.to(device=device, dtype=dtype)
-                if row_ids is None:
-                    out.add_(part)
+                if out is None and row_ids is None:
+                    # The usual case, one node serving every row: one copy out of the slot
+                    # (released below) instead of zero-filling and adding.
+                    out = part.to(device=device, dtype=dtype, copy=True)
                 else:
-                    out.index_add_(0, row_ids.to(device), part)
+                    if out is None:
+                        out = torch.zeros(pending.num_tokens, self.hidden, dtype=dtype,
+                                          device=device)
+                    part = part.to(device=device, dtype=dtype)
+                    if row_ids is None:
+                        out.add_(part)
+                    else:
+                        out.index_add_(0, row_ids.to(device), part)
         self._round_trips.append(time.perf_counter() - pending.sent_at)
+        if out is None:  # nothing was owed (no rows)
+            out = torch.zeros(pending.num_tokens, self.hidden, dtype=dtype, device=device)
         return out
 
     def _fail_over(self, pending: PendingCombine) -> None:

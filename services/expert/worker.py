@@ -175,9 +175,10 @@ class ExpertWorker:
             dt = time.perf_counter() - t0
             if span is not None:
                 span.end()
-            self._count(ids, t0, dt, rows.shape[0], layer)
+            # Reply first: the senders wait on it, the bookkeeping below waits on nothing.
             for h, part in zip(headers, out.split(sizes), strict=True):
                 self._reply_to(h, part.contiguous())
+            self._count(ids, t0, dt, rows.shape[0], layer)
 
     # ------------------------------------------------------------------ helpers
     def _validate(self, msg: libm2n.Message) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -33,6 +33,10 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("megascale:kv_cache_usage_perc",
                                 "Fraction of KV cache blocks in use (0-1)",
                                 value=load["kv_usage"])
+        yield CounterMetricFamily("megascale:lane_rebalance_moves",
+                                  "Running requests handed from a larger lane (micro-batch) to "
+                                  "a smaller one after others finished",
+                                  value=self.engine.scheduler.lane_moves)
         client = self.engine.client  # plain int / dict reads: safe from the scrape thread
         yield CounterMetricFamily("megascale:expert_failovers",
                                   "Dispatch parts re-sent to another expert replica because "

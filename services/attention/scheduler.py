@@ -14,8 +14,11 @@ Every engine step the scheduler decides which requests run and how many of their
 independently (services/attention/pingpong.py). A request joins a lane when it is admitted and
 stays in it; ``schedule(lane, lanes)`` plans one lane's next step over that lane's requests
 only, with a ``1/lanes`` share of the token budget, of ``max_num_seqs`` and of the requests
-present (so lanes fill evenly). Preemption picks the newest request *of the same lane*: the
-other lanes may be mid-step, writing their blocks.
+present (so lanes fill evenly). When requests finish unevenly, a lane that is two or more
+requests larger than the smallest hands its newest requests over to the smallest lanes when it
+plans its step (it is between steps, so none of them is in flight; the taker only sees them in
+its next step). Preemption picks the newest request *of the same lane*: the other lanes may be
+mid-step, writing their blocks.
 
 Nothing here touches tensors; the engine turns a :class:`StepPlan` into micro-batches.
 """
@@ -134,6 +137,7 @@ class RequestScheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._by_id: dict[str, Request] = {}
+        self.lane_moves = 0  # requests handed from a larger lane to a smaller one
 
     # ------------------------------------------------------------------ intake
     def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
@@ -193,7 +197,7 @@ class RequestScheduler:
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
         blocks = self.blocks
-        mine = [r for r in self.running if r.lane == lane]  # oldest first
+        mine = self._rebalance(lane, lanes)  # this lane's running requests, oldest first
 
         # 1. the lane's running requests, oldest first; preempt its newest when blocks run out.
         i = 0
@@ -228,6 +232,26 @@ class RequestScheduler:
             chunks.append(self._take(req, n))
             budget -= n
         return StepPlan(tuple(chunks), tuple(preempted))
+
+    def _rebalance(self, lane: int, lanes: int) -> list[Request]:
+        """Hand ``lane``'s newest running requests to the smallest lanes while ``lane`` is two
+        or more larger (a lane twice the size of another keeps the experts waiting on it, and
+        new arrivals alone refill the small lane only under steady load). Returns the lane's
+        requests that stay, oldest first. Call only while ``lane`` is between steps."""
+        mine = [r for r in self.running if r.lane == lane]
+        if lanes == 1:
+            return mine
+        sizes = [0] * lanes
+        for r in self.running:
+            sizes[r.lane] += 1
+        while True:
+            small = min(range(lanes), key=sizes.__getitem__)
+            if sizes[lane] - sizes[small] < 2:
+                return mine
+            mine.pop().lane = small
+            self.lane_moves += 1
+            sizes[lane] -= 1
+            sizes[small] += 1
 
     def _take(self, req: Request, n: int) -> ScheduledChunk:
         chunk = ScheduledChunk(req, req.num_computed, n,

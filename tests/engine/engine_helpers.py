@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 
 from megascale.v1 import attention_pb2, attention_pb2_grpc, common_pb2
+from services.launch.procs import RoleProcess
 
 
 @dataclass
@@ -16,8 +19,11 @@ class Result:
 
 
 def grpc_generate(address: str, request_id: str, prompt: list[int], max_tokens: int,
-                  timeout: float = 120.0, **sampling) -> Result:
-    """Drive ``Attention.Generate`` to the end; returns the streamed tokens and last event."""
+                  timeout: float = 120.0,
+                  on_event: Callable[[attention_pb2.GenerateEvent], None] | None = None,
+                  **sampling) -> Result:
+    """Drive ``Attention.Generate`` to the end; returns the streamed tokens and last event
+    (``on_event`` sees every event as it arrives)."""
     sampling.setdefault("temperature", 0.0)
     with grpc.insecure_channel(address) as ch:
         stub = attention_pb2_grpc.AttentionStub(ch)
@@ -31,4 +37,15 @@ def grpc_generate(address: str, request_id: str, prompt: list[int], max_tokens: 
             assert ev.index == len(tokens), "gap or duplicate in the token stream"
             tokens.extend(ev.token_ids)
             final = ev
+            if on_event is not None:
+                on_event(ev)
         return Result(tokens, final)
+
+
+def scrape(proc: RoleProcess, prefix: str = "megascale:") -> dict[str, float]:
+    """The role's Prometheus samples whose name starts with ``prefix`` (started with
+    ``--metrics-port 0``)."""
+    port = proc.info["metrics_port"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith(prefix)}

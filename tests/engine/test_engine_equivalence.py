@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from engine_helpers import grpc_generate
+from engine_helpers import grpc_generate, scrape
 
 from services.launch.procs import LocalMesh, partition_experts
 
@@ -94,3 +94,44 @@ def test_lanes_do_not_drain_at_step_boundaries(engine_ckpt, hf_greedy, tmp_path)
         end = s["start"] + s["wall"] + 1e-6
         for _kind, _layer, lane, a, b in s["intervals"]:
             assert lane == s["lane"] and s["start"] - 1e-6 <= a <= b <= end
+
+
+def test_a_request_moves_to_a_lane_left_empty_with_exact_tokens(engine_ckpt, hf_greedy, tmp_path):
+    """m=2: A, B, C arrive one after another, so they alternate lanes (A and C in lane 0, B in
+    lane 1). B is short: once it finishes, lane 0 is two requests larger and hands its newest,
+    C, to lane 1. C's tokens stay exact across the move."""
+    path = engine_ckpt("mixtral")
+    prompts = {"A": [5, 6, 7], "B": [40, 41], "C": [300, 301, 302, 303]}
+    lengths = {"A": 96, "B": 40, "C": 96}
+    results: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+    with LocalMesh.start(path, [list(range(8))], micro_batches=2, transport="shm",
+                         attention_args=["--block-size", "4", "--metrics-port", "0"],
+                         workdir=tmp_path) as mesh:
+        replica = mesh.attention[0]
+
+        def one(key: str, started: threading.Event) -> None:
+            try:
+                r = grpc_generate(replica.grpc, key, prompts[key], lengths[key],
+                                  on_event=lambda _ev: started.set())
+                assert r.final.error_message == ""
+                results[key] = r.tokens
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(exc)
+                started.set()
+
+        threads = []
+        for key in prompts:  # each one is running (admitted to a lane) before the next comes
+            started = threading.Event()
+            threads.append(threading.Thread(target=one, args=(key, started)))
+            threads[-1].start()
+            assert started.wait(30), f"{key} produced no token"
+        for t in threads:
+            t.join(timeout=120)
+        moves = scrape(replica)["megascale:lane_rebalance_moves_total"]
+    if errors:
+        raise errors[0]
+    assert moves == 1
+    want = hf_greedy(path, list(prompts.values()), max(lengths.values()))
+    for (key, n), w in zip(lengths.items(), want, strict=True):
+        assert results[key] == w[:n], f"{key} diverged"

@@ -8,12 +8,11 @@ import os
 import signal
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
 import torch
-from engine_helpers import grpc_generate
+from engine_helpers import grpc_generate, scrape
 
 from megascale.v1 import attention_pb2, attention_pb2_grpc, common_pb2, expert_pb2, expert_pb2_grpc
 from services.attention.config import AttentionConfig
@@ -59,13 +58,6 @@ def test_routes_send_each_routed_pair_to_one_live_replica(down):
     assert torch.equal(served, (ids >= 0).long()), "a pair served twice or not at all"
 
 
-def _metrics(proc: RoleProcess) -> dict[str, float]:
-    port = proc.info["metrics_port"]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith("megascale:expert_")}
-
-
 def _reported_down(address: str) -> list[str]:
     """The expert nodes the replica's load report (what it heartbeats) names as down."""
     with grpc.insecure_channel(address) as ch:
@@ -104,7 +96,7 @@ def test_killed_replicated_node_fails_over_with_exact_tokens(engine_ckpt, hf_gre
         got = _stream_across(replica.grpc, mesh.experts[1].kill)
         after = grpc_generate(replica.grpc, "after", [300, 301], 24)  # routed around at once
         assert after.final.error_message == ""
-        m = _metrics(replica)
+        m = scrape(replica)
         assert _reported_down(replica.grpc) == [mesh.experts[1].info["node_id"]]
     want_long, want_after = hf_greedy(path, [PROMPT, [300, 301]], LONG)
     assert got == want_long
@@ -139,11 +131,11 @@ def test_hung_node_is_routed_around_then_readmitted(engine_ckpt, hf_greedy, tmp_
         resumed.join()
         time.sleep(0.5)  # the woken node's replies reach the replica; the next request reads them
         after = grpc_generate(replica.grpc, "after", [300, 301], 24)
-        down = _metrics(replica)
+        down = scrape(replica)
         time.sleep(3.5)  # past --expert-readmit: the healthy link is taken back
         seen = _received(hung)
         again = grpc_generate(replica.grpc, "again", [300, 301], 24)
-        back = _metrics(replica)
+        back = scrape(replica)
         assert _reported_down(replica.grpc) == []
         assert _received(hung) > seen, "the re-admitted node gets traffic again"
         assert all(e.alive() for e in mesh.experts)

@@ -165,6 +165,28 @@ def test_a_burst_of_arrivals_is_split_evenly_over_the_lanes():
     assert sizes == [3, 2, 2] and not s.waiting
 
 
+def test_a_lane_left_larger_hands_its_newest_requests_to_the_smallest():
+    s = make_scheduler(num_blocks=64, max_batch_tokens=256, max_num_seqs=64)
+    reqs = [make_request(2) for _ in range(9)]
+    for r in reqs:
+        s.add(r)
+    for lane in range(3):
+        step_and_sample(s, lane=lane, lanes=3)        # 3 per lane: reqs[0:3], [3:6], [6:9]
+    for r in reqs[3:5] + reqs[6:8]:
+        s.finish(r, "stop")                           # lanes hold 3, 1, 1
+    plan = step_and_sample(s, lane=0, lanes=3)
+    # lane 0 hands its newest to the smallest lane (3, 1, 1 -> 2, 2, 1), then stops: lanes one
+    # request apart are left alone, so requests do not thrash back and forth
+    assert [c.request for c in plan.chunks] == reqs[:2] and reqs[2].lane == 1
+    # the taker steps it on from where it was: one decode token at its next position
+    plan = step_and_sample(s, lane=1, lanes=3)
+    assert [(c.request, c.start, c.num_tokens) for c in plan.chunks] == [
+        (reqs[2], 2, 1), (reqs[5], 2, 1)]
+    plan = step_and_sample(s, lane=2, lanes=3)
+    assert [c.request for c in plan.chunks] == [reqs[8]]
+    assert [r.lane for r in reqs[:3] + [reqs[5], reqs[8]]] == [0, 0, 1, 1, 2]
+
+
 def test_preemption_stays_inside_the_lane():
     s = make_scheduler(num_blocks=3, block_size=4)    # 12 slots
     a, b = make_request(4, max_tokens=8), make_request(4, max_tokens=8)

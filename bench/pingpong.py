@@ -355,7 +355,11 @@ def plot_timeline(timeline_dir: Path, png: Path, batch: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1024,
+                    help="requests decoded together; m=2 gives micro-batches of batch/2 tokens "
+                         "(at 256-token micro-batches this CPU's kernels still run ~4%% "
+                         "(attention) and ~11%% (experts) slower per token than at 512, which "
+                         "alone caps m=2/m=1 near 1.86x; see docs/BENCHMARKS.md)")
     ap.add_argument("--hidden", type=int, default=SHAPE["hidden"])
     ap.add_argument("--layers", type=int, default=SHAPE["layers"])
     ap.add_argument("--intermediate", type=int, default=None,

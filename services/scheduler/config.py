@@ -40,7 +40,10 @@ class SchedulerConfig:
     hot experts the placement may add in total (0 = one host per expert). Expert loads are
     polled from ``Expert.GetStats`` every ``stats_interval_s``; a new placement is published on
     a load change only when it lowers the max node load by more than ``rebalance_threshold``
-    (a fraction), so placement does not churn on noise.
+    (a fraction), so placement does not churn on noise. An expert node that most attention
+    replicas route around for ``quarantine_after_s`` while its lease holds is planned out for
+    ``quarantine_hold_s``, doubling per repeat up to ``quarantine_max_hold_s``
+    (services/scheduler/quarantine.py; ``quarantine_after_s`` 0 turns it off).
     """
 
     redis_url: str
@@ -57,6 +60,9 @@ class SchedulerConfig:
     stats_interval_s: float = 2.0
     rebalance_threshold: float = 0.1
     rpc_timeout_s: float = 2.0
+    quarantine_after_s: float = 10.0
+    quarantine_hold_s: float = 30.0
+    quarantine_max_hold_s: float = 600.0
 
     def __post_init__(self) -> None:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -82,6 +88,13 @@ class SchedulerConfig:
                               f"{self.rebalance_threshold}")
         if self.rpc_timeout_s <= 0:
             raise ConfigError(f"rpc_timeout_s must be > 0, got {self.rpc_timeout_s}")
+        if not 0 <= self.quarantine_after_s <= 86400:
+            raise ConfigError(f"quarantine_after_s must be in 0..86400 seconds (0 = off), got "
+                              f"{self.quarantine_after_s}")
+        if not 0 < self.quarantine_hold_s <= self.quarantine_max_hold_s <= 86400:
+            raise ConfigError(f"need 0 < quarantine_hold_s <= quarantine_max_hold_s <= 86400 "
+                              f"seconds, got {self.quarantine_hold_s} and "
+                              f"{self.quarantine_max_hold_s}")
 
     @property
     def sweep_interval_s(self) -> float:

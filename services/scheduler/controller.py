@@ -4,7 +4,9 @@ Every ``sweep_interval_s`` (lease/4) :meth:`Controller.tick`:
 1. re-seeds Redis after a restart (epochs never go backwards, the last placement is put back);
 2. removes nodes whose lease expired (membership epoch bump);
 3. refreshes the autoscaling metrics from the load reports;
-4. re-plans the expert placement when the set of expert nodes changed; a complete plan that
+4. re-plans the expert placement when the set of expert nodes changed, or the set of nodes in
+   quarantine (services/scheduler/quarantine.py: planned out while most attention replicas
+   route around them though their lease holds); a complete plan that
    differs from the current one gets a new placement epoch, is stored in Redis, woken to
    WatchPlacement streams and pushed to every attention and expert node;
 5. re-pushes to nodes that have not acknowledged the current epoch (new or unreachable ones).
@@ -36,6 +38,7 @@ from services.scheduler.placement import (
     plan_placement,
     to_proto,
 )
+from services.scheduler.quarantine import Quarantine
 from services.scheduler.state import REDIS_ERRORS, NodeRecord, RedisState
 
 log = logging.getLogger("megascale.scheduler")
@@ -80,6 +83,8 @@ class Controller:
         self._kick = asyncio.Event()
         self._lock = asyncio.Lock()  # one tick / re-plan at a time
         self._redis_down = False
+        self.quarantine = Quarantine(config.num_experts, config.quarantine_after_s,
+                                     config.quarantine_hold_s, config.quarantine_max_hold_s)
 
     # ---- placement in force -------------------------------------------------------------
 
@@ -166,7 +171,9 @@ class Controller:
             for d in (self.acked, self._rejected, self._rows):
                 for n in [n for n in d if n not in live]:
                     del d[n]
-            experts = _expert_nodes(records)
+            out = self.quarantine.update(records, time.monotonic())
+            self.metrics.observe_quarantine(out, self.quarantine.total)
+            experts = [n for n in _expert_nodes(records) if n.node_id not in out]
             fp = tuple(sorted((n.node_id, n.m2n_url, n.expert_ids) for n in experts))
             if fp != self._fingerprint:
                 self._fingerprint = fp
@@ -315,7 +322,9 @@ class Controller:
                 rate = window.get(e, 0.0)
                 old = self.expert_load.get(e)
                 self.expert_load[e] = rate if old is None else _EMA * rate + (1 - _EMA) * old
-            await self._replan(_expert_nodes(records), force=False)
+            out = self.quarantine.quarantined()
+            await self._replan([n for n in _expert_nodes(records) if n.node_id not in out],
+                               force=False)
             await self._push(records)
 
     async def _stats_one(self, rec: NodeRecord) -> expert_pb2.ExpertStats | None:

@@ -37,6 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
              help="extra replicas of hot experts the placement may add (total)")
     add_flag(p, "--stats-interval", type=float, default=2.0,
              help="seconds between Expert.GetStats polls (expert load)")
+    add_flag(p, "--quarantine-after", type=float, default=10.0,
+             help="plan out an expert node that most attention replicas route around for this "
+                  "many seconds while its lease holds (0 = never)")
+    add_flag(p, "--quarantine-hold", type=float, default=30.0,
+             help="seconds a quarantined node stays out (doubles per repeat)")
+    add_flag(p, "--quarantine-max-hold", type=float, default=600.0,
+             help="cap of the doubling quarantine hold, in seconds")
 
 
 def build(args: argparse.Namespace) -> SchedulerConfig:
@@ -59,4 +66,6 @@ def build(args: argparse.Namespace) -> SchedulerConfig:
                           max_batch_tokens=args.max_batch_tokens,
                           max_running_requests=args.max_running_requests,
                           dispatch_timeout_ms=args.dispatch_timeout_ms),
-        replicate_hot=args.replicate_hot, stats_interval_s=args.stats_interval)
+        replicate_hot=args.replicate_hot, stats_interval_s=args.stats_interval,
+        quarantine_after_s=args.quarantine_after, quarantine_hold_s=args.quarantine_hold,
+        quarantine_max_hold_s=args.quarantine_max_hold)

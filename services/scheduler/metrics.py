@@ -16,6 +16,9 @@ on every sweep, so HPA/KEDA read one endpoint instead of scraping every node:
 Health: ``megascale:scheduler_expert_node_down_reports{node_id}`` counts the live attention
 replicas that route around a live expert node (LoadReport.expert_nodes_down). A lease only
 proves the node's control plane; a non-zero value means its data path fails (alert on it).
+``megascale:scheduler_expert_nodes_quarantined`` counts the live nodes planned out for that
+reason (services/scheduler/quarantine.py); ``megascale:scheduler_expert_quarantines_total``
+counts quarantines started.
 """
 
 from __future__ import annotations
@@ -90,6 +93,12 @@ class SchedulerMetrics:
                               "live expert node (its data path fails while its lease holds)",
                               ["node_id"])
         self._down_labels: set[str] = set()  # node ids with a down_reports series
+        self.quarantined = g("megascale:scheduler_expert_nodes_quarantined",
+                             "Live expert nodes planned out of the placement because most "
+                             "attention replicas route around them")
+        self.quarantines = c("megascale:scheduler_expert_quarantines",
+                             "Expert nodes put in quarantine (a repeat doubles the hold)")
+        self._quarantines_seen = 0
         self.registrations = c("megascale:scheduler_registrations", "Register calls accepted",
                                ["role"])
         self.expirations = c("megascale:scheduler_lease_expirations",
@@ -133,6 +142,11 @@ class SchedulerMetrics:
         self.expert_queue_rows.set(sum(x.expert_queue_rows for x in exp))
         self.expert_queue_wait.set(_mean([x.expert_queue_rows / x.tokens_per_s
                                           for x in exp if x.tokens_per_s > 0]))
+
+    def observe_quarantine(self, quarantined: frozenset[str], total: int) -> None:
+        self.quarantined.set(len(quarantined))
+        self.quarantines.inc(total - self._quarantines_seen)
+        self._quarantines_seen = total
 
     def observe_placement(self, plan: PlacementPlan, epoch: int) -> None:
         self.placement_complete.set(1 if plan.complete else 0)

@@ -6,6 +6,9 @@ expires."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -52,6 +55,21 @@ async def _generate(stub) -> list[int]:
         last = ev
     assert last is not None and last.finish_reason == common_pb2.FINISH_REASON_LENGTH, last
     return tokens
+
+
+async def _generates_through(a_stub, node, want: list[int]) -> None:  # noqa: ANN001
+    """A greedy generation on the replica gives ``want`` and sends rows to expert ``node``
+    (a RoleProcess)."""
+    async with grpc.aio.insecure_channel(node.grpc) as ch:
+        e_stub = expert_pb2_grpc.ExpertStub(ch)
+
+        async def received() -> int:
+            stats = await e_stub.GetStats(expert_pb2.GetStatsRequest(), timeout=5)
+            return stats.messages_received
+
+        before = await received()
+        assert await _generate(a_stub) == want  # greedy: the same tokens whatever the table
+        assert await received() > before, f"no rows reached {node.name}"
 
 
 def _expert_info(e) -> common_pb2.NodeInfo:  # noqa: ANN001 - a RoleProcess
@@ -123,10 +141,11 @@ async def _join_expert(sched, regs: list[NodeRegistration], model_dir: Path, nod
     return node
 
 
-def _start_scheduler(model_dir: Path, redis_url: str, tmp_path: Path, prefix: str):
+def _start_scheduler(model_dir: Path, redis_url: str, tmp_path: Path, prefix: str,
+                     *extra: str):
     return spawn_role("scheduler", ["--redis-url", redis_url, "--model", str(model_dir),
                                     "--node-ttl", "1", "--key-prefix", prefix,
-                                    "--stats-interval", "0.5"],
+                                    "--stats-interval", "0.5", *extra],
                       "scheduler-0", tmp_path, log=tmp_path / "scheduler.log")
 
 
@@ -232,14 +251,7 @@ def test_attention_attaches_to_an_expert_node_that_joins_later(model_dir, redis_
                 assert any(h.grpc_address == late.grpc for r in both.experts for h in r.hosts)
                 await eventually(lambda: _at(a_stub, both.epoch), timeout=20,
                                  what="attention attached and at the new epoch")
-                async with grpc.aio.insecure_channel(late.grpc) as ch:
-                    e_stub = expert_pb2_grpc.ExpertStub(ch)
-                    before = (await e_stub.GetStats(expert_pb2.GetStatsRequest(),
-                                                    timeout=5)).messages_received
-                    assert await _generate(a_stub) == first  # greedy: same tokens
-                    after = (await e_stub.GetStats(expert_pb2.GetStatsRequest(),
-                                                   timeout=5)).messages_received
-                assert after > before  # rows really went to the node that joined later
+                await _generates_through(a_stub, late, first)  # the node that joined later
 
         run(body, timeout=150)
     finally:
@@ -302,15 +314,77 @@ def test_restarted_expert_node_is_routed_around_then_attached_again(model_dir, r
                                          what="a placement naming the restarted node")
                 await eventually(lambda: _at(a_stub, newer.epoch), timeout=20,
                                  what="attention at the epoch with the restarted node")
-                async with grpc.aio.insecure_channel(reborn.grpc) as ch:
-                    e_stub = expert_pb2_grpc.ExpertStub(ch)
-                    assert await _generate(a_stub) == first
-                    stats = await e_stub.GetStats(expert_pb2.GetStatsRequest(), timeout=5)
-                assert stats.messages_received > 0  # rows reach the restarted node again
+                await _generates_through(a_stub, reborn, first)  # the restarted node
 
         run(body, timeout=150)
     finally:
         for p in (reborn, sched):
             if p is not None:
                 p.stop()
+        mesh.stop()
+
+
+def test_expert_node_with_a_dead_data_path_is_quarantined_then_planned_back(model_dir, redis_url,
+                                                                         tmp_path):
+    # Both expert nodes hold every expert. expert-1's process is stopped (SIGSTOP) while its
+    # registration goes on heartbeating for it: its lease holds and its data path is dead, as
+    # when a node's NIC or drain loop fails but its control plane lives. The replica times out
+    # on it, routes around it and reports it down (relayed by its registration, as the replica's
+    # own heartbeat does); the scheduler plans it out, then back in after the hold.
+    mesh = LocalMesh.start(model_dir, [[0, 1, 2, 3], [0, 1, 2, 3]], attention_replicas=1,
+                           attention_args=["--expert-timeout", "1", "--expert-readmit", "60"],
+                           workdir=tmp_path)
+    victim = mesh.experts[1]
+    sched = None
+    try:
+        sched = _start_scheduler(model_dir, redis_url, tmp_path, "mesh-quarantine:",
+                                 "--quarantine-after", "1", "--quarantine-hold", "4",
+                                 "--metrics-port", "0")
+
+        def quarantine_metrics() -> dict[str, float]:
+            url = f"http://127.0.0.1:{sched.info['metrics_port']}/metrics"
+            text = urllib.request.urlopen(url, timeout=10).read().decode()
+            return {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines()
+                    if ln.startswith("megascale:scheduler_expert_") and "quarantin" in ln}
+
+        async def body():
+            async with _attention_session(sched, mesh) as (regs, s_stub, a_stub):
+                regs[-1].load_fn = lambda: a_stub.GetLoad(attention_pb2.GetLoadRequest(),
+                                                          timeout=2)
+                placement = await _place_on(regs, s_stub, a_stub, nodes=2)
+                first = await _generate(a_stub)
+                os.kill(victim.proc.pid, signal.SIGSTOP)
+                try:
+                    # Waits out the replica's timeout on the stopped node; served by the other
+                    # replicas of its experts, or failed where the table had no other host.
+                    req = attention_pb2.GenerateRequest(
+                        request_id="while-stopped", prompt_token_ids=[1, 2, 3, 4],
+                        sampling=common_pb2.SamplingParams(temperature=0, max_tokens=3))
+                    [ev async for ev in a_stub.Generate(req, timeout=60)]
+                    out = await eventually(lambda: _complete(s_stub, placement.epoch, nodes=1),
+                                           timeout=20, what="a placement without expert-1")
+                    assert {h.node_id for r in out.experts for h in r.hosts} == {"expert-0"}
+                    await eventually(lambda: _at(a_stub, out.epoch), timeout=10,
+                                     what="attention at the quarantine epoch")
+                    assert await _generate(a_stub) == first
+                    load = await a_stub.GetLoad(attention_pb2.GetLoadRequest(), timeout=5)
+                    assert list(load.expert_nodes_down) == []  # planned out: nothing to route
+                    m = quarantine_metrics()
+                    assert m["megascale:scheduler_expert_nodes_quarantined"] == 1
+                    assert m["megascale:scheduler_expert_quarantines_total"] == 1
+                finally:
+                    os.kill(victim.proc.pid, signal.SIGCONT)
+                back = await eventually(lambda: _complete(s_stub, out.epoch, nodes=2),
+                                        timeout=20, what="expert-1 planned back in")
+                await eventually(lambda: _at(a_stub, back.epoch), timeout=10,
+                                 what="attention at the epoch with expert-1")
+                await _generates_through(a_stub, victim, first)  # it serves again
+                assert quarantine_metrics()["megascale:scheduler_expert_nodes_quarantined"] == 0
+
+        run(body, timeout=150)
+    finally:
+        if victim.alive():
+            os.kill(victim.proc.pid, signal.SIGCONT)  # a failed test must not leave it stopped
+        if sched is not None:
+            sched.stop()
         mesh.stop()

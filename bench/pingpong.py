@@ -44,6 +44,7 @@ from services.launch.procs import LocalMesh
 SHAPE = dict(layers=8, hidden=512, intermediate=224, experts=8, top_k=2, heads=8, kv_heads=2,
              vocab=1024, seed=5)
 CANDIDATE_INTERMEDIATE = (64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+PROBE_TOKENS = 16  # new tokens per served calibration probe
 
 
 def calibrate(hidden: int, tokens: int, context: int, workdir: Path) -> tuple[int, float, float]:
@@ -89,23 +90,28 @@ def calibrate(hidden: int, tokens: int, context: int, workdir: Path) -> tuple[in
     return best
 
 
-def calibrate_served(start: int, prompts: list[list[int]], workdir: Path
-                     ) -> tuple[int, float, float]:
+def calibrate_served(start: int, prompts: list[list[int]], workdir: Path,
+                     stream_interval: int) -> tuple[int, float, float]:
     """Refine the in-process pick on the served pair. Served, the replica's T_a runs 10–20%
     above its in-process time (its gRPC and libm2n threads share its core) while T_e does not,
     so the in-process balance leaves the expert node waiting. Probe a short m=2 run from
     ``start`` towards the balance and keep the FFN width whose served T_a and T_e per call
-    are closest. Returns (intermediate, served T_a ms, served T_e ms)."""
+    are closest. The probes stream tokens as the measured runs do (``stream_interval``): per
+    token streaming loads the replica's core and made the probes' T_a 17% too high.
+    Returns (intermediate, served T_a ms, served T_e ms)."""
     i = CANDIDATE_INTERMEDIATE.index(start)
     best, step = None, 0
     while 0 <= i < len(CANDIDATE_INTERMEDIATE):
         inter = CANDIDATE_INTERMEDIATE[i]
         path = write_random_checkpoint(workdir / f"served-{inter}", "mixtral", tokenizer=False,
                                        **{**SHAPE, "intermediate": inter})
-        with start_mesh(path, prompts, 8, 2, workdir / f"probe-{inter}") as mesh:
+        with start_mesh(path, prompts, PROBE_TOKENS, 2, workdir / f"probe-{inter}",
+                        stream_interval=stream_interval) as mesh:
             asyncio.run(run_batch(mesh.attention[0].grpc, prompts, 4, "warm"))
-            got = measure_once(mesh, prompts, 8, 2, "probe")
-        t_a, t_e = 1000 * got["t_a"], 1000 * got["t_e"]
+            # two probes of 15 decode steps each: with fewer, one slow step moved the pick
+            got = [measure_once(mesh, prompts, PROBE_TOKENS, 2, f"probe{r}") for r in range(2)]
+        t_a = 1000 * statistics.median(g["t_a"] for g in got)
+        t_e = 1000 * statistics.median(g["t_e"] for g in got)
         if best is None or abs(t_e - t_a) < abs(best[2] - best[1]):
             best = (inter, t_a, t_e)
         direction = 1 if t_e < t_a else -1
@@ -391,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             g = torch.Generator().manual_seed(1)
             probe = torch.randint(3, SHAPE["vocab"], (args.batch, args.prompt_len),
                                   generator=g).tolist()
-            inter, srv_a, srv_e = calibrate_served(inter, probe, work)
+            inter, srv_a, srv_e = calibrate_served(inter, probe, work, args.stream_interval)
             print(f"served: intermediate {inter} (replica T_a {srv_a:.2f} ms, node T_e "
                   f"{srv_e:.2f} ms per call at m=2)", flush=True)
             SHAPE["intermediate"] = inter

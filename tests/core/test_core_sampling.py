@@ -7,7 +7,7 @@ import torch
 
 from services.core.generate import generate
 from services.core.model import MonolithicModel
-from services.core.sampling import SamplingParams, sample
+from services.core.sampling import SamplingParams, greedy_argmax, sample
 from services.errors import UserError
 
 
@@ -106,3 +106,21 @@ def test_min_tokens_masks_stop_ids_and_eos_unless_ignored():
     assert logits[0, 1] == 5.0  # the caller's logits are not modified
     with pytest.raises(UserError, match="min_tokens"):
         SamplingParams(max_tokens=4, min_tokens=5)
+
+
+@pytest.mark.parametrize("vocab", [1024, 1000, 64, 32000])
+def test_greedy_argmax_equals_torch_argmax(vocab):
+    """The chunked CPU argmax picks exactly what torch.argmax picks: the first maximum, ties
+    across and inside chunks, rows of -inf, NaN (counts as the max), a transposed view."""
+    g = torch.Generator().manual_seed(vocab)
+    for _ in range(20):
+        x = torch.randn(37, vocab, generator=g)
+        rows = torch.randint(0, 37, (8,), generator=g)
+        x[rows, torch.randint(0, vocab, (8,), generator=g)] = 5.0  # ties at random places
+        x[1, [3, vocab - 1]] = 9.0                                 # a tie across chunks
+        x[2] = float("-inf")
+        x[4, vocab // 2] = float("nan")
+        assert torch.equal(greedy_argmax(x), torch.argmax(x, dim=-1))
+    t = torch.randn(vocab, 5, generator=g).t()                     # non-contiguous rows
+    assert torch.equal(greedy_argmax(t), torch.argmax(t, dim=-1))
+    assert greedy_argmax(torch.empty(0, vocab)).shape == (0,)

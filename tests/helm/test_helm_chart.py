@@ -96,6 +96,7 @@ def test_the_production_example_really_is_production_shaped(production_values: d
     ({"model": {"source": "s3"}}, "at '/model/source': value must be one of"),
     ({"attention": {"device": "tpu"}}, "at '/attention/device'"),
     ({"gateway": {"prot": 8000}}, "additional properties 'prot' not allowed"),
+    ({"scheduler": {"quarantineHold": 0}}, "at '/scheduler/quarantineHold'"),
 ])
 def test_bad_values_fail_with_a_clear_message(helm, values: dict, message: str) -> None:  # noqa: ANN001
     with pytest.raises(helm.HelmError) as info:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -10,6 +11,7 @@ import grpc
 import pytest
 import torch
 from engine_helpers import grpc_generate
+from safetensors.torch import load_file, save_file
 
 import libm2n
 from megascale.v1 import (
@@ -242,4 +244,41 @@ def test_dead_expert_node_fails_requests_with_clear_error(engine_ckpt, tmp_path)
         # later requests fail fast too, instead of hanging
         after = grpc_generate(address, "after", [4, 5], 4, timeout=60)
         assert after.final.finish_reason == common_pb2.FINISH_REASON_ERROR
+        assert mesh.attention[0].alive()
+
+
+def test_a_step_failing_after_the_forward_fails_only_its_lane(engine_ckpt, tmp_path):
+    """A checkpoint whose LM head has a NaN row. Greedy decoding goes on (argmax takes the NaN
+    as the max), but sampling with a temperature fails in torch.multinomial, after the forward
+    pass. Only the failing lane step's request fails, with a clear error; the other lane's
+    request finishes, every KV block comes back and the replica keeps serving."""
+    ckpt = tmp_path / "nan-lm-head"
+    shutil.copytree(engine_ckpt("mixtral"), ckpt)
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["lm_head.weight"][7] = float("nan")
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    blocks = 64
+    with LocalMesh.start(ckpt, [list(range(8))], micro_batches=2,
+                         attention_args=["--block-size", "4", "--num-blocks", str(blocks)],
+                         workdir=tmp_path / "mesh") as mesh:
+        address = mesh.attention[0].grpc
+        started, out = threading.Event(), {}
+
+        def greedy() -> None:  # admitted first: lane 0
+            out["greedy"] = grpc_generate(address, "greedy", [1, 2, 3], 24,
+                                          on_event=lambda _ev: started.set())
+
+        thread = threading.Thread(target=greedy)
+        thread.start()
+        assert started.wait(30), "the greedy request produced no token"
+        sampled = grpc_generate(address, "sampled", [4, 5], 8, temperature=1.0, seed=1)
+        thread.join(timeout=60)
+        assert sampled.final.finish_reason == common_pb2.FINISH_REASON_ERROR
+        assert "internal error in step" in sampled.final.error_message
+        assert "RuntimeError" in sampled.final.error_message
+        kept = out["greedy"]
+        assert kept.final.error_message == "" and len(kept.tokens) == 24
+        assert wait_free_blocks(address, blocks) == blocks
+        after = grpc_generate(address, "after", [6, 7], 4)
+        assert after.final.error_message == "" and len(after.tokens) == 4
         assert mesh.attention[0].alive()

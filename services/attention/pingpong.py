@@ -44,10 +44,6 @@ class MicroBatch:
     meta: BatchMeta
     trace: tuple[bytes, bytes] | None = None  # what its dispatches carry (see tracing.py)
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.token_ids.shape[0])
-
 
 def build_micro_batch(chunks: tuple[ScheduledChunk, ...], blocks: BlockManager,
                       device: torch.device, sliding_window: int | None) -> MicroBatch:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 
 from megascale.v1 import attention_pb2, attention_pb2_grpc, common_pb2
-from services.launch.procs import RoleProcess
 
 
 @dataclass
@@ -41,11 +39,3 @@ def grpc_generate(address: str, request_id: str, prompt: list[int], max_tokens: 
                 on_event(ev)
         return Result(tokens, final)
 
-
-def scrape(proc: RoleProcess, prefix: str = "megascale:") -> dict[str, float]:
-    """The role's Prometheus samples whose name starts with ``prefix`` (started with
-    ``--metrics-port 0``)."""
-    port = proc.info["metrics_port"]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith(prefix)}

@@ -11,7 +11,8 @@ import threading
 import time
 
 import pytest
-from engine_helpers import grpc_generate, scrape
+from engine_helpers import grpc_generate
+from metrics_helpers import scrape_metrics
 
 from services.launch.procs import LocalMesh, partition_experts
 
@@ -128,7 +129,7 @@ def test_a_request_moves_to_a_lane_left_empty_with_exact_tokens(engine_ckpt, hf_
             assert started.wait(30), f"{key} produced no token"
         for t in threads:
             t.join(timeout=120)
-        moves = scrape(replica)["megascale:lane_rebalance_moves_total"]
+        moves = scrape_metrics(replica.info["metrics_port"])["megascale:lane_rebalance_moves_total"]
     if errors:
         raise errors[0]
     assert moves == 1

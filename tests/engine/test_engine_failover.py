@@ -12,7 +12,8 @@ import time
 import grpc
 import pytest
 import torch
-from engine_helpers import grpc_generate, scrape
+from engine_helpers import grpc_generate
+from metrics_helpers import scrape_metrics
 
 from megascale.v1 import attention_pb2, attention_pb2_grpc, common_pb2, expert_pb2, expert_pb2_grpc
 from services.attention.config import AttentionConfig
@@ -96,7 +97,7 @@ def test_killed_replicated_node_fails_over_with_exact_tokens(engine_ckpt, hf_gre
         got = _stream_across(replica.grpc, mesh.experts[1].kill)
         after = grpc_generate(replica.grpc, "after", [300, 301], 24)  # routed around at once
         assert after.final.error_message == ""
-        m = scrape(replica)
+        m = scrape_metrics(replica.info["metrics_port"])
         assert _reported_down(replica.grpc) == [mesh.experts[1].info["node_id"]]
     want_long, want_after = hf_greedy(path, [PROMPT, [300, 301]], LONG)
     assert got == want_long
@@ -131,11 +132,11 @@ def test_hung_node_is_routed_around_then_readmitted(engine_ckpt, hf_greedy, tmp_
         resumed.join()
         time.sleep(0.5)  # the woken node's replies reach the replica; the next request reads them
         after = grpc_generate(replica.grpc, "after", [300, 301], 24)
-        down = scrape(replica)
+        down = scrape_metrics(replica.info["metrics_port"])
         time.sleep(3.5)  # past --expert-readmit: the healthy link is taken back
         seen = _received(hung)
         again = grpc_generate(replica.grpc, "again", [300, 301], 24)
-        back = scrape(replica)
+        back = scrape_metrics(replica.info["metrics_port"])
         assert _reported_down(replica.grpc) == []
         assert _received(hung) > seen, "the re-admitted node gets traffic again"
         assert all(e.alive() for e in mesh.experts)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
+from metrics_helpers import scrape_metrics
 from sched_helpers import eventually, run
 
 from megascale.v1 import (
@@ -341,12 +341,6 @@ def test_expert_node_with_a_dead_data_path_is_quarantined_then_planned_back(mode
                                  "--quarantine-after", "1", "--quarantine-hold", "4",
                                  "--metrics-port", "0")
 
-        def quarantine_metrics() -> dict[str, float]:
-            url = f"http://127.0.0.1:{sched.info['metrics_port']}/metrics"
-            text = urllib.request.urlopen(url, timeout=10).read().decode()
-            return {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines()
-                    if ln.startswith("megascale:scheduler_expert_") and "quarantin" in ln}
-
         async def body():
             async with _attention_session(sched, mesh) as (regs, s_stub, a_stub):
                 regs[-1].load_fn = lambda: a_stub.GetLoad(attention_pb2.GetLoadRequest(),
@@ -369,7 +363,7 @@ def test_expert_node_with_a_dead_data_path_is_quarantined_then_planned_back(mode
                     assert await _generate(a_stub) == first
                     load = await a_stub.GetLoad(attention_pb2.GetLoadRequest(), timeout=5)
                     assert list(load.expert_nodes_down) == []  # planned out: nothing to route
-                    m = quarantine_metrics()
+                    m = scrape_metrics(sched.info["metrics_port"])
                     assert m["megascale:scheduler_expert_nodes_quarantined"] == 1
                     assert m["megascale:scheduler_expert_quarantines_total"] == 1
                 finally:
@@ -379,7 +373,8 @@ def test_expert_node_with_a_dead_data_path_is_quarantined_then_planned_back(mode
                 await eventually(lambda: _at(a_stub, back.epoch), timeout=10,
                                  what="attention at the epoch with expert-1")
                 await _generates_through(a_stub, victim, first)  # it serves again
-                assert quarantine_metrics()["megascale:scheduler_expert_nodes_quarantined"] == 0
+                m = scrape_metrics(sched.info["metrics_port"])
+                assert m["megascale:scheduler_expert_nodes_quarantined"] == 0
 
         run(body, timeout=150)
     finally:

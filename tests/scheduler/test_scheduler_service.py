@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 
 import grpc
 import pytest
+from metrics_helpers import scrape_metrics
 from sched_helpers import (
     attention_info,
     eventually,
@@ -220,10 +220,9 @@ def test_placement_published_watched_and_kept_when_incomplete(redis_url):
             await eventually(lambda: s.sched.controller.missing == (3,), what="missing again")
             p, md = await _placement(st)
             assert p == second and md[MISSING_KEY] == "3"
-            text = urllib.request.urlopen(
-                f"http://127.0.0.1:{s.sched.metrics_port}/metrics", timeout=5).read().decode()
-            assert "megascale:scheduler_placement_complete 0.0" in text
-            assert f"megascale:scheduler_placement_epoch {float(second.epoch)}" in text
+            m = scrape_metrics(s.sched.metrics_port)
+            assert m["megascale:scheduler_placement_complete"] == 0
+            assert m["megascale:scheduler_placement_epoch"] == second.epoch
             watch.cancel()
             # A watcher that already has the current epoch waits for a newer one only.
             w2 = st.WatchPlacement(scheduler_pb2.WatchPlacementRequest(after_epoch=second.epoch))
@@ -251,19 +250,14 @@ def test_autoscaling_metrics_from_load_reports(redis_url):
             await st.Heartbeat(_hb("a1", waiting=1, kv_usage=0.25, attention_time_ms=4.0,
                                    expert_wait_ms=4.0))
             await st.Heartbeat(_hb("e0", expert_queue_rows=50, tokens_per_s=100.0))
-            url = f"http://127.0.0.1:{s.sched.metrics_port}/metrics"
 
-            def scrape() -> dict[str, float]:
-                out = {}
-                for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
-                    if line.startswith("megascale:"):
-                        k, v = line.rsplit(" ", 1)
-                        out[k] = float(v)
-                return out
+            def metrics_once(ok) -> dict[str, float] | None:  # noqa: ANN001 - for eventually
+                m = scrape_metrics(s.sched.metrics_port)
+                return m if ok(m) else None
 
-            m = await eventually(lambda: (lambda d: d if d.get(
-                'megascale:scheduler_requests_waiting{role="attention"}') == 4 else None)(
-                    scrape()), what="metrics refresh")
+            m = await eventually(lambda: metrics_once(lambda d: d.get(
+                'megascale:scheduler_requests_waiting{role="attention"}') == 4),
+                                 what="metrics refresh")
             assert m['megascale:scheduler_nodes{role="attention"}'] == 2
             assert m['megascale:scheduler_nodes{role="expert"}'] == 2
             # one series per live expert node: how many replicas report it down
@@ -272,7 +266,7 @@ def test_autoscaling_metrics_from_load_reports(redis_url):
             assert not any("gone" in k for k in m)
             await st.Deregister(scheduler_pb2.DeregisterRequest(node_id="e1"))
             key = 'megascale:scheduler_expert_node_down_reports{node_id="e1"}'
-            m = await eventually(lambda: (lambda d: d if key not in d else None)(scrape()),
+            m = await eventually(lambda: metrics_once(lambda d: key not in d),
                                  what="the departed node's series removed")
             assert m['megascale:scheduler_expert_node_down_reports{node_id="e0"}'] == 0
             assert m['megascale:scheduler_mean_requests_waiting{role="attention"}'] == 2

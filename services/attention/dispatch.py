@@ -236,6 +236,22 @@ class ExpertClient:
         """Rotates the replica choice by step and layer (see routing)."""
         return pending.step + pending.layer
 
+    def ready(self, pending: PendingCombine) -> bool:
+        """True when every reply ``pending`` waits for has arrived (never blocks: replies
+        already on the link are taken off it and kept for their combines)."""
+        while (msg := self.reply_rx.poll()) is not None:
+            self._keep(msg)
+        return all(tag in self._arrived for tag in pending.waiting)
+
+    def _keep(self, msg: libm2n.Message) -> None:
+        """Hold a reply until its combine takes it (a late one is dropped)."""
+        tag = msg.header.tag
+        if tag in self._outstanding:
+            self._arrived[tag] = msg
+        else:  # late reply of a re-sent part or of a failed step
+            self.dropped_replies += 1
+            msg.release()
+
     def combine(self, pending: PendingCombine, dtype: torch.dtype, device: torch.device
                 ) -> torch.Tensor:
         """Wait for every reply of ``pending``; returns the summed expert output [T, H].
@@ -311,14 +327,9 @@ class ExpertClient:
                 if self._check_senders():
                     return None
                 continue
-            tag = msg.header.tag
-            if tag in pending.waiting:
+            if msg.header.tag in pending.waiting:
                 return msg
-            if tag in self._outstanding:  # another micro-batch's: kept until combined
-                self._arrived[tag] = msg
-            else:  # late reply of a re-sent part or of a failed step
-                self.dropped_replies += 1
-                msg.release()
+            self._keep(msg)  # another micro-batch's (kept until combined), or a late one
 
     def _check_senders(self) -> bool:
         """Mark down every node whose link is known to be broken (instead of waiting the

@@ -14,6 +14,13 @@ lane is mid-step: lanes stop starting steps until the last one is done.
 
 Per request the engine emits :class:`TokenEvent` objects to the listener given at submission:
 one per sampled token, the last one carrying ``finish_reason``.
+
+**Deferred delivery.** Events and step observers do not run where they arise. A lane's step
+boundary (logits, sample, schedule, first dispatch) is on the expert nodes' critical path, and
+handing a burst of events to the server's event loop there makes that thread compete for the
+replica's core exactly then. So events queue in an outbox (in order, under the engine lock) and
+are delivered when the engine is about to block on a combine anyway, at the latest one turn of
+the lanes later, and at once when the engine goes idle or a handler thread finishes a request.
 """
 
 from __future__ import annotations
@@ -98,6 +105,11 @@ class Engine:
         self._new_placement: Placement | None = None
         self._step = 0
         self._lanes: list[LaneStep | None] = [None] * config.micro_batches  # engine thread only
+        # Deferred delivery (module docstring): events under _lock, in emission order; step
+        # observations engine-thread only.
+        self._outbox: list[tuple[Listener, TokenEvent]] = []
+        self._observed: list[tuple[StepPlan, StepTimings]] = []
+        self.runner.on_wait = self._deliver
 
     # ------------------------------------------------------------------ called by handlers
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
@@ -122,6 +134,7 @@ class Engine:
             done = finish_reason(params, resumed, self.eos_ids) if resumed else None
             if done is not None:  # resumed output already complete: finish at once
                 self._finish_locked(req, done)
+                self._deliver_locked()
         self._wake.set()
 
     def abort(self, request_id: str) -> bool:
@@ -134,6 +147,7 @@ class Engine:
                 self._abort_requested.add(request_id)  # finished when its lane is between steps
             else:
                 self._finish_locked(req, "abort")
+                self._deliver_locked()
         self._wake.set()
         return True
 
@@ -154,18 +168,24 @@ class Engine:
     def run(self, stop: threading.Event) -> None:
         """Go round the lanes until ``stop`` is set; sleeps (no spinning) while there is no
         work."""
-        while not stop.is_set():
-            try:
-                busy = self.tick()
-            except Exception:  # noqa: BLE001 - a bug in one step must not stop the replica
-                log.exception("engine step failed outside the forward pass")
-                busy = False
-            if not busy:
-                self._wake.wait(0.05)
-                self._wake.clear()
+        try:
+            while not stop.is_set():
+                try:
+                    busy = self.tick()
+                except Exception:  # noqa: BLE001 - a bug in one step must not stop the replica
+                    log.exception("engine step failed outside the forward pass")
+                    busy = False
+                if not busy:
+                    self._deliver()
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+        finally:
+            self._deliver()
 
     def tick(self) -> bool:
-        """One turn of every lane; False when no lane had anything to do."""
+        """One turn of every lane; False when no lane had anything to do. What was deferred
+        before the turn is delivered by its end (if no combine wait delivered it sooner)."""
+        overdue = bool(self._outbox or self._observed)
         busy = False
         for lane in range(len(self._lanes)):
             # Idle while it is handled: whatever goes wrong below, a lane is never left
@@ -178,7 +198,31 @@ class Engine:
                 ls = self._start(lane)
                 busy |= ls is not None
             self._lanes[lane] = ls
+        if overdue or not busy:
+            self._deliver()
         return busy
+
+    def _deliver(self) -> None:
+        """Hand the deferred events to their listeners and run the deferred step observers."""
+        if self._outbox:
+            with self._lock:
+                self._deliver_locked()
+        observed, self._observed = self._observed, []
+        for plan, timings in observed:
+            try:
+                self.on_step(plan, timings)
+            except Exception:  # noqa: BLE001 - an observer must not take the engine down
+                log.exception("step observer failed")
+
+    def _deliver_locked(self) -> None:
+        # Under the lock, in order: a request's events never overtake each other, whichever
+        # thread emitted them. Listeners only queue (EventRelay.push), so this is short.
+        outbox, self._outbox = self._outbox, []
+        for listener, event in outbox:
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not take the engine down
+                log.exception("listener for %s failed", event.request_id)
 
     def _start(self, lane: int) -> LaneStep | None:
         """Schedule lane ``lane``'s next step and run it to its first dispatch."""
@@ -230,10 +274,7 @@ class Engine:
         if logits is None:
             return ls
         if self.on_step is not None:
-            try:
-                self.on_step(ls.plan, ls.timings)
-            except Exception:  # noqa: BLE001 - an observer must not take the engine down
-                log.exception("step observer failed")
+            self._observed.append((ls.plan, ls.timings))  # run by _deliver
         return None
 
     def _sample(self, ls: LaneStep, logits: torch.Tensor) -> None:
@@ -292,9 +333,6 @@ class Engine:
             return
         index = len(req.output) - len(tokens)
         req.num_streamed = len(req.output)
-        event = TokenEvent(req.request_id, tokens, index, len(req.prompt), len(req.output),
-                           reason, error, stop_token_id)
-        try:
-            listener(event)
-        except Exception:  # a broken listener must not take the engine down
-            log.exception("listener for %s failed", req.request_id)
+        self._outbox.append((listener, TokenEvent(
+            req.request_id, tokens, index, len(req.prompt), len(req.output), reason, error,
+            stop_token_id)))

@@ -24,13 +24,14 @@ Timeline for m = 2 (A = attention, E = experts, lane/layer; L = last layer)::
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from services.attention.dispatch import ExpertClient, PendingCombine
 from services.attention.scheduler import ScheduledChunk, StepPlan
-from services.core.batch import BatchMeta, build_batch_meta
+from services.core.batch import BatchMeta, build_batch_meta, int64_tensor
 from services.core.kv_cache import BlockManager, PagedKVCache
 from services.core.model import AttentionSide, MoEInput
 
@@ -52,8 +53,13 @@ def build_micro_batch(chunks: tuple[ScheduledChunk, ...], blocks: BlockManager,
     meta = build_batch_meta([blocks.block_table(i) for i in ids], [c.start for c in chunks],
                             [c.num_tokens for c in chunks], blocks.block_size, device,
                             sliding_window)
-    tokens = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64,
-                          device=device)
+    flat: list[int] = []
+    for c in chunks:
+        if c.num_tokens == 1:  # a decode token (the hot case): no slice list per request
+            flat.append(c.request.token_at(c.start))
+        else:
+            flat += c.token_ids
+    tokens = int64_tensor(flat, device)
     # the first traced request's context stands for the micro-batch
     trace = next((c.request.trace for c in chunks if c.request.trace), None)
     return MicroBatch(chunks, tokens, meta, trace)
@@ -100,6 +106,9 @@ class PingPongRunner:
         self.kv = kv
         self.client = client
         self.record_intervals = record_intervals
+        # Called when a combine is not there yet and the runner is about to block on it: the
+        # engine delivers deferred work then (services/attention/engine.py).
+        self.on_wait: Callable[[], None] | None = None
 
     def _mark(self, t: StepTimings, kind: str, layer: int, start: float) -> float:
         end = time.perf_counter()
@@ -129,6 +138,8 @@ class PingPongRunner:
         attn, client, t = self.attention, self.client, ls.timings
         mb, lane = ls.mb, ls.lane
         if ls.pending is not None:
+            if self.on_wait is not None and not client.ready(ls.pending):
+                self.on_wait()
             s = time.perf_counter()
             out = client.combine(ls.pending, ls.hidden.dtype, ls.hidden.device)
             s = self._mark(t, "wait", ls.layer - 1, s)

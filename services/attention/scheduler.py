@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -71,6 +72,11 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt) + len(self.output)
 
+    def token_at(self, pos: int) -> int:
+        """Token ``pos`` of ``prompt + output``."""
+        p = len(self.prompt)
+        return self.prompt[pos] if pos < p else self.output[pos - p]
+
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens ``[start, end)`` of ``prompt + output``."""
         p = len(self.prompt)
@@ -81,12 +87,13 @@ class Request:
         return self.prompt[start:] + self.output[: end - p]
 
 
-@dataclass(frozen=True)
-class ScheduledChunk:
+class ScheduledChunk(NamedTuple):
     """``num_tokens`` tokens of ``request`` starting at position ``start``.
 
     ``samples`` is True when the chunk ends at the request's last known token (fixed when the
     chunk is scheduled), so the step's logits at its last row produce the next token.
+    (A NamedTuple: immutable like a frozen dataclass, and built in half the time; a step
+    builds one per running request.)
     """
 
     request: Request
@@ -203,8 +210,8 @@ class RequestScheduler:
         i = 0
         while i < len(mine) and budget > 0:
             req = mine[i]
-            n = min(req.num_tokens - req.num_computed, budget)
-            while not blocks.can_append(req.request_id, n):
+            n = min(len(req.prompt) + len(req.output) - req.num_computed, budget)
+            while not blocks.try_append(req.request_id, n):  # check and take in one
                 victim = mine.pop()
                 self._preempt(victim)
                 preempted.append(victim)
@@ -229,6 +236,7 @@ class RequestScheduler:
             req.lane = lane
             self.running.append(req)
             mine.append(req)
+            blocks.append_slots(req.request_id, n)
             chunks.append(self._take(req, n))
             budget -= n
         return StepPlan(tuple(chunks), tuple(preempted))
@@ -253,12 +261,12 @@ class RequestScheduler:
             sizes[lane] -= 1
             sizes[small] += 1
 
-    def _take(self, req: Request, n: int) -> ScheduledChunk:
-        chunk = ScheduledChunk(req, req.num_computed, n,
-                               samples=req.num_computed + n == req.num_tokens)
-        self.blocks.append_slots(req.request_id, n)
-        req.num_computed += n
-        return chunk
+    @staticmethod
+    def _take(req: Request, n: int) -> ScheduledChunk:
+        """The chunk of ``req``'s next ``n`` tokens (their KV slots already appended)."""
+        start = req.num_computed
+        req.num_computed = start + n
+        return ScheduledChunk(req, start, n, start + n == len(req.prompt) + len(req.output))
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

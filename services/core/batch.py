@@ -10,10 +10,22 @@ The meta is built once per step and shared by every layer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import array
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+
+def int64_tensor(values: Iterable[int], device: str | torch.device = "cpu") -> torch.Tensor:
+    """A 1-D int64 tensor of Python ints, built ~3x faster than ``torch.tensor(list)`` (the
+    ints are packed by ``array`` in C; the tensor shares that buffer, then moves to
+    ``device``). Per-step index tensors of a large decode batch are built this way."""
+    buf = array.array("q", values)
+    if not buf:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    return torch.frombuffer(buf, dtype=torch.int64).to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -58,15 +70,17 @@ def build_batch_meta(block_tables: Sequence[Sequence[int]], starts: Sequence[int
     B = len(block_tables)
     if not (B == len(starts) == len(query_lens)) or B == 0:
         raise ValueError("block_tables, starts and query_lens must be non-empty and equal length")
-    if any(q < 1 for q in query_lens):
+    if min(query_lens) < 1:
         raise ValueError("every sequence needs at least one new token")
-    seq_lens = [s + q for s, q in zip(starts, query_lens, strict=True)]
+    # map/min/max over builtins: this runs once per step over every sequence (hot at decode)
+    seq_lens = list(map(operator.add, starts, query_lens))
     qmax, smax = max(query_lens), max(seq_lens)
-    nbmax = max(len(t) for t in block_tables)
-    for b, t in enumerate(block_tables):
-        if len(t) * block_size < seq_lens[b]:
-            raise ValueError(f"block table of sequence {b} covers {len(t) * block_size} tokens, "
-                             f"needs {seq_lens[b]}")
+    table_lens = list(map(len, block_tables))
+    nbmax = max(table_lens)
+    if min(map(operator.sub, [n * block_size for n in table_lens], seq_lens)) < 0:
+        b = next(b for b, n in enumerate(table_lens) if n * block_size < seq_lens[b])
+        raise ValueError(f"block table of sequence {b} covers {table_lens[b] * block_size} "
+                         f"tokens, needs {seq_lens[b]}")
     if qmax == 1:
         return _decode_meta(block_tables, starts, seq_lens, nbmax, block_size, device,
                             sliding_window)
@@ -90,8 +104,7 @@ def build_batch_meta(block_tables: Sequence[Sequence[int]], starts: Sequence[int
         tables.extend(t)
         tables.extend([0] * (nbmax - len(t)))
     T = len(positions)
-    packed = torch.tensor(positions + slots + q_gather + last_index + q_pos + tables,
-                          dtype=torch.int64).to(device, non_blocking=True)
+    packed = int64_tensor(positions + slots + q_gather + last_index + q_pos + tables, device)
     e = [0, T, 2 * T, 3 * T, 3 * T + B, 3 * T + B + B * qmax]  # segment boundaries
     pos_t, slot_t, qg_t, last_t = (packed[e[i]:e[i + 1]] for i in range(4))
     qpos_t = packed[e[4]:e[5]].view(B, qmax)
@@ -118,12 +131,12 @@ def _decode_meta(block_tables: Sequence[Sequence[int]], starts: Sequence[int],
     bs = block_size
     slots = [t[p // bs] * bs + p % bs for t, p in zip(block_tables, starts, strict=True)]
     tables: list[int] = []
+    pad = [0] * nbmax
     for t in block_tables:
-        tables.extend(t)
+        tables += t
         if len(t) < nbmax:
-            tables.extend([0] * (nbmax - len(t)))
-    packed = torch.tensor([*starts, *slots, *range(B), *tables],
-                          dtype=torch.int64).to(device, non_blocking=True)
+            tables += pad[len(t):]
+    packed = int64_tensor([*starts, *slots, *range(B), *tables], device)
     pos_t, slot_t, idx_t = packed[:B], packed[B:2 * B], packed[2 * B:3 * B]
     k_pos = torch.arange(max(seq_lens), device=packed.device)
     mask = k_pos[None, :] <= pos_t[:, None]  # [B, S]: the context, position included

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from services.core.batch import build_batch_meta
+from services.core.batch import build_batch_meta, int64_tensor
 from services.core.kv_cache import BlockManager
 from services.core.model import MonolithicModel
 from services.core.sampling import SamplingParams, finish_reason, sample
@@ -83,7 +83,7 @@ def generate_completions(model: MonolithicModel, prompts: list[list[int]],
             bm.append_slots(i, len(t))
         meta = build_batch_meta([bm.block_table(i) for i in ids], starts,
                                 [len(t) for t in tokens], block_size, device, window)
-        flat = torch.tensor([x for t in tokens for x in t], dtype=torch.int64, device=device)
+        flat = int64_tensor([x for t in tokens for x in t], device)
         logits = model.forward(flat, meta, kv)
         picked = sample(logits, [params[i] for i in ids], [gens[i] for i in ids],
                         [len(outs[i]) for i in ids], eos).tolist()

@@ -54,10 +54,6 @@ class BlockManager:
         """Could a new sequence of ``num_tokens`` tokens get its blocks now?"""
         return self.blocks_needed(num_tokens) <= len(self._free)
 
-    def can_append(self, seq_id: Hashable, num_new_tokens: int = 1) -> bool:
-        need = self.blocks_needed(self._lens[seq_id] + num_new_tokens) - len(self._tables[seq_id])
-        return need <= len(self._free)
-
     def __contains__(self, seq_id: Hashable) -> bool:
         return seq_id in self._tables
 
@@ -84,15 +80,25 @@ class BlockManager:
     def append_slots(self, seq_id: Hashable, num_new_tokens: int) -> None:
         """Extend ``seq_id`` by ``num_new_tokens``, taking blocks as needed (the tokens' flat
         slots follow from :meth:`block_table`; ``build_batch_meta`` computes them)."""
+        if not self.try_append(seq_id, num_new_tokens):
+            need = self.blocks_needed(self._lens[seq_id] + num_new_tokens) - len(
+                self._tables[seq_id])
+            raise KVCacheFull(f"sequence {seq_id!r} needs {need} more blocks, "
+                              f"{len(self._free)} free")
+
+    def try_append(self, seq_id: Hashable, num_new_tokens: int) -> bool:
+        """:meth:`append_slots` if the free blocks allow it (True), else change nothing
+        (False). The scheduler's per-request hot path: one check-and-take."""
         table = self._tables[seq_id]
         end = self._lens[seq_id] + num_new_tokens
-        need = self.blocks_needed(end) - len(table)
+        need = -(-end // self.block_size) - len(table)
         if need > 0:  # most appends (one decode token) stay inside the last block
-            if need > len(self._free):
-                raise KVCacheFull(f"sequence {seq_id!r} needs {need} more blocks, "
-                                  f"{len(self._free)} free")
-            table.extend(self._free.pop() for _ in range(need))
+            free = self._free
+            if need > len(free):
+                return False
+            table.extend([free.pop() for _ in range(need)])
         self._lens[seq_id] = end
+        return True
 
     def free(self, seq_id: Hashable) -> None:
         """Return all of a sequence's blocks to the pool (finish, abort, preemption)."""

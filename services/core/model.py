@@ -156,7 +156,10 @@ class AttentionSide:
 
     def logits(self, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head on the rows ``last_index`` [B] -> logits [B, V] (float32)."""
-        h = L.rms_norm(hidden.index_select(0, last_index), self.w.final_norm, self.cfg.rms_norm_eps)
+        if last_index.shape[0] != hidden.shape[0]:
+            hidden = hidden.index_select(0, last_index)
+        # else one token per sequence (decode): last_index is arange(T), nothing to gather
+        h = L.rms_norm(hidden, self.w.final_norm, self.cfg.rms_norm_eps)
         return F.linear(h, self.w.lm_head).float()
 
 

@@ -33,6 +33,7 @@ from services.core.model import ExpertSide
 log = logging.getLogger("megascale.expert.worker")
 
 MAX_DRAIN = 64  # messages taken per round; bounds one round's latency
+MAX_DEFERRED = 64  # computes whose bookkeeping may wait for an idle moment (bounds staleness)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ class ExpertWorker:
         self._replies: dict[int, libm2n.Sender] = {}
         self._lock = threading.Lock()
         self._inflight = 0
+        # (ids, start, seconds, rows, layer) per compute whose _count waits for an idle moment
+        self._deferred: list[tuple[torch.Tensor, float, float, int, int]] = []
 
     # ------------------------------------------------------------------ control
     def attach(self, sender_id: int, reply_url: str) -> None:
@@ -127,10 +130,14 @@ class ExpertWorker:
     # ------------------------------------------------------------------ the loop
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            try:
-                first = self.rx.recv(timeout=0.1)
-            except TimeoutError:
-                continue
+            first = self.rx.poll()
+            if first is None:
+                # Idle: settle the bookkeeping deferred while dispatches were queued, then block.
+                self._settle()
+                try:
+                    first = self.rx.recv(timeout=0.1)
+                except TimeoutError:
+                    continue
             batch = [first]
             while len(batch) < MAX_DRAIN and (msg := self.rx.poll()) is not None:
                 batch.append(msg)
@@ -158,27 +165,43 @@ class ExpertWorker:
                 continue
             by_layer[msg.header.layer].append((msg, rows, ids, weights))
 
+        device = self.experts.device
         for layer, items in by_layer.items():
-            # One forward per layer over every sender's rows: torch.cat copies out of the
-            # slots, so the dispatches are released (credits returned) before the compute.
-            rows = torch.cat([r for _, r, _, _ in items]).to(self.experts.device)
-            ids = torch.cat([i for _, _, i, _ in items]).to(self.experts.device)
-            weights = torch.cat([w for _, _, _, w in items]).to(self.experts.device)
-            sizes = [r.shape[0] for _, r, _, _ in items]
             msgs_here = [m for m, _, _, _ in items]
             headers = [m.header for m in msgs_here]
-            for m in msgs_here:
-                m.release()
+            if len(items) == 1 and device.type == "cpu":
+                # One dispatch (the common case: one replica, or lanes apart in time): compute
+                # straight from its slot and release it after. Its sender cannot use the slot
+                # before this reply anyway; the grouped FFN gathers the rows it needs.
+                _, rows, ids, weights = items[0]
+                sizes = [rows.shape[0]]
+            else:
+                # One forward per layer over every sender's rows: torch.cat copies out of the
+                # slots, so the dispatches are released (credits returned) before the compute.
+                rows = torch.cat([r for _, r, _, _ in items]).to(device)
+                ids = torch.cat([i for _, _, i, _ in items]).to(device)
+                weights = torch.cat([w for _, _, _, w in items]).to(device)
+                sizes = [r.shape[0] for _, r, _, _ in items]
+                for m in msgs_here:
+                    m.release()
             span = _compute_span(layer, headers, rows.shape[0]) if tracing.enabled() else None
-            t0 = time.perf_counter()
-            out = self.experts.forward(layer, rows, ids, weights.to(rows.dtype)).float().cpu()
-            dt = time.perf_counter() - t0
+            try:
+                t0 = time.perf_counter()
+                out = self.experts.forward(layer, rows, ids, weights.to(rows.dtype))
+                out = out.float().cpu()
+                dt = time.perf_counter() - t0
+            finally:
+                for m in msgs_here:
+                    m.release()  # idempotent: the copied-out case released them above
             if span is not None:
                 span.end()
-            # Reply first: the senders wait on it, the bookkeeping below waits on nothing.
+            # Reply first: the senders wait on it. The bookkeeping waits for an idle moment
+            # (run() settles it before blocking), or it would delay the next queued dispatch.
             for h, part in zip(headers, out.split(sizes), strict=True):
                 self._reply_to(h, part.contiguous())
-            self._count(ids, t0, dt, rows.shape[0], layer)
+            self._deferred.append((ids, t0, dt, rows.shape[0], layer))
+            if len(self._deferred) >= MAX_DEFERRED:
+                self._settle()
 
     # ------------------------------------------------------------------ helpers
     def _validate(self, msg: libm2n.Message) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -199,6 +222,12 @@ class ExpertWorker:
                 foreign = sorted(set(ids[bad].tolist()))
                 raise ValueError(f"experts {foreign} are not hosted on this node")
         return rows, ids, weights
+
+    def _settle(self) -> None:
+        """Apply the deferred per-compute bookkeeping (counters, metrics, timeline)."""
+        pending, self._deferred = self._deferred, []
+        for args in pending:
+            self._count(*args)
 
     def _count(self, ids: torch.Tensor, start: float, seconds: float, nrows: int,
                layer: int) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from services.core.demo import write_random_checkpoint
+from services.launch.procs import RoleProcess, spawn_role
 
 CHECKPOINTS = {
     "mixtral": dict(family="mixtral", layers=3, hidden=64, intermediate=96, experts=8, top_k=2,
@@ -30,3 +31,20 @@ def engine_ckpt(tmp_path_factory: pytest.TempPathFactory):
         return cache[name]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def lone_expert(engine_ckpt, tmp_path_factory):
+    """``lone_expert(experts, name)`` starts one expert node process on the mixtral checkpoint
+    hosting ``experts`` (a ``--experts`` spec such as "0-3"); all are stopped with the module."""
+    nodes = []
+
+    def start(experts: str, name: str) -> RoleProcess:
+        node = spawn_role("expert", ["--model", str(engine_ckpt("mixtral")), "--experts",
+                                     experts], name, tmp_path_factory.mktemp(name))
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()

@@ -19,18 +19,14 @@ from services.attention.engine import Engine, TokenEvent
 from services.attention.server import ExpertAttacher, attach_experts
 from services.core.model import AttentionSide
 from services.core.sampling import SamplingParams
-from services.launch.procs import spawn_role
 
 PROMPTS = [[5, 17, 42, 8, 99], [7, 3, 250, 11]]
 MAX_TICKS = 500  # bounds every drive loop below (a few dozen turns are needed)
 
 
 @pytest.fixture(scope="module")
-def expert(engine_ckpt, tmp_path_factory):
-    node = spawn_role("expert", ["--model", str(engine_ckpt("mixtral")), "--experts", "0-7"],
-                      "delivery-expert", tmp_path_factory.mktemp("delivery-expert"))
-    yield node
-    node.stop()
+def expert(lone_expert):
+    return lone_expert("0-7", "delivery-expert")
 
 
 @pytest.fixture

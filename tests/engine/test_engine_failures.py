@@ -23,7 +23,7 @@ from megascale.v1 import (
 )
 from services.core import moe_wire
 from services.core.model import ExpertSide
-from services.launch.procs import LocalMesh, spawn_role
+from services.launch.procs import LocalMesh
 
 NUM_BLOCKS, BLOCK_SIZE = 4, 4  # a 16-token KV pool: one request at a time
 
@@ -132,11 +132,8 @@ def test_more_requests_than_fit_wait_and_complete(small_pool_mesh, engine_ckpt, 
 
 # ----------------------------------------------------------------------------- expert node
 @pytest.fixture(scope="module")
-def expert_node(engine_ckpt, tmp_path_factory):
-    node = spawn_role("expert", ["--model", str(engine_ckpt("mixtral")), "--experts", "0-3"],
-                      "lone-expert", tmp_path_factory.mktemp("lone-expert"))
-    yield node
-    node.stop()
+def expert_node(lone_expert):
+    return lone_expert("0-3", "lone-expert")  # half the experts: rows for the others refused
 
 
 def attach(node, sender_id: int) -> tuple[libm2n.Receiver, expert_pb2.AttachResponse]:

@@ -77,8 +77,9 @@ def build_batch_meta(block_tables: Sequence[Sequence[int]], starts: Sequence[int
     qmax, smax = max(query_lens), max(seq_lens)
     table_lens = list(map(len, block_tables))
     nbmax = max(table_lens)
-    if min(map(operator.sub, [n * block_size for n in table_lens], seq_lens)) < 0:
-        b = next(b for b, n in enumerate(table_lens) if n * block_size < seq_lens[b])
+    capacity = [n * block_size for n in table_lens]
+    if any(map(operator.gt, seq_lens, capacity)):
+        b = next(b for b, (s, c) in enumerate(zip(seq_lens, capacity, strict=True)) if s > c)
         raise ValueError(f"block table of sequence {b} covers {table_lens[b] * block_size} "
                          f"tokens, needs {seq_lens[b]}")
     if qmax == 1:

@@ -6,7 +6,8 @@ Every ``sweep_interval_s`` (lease/4) :meth:`Controller.tick`:
 3. refreshes the autoscaling metrics from the load reports;
 4. re-plans the expert placement when the set of expert nodes changed, or the set of nodes in
    quarantine (services/scheduler/quarantine.py: planned out while most attention replicas
-   route around them though their lease holds); a complete plan that
+   route around them though their lease holds; its state is stored in Redis when it changes
+   and taken over at start); a complete plan that
    differs from the current one gets a new placement epoch, is stored in Redis, woken to
    WatchPlacement streams and pushed to every attention and expert node;
 5. re-pushes to nodes that have not acknowledged the current epoch (new or unreachable ones).
@@ -85,6 +86,7 @@ class Controller:
         self._redis_down = False
         self.quarantine = Quarantine(config.num_experts, config.quarantine_after_s,
                                      config.quarantine_hold_s, config.quarantine_max_hold_s)
+        self._quarantine_saved = 0  # quarantine.changes last stored in Redis (-1: store again)
 
     # ---- placement in force -------------------------------------------------------------
 
@@ -114,6 +116,9 @@ class Controller:
                 self.missing = ()
                 log.info("resuming placement epoch %d from Redis", stored.epoch)
             self.membership_epoch = await self.state.epoch()
+            self.quarantine.adopt(await self.state.load_quarantine(), time.monotonic(),
+                                  time.time())
+            self._quarantine_saved = self.quarantine.changes
         except REDIS_ERRORS as exc:
             self._on_redis_error(exc)
 
@@ -144,6 +149,7 @@ class Controller:
 
     def _on_redis_error(self, exc: BaseException) -> None:
         self.metrics.redis_errors.inc()
+        self._quarantine_saved = -1  # Redis may come back empty: store the state again
         if not self._redis_down:
             log.error("Redis at %s is unreachable: %s", self.state.url, exc)
         self._redis_down = True
@@ -173,6 +179,13 @@ class Controller:
                     del d[n]
             out = self.quarantine.update(records, time.monotonic())
             self.metrics.observe_quarantine(out, self.quarantine.total)
+            if self.quarantine.changes != self._quarantine_saved:
+                try:
+                    await self.state.save_quarantine(
+                        self.quarantine.export(time.monotonic(), time.time()))
+                    self._quarantine_saved = self.quarantine.changes
+                except REDIS_ERRORS as exc:
+                    self._on_redis_error(exc)
             experts = [n for n in _expert_nodes(records) if n.node_id not in out]
             fp = tuple(sorted((n.node_id, n.m2n_url, n.expert_ids) for n in experts))
             if fp != self._fingerprint:

@@ -19,7 +19,10 @@ Policy (:class:`Quarantine`):
   (``hold_s``, ``2 hold_s``, ... up to ``max_hold_s``) so a flapping node spends most of its time
   out; a node that stays clean for ``max_hold_s`` after a release starts again from ``hold_s``.
 
-Plain state over the records the controller already reads; no I/O.
+Plain state over the records the controller already reads; no I/O. What must outlive a
+scheduler restart (deadlines, strikes, release times) is :meth:`Quarantine.export`-ed on the
+wall clock and stored in Redis by the controller, which hands it to :meth:`Quarantine.adopt` at
+start; suspicion is not kept (the replicas' reports rebuild it).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Quarantine:
         self.max_hold_s = max_hold_s
         self._nodes: dict[str, _Node] = {}
         self.total = 0  # quarantines started since this scheduler began
+        self.changes = 0  # bumped whenever what export() returns changes (not the clocks)
 
     @property
     def enabled(self) -> bool:
@@ -63,7 +67,8 @@ class Quarantine:
         experts = {r.info.node_id: r for r in records
                    if r.info.role == common_pb2.NODE_ROLE_EXPERT}
         for node_id in [n for n in self._nodes if n not in experts]:
-            del self._nodes[node_id]  # left: a node that comes back starts clean
+            st = self._nodes.pop(node_id)  # left: a node that comes back starts clean
+            self.changes += st.until is not None or st.strikes > 0
         if not self.enabled:
             return frozenset()
         reports = [r.load for r in records
@@ -75,8 +80,10 @@ class Quarantine:
                     continue
                 log.info("expert node %s released from quarantine", node_id)
                 st.until, st.suspect_since, st.released_at = None, None, now
+                self.changes += 1
             if st.released_at is not None and now - st.released_at >= self.max_hold_s:
                 st.strikes, st.released_at = 0, None  # clean for long enough: forgiven
+                self.changes += 1
             down = sum(node_id in x.expert_nodes_down for x in reports)
             if not reports or 2 * down <= len(reports):
                 st.suspect_since = None
@@ -87,10 +94,44 @@ class Quarantine:
                 hold = min(self.max_hold_s, self.hold_s * 2 ** st.strikes)
                 st.until, st.strikes, st.released_at = now + hold, st.strikes + 1, None
                 self.total += 1
+                self.changes += 1
                 log.warning("expert node %s quarantined for %.0f s: %d of %d attention "
                             "replicas route around it while its lease holds", node_id, hold,
                             down, len(reports))
         return self.quarantined()
+
+    def export(self, now: float, wall: float) -> dict[str, dict]:
+        """Each node's deadline, strikes and release time, with the times on the wall clock
+        (``now`` is the monotonic time ``update`` runs on, ``wall`` the matching
+        ``time.time()``): a new scheduler process has a different monotonic clock."""
+        def to_wall(t: float | None) -> float | None:
+            return None if t is None else round(wall + (t - now), 3)
+
+        return {n: {"until": to_wall(st.until), "strikes": st.strikes,
+                    "released_at": to_wall(st.released_at)}
+                for n, st in self._nodes.items() if st.until is not None or st.strikes}
+
+    def adopt(self, saved: dict[str, dict], now: float, wall: float) -> None:
+        """Take over what a previous scheduler exported (entries that do not parse are
+        skipped with a warning: they come from Redis)."""
+        def to_mono(t: object) -> float | None:
+            return None if t is None else now + (float(t) - wall)  # type: ignore[arg-type]
+
+        for node_id, d in saved.items():
+            try:
+                st = _Node(until=to_mono(d.get("until")), strikes=int(d.get("strikes", 0)),
+                           released_at=to_mono(d.get("released_at")))
+            except (AttributeError, TypeError, ValueError):
+                log.warning("ignoring unreadable quarantine state of %r", node_id)
+                continue
+            if st.strikes < 0:
+                log.warning("ignoring unreadable quarantine state of %r", node_id)
+                continue
+            self._nodes[str(node_id)] = st
+            if st.until is not None:
+                log.info("expert node %s stays quarantined for %.0f s (from the previous "
+                         "scheduler)", node_id, max(0.0, st.until - now))
+        self.changes += 1
 
     def quarantined(self) -> frozenset[str]:
         return frozenset(n for n, st in self._nodes.items() if st.until is not None)

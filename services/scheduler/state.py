@@ -8,6 +8,8 @@ Keys (all under the cluster's prefix ``P``, so several clusters can share a Redi
     P epoch              membership epoch: INCR on every join and every leave
     P placement          the last complete ExpertPlacement (bytes)
     P placement_epoch    the placement epoch counter
+    P quarantine         JSON: expert nodes' quarantine state (services/scheduler/quarantine.py),
+                         so a restarted scheduler keeps a broken node out for its hold
 
 A node whose ``node:<id>`` key expired has left: :meth:`RedisState.sweep` finds ids in
 ``members`` without a key, removes them and bumps the epoch. Every multi-key update is one Lua
@@ -19,6 +21,7 @@ Heartbeat gets NOT_FOUND).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -227,6 +230,23 @@ class RedisState:
         except Exception:  # noqa: BLE001
             log.warning("ignoring unreadable placement in Redis")
             return None
+
+    async def save_quarantine(self, saved: dict[str, dict]) -> None:
+        await self.r.set(self.key("quarantine"), json.dumps(saved, sort_keys=True))
+
+    async def load_quarantine(self) -> dict[str, dict]:
+        """What :meth:`save_quarantine` stored ({} when absent or unreadable)."""
+        raw = await self.r.get(self.key("quarantine"))
+        if not raw:
+            return {}
+        try:
+            saved = json.loads(raw)
+        except ValueError:
+            saved = None
+        if not isinstance(saved, dict):
+            log.warning("ignoring unreadable quarantine state in Redis")
+            return {}
+        return saved
 
     async def restore(self, epoch: int, placement: common_pb2.ExpertPlacement | None
                       ) -> tuple[int, int]:

@@ -98,6 +98,34 @@ def test_departed_node_is_forgotten_and_off_switch():
     assert off.update(cluster([["e1"]]), 100.0) == frozenset()
 
 
+def test_exported_state_carries_over_to_a_new_process_clock():
+    """A restarted scheduler has another monotonic clock: the deadline, strikes and release
+    travel on the wall clock and land where they were."""
+    q = make()
+    q.update(cluster([["e1"]]), 100.0)
+    assert q.update(cluster([["e1"]]), 102.0) == {"e1"}      # held until 112, strike 1
+    saved = q.export(now=105.0, wall=5000.0)                  # 7 s of its hold left
+    assert saved == {"e1": {"until": 5007.0, "strikes": 1, "released_at": None}}
+    q2 = make()
+    before = q2.changes
+    q2.adopt(saved, now=3.0, wall=5001.0)                     # 1 s later, new clock
+    assert q2.changes > before
+    assert q2.update(cluster([[]]), 8.9) == {"e1"}            # 6 s left: until 9.0
+    assert q2.update(cluster([[]]), 9.0) == frozenset()
+    q2.update(cluster([["e1"]]), 9.0)                         # reported again at once:
+    assert q2.update(cluster([["e1"]]), 11.0) == {"e1"}       # the second hold is doubled
+    assert q2.export(now=11.0, wall=0.0)["e1"] == {"until": 20.0, "strikes": 2,
+                                                   "released_at": None}
+
+
+def test_unreadable_saved_entries_are_skipped():
+    q = make()
+    q.adopt({"e0": {"until": "soon"}, "e1": "junk", "e2": {"strikes": -3},
+             "e3": {"until": None, "strikes": 2, "released_at": 10.0}}, now=0.0, wall=0.0)
+    assert q.export(now=0.0, wall=0.0) == {"e3": {"until": None, "strikes": 2,
+                                                  "released_at": 10.0}}
+
+
 @pytest.mark.parametrize("field,value", [("quarantine_after_s", -1.0),
                                          ("quarantine_hold_s", 0.0),
                                          ("quarantine_max_hold_s", 5.0)])

@@ -148,3 +148,43 @@ def test_scheduler_restart_keeps_membership_and_placement(own_redis):
             await s.close()
 
     run(body)
+
+
+def test_scheduler_restart_keeps_a_quarantined_node_out(own_redis):
+    """A node quarantined by one scheduler stays planned out under the next one (its state is
+    in Redis), though the new one alone would need 60 s of reports to quarantine it again."""
+
+    def hosts(placement: common_pb2.ExpertPlacement) -> set[str]:
+        return {h.node_id for r in placement.experts for h in r.hosts}
+
+    async def body():
+        cfg = make_config(own_redis.url, node_ttl_s=2.0, quarantine_after_s=0.3,
+                          quarantine_hold_s=120.0, quarantine_max_hold_s=600.0)
+        s = await start_scheduler(cfg)
+        port = s.sched.port
+        regs = [NodeRegistration(s.sched.address, expert_info(n, p, [0, 1, 2, 3]),
+                                 max_backoff_s=0.2) for n, p in (("e0", 8500), ("e1", 8502))]
+        regs.append(NodeRegistration(  # the one attention replica reports e1's data path dead
+            s.sched.address, attention_info("a0", 8504), max_backoff_s=0.2,
+            load_fn=lambda: common_pb2.LoadReport(expert_nodes_down=["e1"])))
+        try:
+            for reg in regs:
+                await reg.start()
+                assert await reg.wait_registered(10)
+            ctl = s.sched.controller
+            await eventually(lambda: ctl.quarantine.quarantined() == {"e1"}
+                             and hosts(ctl.current) == {"e0"}, what="e1 quarantined")
+            placement = ctl.current
+            await s.close()
+            s = await start_scheduler(replace(cfg, grpc_port=port, quarantine_after_s=60.0))
+            ctl = s.sched.controller
+            assert ctl.quarantine.quarantined() == {"e1"}  # adopted at start
+            await asyncio.sleep(1.5)  # several ticks with e1's lease alive
+            assert ctl.quarantine.quarantined() == {"e1"}
+            assert hosts(ctl.current) == {"e0"} and ctl.current.epoch == placement.epoch
+        finally:
+            for reg in regs:
+                await reg.stop()
+            await s.close()
+
+    run(body)

@@ -43,7 +43,7 @@ from services.launch.procs import LocalMesh
 
 SHAPE = dict(layers=8, hidden=512, intermediate=224, experts=8, top_k=2, heads=8, kv_heads=2,
              vocab=1024, seed=5)
-CANDIDATE_INTERMEDIATE = (64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+CANDIDATE_INTERMEDIATE = (64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448, 512)
 PROBE_TOKENS = 16  # new tokens per served calibration probe
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from megascale.v1 import common_pb2
 from services.scheduler.state import NodeRecord
@@ -114,17 +115,17 @@ class Quarantine:
     def adopt(self, saved: dict[str, dict], now: float, wall: float) -> None:
         """Take over what a previous scheduler exported (entries that do not parse are
         skipped with a warning: they come from Redis)."""
-        def to_mono(t: object) -> float | None:
-            return None if t is None else now + (float(t) - wall)  # type: ignore[arg-type]
+        def to_mono(t: Any) -> float | None:
+            return None if t is None else now + (float(t) - wall)
 
         for node_id, d in saved.items():
             try:
-                st = _Node(until=to_mono(d.get("until")), strikes=int(d.get("strikes", 0)),
+                strikes = int(d.get("strikes", 0))
+                if strikes < 0:
+                    raise ValueError(strikes)
+                st = _Node(until=to_mono(d.get("until")), strikes=strikes,
                            released_at=to_mono(d.get("released_at")))
             except (AttributeError, TypeError, ValueError):
-                log.warning("ignoring unreadable quarantine state of %r", node_id)
-                continue
-            if st.strikes < 0:
                 log.warning("ignoring unreadable quarantine state of %r", node_id)
                 continue
             self._nodes[str(node_id)] = st

@@ -210,7 +210,7 @@ class RequestScheduler:
         i = 0
         while i < len(mine) and budget > 0:
             req = mine[i]
-            n = min(len(req.prompt) + len(req.output) - req.num_computed, budget)
+            n = min(req.num_tokens - req.num_computed, budget)
             while not blocks.try_append(req.request_id, n):  # check and take in one
                 victim = mine.pop()
                 self._preempt(victim)
@@ -266,7 +266,7 @@ class RequestScheduler:
         """The chunk of ``req``'s next ``n`` tokens (their KV slots already appended)."""
         start = req.num_computed
         req.num_computed = start + n
-        return ScheduledChunk(req, start, n, start + n == len(req.prompt) + len(req.output))
+        return ScheduledChunk(req, start, n, start + n == req.num_tokens)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

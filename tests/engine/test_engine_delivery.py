@@ -79,7 +79,7 @@ def test_deferred_events_arrive_in_order_with_exact_tokens(engine, engine_ckpt, 
     assert [check_stream(got[r], "length") for r in got] == want
 
 
-def test_events_are_deferred_then_delivered_within_one_more_turn(engine):
+def test_events_sampled_in_a_turn_are_delivered_within_two_more(engine):
     got: list[TokenEvent] = []
     engine.submit("r", PROMPTS[0], greedy(40), got.append)
     req = engine.scheduler.get("r")

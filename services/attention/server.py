@@ -30,6 +30,7 @@ from services.attention.routing import ExpertNodeRoute, Placement
 from services.attention.scheduler import QueueFull, StepPlan
 from services.common import tracing
 from services.common.grpcserver import start_server
+from services.common.heap import freeze_startup_heap
 from services.common.net import advertise_host, advertised_url
 from services.common.readyfile import write_ready_file
 from services.common.registration import NodeRegistration
@@ -388,6 +389,7 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
         lambda s: attention_pb2_grpc.add_AttentionServicer_to_server(servicer, s),
         [attention_pb2.DESCRIPTOR.services_by_name["Attention"].full_name])
     metrics_port = metrics.serve(config.host, config.metrics_port)
+    freeze_startup_heap()
     write_ready_file(ready_file, {"role": "attention", "node_id": config.node_id,
                                   "grpc": f"{host}:{port}", "m2n_url": reply_url,
                                   "metrics_port": metrics_port,

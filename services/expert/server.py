@@ -20,6 +20,7 @@ import libm2n
 from megascale.v1 import common_pb2, expert_pb2, expert_pb2_grpc
 from services.common import tracing
 from services.common.grpcserver import start_server
+from services.common.heap import freeze_startup_heap
 from services.common.metrics import LATENCY_BUCKETS, new_registry, serve_metrics
 from services.common.net import advertise_host, advertised_url
 from services.common.readyfile import write_ready_file
@@ -183,6 +184,7 @@ async def serve(config: ExpertConfig, ready_file: str | None = None,
         lambda s: expert_pb2_grpc.add_ExpertServicer_to_server(servicer, s),
         [expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name])
     metrics_port = serve_metrics(metrics.registry, config.host, config.metrics_port)
+    freeze_startup_heap()
     write_ready_file(ready_file, {"role": "expert", "node_id": config.node_id,
                                   "grpc": f"{host}:{port}", "m2n_url": m2n_url,
                                   "metrics_port": metrics_port,

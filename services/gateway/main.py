@@ -18,6 +18,7 @@ from megascale.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common import tracing
 from services.common.flags import add_flag, add_server_flags
 from services.common.grpcserver import start_server
+from services.common.heap import freeze_startup_heap
 from services.common.metrics import serve_metrics
 from services.common.readyfile import write_ready_file
 from services.gateway.backend import Backend, SchedulerPicker, StaticPicker
@@ -97,6 +98,7 @@ async def serve(config: GatewayConfig, ready_file: str | None = None,
             raise RuntimeError("the HTTP server stopped before it started")
         await asyncio.sleep(0.02)
     http_port = server.servers[0].sockets[0].getsockname()[1]
+    freeze_startup_heap()
     write_ready_file(ready_file, {
         "role": "gateway", "node_id": config.node_id, "model": config.served_model_name,
         "http": f"http://{config.host}:{http_port}", "grpc": f"{config.host}:{grpc_port}",

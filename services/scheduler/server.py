@@ -21,6 +21,7 @@ import grpc
 
 from megascale.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.common.grpcserver import start_server
+from services.common.heap import freeze_startup_heap
 from services.common.metrics import serve_metrics
 from services.common.readyfile import write_ready_file
 from services.errors import ConfigError
@@ -288,6 +289,7 @@ async def serve(config: SchedulerConfig, ready_file: str | None = None,
     """Run the scheduler until ``stop`` is set (or forever)."""
     sched = Scheduler(config)
     await sched.start()
+    freeze_startup_heap()
     write_ready_file(ready_file, {"role": "scheduler", "node_id": config.node_id,
                                   "grpc": sched.address, "metrics_port": sched.metrics_port})
     log.info("scheduler serving on %s (Redis %s, prefix %r, lease %.3g s, %d experts)",

@@ -94,6 +94,9 @@ def test_metrics_on_every_role_move(up, client):
     assert moved("scheduler", "megascale:scheduler_pick_replica")
     for i in (0, 1):
         assert "megascale:kv_cache_usage_perc" in after[f"attention-{i}"]
+    for name, got in after.items():  # every role froze its start-up heap and times GC pauses
+        assert got["python_gc_frozen_objects"] > 10_000, name
+        assert "python_gc_pause_seconds" in got and got["process_cpu_seconds"] > 0, name
 
 
 def test_one_trace_spans_gateway_attention_and_expert(up):

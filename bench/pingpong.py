@@ -31,6 +31,7 @@ from pathlib import Path
 
 import grpc
 import torch
+from machine import describe, one_line
 from prometheus_client.parser import text_string_to_metric_families
 
 from megascale.v1 import attention_pb2, attention_pb2_grpc, common_pb2
@@ -45,6 +46,12 @@ SHAPE = dict(layers=8, hidden=512, intermediate=224, experts=8, top_k=2, heads=8
              vocab=1024, seed=5)
 CANDIDATE_INTERMEDIATE = (64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448, 512)
 PROBE_TOKENS = 16  # new tokens per served calibration probe
+_T0 = time.perf_counter()
+
+
+def phase(name: str) -> None:
+    """Progress line with the time since start: the run's phases differ by machine."""
+    print(f"[{time.perf_counter() - _T0:6.1f} s] {name}", flush=True)
 
 
 def calibrate(hidden: int, tokens: int, context: int, workdir: Path) -> tuple[int, float, float]:
@@ -361,8 +368,9 @@ def plot_timeline(timeline_dir: Path, png: Path, batch: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=1024,
-                    help="requests decoded together; m=2 gives micro-batches of batch/2 tokens "
+    ap.add_argument("--batch", type=int, default=None,
+                    help="requests decoded together (default 1024; 512 with --quick); m=2 "
+                         "gives micro-batches of batch/2 tokens "
                          "(at 256-token micro-batches this CPU's kernels still run ~4%% "
                          "(attention) and ~11%% (experts) slower per token than at 512, which "
                          "alone caps m=2/m=1 near 1.86x; see docs/BENCHMARKS.md)")
@@ -378,16 +386,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream-interval", type=int, default=8,
                     help="replica sends each request's tokens every N tokens (1 = per token; "
                          "with 1 core per process, per-token gRPC writes compete with compute)")
-    ap.add_argument("--quick", action="store_true", help="m=1,2 + baselines, 2 repeats")
+    ap.add_argument("--quick", action="store_true",
+                    help="m=1,2 + baselines at batch 512, 2 repeats, 16 new tokens, in-process "
+                         "calibration only, no planner check (under 4 minutes on a 2-vCPU "
+                         "machine ~2x slower than the one the defaults were tuned on)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--png", type=Path)
     args = ap.parse_args(argv)
+    machine = describe()
+    print(one_line(machine), flush=True)
     if args.quick:
         args.ms, args.repeats, args.new_tokens = "1,2", 2, 16
+    if args.batch is None:
+        args.batch = 512 if args.quick else 1024
     ms = [int(x) for x in args.ms.split(",")]
     work = Path(tempfile.mkdtemp(prefix="megascale-pingpong-"))
     SHAPE["hidden"], SHAPE["layers"] = args.hidden, args.layers
     if args.intermediate is None:
+        phase("calibrating the expert FFN width in-process")
         inter, cal_a, cal_e = calibrate(args.hidden, args.batch // 2,
                                         args.prompt_len + args.new_tokens // 2, work)
         print(f"calibrated: intermediate {inter} (in-process T_a {cal_a:.2f} ms, T_e "
@@ -397,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             g = torch.Generator().manual_seed(1)
             probe = torch.randint(3, SHAPE["vocab"], (args.batch, args.prompt_len),
                                   generator=g).tolist()
+            phase("refining the width on served m=2 probes")
             inter, srv_a, srv_e = calibrate_served(inter, probe, work, args.stream_interval)
             print(f"served: intermediate {inter} (replica T_a {srv_a:.2f} ms, node T_e "
                   f"{srv_e:.2f} ms per call at m=2)", flush=True)
@@ -407,13 +424,19 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, SHAPE["vocab"], (args.batch, args.prompt_len), generator=g).tolist()
 
+    phase(f"disaggregated m={args.ms}")
     records = bench_disaggregated(model, prompts, args.new_tokens, ms, args.repeats, work,
                                   stream_interval=args.stream_interval)
-    records.extend(planner_predictions(model, args.batch, args.prompt_len + args.new_tokens // 2,
-                                       ms))
+    if not args.quick:  # the planner profiles four batch sizes: a minute or more
+        phase("planner profile")
+        records.extend(planner_predictions(model, args.batch,
+                                           args.prompt_len + args.new_tokens // 2, ms))
+    phase("monolithic")
     records.append(bench_monolithic(model, prompts, args.new_tokens, args.repeats))
+    phase("transformers")
     records.append(bench_transformers(model, prompts, args.new_tokens, args.repeats))
     if args.png:
+        phase("timeline")
         tl = work / "timeline"
         with start_mesh(model, prompts, 16, 2, work / "tl", tl,
                         stream_interval=args.stream_interval) as mesh:
@@ -421,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             measure_once(mesh, prompts, 16, 2, "tl")
         plot_timeline(tl, args.png, args.batch)
 
+    phase("done")
     by = {(r["impl"], r["m"]): r for r in records}
     mono, hf = by[("monolithic", 0)]["tokens_per_s"], by[("transformers", 0)]["tokens_per_s"]
     base = by.get(("disaggregated", 1))
@@ -446,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
             v = r["vs_m1_all"]
             print(f"m={r['m']} / m=1 per repeat (same round): median {statistics.median(v):.2f}x "
                   f"[{min(v):.2f} .. {max(v):.2f}]")
-    print("\nplanner (megascale plan's performance model, profiled with the real core layers):")
+    print("\nplanner (megascale plan's performance model, profiled with the real core layers):"
+          + (" skipped with --quick" if args.quick else ""))
     for r in records:
         if r["impl"] == "planner":
             meas = by.get(("disaggregated", r["m"]))
@@ -462,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                   + " ms")
     if args.json:
         for r in records:
-            r["shape"] = dict(SHAPE)
+            r["shape"], r["machine"] = dict(SHAPE), machine
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=1))
     return 0

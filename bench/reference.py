@@ -11,20 +11,20 @@ and, with ``--json PATH``, writes a list of records::
 
     {"impl": "megascale" | "transformers", "batch": B, "new_tokens": N, "tokens_per_s": x,
      "seconds": [...], "cpu_seconds": [...], "tokens_per_cpu_s": y, "threads": t,
-     "device": "cpu", "machine": ...}
+     "device": "cpu", "machine": {"cpu": ..., "cpu_family": ..., ...}}  (bench/machine.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import describe, one_line
 
 from services.core.runtime import configure_threads
 
@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     vocab = ours.cfg.vocab_size
 
     records = []
+    machine = describe()
+    print(one_line(machine))
     print(f"{'batch':>5} {'megascale tok/s':>16} {'transformers tok/s':>19} {'ratio':>6} "
           f"{'spread':>12} {'cpu-time ratio':>15}")
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                             "tokens_per_s": round(tps[impl], 2), "seconds": v,
                             "cpu_seconds": cpu[impl], "tokens_per_cpu_s": round(tpc[impl], 2),
                             "threads": args.threads, "device": "cpu",
-                            "machine": platform.processor() or platform.machine()})
+                            "machine": machine})
         ratio = tps["megascale"] / tps["transformers"]
         # spread: the per-repeat ratios (run i of ours vs run i of transformers), min..max
         pairs = [t / o for o, t in zip(times["megascale"], times["transformers"], strict=True)]

@@ -1,0 +1,52 @@
+"""What machine a benchmark ran on, for its JSON records and printed header.
+
+Figures from different machines are not comparable: this project's 2-vCPU test VMs have been
+several CPU generations (measured: an "AMD EPYC" reported as family 23 model 1 runs MKL's
+single-thread SGEMM at ~30 GFLOP/s, the earlier sessions' one at ~90). ``platform.processor()``
+is empty on most Linux builds, so read ``/proc/cpuinfo``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def describe() -> dict[str, str | int]:
+    """``{"cpu", "cpu_family", "cpu_model", "cpus", "l3_cache", "python", "torch"}``; fields
+    that cannot be read are left out."""
+    info: dict[str, str | int] = {"cpus": os.cpu_count() or 0,
+                                  "python": platform.python_version()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    fields = {"model name": "cpu", "cpu family": "cpu_family", "model": "cpu_model"}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        name = fields.pop(key.strip(), None)
+        if name:
+            info[name] = value.strip()
+    cache = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in sorted(cache.glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "3":
+                info["l3_cache"] = (index / "size").read_text().strip()
+        except OSError:
+            pass
+    if "cpu" not in info:
+        info["cpu"] = platform.processor() or platform.machine()
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def one_line(info: dict[str, str | int]) -> str:
+    return (f"machine: {info.get('cpu')} (family {info.get('cpu_family', '?')} model "
+            f"{info.get('cpu_model', '?')}), {info.get('cpus')} CPUs, L3 "
+            f"{info.get('l3_cache', '?')}, torch {info.get('torch', '?')}")

@@ -6,8 +6,8 @@ objects): ~180,000 objects in an expert node, and one full collection over them 
 the 2-vCPU test machine, holding the GIL, so the engine or drain thread stalled that long
 (a served replica ran two such collections per 20 s of decode at batch 1024). ``gc.freeze()``
 moves everything alive at that point into a permanent generation the collector never scans;
-what is allocated while serving is still collected as before. vLLM and SGLang freeze their
-start-up heap for the same reason.
+what is allocated while serving is still collected as before (vLLM's engine core freezes its
+start-up heap the same way).
 """
 
 from __future__ import annotations

@@ -26,8 +26,9 @@ def test_every_collection_is_timed_on_every_live_registry() -> None:
     before = _sample(a, key), _sample(b, key)
     gc.collect()
     gc.collect()
-    assert _sample(a, key) == before[0] + 2
-    assert _sample(b, key) == before[1] + 2
+    # at least: an automatic collection may slip in between the two reads
+    assert _sample(a, key) >= before[0] + 2
+    assert _sample(b, key) >= before[1] + 2
     # the standard process and GC collectors are there too
     assert _sample(a, "process_cpu_seconds_total") > 0
     assert _sample(a, 'python_gc_collections_total{generation="2"}') >= 2

@@ -14,8 +14,8 @@ from pathlib import Path
 
 
 def describe() -> dict[str, str | int]:
-    """``{"cpu", "cpu_family", "cpu_model", "cpus", "l3_cache", "python", "torch"}``; fields
-    that cannot be read are left out."""
+    """``{"cpu", "cpu_family", "cpu_model", "cpus", "l3_cache", "python", "torch",
+    "expert_gemm"}``; fields that cannot be read are left out."""
     info: dict[str, str | int] = {"cpus": os.cpu_count() or 0,
                                   "python": platform.python_version()}
     try:
@@ -35,6 +35,12 @@ def describe() -> dict[str, str | int]:
                 info["l3_cache"] = (index / "size").read_text().strip()
         except OSError:
             pass
+    try:  # which expert GEMM this run used (services/core/cpu_gemm.py); A/B via the env switch
+        from services.core import cpu_gemm
+
+        info["expert_gemm"] = "packed" if cpu_gemm.ACTIVE else f"torch ({cpu_gemm.REASON})"
+    except ImportError:
+        pass
     if "cpu" not in info:
         info["cpu"] = platform.processor() or platform.machine()
     try:
@@ -49,4 +55,5 @@ def describe() -> dict[str, str | int]:
 def one_line(info: dict[str, str | int]) -> str:
     return (f"machine: {info.get('cpu')} (family {info.get('cpu_family', '?')} model "
             f"{info.get('cpu_model', '?')}), {info.get('cpus')} CPUs, L3 "
-            f"{info.get('l3_cache', '?')}, torch {info.get('torch', '?')}")
+            f"{info.get('l3_cache', '?')}, torch {info.get('torch', '?')}, expert GEMM "
+            f"{info.get('expert_gemm', '?')}")

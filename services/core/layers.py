@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from services.core import cpu_gemm
 from services.core.batch import BatchMeta
+from services.core.cpu_gemm import PackedWeight
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -128,7 +130,8 @@ def _grouped_mm_supported(t: torch.Tensor) -> bool:
 
 
 def grouped_expert_ffn(rows: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
-                       gate_up_t: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
+                       gate_up_t: torch.Tensor | PackedWeight,
+                       down_t: torch.Tensor | PackedWeight) -> torch.Tensor:
     """Weighted sum over k of ``FFN_{local_ids[n,k]}(rows[n])``; ids < 0 contribute nothing.
 
     rows [N, H]; local_ids [N, K] int64 indexing the stacked, *input-major* weights
@@ -137,15 +140,27 @@ def grouped_expert_ffn(rows: torch.Tensor, local_ids: torch.Tensor, weights: tor
     each expert that has rows runs one GEMM over all of them (never a loop over tokens).
     Where ``torch._grouped_mm`` runs (CPU; GPUs that support the dtype) both projections are
     one grouped GEMM each, with the group offsets kept on the device: no host sync and no
-    Python loop over experts. Elsewhere: one GEMM pair per expert that has rows. Returns [N, H].
+    Python loop over experts. Elsewhere: one GEMM pair per expert that has rows. The weights
+    may instead be :class:`cpu_gemm.PackedWeight` (packed once at load, see ``cpu_gemm``): then
+    the same grouped schedule runs on that kernel. Returns [N, H].
     """
+    if isinstance(gate_up_t, PackedWeight):
+        if not rows.shape[0]:
+            return torch.zeros_like(rows)
+        return _grouped_ffn_gmm(rows, local_ids, weights, gate_up_t, down_t)
     if rows.shape[0] and gate_up_t.shape[0] and _grouped_mm_supported(rows):
         return _grouped_ffn_gmm(rows, local_ids, weights, gate_up_t, down_t)
     return _grouped_ffn_loop(rows, local_ids, weights, gate_up_t, down_t)
 
 
+def _torch_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x, w, offs=offs)
+
+
 def _grouped_ffn_gmm(rows: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
-                     gate_up_t: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
+                     gate_up_t: torch.Tensor | PackedWeight, down_t: torch.Tensor | PackedWeight
+                     ) -> torch.Tensor:
+    mm = cpu_gemm.grouped_gemm if isinstance(gate_up_t, PackedWeight) else _torch_grouped_mm
     K = local_ids.shape[1]
     n = gate_up_t.shape[0]
     flat = local_ids.reshape(-1)  # [N*K]
@@ -160,8 +175,8 @@ def _grouped_ffn_gmm(rows: torch.Tensor, local_ids: torch.Tensor, weights: torch
     counts = torch.bincount(key, minlength=n + 1)[:n] if masked else torch.bincount(key,
                                                                                     minlength=n)
     offs = counts.cumsum(0, dtype=torch.int32)  # group end offsets, stay on the device
-    gate, up = torch._grouped_mm(x, gate_up_t, offs=offs).chunk(2, dim=-1)
-    y = torch._grouped_mm(F.silu(gate) * up, down_t, offs=offs)  # rows past offs[-1]: garbage
+    gate, up = mm(x, gate_up_t, offs).chunk(2, dim=-1)
+    y = mm(F.silu(gate) * up, down_t, offs)  # rows past offs[-1]: garbage (torch) or 0
     y = y * weights.reshape(-1).index_select(0, order).to(rows.dtype)[:, None]
     if masked:  # where, not a multiply by 0: the garbage rows may hold NaN/inf
         y = torch.where((key.index_select(0, order) < n)[:, None], y, 0)

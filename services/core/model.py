@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from services.core import cpu_gemm
 from services.core import layers as L
 from services.core.batch import BatchMeta, build_batch_meta
 from services.core.checkpoint import (
@@ -180,12 +181,18 @@ class ExpertSide:
         self.local_index = table.to(self.device)
         # Holding every expert in order: global ids are already local ids (-1 stays -1).
         self._identity = list(self.expert_ids) == list(range(cfg.num_experts))
-        # Input-major copies for the grouped GEMMs (see layers.grouped_expert_ffn); the
-        # checkpoint-layout tensors are dropped so memory does not double.
-        self.gate_up_t = {k: v.transpose(1, 2).contiguous() for k, v in weights.gate_up.items()}
-        self.down_t = {k: v.transpose(1, 2).contiguous() for k, v in weights.down.items()}
-        weights.gate_up.clear()
-        weights.down.clear()
+        # Input-major copies for the grouped GEMMs (see layers.grouped_expert_ffn), packed
+        # into panels for the CPU kernel where it runs (cpu_gemm.usable); the checkpoint-layout
+        # tensors are dropped layer by layer so memory does not double.
+        views = [v.transpose(1, 2) for d in (weights.gate_up, weights.down) for v in d.values()]
+        self.packed = bool(views) and all(map(cpu_gemm.usable, views))
+        relayout = cpu_gemm.pack if self.packed else torch.Tensor.contiguous
+        self.gate_up_t: dict[int, torch.Tensor | cpu_gemm.PackedWeight] = {}
+        self.down_t: dict[int, torch.Tensor | cpu_gemm.PackedWeight] = {}
+        del views
+        for src, dst in ((weights.gate_up, self.gate_up_t), (weights.down, self.down_t)):
+            for k in list(src):
+                dst[k] = relayout(src.pop(k).transpose(1, 2))
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, expert_ids: Iterable[int] | None = None,

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from services.core import cpu_gemm
 from services.core.batch import build_batch_meta
 from services.core.generate import generate
 from services.core.kv_cache import BlockManager
@@ -22,11 +23,21 @@ def hf_model(path):
     return model.eval()
 
 
+@pytest.mark.parametrize("expert_gemm", ["default", "torch"])
 @pytest.mark.parametrize("name", ["mixtral", "mixtral_mqa_top1", "qwen3_dense",
                                   "qwen3_mqa_top1_tied"])
-def test_greedy_tokens_equal_transformers(ckpt_factory, name):
+def test_greedy_tokens_equal_transformers(ckpt_factory, name, expert_gemm):
     path = ckpt_factory(name)
-    ours = generate(MonolithicModel.from_pretrained(path), PROMPTS,
+    # "default": the packed CPU kernel where it runs (services/core/cpu_gemm.py); "torch":
+    # loaded under two threads, where the experts keep torch's grouped GEMM (GPU/multi-thread).
+    torch.set_num_threads(1 if expert_gemm == "default" else 2)
+    try:
+        model = MonolithicModel.from_pretrained(path)
+    finally:
+        torch.set_num_threads(1)
+    assert all(side.packed == (expert_gemm == "default" and cpu_gemm.ACTIVE)
+               for side in model.experts)
+    ours = generate(model, PROMPTS,
                     SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True),
                     block_size=4)
     ref = hf_model(path)

@@ -1,0 +1,105 @@
+"""Grouped float32 GEMM over weights packed once at load time (the C kernel in ``_cpu_gemm.c``).
+
+The expert FFN's GEMMs are small at decode (a batch of 32 gives each of 8 experts ~8 rows), and
+``torch._grouped_mm`` on CPU calls MKL once per group, which repacks the weight on every call;
+this kernel reads weights that were packed once, so a call only streams them. It is used by
+:func:`services.core.layers.grouped_expert_ffn` when :func:`usable` says so (CPU, float32,
+AVX2 + FMA, one torch thread, output width a multiple of 16); everywhere else torch's path runs.
+``MEGASCALE_CPU_GEMM=0`` in the environment (read at import) turns it off, for A/B runs.
+
+Packed layout (:class:`PackedWeight`): a stack of ``G`` weights ``[K, N]`` (input-major, as
+``x @ W``) becomes ``[G, N / 16, K, 16]``: each 16-column panel is ``K`` rows of 16 contiguous
+floats, the order the kernel reads them in.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PANEL = 16
+_API_VERSION = 1  # must match API_VERSION in _cpu_gemm.c
+
+
+def _load() -> tuple[Any, str]:
+    if os.environ.get("MEGASCALE_CPU_GEMM", "1") in ("0", "false", "off"):
+        return None, "MEGASCALE_CPU_GEMM=0"
+    try:
+        from services.core import _cpu_gemm
+    except ImportError as exc:
+        return None, f"services.core._cpu_gemm is not built ({exc})"
+    if getattr(_cpu_gemm, "API_VERSION", 0) != _API_VERSION:
+        return None, "services.core._cpu_gemm is stale: run pip install -e . --no-deps"
+    if not _cpu_gemm.supported():
+        return None, "this CPU lacks AVX2/FMA"
+    return _cpu_gemm, ""
+
+
+_ext, REASON = _load()
+ACTIVE: bool = _ext is not None
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """``G`` weights of shape ``[K, N]`` in the panel layout ``data [G, N / 16, K, 16]``."""
+
+    data: torch.Tensor
+    groups: int
+    k: int
+    n: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The logical ``(G, K, N)`` shape, as the unpacked stack's."""
+        return (self.groups, self.k, self.n)
+
+
+def usable(w: torch.Tensor) -> bool:
+    """Whether :func:`pack` + :func:`grouped_gemm` can serve the stacked weights ``w [G, K, N]``.
+
+    Needs the kernel (built, AVX2 + FMA), a CPU float32 stack whose ``N`` is a multiple of 16,
+    and one torch thread: the kernel is single-threaded, so with more threads MKL's own
+    threading is the better choice (every megascale process runs one thread per role).
+    """
+    return (ACTIVE and w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 3
+            and w.shape[0] > 0 and w.shape[1] > 0 and w.shape[2] > 0 and w.shape[2] % PANEL == 0
+            and torch.get_num_threads() == 1)
+
+
+def pack(w: torch.Tensor) -> PackedWeight:
+    """``w [G, K, N]`` (input-major stacked weights) -> :class:`PackedWeight` (a copy)."""
+    G, K, N = w.shape
+    if N % PANEL:
+        raise ValueError(f"pack: N={N} is not a multiple of {PANEL}")
+    data = w.reshape(G, K, N // PANEL, PANEL).permute(0, 2, 1, 3).contiguous()
+    return PackedWeight(data, G, K, N)
+
+
+def unpack(p: PackedWeight) -> torch.Tensor:
+    """The inverse of :func:`pack`: ``[G, K, N]``."""
+    return p.data.permute(0, 2, 1, 3).reshape(p.groups, p.k, p.n)
+
+
+def grouped_gemm(x: torch.Tensor, w: PackedWeight, offs: torch.Tensor) -> torch.Tensor:
+    """``y [M, N]``: rows ``offs[g-1]:offs[g]`` of ``x [M, K]`` times group ``g``'s weight.
+
+    Same contract as ``torch._grouped_mm(x, w_unpacked, offs=offs)`` for 2-D ``x``, except that
+    rows past ``offs[-1]`` are 0 (not left unset). ``offs`` [G] int32 end offsets; ValueError
+    for offsets that are decreasing or past ``M`` (checked in C before any memory is read).
+    """
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != w.k:
+        raise ValueError(f"grouped_gemm: x must be CPU float32 [M, {w.k}], got "
+                         f"{x.dtype} {tuple(x.shape)} on {x.device}")
+    if offs.dtype != torch.int32 or offs.shape != (w.groups,) or offs.device.type != "cpu":
+        raise ValueError(f"grouped_gemm: offs must be CPU int32 [{w.groups}], got "
+                         f"{offs.dtype} {tuple(offs.shape)}")
+    if _ext is None:
+        raise RuntimeError(f"the CPU grouped GEMM is not available: {REASON}")
+    x, offs = x.contiguous(), offs.contiguous()
+    y = torch.empty(x.shape[0], w.n, dtype=torch.float32)
+    _ext.grouped_gemm(x.data_ptr(), x.shape[0], w.data.data_ptr(), y.data_ptr(),
+                      offs.data_ptr(), w.groups, w.k, w.n)
+    return y

@@ -1,0 +1,130 @@
+"""The packed-weight CPU grouped GEMM (services/core/_cpu_gemm.c) against float64 references."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.core import cpu_gemm
+from services.core.layers import _grouped_ffn_loop, grouped_expert_ffn
+from services.core.model import ExpertSide
+
+
+def _cpu_has_avx2_fma() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+needs_kernel = pytest.mark.skipif(not cpu_gemm.ACTIVE, reason=f"kernel off: {cpu_gemm.REASON}")
+
+
+@contextmanager
+def torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, offs: list[int]) -> torch.Tensor:
+    y = torch.zeros(x.shape[0], w.shape[2], dtype=torch.float64)
+    start = 0
+    for g, end in enumerate(offs):
+        y[start:end] = x[start:end].double() @ w[g].double()
+        start = end
+    return y
+
+
+@pytest.mark.skipif(not _cpu_has_avx2_fma() or os.environ.get("MEGASCALE_CPU_GEMM") == "0",
+                    reason="no AVX2/FMA here, or turned off")
+def test_kernel_is_built_and_active():
+    # The install builds it (pyproject ext-modules): a silent fallback would hide a build break.
+    assert cpu_gemm.ACTIVE, cpu_gemm.REASON
+
+
+@needs_kernel
+@pytest.mark.parametrize("G,K,N,sizes", [
+    (8, 128, 512, [8, 7, 9, 0, 8, 10, 6, 8]),    # decode-sized groups, one empty
+    (3, 256, 16, [1, 2, 3]),                     # narrowest output, every row-tile width
+    (2, 1024, 32, [130, 70]),                    # rows span several L2 row blocks
+    (4, 5, 48, [0, 0, 13, 0]),                   # odd K; only one group has rows
+])
+def test_grouped_gemm_matches_float64(G, K, N, sizes):
+    g = torch.Generator().manual_seed(G * K + N)
+    extra = 3  # rows past offs[-1] (masked "no expert" rows) must come back as 0
+    x = torch.randn(sum(sizes) + extra, K, generator=g)
+    w = torch.randn(G, K, N, generator=g)
+    offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    packed = cpu_gemm.pack(w)
+    assert packed.shape == (G, K, N) and torch.equal(cpu_gemm.unpack(packed), w)
+    y = cpu_gemm.grouped_gemm(x, packed, offs)
+    want = _reference(x, w, offs.tolist())
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4 * K ** 0.5)
+    assert torch.count_nonzero(y[sum(sizes):]) == 0
+    if K % 4 == 0:  # torch's own grouped GEMM (16-byte strides only) agrees where it is defined
+        ref = torch._grouped_mm(x, w, offs=offs)[:sum(sizes)]
+        torch.testing.assert_close(y[:sum(sizes)], ref, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_bad_input_is_rejected_before_memory_is_read():
+    w = cpu_gemm.pack(torch.randn(2, 8, 16))
+    x = torch.randn(5, 8)
+    for offs, msg in (([3, 2], "outside"), ([2, 6], "outside"), ([-1, 5], "outside")):
+        with pytest.raises(ValueError, match=msg):
+            cpu_gemm.grouped_gemm(x, w, torch.tensor(offs, dtype=torch.int32))
+    with pytest.raises(ValueError, match="int32"):
+        cpu_gemm.grouped_gemm(x, w, torch.tensor([2, 5]))
+    with pytest.raises(ValueError, match="float32"):
+        cpu_gemm.grouped_gemm(x.double(), w, torch.tensor([2, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"\[M, 8\]"):
+        cpu_gemm.grouped_gemm(torch.randn(5, 9), w, torch.tensor([2, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu_gemm.pack(torch.randn(2, 8, 20))
+
+
+@needs_kernel
+def test_expert_ffn_on_packed_weights_matches_loop_with_missing_ids():
+    g = torch.Generator().manual_seed(1)
+    n, H, inter, N, K = 5, 32, 24, 29, 2
+    gate_up, down = torch.randn(n, H, 2 * inter, generator=g), torch.randn(n, inter, H,
+                                                                          generator=g)
+    rows, weights = torch.randn(N, H, generator=g), torch.rand(N, K, generator=g)
+    ids = torch.randint(-1, n, (N, K), generator=g)  # -1: expert not held here
+    ids[0] = -1
+    got = grouped_expert_ffn(rows, ids, weights, cpu_gemm.pack(gate_up), cpu_gemm.pack(down))
+    want = _grouped_ffn_loop(rows, ids, weights, gate_up, down)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[0], torch.zeros(H))
+    empty = grouped_expert_ffn(rows[:0], ids[:0], weights[:0], cpu_gemm.pack(gate_up),
+                               cpu_gemm.pack(down))
+    assert empty.shape == (0, H)
+
+
+@needs_kernel
+def test_expert_side_packs_only_where_the_kernel_fits(ckpt_factory):
+    path = ckpt_factory("mixtral")
+    assert ExpertSide.from_pretrained(path).packed
+    with torch_threads(2):  # MKL's threading beats a one-thread kernel: keep torch's path
+        side = ExpertSide.from_pretrained(path)
+    assert not side.packed and all(isinstance(t, torch.Tensor) for t in side.gate_up_t.values())
+    assert not ExpertSide.from_pretrained(path, dtype=torch.bfloat16).packed
+    assert not ExpertSide.from_pretrained(path, []).packed  # nothing to pack
+
+
+def test_environment_switch_turns_the_kernel_off():
+    code = "from services.core import cpu_gemm; print(cpu_gemm.ACTIVE, cpu_gemm.REASON)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MEGASCALE_CPU_GEMM": "0"}, timeout=120)
+    assert out.stdout.strip() == "False MEGASCALE_CPU_GEMM=0"

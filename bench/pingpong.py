@@ -44,7 +44,8 @@ from services.launch.procs import LocalMesh
 
 SHAPE = dict(layers=8, hidden=512, intermediate=224, experts=8, top_k=2, heads=8, kv_heads=2,
              vocab=1024, seed=5)
-CANDIDATE_INTERMEDIATE = (64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448, 512)
+CANDIDATE_INTERMEDIATE = (64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448, 480,
+                          512, 544, 576)
 PROBE_TOKENS = 16  # new tokens per served calibration probe
 _T0 = time.perf_counter()
 
@@ -98,14 +99,18 @@ def calibrate(hidden: int, tokens: int, context: int, workdir: Path) -> tuple[in
 
 
 def calibrate_served(start: int, prompts: list[list[int]], workdir: Path,
-                     stream_interval: int) -> tuple[int, float, float]:
-    """Refine the in-process pick on the served pair. Served, the replica's T_a runs 10–20%
-    above its in-process time (its gRPC and libm2n threads share its core) while T_e does not,
-    so the in-process balance leaves the expert node waiting. Probe a short m=2 run from
-    ``start`` towards the balance and keep the FFN width whose served T_a and T_e per call
-    are closest. The probes stream tokens as the measured runs do (``stream_interval``): per
-    token streaming loads the replica's core and made the probes' T_a 17% too high.
-    Returns (intermediate, served T_a ms, served T_e ms)."""
+                     stream_interval: int) -> tuple[int, float, float, float, float]:
+    """Refine the in-process pick on the served pair: probe short m=2 runs from ``start``
+    towards the balance and keep the FFN width at which the two processes are equally busy.
+
+    Busy time, not T_a vs T_e per call: besides its layers, the replica spends each lane step
+    on the LM head, sampling and batch bookkeeping (~8 ms per 512-token lane step at the
+    default shape, ~1 ms per layer call), and its gRPC and libm2n threads share its core
+    (served T_a runs 10–30% above in-process). Balancing per-call T_a and T_e therefore left
+    the expert node ~6% idler than the replica at m=2 (94% vs 88% busy, eighth session), and
+    the m=2 step attention-bound. The probes stream tokens as the measured runs do
+    (``stream_interval``): per-token streaming loads the replica's core.
+    Returns (intermediate, served T_a ms, served T_e ms, replica busy, node busy)."""
     i = CANDIDATE_INTERMEDIATE.index(start)
     best, step = None, 0
     while 0 <= i < len(CANDIDATE_INTERMEDIATE):
@@ -117,16 +122,19 @@ def calibrate_served(start: int, prompts: list[list[int]], workdir: Path,
             asyncio.run(run_batch(mesh.attention[0].grpc, prompts, 4, "warm"))
             # two probes of 15 decode steps each: with fewer, one slow step moved the pick
             got = [measure_once(mesh, prompts, PROBE_TOKENS, 2, f"probe{r}") for r in range(2)]
-        t_a = 1000 * statistics.median(g["t_a"] for g in got)
-        t_e = 1000 * statistics.median(g["t_e"] for g in got)
-        if best is None or abs(t_e - t_a) < abs(best[2] - best[1]):
-            best = (inter, t_a, t_e)
-        direction = 1 if t_e < t_a else -1
+        row = (inter, *(statistics.median(g[k] for g in got)
+                        for k in ("t_a", "t_e", "busy_a", "busy_e")))
+        print(f"  probe: intermediate {inter}: T_a {1000 * row[1]:.2f} ms, T_e "
+              f"{1000 * row[2]:.2f} ms, busy {row[3]:.0%} / {row[4]:.0%}", flush=True)
+        if best is None or abs(row[4] - row[3]) < abs(best[4] - best[3]):
+            best = row
+        direction = 1 if row[4] < row[3] else -1  # node idler than the replica: widen
         if step and direction != step:
             break  # crossed the balance
         step = direction
         i += direction
-    return best
+    inter, t_a, t_e, busy_a, busy_e = best
+    return inter, 1000 * t_a, 1000 * t_e, busy_a, busy_e
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -414,9 +422,11 @@ def main(argv: list[str] | None = None) -> int:
             probe = torch.randint(3, SHAPE["vocab"], (args.batch, args.prompt_len),
                                   generator=g).tolist()
             phase("refining the width on served m=2 probes")
-            inter, srv_a, srv_e = calibrate_served(inter, probe, work, args.stream_interval)
+            inter, srv_a, srv_e, busy_a, busy_e = calibrate_served(inter, probe, work,
+                                                                   args.stream_interval)
             print(f"served: intermediate {inter} (replica T_a {srv_a:.2f} ms, node T_e "
-                  f"{srv_e:.2f} ms per call at m=2)", flush=True)
+                  f"{srv_e:.2f} ms per call, busy {busy_a:.0%} / {busy_e:.0%} at m=2)",
+                  flush=True)
             SHAPE["intermediate"] = inter
     else:
         SHAPE["intermediate"] = args.intermediate

@@ -159,6 +159,8 @@ async def serve(config: ExpertConfig, ready_file: str | None = None,
     configure_threads(config.threads)
     tracing.setup_tracing("megascale-expert")
     cfg, experts = load_experts(config)
+    # which grouped GEMM serves the experts (services/core/cpu_gemm.py), for the ready file/log
+    gemm = "packed" if experts.packed else "torch"
     metrics = ExpertMetrics()
     rx = libm2n.open_receiver(config.m2n_url, libm2n.ReceiverConfig(
         slots_per_sender=config.slots_per_sender, slot_bytes=config.slot_bytes))
@@ -188,9 +190,10 @@ async def serve(config: ExpertConfig, ready_file: str | None = None,
     write_ready_file(ready_file, {"role": "expert", "node_id": config.node_id,
                                   "grpc": f"{host}:{port}", "m2n_url": m2n_url,
                                   "metrics_port": metrics_port,
-                                  "expert_ids": list(config.expert_ids)})
-    log.info("expert node %s serving experts %s on %s:%d (m2n %s)", config.node_id,
-             list(config.expert_ids), host, port, m2n_url)
+                                  "expert_ids": list(config.expert_ids),
+                                  "expert_gemm": gemm})
+    log.info("expert node %s serving experts %s on %s:%d (m2n %s, expert GEMM %s)",
+             config.node_id, list(config.expert_ids), host, port, m2n_url, gemm)
     registration = None
     if config.scheduler:
         registration = NodeRegistration(config.scheduler, common_pb2.NodeInfo(

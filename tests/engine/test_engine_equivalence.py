@@ -14,6 +14,7 @@ import pytest
 from engine_helpers import grpc_generate
 from metrics_helpers import scrape_metrics
 
+from services.core import cpu_gemm
 from services.launch.procs import LocalMesh, partition_experts
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], list(range(100, 141)), [300], list(range(20, 37))]
@@ -64,6 +65,9 @@ def test_disaggregated_tokens_equal_transformers(engine_ckpt, hf_greedy, tmp_pat
                                          "--stream-interval", str(interval)],
                          workdir=tmp_path, transport=transport) as mesh:
         got = run_concurrently(mesh)
+        # the nodes computed with the packed CPU kernel wherever this machine runs it
+        gemm = {e.info["expert_gemm"] for e in mesh.experts}
+        assert gemm == {"packed" if cpu_gemm.ACTIVE else "torch"}
     want = hf_greedy(path, PROMPTS, NEW_TOKENS)
     for prompt, g, w in zip(PROMPTS, got, want, strict=True):
         assert g == w, f"{family}/{topology}: prompt of length {len(prompt)} diverged"

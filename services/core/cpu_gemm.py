@@ -51,6 +51,15 @@ class PackedWeight:
     k: int
     n: int
 
+    def __post_init__(self) -> None:
+        # The kernel reads ``data`` through a raw pointer: its layout must be exactly this.
+        want = (self.groups, self.n // PANEL, self.k, PANEL)
+        if (self.n % PANEL or tuple(self.data.shape) != want or self.data.dtype != torch.float32
+                or self.data.device.type != "cpu" or not self.data.is_contiguous()):
+            raise ValueError(f"PackedWeight: data must be contiguous CPU float32 {list(want)} "
+                             f"(N={self.n} a multiple of {PANEL}), got {self.data.dtype} "
+                             f"{list(self.data.shape)} on {self.data.device}")
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """The logical ``(G, K, N)`` shape, as the unpacked stack's."""

@@ -92,6 +92,10 @@ def test_bad_input_is_rejected_before_memory_is_read():
         cpu_gemm.grouped_gemm(torch.randn(5, 9), w, torch.tensor([2, 5], dtype=torch.int32))
     with pytest.raises(ValueError, match="multiple of 16"):
         cpu_gemm.pack(torch.randn(2, 8, 20))
+    with pytest.raises(ValueError, match="contiguous CPU float32"):  # a layout the C side misreads
+        cpu_gemm.PackedWeight(w.data.transpose(2, 3), 2, 8, 16)
+    with pytest.raises(ValueError, match="contiguous CPU float32"):
+        cpu_gemm.PackedWeight(w.data, 2, 16, 16)
 
 
 @needs_kernel

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from services.core import cpu_gemm
 from services.core.batch import BatchMeta
-from services.core.cpu_gemm import PackedWeight
+
+# Stacked expert weights: input-major [n, K, N] tensors, or packed for the CPU kernel.
+ExpertStack = torch.Tensor | cpu_gemm.PackedWeight
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -130,8 +132,7 @@ def _grouped_mm_supported(t: torch.Tensor) -> bool:
 
 
 def grouped_expert_ffn(rows: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
-                       gate_up_t: torch.Tensor | PackedWeight,
-                       down_t: torch.Tensor | PackedWeight) -> torch.Tensor:
+                       gate_up_t: ExpertStack, down_t: ExpertStack) -> torch.Tensor:
     """Weighted sum over k of ``FFN_{local_ids[n,k]}(rows[n])``; ids < 0 contribute nothing.
 
     rows [N, H]; local_ids [N, K] int64 indexing the stacked, *input-major* weights
@@ -144,7 +145,7 @@ def grouped_expert_ffn(rows: torch.Tensor, local_ids: torch.Tensor, weights: tor
     may instead be :class:`cpu_gemm.PackedWeight` (packed once at load, see ``cpu_gemm``): then
     the same grouped schedule runs on that kernel. Returns [N, H].
     """
-    if isinstance(gate_up_t, PackedWeight):
+    if isinstance(gate_up_t, cpu_gemm.PackedWeight):
         if not rows.shape[0]:
             return torch.zeros_like(rows)
         return _grouped_ffn_gmm(rows, local_ids, weights, gate_up_t, down_t)
@@ -158,9 +159,9 @@ def _torch_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> t
 
 
 def _grouped_ffn_gmm(rows: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
-                     gate_up_t: torch.Tensor | PackedWeight, down_t: torch.Tensor | PackedWeight
-                     ) -> torch.Tensor:
-    mm = cpu_gemm.grouped_gemm if isinstance(gate_up_t, PackedWeight) else _torch_grouped_mm
+                     gate_up_t: ExpertStack, down_t: ExpertStack) -> torch.Tensor:
+    packed = isinstance(gate_up_t, cpu_gemm.PackedWeight)
+    mm = cpu_gemm.grouped_gemm if packed else _torch_grouped_mm
     K = local_ids.shape[1]
     n = gate_up_t.shape[0]
     flat = local_ids.reshape(-1)  # [N*K]

@@ -184,12 +184,12 @@ class ExpertSide:
         # Input-major copies for the grouped GEMMs (see layers.grouped_expert_ffn), packed
         # into panels for the CPU kernel where it runs (cpu_gemm.usable); the checkpoint-layout
         # tensors are dropped layer by layer so memory does not double.
-        views = [v.transpose(1, 2) for d in (weights.gate_up, weights.down) for v in d.values()]
-        self.packed = bool(views) and all(map(cpu_gemm.usable, views))
+        stacks = (weights.gate_up, weights.down)
+        self.packed = bool(weights.gate_up) and all(
+            cpu_gemm.usable(v.transpose(1, 2)) for d in stacks for v in d.values())
         relayout = cpu_gemm.pack if self.packed else torch.Tensor.contiguous
-        self.gate_up_t: dict[int, torch.Tensor | cpu_gemm.PackedWeight] = {}
-        self.down_t: dict[int, torch.Tensor | cpu_gemm.PackedWeight] = {}
-        del views
+        self.gate_up_t: dict[int, L.ExpertStack] = {}
+        self.down_t: dict[int, L.ExpertStack] = {}
         for src, dst in ((weights.gate_up, self.gate_up_t), (weights.down, self.down_t)):
             for k in list(src):
                 dst[k] = relayout(src.pop(k).transpose(1, 2))

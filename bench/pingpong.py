@@ -46,7 +46,9 @@ SHAPE = dict(layers=8, hidden=512, intermediate=224, experts=8, top_k=2, heads=8
              vocab=1024, seed=5)
 CANDIDATE_INTERMEDIATE = (64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448, 480,
                           512, 544, 576)
-PROBE_TOKENS = 16  # new tokens per served calibration probe
+# New tokens per served calibration probe. Busy fractions are (N-token run - 1-token run) /
+# wall: with 16 tokens one slow prefill read as 112% busy (eighth session).
+PROBE_TOKENS = 32
 _T0 = time.perf_counter()
 
 
@@ -120,7 +122,7 @@ def calibrate_served(start: int, prompts: list[list[int]], workdir: Path,
         with start_mesh(path, prompts, PROBE_TOKENS, 2, workdir / f"probe-{inter}",
                         stream_interval=stream_interval) as mesh:
             asyncio.run(run_batch(mesh.attention[0].grpc, prompts, 4, "warm"))
-            # two probes of 15 decode steps each: with fewer, one slow step moved the pick
+            # two probes of 31 decode steps each: with fewer, one slow step moved the pick
             got = [measure_once(mesh, prompts, PROBE_TOKENS, 2, f"probe{r}") for r in range(2)]
         row = (inter, *(statistics.median(g[k] for g in got)
                         for k in ("t_a", "t_e", "busy_a", "busy_e")))

@@ -231,7 +231,10 @@ def measure_once(mesh: LocalMesh, prompts: list[list[int]], new_tokens: int, m: 
             "loop_ms": 1000 * wall * m / steps,
             "t_a": attn_s / (steps * SHAPE["layers"]),
             "t_e": exp_s / max(1.0, window("megascale:expert_compute_seconds_count", 1)),
-            "rtt": window(key.format("sum"), 0) / max(1.0, window(key.format("count"), 0))}
+            "rtt": window(key.format("sum"), 0) / max(1.0, window(key.format("count"), 0)),
+            # deferred delivery (services/attention/engine.py): engine emit -> gRPC stream
+            "delivery": (window("megascale:token_delivery_delay_seconds_sum", 0)
+                         / max(1.0, window("megascale:token_delivery_delay_seconds_count", 0)))}
 
 
 def bench_disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, ms: list[int],
@@ -263,7 +266,7 @@ def bench_disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, 
                # also holds any queueing at the expert node behind other micro-batches)
                "t_c_ms": 1000 * max(0.0, med(col["rtt"]) - med(col["t_e"])) / 2,
                "stream_interval": stream_interval, "step_ms": med(col["step_ms"]),
-               "loop_ms": med(col["loop_ms"])}
+               "loop_ms": med(col["loop_ms"]), "delivery_ms": 1000 * med(col["delivery"])}
         if 1 in samples:  # per-repeat ratio to m=1, measured in the same round
             rec["vs_m1_all"] = [a["decode"] / b["decode"]
                                 for a, b in zip(got, samples[1], strict=True)]
@@ -482,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
             v = r["vs_m1_all"]
             print(f"m={r['m']} / m=1 per repeat (same round): median {statistics.median(v):.2f}x "
                   f"[{min(v):.2f} .. {max(v):.2f}]")
+    delivery = [f"m={r['m']} {r['delivery_ms']:.2f}" for r in records if "delivery_ms" in r]
+    if delivery:
+        print("token delivery delay (engine emit -> gRPC stream, mean ms): " + ", ".join(delivery))
     print("\nplanner (megascale plan's performance model, profiled with the real core layers):"
           + (" skipped with --quick" if args.quick else ""))
     for r in records:

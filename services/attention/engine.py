@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -69,6 +69,9 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
     stop_token_id: int | None = None
+    # time.monotonic() when the engine emitted it (after sampling); the server measures the
+    # deferred-delivery delay from here (megascale:token_delivery_delay_seconds)
+    emitted: float = field(default_factory=time.monotonic, compare=False)
 
 
 Listener = Callable[[TokenEvent], None]

@@ -61,6 +61,10 @@ class AttentionMetrics:
                              "Arrival to the last token", buckets=b, registry=r)
         self.queue = Histogram("megascale:request_queue_time_seconds",
                                "Arrival to first scheduled", buckets=b, registry=r)
+        self.delivery = Histogram("megascale:token_delivery_delay_seconds", "Engine emitted "
+                                  "an event (after sampling) to its gRPC stream taking it: the "
+                                  "deferred delivery plus the event-loop hop", buckets=b,
+                                  registry=r)
         self.generated = Counter("megascale:generation_tokens", "Generated tokens", registry=r)
         self.prompt = Counter("megascale:prompt_tokens", "Prompt tokens computed (prefill, "
                               "recompute included)", registry=r)

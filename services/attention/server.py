@@ -152,6 +152,7 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
             while True:
                 ev = await queue.get()
                 now = time.monotonic()
+                self.metrics.delivery.observe(now - ev.emitted)
                 if ev.token_ids:
                     if last is None:
                         self.metrics.ttft.observe(now - arrival)

@@ -80,11 +80,16 @@ def test_lanes_do_not_drain_at_step_boundaries(engine_ckpt, hf_greedy, tmp_path)
     path = engine_ckpt("mixtral")
     timeline = tmp_path / "timeline"
     with LocalMesh.start(path, [list(range(8))], micro_batches=2,
-                         attention_args=["--block-size", "4", "--max-batch-tokens", "64"],
+                         attention_args=["--block-size", "4", "--max-batch-tokens", "64",
+                                         "--metrics-port", "0"],
                          workdir=tmp_path, transport="shm",
                          env={"MEGASCALE_TIMELINE": str(timeline)}) as mesh:
         got = run_concurrently(mesh)
+        delay = scrape_metrics(mesh.attention[0].info["metrics_port"])
     assert got == hf_greedy(path, PROMPTS, NEW_TOKENS)
+    # every streamed event's deferred-delivery delay is measured (one event per token here)
+    assert delay["megascale:token_delivery_delay_seconds_count"] >= len(PROMPTS) * NEW_TOKENS
+    assert delay["megascale:token_delivery_delay_seconds_sum"] > 0
     steps = [json.loads(x) for x in (timeline / "attention-0.jsonl").read_text().splitlines()]
     lanes = {s["lane"] for s in steps}
     assert lanes == {0, 1}

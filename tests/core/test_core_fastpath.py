@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
+from services.core import cpu_gemm
 from services.core.batch import build_batch_meta
 from services.core.layers import _grouped_ffn_loop, grouped_expert_ffn
 
@@ -36,16 +38,23 @@ def test_batch_meta_matches_brute_force():
                 assert meta.attn_mask[b, 0, i].tolist() == want
 
 
-def test_grouped_ffn_matches_per_expert_loop_with_missing_ids():
+@pytest.mark.parametrize("layout", ["torch", "packed"])
+def test_grouped_ffn_matches_per_expert_loop_with_missing_ids(layout):
+    if layout == "packed" and not cpu_gemm.ACTIVE:
+        pytest.skip(f"packed CPU kernel off: {cpu_gemm.REASON}")
     g = torch.Generator().manual_seed(0)
-    n, H, inter, N, K = 5, 16, 12, 23, 2
+    n, H, inter, N, K = 5, 16, 24, 23, 2  # 2 * inter and H: multiples of 16 (packed panels)
     gate_up, down = torch.randn(n, H, 2 * inter, generator=g), torch.randn(n, inter, H,
                                                                           generator=g)
     rows, weights = torch.randn(N, H, generator=g), torch.rand(N, K, generator=g)
     ids = torch.randint(-1, n, (N, K), generator=g)  # -1: expert not held here
     ids[0] = -1  # a row with no expert at all
-    got = grouped_expert_ffn(rows, ids, weights, gate_up, down)
+    stacks = (gate_up, down) if layout == "torch" else (cpu_gemm.pack(gate_up),
+                                                         cpu_gemm.pack(down))
+    got = grouped_expert_ffn(rows, ids, weights, *stacks)
     want = _grouped_ffn_loop(rows, ids, weights, gate_up, down)
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[0], torch.zeros(H))
+    empty = grouped_expert_ffn(rows[:0], ids[:0], weights[:0], *stacks)
+    assert empty.shape == (0, H)

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from services.core import cpu_gemm
-from services.core.layers import _grouped_ffn_loop, grouped_expert_ffn
 from services.core.model import ExpertSide
 
 
@@ -96,24 +95,6 @@ def test_bad_input_is_rejected_before_memory_is_read():
         cpu_gemm.PackedWeight(w.data.transpose(2, 3), 2, 8, 16)
     with pytest.raises(ValueError, match="contiguous CPU float32"):
         cpu_gemm.PackedWeight(w.data, 2, 16, 16)
-
-
-@needs_kernel
-def test_expert_ffn_on_packed_weights_matches_loop_with_missing_ids():
-    g = torch.Generator().manual_seed(1)
-    n, H, inter, N, K = 5, 32, 24, 29, 2
-    gate_up, down = torch.randn(n, H, 2 * inter, generator=g), torch.randn(n, inter, H,
-                                                                          generator=g)
-    rows, weights = torch.randn(N, H, generator=g), torch.rand(N, K, generator=g)
-    ids = torch.randint(-1, n, (N, K), generator=g)  # -1: expert not held here
-    ids[0] = -1
-    got = grouped_expert_ffn(rows, ids, weights, cpu_gemm.pack(gate_up), cpu_gemm.pack(down))
-    want = _grouped_ffn_loop(rows, ids, weights, gate_up, down)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(got[0], torch.zeros(H))
-    empty = grouped_expert_ffn(rows[:0], ids[:0], weights[:0], cpu_gemm.pack(gate_up),
-                               cpu_gemm.pack(down))
-    assert empty.shape == (0, H)
 
 
 @needs_kernel

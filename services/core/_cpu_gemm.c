@@ -83,11 +83,7 @@ static void group_gemm(const float *x, const float *w, float *y, long M, long K,
     }
 }
 
-static int have_avx2_fma(void)
-{
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
+static int have_avx2_fma = 0; /* probed once, in PyInit__cpu_gemm */
 
 static int as_long(PyObject *o, long *out)
 {
@@ -111,7 +107,7 @@ static PyObject *grouped_gemm(PyObject *self, PyObject *const *args, Py_ssize_t 
     float *y = (float *)(intptr_t)v[3];
     const int32_t *offs = (const int32_t *)(intptr_t)v[4];
     const long M = v[1], G = v[5], K = v[6], N = v[7];
-    if (!have_avx2_fma()) {
+    if (!have_avx2_fma) {
         PyErr_SetString(PyExc_RuntimeError, "grouped_gemm needs a CPU with AVX2 and FMA");
         return NULL;
     }
@@ -143,7 +139,7 @@ static PyObject *grouped_gemm(PyObject *self, PyObject *const *args, Py_ssize_t 
 
 static PyObject *supported(PyObject *self, PyObject *unused)
 {
-    return PyBool_FromLong(have_avx2_fma());
+    return PyBool_FromLong(have_avx2_fma);
 }
 
 static PyMethodDef methods[] = {
@@ -158,6 +154,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_gemm",
 
 PyMODINIT_FUNC PyInit__cpu_gemm(void)
 {
+    __builtin_cpu_init();
+    have_avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddIntConstant(m, "API_VERSION", API_VERSION) < 0) {
         Py_DECREF(m);

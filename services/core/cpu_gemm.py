@@ -25,7 +25,7 @@ _API_VERSION = 1  # must match API_VERSION in _cpu_gemm.c
 
 
 def _load() -> tuple[Any, str]:
-    if os.environ.get("MEGASCALE_CPU_GEMM", "1") in ("0", "false", "off"):
+    if os.environ.get("MEGASCALE_CPU_GEMM") == "0":
         return None, "MEGASCALE_CPU_GEMM=0"
     try:
         from services.core import _cpu_gemm
@@ -85,11 +85,6 @@ def pack(w: torch.Tensor) -> PackedWeight:
         raise ValueError(f"pack: N={N} is not a multiple of {PANEL}")
     data = w.reshape(G, K, N // PANEL, PANEL).permute(0, 2, 1, 3).contiguous()
     return PackedWeight(data, G, K, N)
-
-
-def unpack(p: PackedWeight) -> torch.Tensor:
-    """The inverse of :func:`pack`: ``[G, K, N]``."""
-    return p.data.permute(0, 2, 1, 3).reshape(p.groups, p.k, p.n)
 
 
 def grouped_gemm(x: torch.Tensor, w: PackedWeight, offs: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,7 @@ def test_grouped_gemm_matches_float64(G, K, N, sizes):
     w = torch.randn(G, K, N, generator=g)
     offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
     packed = cpu_gemm.pack(w)
-    assert packed.shape == (G, K, N) and torch.equal(cpu_gemm.unpack(packed), w)
+    assert packed.shape == (G, K, N)
     y = cpu_gemm.grouped_gemm(x, packed, offs)
     want = _reference(x, w, offs.tolist())
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4 * K ** 0.5)

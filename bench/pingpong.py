@@ -101,7 +101,7 @@ def calibrate(hidden: int, tokens: int, context: int, workdir: Path) -> tuple[in
 
 
 def calibrate_served(start: int, prompts: list[list[int]], workdir: Path,
-                     stream_interval: int) -> tuple[int, float, float, float, float]:
+                     stream_interval: int, api: str) -> tuple[int, float, float, float, float]:
     """Refine the in-process pick on the served pair: probe short m=2 runs from ``start``
     towards the balance and keep the FFN width at which the two processes are equally busy.
 
@@ -111,7 +111,7 @@ def calibrate_served(start: int, prompts: list[list[int]], workdir: Path,
     (served T_a runs 10–30% above in-process). Balancing per-call T_a and T_e therefore left
     the expert node ~6% idler than the replica at m=2 (94% vs 88% busy, eighth session), and
     the m=2 step attention-bound. The probes stream tokens as the measured runs do
-    (``stream_interval``): per-token streaming loads the replica's core.
+    (``stream_interval``, ``api``): per-token streaming loads the replica's core.
     Returns (intermediate, served T_a ms, served T_e ms, replica busy, node busy)."""
     i = CANDIDATE_INTERMEDIATE.index(start)
     best, step = None, 0
@@ -121,9 +121,10 @@ def calibrate_served(start: int, prompts: list[list[int]], workdir: Path,
                                        **{**SHAPE, "intermediate": inter})
         with start_mesh(path, prompts, PROBE_TOKENS, 2, workdir / f"probe-{inter}",
                         stream_interval=stream_interval) as mesh:
-            asyncio.run(run_batch(mesh.attention[0].grpc, prompts, 4, "warm"))
+            asyncio.run(run_batch(mesh.attention[0].grpc, prompts, 4, "warm", api))
             # two probes of 31 decode steps each: with fewer, one slow step moved the pick
-            got = [measure_once(mesh, prompts, PROBE_TOKENS, 2, f"probe{r}") for r in range(2)]
+            got = [measure_once(mesh, prompts, PROBE_TOKENS, 2, f"probe{r}", api)
+                   for r in range(2)]
         row = (inter, *(statistics.median(g[k] for g in got)
                         for k in ("t_a", "t_e", "busy_a", "busy_e")))
         print(f"  probe: intermediate {inter}: T_a {1000 * row[1]:.2f} ms, T_e "
@@ -149,16 +150,18 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-async def run_batch(address: str, prompts: list[list[int]], new_tokens: int, tag: str) -> float:
-    """Submit every prompt at once, wait for all; returns the wall time."""
+async def run_batch(address: str, prompts: list[list[int]], new_tokens: int, tag: str,
+                    api: str = "stream") -> float:
+    """Submit every prompt at once, wait for all; returns the wall time. ``api`` "stream": all
+    requests over one ``GenerateStream`` call, as the gateway sends them; "generate": one
+    ``Generate`` call per request (one gRPC message per request and event)."""
+    sampling = common_pb2.SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     async with grpc.aio.insecure_channel(address) as ch:
         stub = attention_pb2_grpc.AttentionStub(ch)
 
         async def one(i: int, p: list[int]) -> int:
-            req = attention_pb2.GenerateRequest(
-                request_id=f"{tag}-{i}", prompt_token_ids=p,
-                sampling=common_pb2.SamplingParams(temperature=0, max_tokens=new_tokens,
-                                                   ignore_eos=True))
+            req = attention_pb2.GenerateRequest(request_id=f"{tag}-{i}", prompt_token_ids=p,
+                                                sampling=sampling)
             n = 0
             async for ev in stub.Generate(req, timeout=600):
                 n += len(ev.token_ids)
@@ -166,8 +169,26 @@ async def run_batch(address: str, prompts: list[list[int]], new_tokens: int, tag
                     raise RuntimeError(ev.error_message)
             return n
 
+        async def stream() -> list[int]:
+            def requests():
+                for i, p in enumerate(prompts):
+                    yield attention_pb2.GenerateStreamRequest(submit=attention_pb2.StreamSubmit(
+                        request=attention_pb2.GenerateRequest(
+                            request_id=f"{tag}-{i}", prompt_token_ids=p, sampling=sampling)))
+
+            counts = [0] * len(prompts)
+            async for msg in stub.GenerateStream(requests(), timeout=600):
+                for se in msg.events:
+                    if se.rejected_code or se.event.error_message:
+                        raise RuntimeError(se.rejected_message or se.event.error_message)
+                    counts[int(se.request_id.rsplit("-", 1)[1])] += len(se.event.token_ids)
+            return counts
+
         t0 = time.perf_counter()
-        counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        if api == "stream":
+            counts = await stream()
+        else:
+            counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         wall = time.perf_counter() - t0
     assert all(c == new_tokens for c in counts), counts
     return wall
@@ -203,16 +224,17 @@ def start_mesh(model: Path, prompts: list[list[int]], new_tokens: int, m: int, w
 
 
 def measure_once(mesh: LocalMesh, prompts: list[list[int]], new_tokens: int, m: int,
-                 tag: str) -> dict:
+                 tag: str, api: str = "stream") -> dict:
     """One repeat on a running mesh. Decode-only figures: everything measured over the N-token
-    run minus the same measured over the 1-token (prefill-only) run of the same batch."""
+    run minus the same measured over the 1-token (prefill-only) run of the same batch (the
+    delivery delay: the mean over the N-token run's events)."""
     address = mesh.attention[0].grpc
     a_port = mesh.attention[0].info["metrics_port"]
     e_port = mesh.experts[0].info["metrics_port"]
     s0 = (scrape(a_port), scrape(e_port))
-    prefill = asyncio.run(run_batch(address, prompts, 1, f"p{tag}"))
+    prefill = asyncio.run(run_batch(address, prompts, 1, f"p{tag}", api))
     s1 = (scrape(a_port), scrape(e_port))
-    full = asyncio.run(run_batch(address, prompts, new_tokens, f"n{tag}"))
+    full = asyncio.run(run_batch(address, prompts, new_tokens, f"n{tag}", api))
     s2 = (scrape(a_port), scrape(e_port))
 
     def window(key: str, side: int) -> float:
@@ -233,12 +255,14 @@ def measure_once(mesh: LocalMesh, prompts: list[list[int]], new_tokens: int, m: 
             "t_e": exp_s / max(1.0, window("megascale:expert_compute_seconds_count", 1)),
             "rtt": window(key.format("sum"), 0) / max(1.0, window(key.format("count"), 0)),
             # deferred delivery (services/attention/engine.py): engine emit -> gRPC stream
-            "delivery": (window("megascale:token_delivery_delay_seconds_sum", 0)
-                         / max(1.0, window("megascale:token_delivery_delay_seconds_count", 0)))}
+            "delivery": (delta(s2[0], s1[0], "megascale:token_delivery_delay_seconds_sum")
+                         / max(1.0, delta(s2[0], s1[0],
+                                          "megascale:token_delivery_delay_seconds_count")))}
 
 
 def bench_disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, ms: list[int],
-                        repeats: int, workdir: Path, stream_interval: int = 1) -> list[dict]:
+                        repeats: int, workdir: Path, stream_interval: int = 1,
+                        api: str = "stream") -> list[dict]:
     """Every m's mesh runs at once (idle ones sleep); the repeats go round the m values, so
     each m is measured minutes apart at most and the per-repeat ratio to m=1 is side by side
     (``vs_m1_all``). This machine's speed drifts between runs by more than many effects."""
@@ -249,10 +273,10 @@ def bench_disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, 
                                                     stream_interval=stream_interval))
                   for m in ms}
         for m, mesh in meshes.items():
-            asyncio.run(run_batch(mesh.attention[0].grpc, prompts, 4, f"warm{m}"))
+            asyncio.run(run_batch(mesh.attention[0].grpc, prompts, 4, f"warm{m}", api))
         for r in range(repeats):
             for m, mesh in meshes.items():
-                samples[m].append(measure_once(mesh, prompts, new_tokens, m, f"{m}-{r}"))
+                samples[m].append(measure_once(mesh, prompts, new_tokens, m, f"{m}-{r}", api))
     med = statistics.median
     records = []
     for m, got in samples.items():
@@ -265,7 +289,7 @@ def bench_disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, 
                # T_c estimate: the round trip minus the expert's compute, per direction (it
                # also holds any queueing at the expert node behind other micro-batches)
                "t_c_ms": 1000 * max(0.0, med(col["rtt"]) - med(col["t_e"])) / 2,
-               "stream_interval": stream_interval, "step_ms": med(col["step_ms"]),
+               "stream_interval": stream_interval, "api": api, "step_ms": med(col["step_ms"]),
                "loop_ms": med(col["loop_ms"]), "delivery_ms": 1000 * med(col["delivery"])}
         if 1 in samples:  # per-repeat ratio to m=1, measured in the same round
             rec["vs_m1_all"] = [a["decode"] / b["decode"]
@@ -399,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream-interval", type=int, default=8,
                     help="replica sends each request's tokens every N tokens (1 = per token; "
                          "with 1 core per process, per-token gRPC writes compete with compute)")
+    ap.add_argument("--api", choices=("stream", "generate"), default="stream",
+                    help="how the bench's client submits: all requests over one "
+                         "GenerateStream call (one message per delivery burst; what the "
+                         "gateway does) or one Generate call per request")
     ap.add_argument("--quick", action="store_true",
                     help="m=1,2 + baselines at batch 512, 2 repeats, 16 new tokens, in-process "
                          "calibration only, no planner check (under 4 minutes on a 2-vCPU "
@@ -428,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                                   generator=g).tolist()
             phase("refining the width on served m=2 probes")
             inter, srv_a, srv_e, busy_a, busy_e = calibrate_served(inter, probe, work,
-                                                                   args.stream_interval)
+                                                                   args.stream_interval,
+                                                                   args.api)
             print(f"served: intermediate {inter} (replica T_a {srv_a:.2f} ms, node T_e "
                   f"{srv_e:.2f} ms per call, busy {busy_a:.0%} / {busy_e:.0%} at m=2)",
                   flush=True)
@@ -441,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 
     phase(f"disaggregated m={args.ms}")
     records = bench_disaggregated(model, prompts, args.new_tokens, ms, args.repeats, work,
-                                  stream_interval=args.stream_interval)
+                                  stream_interval=args.stream_interval, api=args.api)
     if not args.quick:  # the planner profiles four batch sizes: a minute or more
         phase("planner profile")
         records.extend(planner_predictions(model, args.batch,
@@ -455,8 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         tl = work / "timeline"
         with start_mesh(model, prompts, 16, 2, work / "tl", tl,
                         stream_interval=args.stream_interval) as mesh:
-            asyncio.run(run_batch(mesh.attention[0].grpc, prompts, 4, "warm"))
-            measure_once(mesh, prompts, 16, 2, "tl")
+            asyncio.run(run_batch(mesh.attention[0].grpc, prompts, 4, "warm", args.api))
+            measure_once(mesh, prompts, 16, 2, "tl", args.api)
         plot_timeline(tl, args.png, args.batch)
 
     phase("done")

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import grpc
-from opentelemetry.trace import SpanKind
 
 import libm2n
 from megascale.v1 import (
@@ -26,6 +25,17 @@ from services.attention.dispatch import ExpertClient
 from services.attention.engine import Engine, TokenEvent
 from services.attention.metrics import AttentionMetrics
 from services.attention.pingpong import StepTimings
+from services.attention.requests import (
+    REQUEST_ID,
+    REQUEST_ID_RULE,
+    EventRelay,
+    RequestMeter,
+    StreamCall,
+    arrival_from_unix_ns,
+    event_to_proto,
+    sampling_from_proto,
+    start_span,
+)
 from services.attention.routing import ExpertNodeRoute, Placement
 from services.attention.scheduler import QueueFull, StepPlan
 from services.common import tracing
@@ -37,72 +47,11 @@ from services.common.registration import NodeRegistration
 from services.common.timeline import timeline_for
 from services.core.model import AttentionSide
 from services.core.runtime import configure_threads
-from services.core.sampling import SamplingParams
 from services.errors import ConfigError, UserError
 
 log = logging.getLogger("megascale.attention")
 
-_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
-FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
-          "abort": common_pb2.FINISH_REASON_ABORT, "error": common_pb2.FINISH_REASON_ERROR}
 ARRIVAL_KEY = "x-megascale-arrival-unix-ns"
-
-
-def sampling_from_proto(p: common_pb2.SamplingParams, prompt_len: int, max_model_len: int
-                        ) -> SamplingParams:
-    """Proto defaults -> core SamplingParams (UserError names the bad field)."""
-    max_tokens = p.max_tokens or max(1, max_model_len - prompt_len)
-    temperature = p.temperature if p.HasField("temperature") else 1.0
-    if temperature > 100:
-        raise UserError(f"sampling.temperature must be <= 100, got {temperature}")
-    if len(p.stop_token_ids) > 64:
-        raise UserError("sampling.stop_token_ids holds more than 64 ids")
-    return SamplingParams(
-        temperature=temperature, top_p=p.top_p if p.HasField("top_p") else 1.0,
-        top_k=p.top_k or -1, max_tokens=max_tokens,
-        seed=p.seed if p.HasField("seed") else None,
-        stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos,
-        min_tokens=p.min_tokens)
-
-
-def event_to_proto(ev: TokenEvent) -> attention_pb2.GenerateEvent:
-    out = attention_pb2.GenerateEvent(
-        token_ids=list(ev.token_ids), index=ev.index,
-        usage=common_pb2.Usage(prompt_tokens=ev.prompt_tokens,
-                               completion_tokens=ev.completion_tokens))
-    if ev.finish_reason is not None:
-        out.finish_reason = FINISH[ev.finish_reason]
-    if ev.error:
-        out.error_message = ev.error
-    if ev.stop_token_id is not None:
-        out.stop_token_id = ev.stop_token_id
-    return out
-
-
-class EventRelay:
-    """Hands engine-thread events to the server's event loop, one wake-up per burst.
-
-    A decode step finishes every running request at once; waking the loop once per event
-    would make it contend for the GIL with the engine thread B times per step.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self._lock = threading.Lock()
-        self._pending: list[tuple[asyncio.Queue, TokenEvent]] = []
-
-    def push(self, queue: asyncio.Queue, event: TokenEvent) -> None:
-        with self._lock:
-            self._pending.append((queue, event))
-            first = len(self._pending) == 1
-        if first:
-            self.loop.call_soon_threadsafe(self._deliver)
-
-    def _deliver(self) -> None:
-        with self._lock:
-            items, self._pending = self._pending, []
-        for queue, event in items:
-            queue.put_nowait(event)
 
 
 class AttentionServicer(attention_pb2_grpc.AttentionServicer):
@@ -119,59 +68,49 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
     async def Generate(self, request: attention_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext):  # noqa: ANN201 - async generator
         """Stream tokens; the last event carries finish_reason. Cancelling aborts the request."""
-        if not _REQUEST_ID.match(request.request_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "request_id must be 1..128 printable ASCII characters")
-        arrival = _arrival(context)
+        if not REQUEST_ID.match(request.request_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, REQUEST_ID_RULE)
+        metadata = context.invocation_metadata() or ()
+        arrival = next((v for k, v in metadata if k == ARRIVAL_KEY), None)
+        meter = RequestMeter(self.metrics, arrival_from_unix_ns(arrival),
+                             start_span(request.request_id, len(request.prompt_token_ids),
+                                        metadata))
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        span = None
-        if tracing.enabled():
-            span = tracing.tracer(__name__).start_span(
-                "attention.generate", tracing.context_from_headers(
-                    context.invocation_metadata() or ()),
-                kind=SpanKind.SERVER, attributes={
-                    "megascale.request_id": request.request_id,
-                    "megascale.prompt_tokens": len(request.prompt_token_ids)})
         try:
             params = sampling_from_proto(request.sampling, len(request.prompt_token_ids),
                                          self.max_model_len)
             self.engine.submit(request.request_id, list(request.prompt_token_ids), params,
                                lambda ev: self.relay.push(queue, ev),
                                list(request.output_token_ids),
-                               tracing.span_ids(span) if span is not None else None)
+                               tracing.span_ids(meter.span) if meter.span else None)
         except UserError as exc:
-            _end_span(span, "invalid_argument")
+            meter.end("invalid_argument")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except QueueFull as exc:
-            _end_span(span, "resource_exhausted")
+            meter.end("resource_exhausted")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        finished = False
-        last = None
         reason = "cancelled"
         try:
             while True:
                 ev = await queue.get()
-                now = time.monotonic()
-                self.metrics.delivery.observe(now - ev.emitted)
-                if ev.token_ids:
-                    if last is None:
-                        self.metrics.ttft.observe(now - arrival)
-                    else:
-                        self.metrics.itl.observe((now - last) / len(ev.token_ids))
-                    last = now
-                    self.metrics.generated.inc(len(ev.token_ids))
-                if ev.finish_reason is not None:
-                    finished = True
-                    reason = ev.finish_reason
-                    self.metrics.e2e.observe(now - arrival)
-                    self.metrics.finished.labels(reason=ev.finish_reason).inc()
+                meter.observe(ev)
                 yield event_to_proto(ev)
-                if finished:
+                if ev.finish_reason is not None:
+                    reason = ev.finish_reason
                     return
         finally:
-            if not finished:  # the client went away or the deadline passed
+            if reason == "cancelled":  # the client went away or the deadline passed
                 self.engine.abort(request.request_id)
-            _end_span(span, reason)
+            meter.end(reason)
+
+    async def GenerateStream(self, request_iterator: AsyncIterator[
+                                 attention_pb2.GenerateStreamRequest],
+                             context: grpc.aio.ServicerContext):  # noqa: ANN201
+        """Many requests over one call, one message per delivery burst (attention.proto;
+        services/attention/requests.py)."""
+        call = StreamCall(self.engine, self.metrics, self.relay, self.max_model_len)
+        async for batch in call.run(request_iterator):
+            yield batch
 
     async def Abort(self, request: attention_pb2.AbortRequest, context: grpc.aio.ServicerContext
                     ) -> attention_pb2.AbortResponse:
@@ -194,12 +133,6 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return common_pb2.UpdatePlacementResponse(applied_epoch=applied)
-
-
-def _end_span(span, reason: str) -> None:  # noqa: ANN001 - an OpenTelemetry span or None
-    if span is not None:
-        span.set_attribute("megascale.finish_reason", reason)
-        span.end()
 
 
 _LATE_ATTACH_S = 5.0  # an Attach made for a pushed placement (the RPC that pushed it waits)
@@ -283,18 +216,6 @@ def placement_from_proto(p: common_pb2.ExpertPlacement, current: Placement) -> P
     routes = tuple(ExpertNodeRoute(nid, url, tuple(sorted(ids)))
                    for nid, (url, ids) in sorted(nodes.items()))
     return Placement(p.epoch, routes, p.num_experts)
-
-
-def _arrival(context: grpc.aio.ServicerContext) -> float:
-    """The gateway's arrival time as a monotonic timestamp (now when absent or bad)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == ARRIVAL_KEY:
-            try:
-                age = time.time() - int(value) / 1e9
-            except ValueError:
-                break
-            return time.monotonic() - max(0.0, min(age, 3600.0))
-    return time.monotonic()
 
 
 class ExpertAttacher:

@@ -5,12 +5,14 @@ requests in flight, a replica that just failed is skipped for a cool-down) or fr
 scheduler's ``PickReplica`` (``--scheduler``). :meth:`Backend.stream` retries another replica
 when one is UNAVAILABLE or full before anything was streamed, and *resumes* on another replica
 (``output_token_ids`` = tokens already streamed) when one breaks mid-stream, deduplicating by
-the events' ``index``. Closing the iterator cancels the downstream call, which aborts the
-request on the replica.
+the events' ``index``. Requests reach a replica over one shared ``GenerateStream`` call
+(services/gateway/replica_stream.py); closing the iterator early, or the deadline passing,
+aborts the request there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -22,30 +24,22 @@ import grpc
 
 from megascale.v1 import (
     attention_pb2,
-    attention_pb2_grpc,
     common_pb2,
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
 from services.common.grpcserver import MAX_MESSAGE_BYTES
-from services.gateway.errors import GatewayError, rpc_error_to_gateway
+from services.gateway.errors import GatewayError, rpc_error_to_gateway, status_to_gateway
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.replica_stream import STATUS_BY_NUMBER, ReplicaFailure, ReplicaStream
 
 log = logging.getLogger("megascale.gateway")
 
-ARRIVAL_KEY = "x-megascale-arrival-unix-ns"
 FAILED_COOLDOWN_S = 5.0
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
                 common_pb2.FINISH_REASON_ABORT: "abort", common_pb2.FINISH_REASON_ERROR: "error"}
-
-
-def outgoing_metadata(arrival_unix_ns: int, trace_headers: Sequence[tuple[str, str]] = ()
-                      ) -> list[tuple[str, str]]:
-    """The gRPC metadata sent with every downstream call: the client's arrival time and the
-    W3C ``traceparent``/``tracestate`` of the gateway's span (see services/common/tracing)."""
-    return [(ARRIVAL_KEY, str(arrival_unix_ns)), *trace_headers]
 
 
 @dataclass(frozen=True)
@@ -164,14 +158,24 @@ class Backend:
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._streams: dict[str, ReplicaStream] = {}  # one shared GenerateStream per replica
 
-    def _stub(self, address: str) -> attention_pb2_grpc.AttentionStub:
+    def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
             ch = self._channels[address] = grpc.aio.insecure_channel(address, _CHANNEL_OPTIONS)
-        return attention_pb2_grpc.AttentionStub(ch)
+        return ch
+
+    def _stream(self, address: str) -> ReplicaStream:
+        stream = self._streams.get(address)
+        if stream is None:
+            stream = self._streams[address] = ReplicaStream(self._channel(address))
+        return stream
 
     async def close(self) -> None:
+        for stream in self._streams.values():
+            await stream.close()
+        self._streams.clear()
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
@@ -197,49 +201,55 @@ class Backend:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise GatewayError(504, "the request's deadline passed")
-            call = self._stub(replica.address).Generate(
-                attention_pb2.GenerateRequest(
-                    request_id=f"{req.request_id[:110]}.{attempt}",
-                    prompt_token_ids=req.prompt_ids, sampling=req.sampling,
+            stream = self._stream(replica.address)
+            rid = f"{req.request_id[:110]}.{attempt}"
+            trace = dict(req.trace_headers)
+            events = await stream.submit(attention_pb2.StreamSubmit(
+                request=attention_pb2.GenerateRequest(
+                    request_id=rid, prompt_token_ids=req.prompt_ids, sampling=req.sampling,
                     output_token_ids=output),
-                metadata=outgoing_metadata(req.arrival_unix_ns, req.trace_headers),
-                timeout=remaining)
+                arrival_unix_ns=req.arrival_unix_ns, traceparent=trace.get("traceparent", ""),
+                tracestate=trace.get("tracestate", "")))
             self.picker.started(replica)
-            failed = False
+            failed = finished = False
             try:
-                async for ev in call:
-                    ids = list(ev.token_ids)
-                    skip = len(output) - ev.index  # > 0: duplicates of tokens already sent
-                    if skip > 0:
-                        ids = ids[skip:]
-                    output.extend(ids)
-                    reason = FINISH_NAMES.get(ev.finish_reason)
-                    if reason == "error" and not output:
-                        # Nothing was streamed: another replica may well succeed.
-                        failed = True
-                        last_error = GatewayError(503, f"replica {replica.node_id}: "
-                                                  f"{ev.error_message or 'request failed'}")
-                        break
-                    yield ReplicaEvent(ids, reason, ev.usage.prompt_tokens,
-                                       max(ev.usage.completion_tokens, len(output)),
-                                       ev.error_message)
-                    if reason is not None:
-                        return
-                else:
-                    failed = True
-                    last_error = GatewayError(503, f"replica {replica.node_id} ended the "
-                                              "stream without finishing the request")
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                err = rpc_error_to_gateway(exc, f"replica {replica.node_id}")
-                retry = code == grpc.StatusCode.UNAVAILABLE or (
-                    code == grpc.StatusCode.RESOURCE_EXHAUSTED and not output)
-                if not retry:
-                    raise err from None
-                failed = code == grpc.StatusCode.UNAVAILABLE
-                last_error = err
+                while True:
+                    item = await _next_event(events, deadline)
+                    failure = _failure_of(item)
+                    if failure is None:
+                        ev = item.event
+                        ids = list(ev.token_ids)
+                        skip = len(output) - ev.index  # > 0: duplicates of tokens already sent
+                        if skip > 0:
+                            ids = ids[skip:]
+                        output.extend(ids)
+                        reason = FINISH_NAMES.get(ev.finish_reason)
+                        finished = reason is not None
+                        if reason == "error" and not output:
+                            # Nothing was streamed: another replica may well succeed.
+                            failed = True
+                            last_error = GatewayError(503, f"replica {replica.node_id}: "
+                                                      f"{ev.error_message or 'request failed'}")
+                            break
+                        yield ReplicaEvent(ids, reason, ev.usage.prompt_tokens,
+                                           max(ev.usage.completion_tokens, len(output)),
+                                           ev.error_message)
+                        if finished:
+                            return
+                        continue
+                    code, details = failure
+                    finished = item is not None  # refused or call broken: nothing runs there
+                    err = status_to_gateway(code, details, f"replica {replica.node_id}")
+                    retry = code == grpc.StatusCode.UNAVAILABLE or (
+                        code == grpc.StatusCode.RESOURCE_EXHAUSTED and not output)
+                    if not retry:
+                        raise err
+                    failed = code == grpc.StatusCode.UNAVAILABLE
+                    last_error = err
+                    break
             finally:
-                call.cancel()  # no-op when finished; aborts the request on the replica otherwise
+                if not finished:  # deadline, or the caller stopped reading: abort downstream
+                    stream.abort(rid)
                 self.picker.finished(replica, failed)
             exclude.append(replica.node_id)
             reason = "resume" if output else "failover"
@@ -249,3 +259,25 @@ class Backend:
                         len(output), "resuming elsewhere" if output else "trying another")
         assert last_error is not None
         raise last_error
+
+
+def _failure_of(item: attention_pb2.StreamEvent | ReplicaFailure | None
+                ) -> tuple[grpc.StatusCode, str] | None:
+    """(status, details) of an item that ends the attempt; None for a GenerateEvent."""
+    if item is None:
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"
+    if isinstance(item, ReplicaFailure):
+        return item.code, item.details
+    if item.rejected_code:
+        return (STATUS_BY_NUMBER.get(item.rejected_code, grpc.StatusCode.UNKNOWN),
+                item.rejected_message)
+    return None
+
+
+async def _next_event(events: asyncio.Queue, deadline: float
+                      ) -> attention_pb2.StreamEvent | ReplicaFailure | None:
+    """The request's next item; None once ``deadline`` (time.monotonic()) has passed."""
+    try:
+        return await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        return None

@@ -57,9 +57,13 @@ _FROM_RPC = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 4
 
 def rpc_error_to_gateway(exc: grpc.aio.AioRpcError, where: str) -> GatewayError:
     """Map a downstream gRPC failure; unknown codes become 502 (the replica misbehaved)."""
-    code = exc.code()
+    return status_to_gateway(exc.code(), exc.details() or "", where)
+
+
+def status_to_gateway(code: grpc.StatusCode, details: str, where: str) -> GatewayError:
+    """Map a downstream status (a failed call, or a GenerateStream refusal)."""
     status = _FROM_RPC.get(code, 502)
-    detail = (exc.details() or code.name).splitlines()[0] if exc.details() else code.name
+    detail = details.splitlines()[0] if details else code.name
     msg = detail if status == 400 else f"{where}: {code.name}: {detail}"
     return GatewayError(status, msg, grpc_code=code if status != 502 else grpc.StatusCode.INTERNAL,
                         type=None if status != 502 else "server_error")

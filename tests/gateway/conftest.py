@@ -61,7 +61,8 @@ def gateway_factory():
 def stack(gw_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("gw-mesh")
     mesh = LocalMesh.start(gw_model_dir, expert_ids=[[0, 1, 2, 3], [4, 5, 6, 7]],
-                           attention_replicas=2, micro_batches=2, workdir=workdir)
+                           attention_replicas=2, micro_batches=2, workdir=workdir,
+                           attention_args=["--metrics-port", "0"])
     try:
         gw = start_gateway(gw_model_dir, [a.grpc for a in mesh.attention], workdir, "gateway")
     except BaseException:

@@ -10,6 +10,7 @@ import time
 import grpc
 import httpx
 import pytest
+from metrics_helpers import scrape_metrics
 
 from megascale.v1 import attention_pb2, attention_pb2_grpc
 from services.launch.procs import LocalMesh
@@ -42,16 +43,41 @@ def _events(lines) -> list[dict]:
     return [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
 
 
+def _aborted(mesh: LocalMesh) -> float:
+    """Requests the replicas finished because they were aborted."""
+    key = 'megascale:request_success_total{reason="abort"}'
+    return sum(scrape_metrics(a.info["metrics_port"]).get(key, 0.0) for a in mesh.attention)
+
+
 def test_client_disconnect_aborts_downstream(stack):
     replicas = [a.grpc for a in stack.mesh.attention]
+    before = _aborted(stack.mesh)
     with httpx.stream("POST", stack.http + "/v1/completions", json=LONG, timeout=60) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert _events(got)
         assert sum(asyncio.run(_loads(replicas))) >= 1  # it is running downstream
-    # 200 tokens take far longer than the abort: the replicas empty only if it was aborted.
     assert _wait(lambda: sum(asyncio.run(_loads(replicas))) == 0)
+    assert _aborted(stack.mesh) == before + 1  # aborted there, not run to its end
+
+
+def test_deadline_gives_504_and_aborts_downstream(stack, gateway_factory):
+    """The gateway keeps each request's deadline on the shared replica stream: past it the
+    client gets 504 and the replica stops the request."""
+    gw = gateway_factory(stack.model_dir, [a.grpc for a in stack.mesh.attention],
+                         stack.workdir, "gw-deadline", "--request-timeout", "0.1")
+    try:
+        before = _aborted(stack.mesh)
+        resp = httpx.post(gw.info["http"] + "/v1/completions", timeout=60,
+                          json={**LONG, "stream": False})
+        assert resp.status_code == 504, resp.text
+        assert resp.json()["error"]["type"] == "timeout"
+        replicas = [a.grpc for a in stack.mesh.attention]
+        assert _wait(lambda: sum(asyncio.run(_loads(replicas))) == 0)
+        assert _aborted(stack.mesh) == before + 1
+    finally:
+        gw.stop()
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,44 @@ class GenerateEvent(_message.Message):
     stop_token_id: int
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., index: _Optional[int] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., error_message: _Optional[str] = ..., stop_token_id: _Optional[int] = ...) -> None: ...
 
+class GenerateStreamRequest(_message.Message):
+    __slots__ = ("submit", "abort")
+    SUBMIT_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    submit: StreamSubmit
+    abort: AbortRequest
+    def __init__(self, submit: _Optional[_Union[StreamSubmit, _Mapping]] = ..., abort: _Optional[_Union[AbortRequest, _Mapping]] = ...) -> None: ...
+
+class StreamSubmit(_message.Message):
+    __slots__ = ("request", "arrival_unix_ns", "traceparent", "tracestate")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ARRIVAL_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    TRACESTATE_FIELD_NUMBER: _ClassVar[int]
+    request: GenerateRequest
+    arrival_unix_ns: int
+    traceparent: str
+    tracestate: str
+    def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ..., arrival_unix_ns: _Optional[int] = ..., traceparent: _Optional[str] = ..., tracestate: _Optional[str] = ...) -> None: ...
+
+class GenerateStreamEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[StreamEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[StreamEvent, _Mapping]]] = ...) -> None: ...
+
+class StreamEvent(_message.Message):
+    __slots__ = ("request_id", "event", "rejected_code", "rejected_message")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_CODE_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    event: GenerateEvent
+    rejected_code: int
+    rejected_message: str
+    def __init__(self, request_id: _Optional[str] = ..., event: _Optional[_Union[GenerateEvent, _Mapping]] = ..., rejected_code: _Optional[int] = ..., rejected_message: _Optional[str] = ...) -> None: ...
+
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

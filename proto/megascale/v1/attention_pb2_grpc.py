@@ -52,6 +52,11 @@ class AttentionStub:
                 request_serializer=megascale_dot_v1_dot_attention__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=megascale_dot_v1_dot_attention__pb2.GenerateEvent.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.stream_stream(
+                '/megascale.v1.Attention/GenerateStream',
+                request_serializer=megascale_dot_v1_dot_attention__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=megascale_dot_v1_dot_attention__pb2.GenerateStreamEvents.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/megascale.v1.Attention/Abort',
                 request_serializer=megascale_dot_v1_dot_attention__pb2.AbortRequest.SerializeToString,
@@ -92,6 +97,22 @@ class AttentionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateStream(self, request_iterator, context):
+        """Many requests over one call (what the gateway uses). The client sends submissions and
+        aborts; the replica sends each burst of events it delivers (one per engine step or fewer)
+        as ONE message, where Generate costs one gRPC message per request and token: ~40 us of
+        the replica's core each, which at a batch of 1024 decoding is a large share of a step.
+        A submission the replica refuses gets one StreamEvent with `rejected_code` (the status
+        Generate would end with: INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE) and nothing
+        else; an accepted one gets GenerateEvents ending with exactly one finish_reason, as in
+        Generate. Per-request deadlines are the client's to keep (it sends an abort). Ending the
+        call (cancel, deadline, broken connection) aborts every request of the call that has not
+        finished; after the client half-closes, the call ends once its requests have finished.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
         """Cancel a running or waiting request; its Generate stream ends with FINISH_REASON_ABORT.
         """
@@ -120,6 +141,11 @@ def add_AttentionServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=megascale_dot_v1_dot_attention__pb2.GenerateRequest.FromString,
                     response_serializer=megascale_dot_v1_dot_attention__pb2.GenerateEvent.SerializeToString,
+            ),
+            'GenerateStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=megascale_dot_v1_dot_attention__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=megascale_dot_v1_dot_attention__pb2.GenerateStreamEvents.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -176,6 +202,33 @@ class Attention:
             '/megascale.v1.Attention/Generate',
             megascale_dot_v1_dot_attention__pb2.GenerateRequest.SerializeToString,
             megascale_dot_v1_dot_attention__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/megascale.v1.Attention/GenerateStream',
+            megascale_dot_v1_dot_attention__pb2.GenerateStreamRequest.SerializeToString,
+            megascale_dot_v1_dot_attention__pb2.GenerateStreamEvents.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,9 @@ class ReplicaStream:
         try:
             async with self._write:
                 await c.call.write(attention_pb2.GenerateStreamRequest(submit=submit))
+        except asyncio.CancelledError:  # the caller went away: it may have been sent
+            self.abort(rid)
+            raise
         except Exception as exc:  # noqa: BLE001 - the call is gone; its reader says why
             if c.subs.pop(rid, None) is not None:
                 events.put_nowait(ReplicaFailure(grpc.StatusCode.UNAVAILABLE,

@@ -32,8 +32,8 @@ class AttentionStub:
 
     Errors (gRPC status codes):
     - INVALID_ARGUMENT: bad request (empty prompt, token id >= vocab_size, prompt too long for
-    the context, bad SamplingParams); the message names the field.
-    - ALREADY_EXISTS: request_id is already live on this replica.
+    the context, bad SamplingParams, a request_id already live on this replica); the message
+    names the field.
     - RESOURCE_EXHAUSTED: the KV pool or the waiting queue is full; retry on another replica.
     - UNAVAILABLE: the replica is draining, not ready yet, or lost its expert nodes.
     - DEADLINE_EXCEEDED: the call's gRPC deadline passed (the request is aborted).
@@ -80,8 +80,8 @@ class AttentionServicer:
 
     Errors (gRPC status codes):
     - INVALID_ARGUMENT: bad request (empty prompt, token id >= vocab_size, prompt too long for
-    the context, bad SamplingParams); the message names the field.
-    - ALREADY_EXISTS: request_id is already live on this replica.
+    the context, bad SamplingParams, a request_id already live on this replica); the message
+    names the field.
     - RESOURCE_EXHAUSTED: the KV pool or the waiting queue is full; retry on another replica.
     - UNAVAILABLE: the replica is draining, not ready yet, or lost its expert nodes.
     - DEADLINE_EXCEEDED: the call's gRPC deadline passed (the request is aborted).
@@ -176,8 +176,8 @@ class Attention:
 
     Errors (gRPC status codes):
     - INVALID_ARGUMENT: bad request (empty prompt, token id >= vocab_size, prompt too long for
-    the context, bad SamplingParams); the message names the field.
-    - ALREADY_EXISTS: request_id is already live on this replica.
+    the context, bad SamplingParams, a request_id already live on this replica); the message
+    names the field.
     - RESOURCE_EXHAUSTED: the KV pool or the waiting queue is full; retry on another replica.
     - UNAVAILABLE: the replica is draining, not ready yet, or lost its expert nodes.
     - DEADLINE_EXCEEDED: the call's gRPC deadline passed (the request is aborted).

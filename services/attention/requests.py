@@ -188,18 +188,16 @@ class StreamCall:
         meter = RequestMeter(self.metrics, arrival_from_unix_ns(msg.arrival_unix_ns),
                              start_span(rid, len(req.prompt_token_ids), headers))
         try:
-            if rid in self.live:
-                raise UserError(f"request_id {rid!r} is already in use")
             params = sampling_from_proto(req.sampling, len(req.prompt_token_ids),
                                          self.max_model_len)
-            self.live[rid] = meter
+            # the engine refuses an id live anywhere on the replica, this call's included
             self.engine.submit(rid, list(req.prompt_token_ids), params,
                                lambda ev: self.relay.push(self.queue, ev),
                                list(req.output_token_ids),
                                tracing.span_ids(meter.span) if meter.span else None)
+            # events reach the queue through the event loop, so never before this line
+            self.live[rid] = meter
         except (UserError, QueueFull) as exc:
-            if self.live.get(rid) is meter:
-                del self.live[rid]
             code = (grpc.StatusCode.INVALID_ARGUMENT if isinstance(exc, UserError)
                     else grpc.StatusCode.RESOURCE_EXHAUSTED)
             meter.end(code.name.lower())

@@ -275,8 +275,11 @@ def bench_disaggregated(model: Path, prompts: list[list[int]], new_tokens: int, 
         for m, mesh in meshes.items():
             asyncio.run(run_batch(mesh.attention[0].grpc, prompts, 4, f"warm{m}", api))
         for r in range(repeats):
-            for m, mesh in meshes.items():
-                samples[m].append(measure_once(mesh, prompts, new_tokens, m, f"{m}-{r}", api))
+            # Odd rounds go round the m values backwards (m=1 m=2 ... then ... m=2 m=1): a
+            # drift of the machine's speed over a round then favours no m in the medians.
+            for m in (ms if r % 2 == 0 else ms[::-1]):
+                samples[m].append(measure_once(meshes[m], prompts, new_tokens, m, f"{m}-{r}",
+                                               api))
     med = statistics.median
     records = []
     for m, got in samples.items():
@@ -418,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                          "in-process, then on the served pair unless --quick)")
     ap.add_argument("--prompt-len", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="rounds over the m values (odd rounds backwards); medians over them")
     ap.add_argument("--ms", default="1,2,3,4")
     ap.add_argument("--stream-interval", type=int, default=8,
                     help="replica sends each request's tokens every N tokens (1 = per token; "

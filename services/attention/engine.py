@@ -57,6 +57,9 @@ from services.errors import UserError
 log = logging.getLogger("megascale.attention.engine")
 
 
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     """Output for one request: new tokens, and on the last event why it finished."""
@@ -153,6 +156,12 @@ class Engine:
                 self._deliver_locked()
         self._wake.set()
         return True
+
+    def finished_counts(self) -> dict[str, int]:
+        """Requests finished so far by reason, whether or not a listener took the final event
+        (a client that went away is counted as "abort")."""
+        with self._lock:
+            return dict(self.scheduler.finished_by_reason)
 
     def set_placement(self, placement: Placement) -> None:
         """Install a new expert placement once no lane is mid-step."""

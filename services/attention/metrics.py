@@ -10,7 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from megascale.v1 import common_pb2
-from services.attention.engine import Engine
+from services.attention.engine import FINISH_REASONS, Engine
 from services.attention.pingpong import StepTimings
 from services.attention.scheduler import StepPlan
 from services.common.metrics import LATENCY_BUCKETS, new_registry, serve_metrics
@@ -37,6 +37,13 @@ class _EngineCollector(Collector):
                                   "Running requests handed from a larger lane (micro-batch) to "
                                   "a smaller one after others finished",
                                   value=self.engine.scheduler.lane_moves)
+        finished = self.engine.finished_counts()
+        success = CounterMetricFamily("megascale:request_success", "Finished requests by "
+                                      "reason, counted by the engine (a request whose client "
+                                      "went away counts as abort)", labels=["reason"])
+        for reason in FINISH_REASONS:
+            success.add_metric([reason], finished.get(reason, 0))
+        yield success
         client = self.engine.client  # plain int / dict reads: safe from the scrape thread
         yield CounterMetricFamily("megascale:expert_failovers",
                                   "Dispatch parts re-sent to another expert replica because "
@@ -68,8 +75,6 @@ class AttentionMetrics:
         self.generated = Counter("megascale:generation_tokens", "Generated tokens", registry=r)
         self.prompt = Counter("megascale:prompt_tokens", "Prompt tokens computed (prefill, "
                               "recompute included)", registry=r)
-        self.finished = Counter("megascale:request_success", "Finished requests by reason",
-                                ["reason"], registry=r)
         self.step = Histogram("megascale:step_duration_seconds", "Wall time of one lane's "
                               "step (the m lanes overlap in time)", buckets=b, registry=r)
         self.attn = Histogram("megascale:attention_compute_seconds", "T_a: attention compute "

@@ -128,7 +128,6 @@ class RequestMeter:
             m.generated.inc(len(ev.token_ids))
         if ev.finish_reason is not None:
             m.e2e.observe(now - self.arrival)
-            m.finished.labels(reason=ev.finish_reason).inc()
 
     def end(self, reason: str) -> None:
         if self.span is not None:

@@ -26,7 +26,7 @@ Nothing here touches tensors; the engine turns a :class:`StepPlan` into micro-ba
 from __future__ import annotations
 
 import enum
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -145,6 +145,9 @@ class RequestScheduler:
         self.running: list[Request] = []
         self._by_id: dict[str, Request] = {}
         self.lane_moves = 0  # requests handed from a larger lane to a smaller one
+        # finished requests by reason ("stop" | "length" | "abort" | "error"), counted here
+        # because every way out goes through finish(), whether or not a client still listens
+        self.finished_by_reason: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ intake
     def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
@@ -183,6 +186,7 @@ class RequestScheduler:
             self.blocks.free(request.request_id)
         request.status = Status.FINISHED
         request.finish_reason = reason
+        self.finished_by_reason[reason] += 1
         del self._by_id[request.request_id]
 
     @property

@@ -9,6 +9,7 @@ import time
 import grpc
 import pytest
 from engine_helpers import grpc_generate
+from metrics_helpers import scrape_metrics
 
 from megascale.v1 import attention_pb2, attention_pb2_grpc, common_pb2
 from services.launch.procs import LocalMesh
@@ -19,7 +20,8 @@ _CLOSE = object()
 @pytest.fixture(scope="module")
 def mesh(engine_ckpt, tmp_path_factory):
     with LocalMesh.start(engine_ckpt("mixtral"), [list(range(8))], micro_batches=2,
-                         workdir=tmp_path_factory.mktemp("stream")) as m:
+                         workdir=tmp_path_factory.mktemp("stream"),
+                         attention_args=["--metrics-port", "0"]) as m:
         yield m
 
 
@@ -46,6 +48,12 @@ class StreamClient:
 
     def close(self) -> None:
         self._out.put(_CLOSE)
+
+
+def finished(mesh: LocalMesh, reason: str) -> float:
+    """Requests the replica finished for ``reason`` (counted by its engine)."""
+    port = mesh.attention[0].info["metrics_port"]
+    return scrape_metrics(port).get(f'megascale:request_success_total{{reason="{reason}"}}', 0.0)
 
 
 def running(address: str) -> int:
@@ -131,6 +139,7 @@ def test_refusals_and_aborts_stay_per_request(mesh):
 def test_ending_the_call_aborts_its_requests(mesh):
     """A client that cancels the call (or goes away) leaves nothing running."""
     address = mesh.attention[0].grpc
+    aborted, ended = finished(mesh, "abort"), finished(mesh, "length")
     with grpc.insecure_channel(address) as ch:
         client = StreamClient(ch)
         for i in range(2):  # 2 x 4000 tokens: seconds of decoding (the pool holds both)
@@ -138,10 +147,13 @@ def test_ending_the_call_aborts_its_requests(mesh):
         next(client.call)
         assert running(address) > 0
         client.call.cancel()
-    deadline = time.monotonic() + 5  # aborted, not run to their end
+    deadline = time.monotonic() + 30
     while running(address) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert running(address) == 0
+    # aborted, not run to their end: the engine counts them though no stream took the event
+    assert finished(mesh, "abort") == aborted + 2
+    assert finished(mesh, "length") == ended
     # the replica serves the next call as before
     with grpc.insecure_channel(address) as ch:
         client = StreamClient(ch)

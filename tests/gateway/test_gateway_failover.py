@@ -59,7 +59,7 @@ def test_client_disconnect_aborts_downstream(stack):
         assert _events(got)
         assert sum(asyncio.run(_loads(replicas))) >= 1  # it is running downstream
     assert _wait(lambda: sum(asyncio.run(_loads(replicas))) == 0)
-    # aborted there, not run to its end (counted once its final event reached the stream)
+    # aborted there, not run to its end (counted by the replica's engine)
     assert _wait(lambda: _aborted(stack.mesh) == before + 1)
 
 

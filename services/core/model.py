@@ -173,6 +173,7 @@ class ExpertSide:
         self.expert_ids = weights.expert_ids
         any_t = next(iter(weights.gate_up.values()), None)
         self.device = any_t.device if any_t is not None else torch.device("cpu")
+        self.dtype = any_t.dtype if any_t is not None else torch.float32  # compute dtype
         # global expert id -> index in the stacked weights, -1 if not held; the extra last
         # entry maps the "no expert" id -1 to -1 as well.
         table = torch.full((cfg.num_experts + 1,), -1, dtype=torch.int64)

@@ -187,16 +187,30 @@ class ExpertWorker:
                 for m in msgs_here:
                     m.release()
             span = _compute_span(layer, headers, rows.shape[0]) if tracing.enabled() else None
+            # Rows and gate weights travel as float32 (moe_wire); a bf16/fp16 replica's values
+            # are exact there, so casting back to the compute dtype gives the very tensors its
+            # router produced (a no-op at float32).
+            dtype = self.experts.dtype
             try:
                 t0 = time.perf_counter()
-                out = self.experts.forward(layer, rows, ids, weights.to(rows.dtype))
+                out = self.experts.forward(layer, rows.to(dtype), ids, weights.to(dtype))
                 out = out.float().cpu()
                 dt = time.perf_counter() - t0
+            except Exception as exc:  # noqa: BLE001 - fail these dispatches, keep serving
+                # Answer each sender at once: a silent node would be waited on for the
+                # replica's whole expert timeout and then marked down.
+                log.exception("expert compute failed on layer %d", layer)
+                self.stats.refused += len(headers)
+                error = moe_wire.pack_error(f"expert compute failed on layer {layer}: "
+                                            f"{type(exc).__name__}: {exc}")
+                for h in headers:
+                    self._reply_to(h, error)
+                continue
             finally:
                 for m in msgs_here:
                     m.release()  # idempotent: the copied-out case released them above
-            if span is not None:
-                span.end()
+                if span is not None:
+                    span.end()
             # Reply first: the senders wait on it. The bookkeeping waits for an idle moment
             # (run() settles it before blocking), or it would delay the next queued dispatch.
             for h, part in zip(headers, out.split(sizes), strict=True):

@@ -96,3 +96,28 @@ def test_lone_dispatches_return_their_slots_and_counts_settle_when_idle(node, en
     finally:
         stop.set()
         thread.join(timeout=10)
+
+
+def test_a_failed_compute_answers_its_senders_with_an_error_and_the_node_goes_on(node,
+                                                                                  engine_ckpt):
+    """Layer 0's expert weights go missing after load (an injected fault): its dispatch is
+    answered with an error at once, the other layer's in the same round as usual, and the
+    slots come back."""
+    worker, senders, replies = node
+    del worker.experts.gate_up_t[0]
+    ref = ExpertSide.from_pretrained(engine_ckpt("mixtral"), HOSTED)
+    for rnd in range(2):  # 2 rounds x 2 dispatches through a 2-slot pool: slots must return
+        sent = [(0, dispatch(3, 20 + rnd)), (2, dispatch(4, 30 + rnd))]
+        for layer, (rows, ids, w) in sent:
+            senders[1].send(moe_wire.pack_dispatch(rows, ids, w), layer=layer,
+                            tag=layer).result(timeout=10)
+        worker.process([worker.rx.recv(timeout=10) for _ in sent])
+        with replies[1].recv(timeout=10) as msg:
+            assert msg.header.tag == 0 and moe_wire.is_error(msg.tensor())
+            assert "expert compute failed on layer 0" in moe_wire.error_text(msg.tensor())
+        rows, ids, w = sent[1][1]
+        with replies[1].recv(timeout=10) as msg:
+            assert msg.header.tag == 2
+            torch.testing.assert_close(msg.tensor().clone(), ref.forward(2, rows, ids, w),
+                                       rtol=0, atol=1e-5)
+    assert worker.stats.refused == 2

@@ -8,7 +8,8 @@ queued without waiting, so a slow or dead attention replica never stalls the oth
 
 A dispatch that cannot be served (bad layout, a layer that is not sparse, an expert this node does
 not host, a stale placement epoch) gets an error reply (:mod:`services.core.moe_wire`) and the loop
-goes on; frames that are malformed at the transport level are refused by libm2n itself.
+goes on; so does every dispatch of a layer whose compute raised. Frames that are malformed at the
+transport level are refused by libm2n itself.
 """
 
 from __future__ import annotations

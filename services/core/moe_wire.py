@@ -22,8 +22,9 @@ Combine (expert -> attention), one reply per dispatch, same tag::
 
 Activations travel as float32 here whatever the compute dtype: bf16 and fp16 values are exact in
 float32, so the expert node casts rows and gate weights back to its compute dtype and computes on
-the very tensors the replica's router produced (tests/engine/test_engine_bf16.py). It costs twice
-the bytes of a bf16 wire format, which would need the ids in a side tensor; left for the GPU path.
+the very tensors the replica's router produced (tests/engine/test_engine_half_precision.py). It
+costs twice the bytes of a bf16 wire format, which would need the ids in a side tensor; left for
+the GPU path.
 """
 
 from __future__ import annotations

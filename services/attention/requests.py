@@ -24,7 +24,7 @@ import grpc
 from opentelemetry.trace import Span, SpanKind
 
 from megascale.v1 import attention_pb2, common_pb2
-from services.attention.engine import Engine, TokenEvent
+from services.attention.engine import FINISH_REASONS, Engine, TokenEvent
 from services.attention.metrics import AttentionMetrics
 from services.attention.scheduler import QueueFull
 from services.common import tracing
@@ -33,8 +33,7 @@ from services.errors import UserError
 
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 REQUEST_ID_RULE = "request_id must be 1..128 printable ASCII characters"
-FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
-          "abort": common_pb2.FINISH_REASON_ABORT, "error": common_pb2.FINISH_REASON_ERROR}
+FINISH = {r: getattr(common_pb2, f"FINISH_REASON_{r.upper()}") for r in FINISH_REASONS}
 
 
 def sampling_from_proto(p: common_pb2.SamplingParams, prompt_len: int, max_model_len: int

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 import pytest
 import torch
@@ -23,13 +24,21 @@ HOSTED = [0, 1, 2, 3]
 H, K = 64, 2  # the engine tests' mixtral checkpoint
 
 
-@pytest.fixture
-def node(engine_ckpt):
-    """(worker, dispatch senders by id, reply receivers by id) with a 2-slot pool per sender."""
+@pytest.fixture(params=["tcp", "shm"])
+def node(request, engine_ckpt):
+    """(worker, dispatch senders by id, reply receivers by id) with 2-slot pools both ways,
+    over each transport the engine runs on."""
     experts = ExpertSide.from_pretrained(engine_ckpt("mixtral"), HOSTED)
-    rx = libm2n.open_receiver("tcp://127.0.0.1:0", libm2n.ReceiverConfig(slots_per_sender=2))
+
+    def url(name: str) -> str:
+        return "tcp://127.0.0.1:0" if request.param == "tcp" else f"shm://{tag}-{name}"
+
+    tag = f"worker-{uuid.uuid4().hex[:12]}"
+
+    two = libm2n.ReceiverConfig(slots_per_sender=2)
+    rx = libm2n.open_receiver(url("d"), two)
     worker = ExpertWorker(experts, rx, m2n_sender_id=9)
-    replies = {sid: libm2n.open_receiver("tcp://127.0.0.1:0") for sid in (1, 2)}
+    replies = {sid: libm2n.open_receiver(url(f"r{sid}"), two) for sid in (1, 2)}
     for sid, reply_rx in replies.items():
         worker.attach(sid, reply_rx.url)
     senders = {sid: libm2n.connect(rx.url, libm2n.SenderConfig(sender_id=sid)) for sid in (1, 2)}
@@ -121,3 +130,29 @@ def test_a_failed_compute_answers_its_senders_with_an_error_and_the_node_goes_on
             torch.testing.assert_close(msg.tensor().clone(), ref.forward(2, rows, ids, w),
                                        rtol=0, atol=1e-5)
     assert worker.stats.refused == 2
+
+
+def test_replies_wait_for_a_replica_that_holds_every_reply_slot(node, engine_ckpt):
+    """The replica keeps both reply slots: the third reply is queued (the node goes on), then
+    written when a slot comes back."""
+    worker, senders, replies = node
+    ref = ExpertSide.from_pretrained(engine_ckpt("mixtral"), HOSTED)
+    sent = [dispatch(3 + tag, 40 + tag) for tag in range(3)]
+    held = []
+    for tag, (rows, ids, w) in enumerate(sent):
+        senders[1].send(moe_wire.pack_dispatch(rows, ids, w), layer=2, tag=tag).result(
+            timeout=10)
+        worker.process([worker.rx.recv(timeout=10)])
+        if tag < 2:
+            held.append(replies[1].recv(timeout=10))
+    with pytest.raises(TimeoutError):
+        replies[1].recv(timeout=0.2)  # the third reply has no slot yet
+    got = []
+    for msg in held:
+        with msg:
+            got.append((msg.header.tag, msg.tensor().clone()))
+    with replies[1].recv(timeout=10) as msg:
+        got.append((msg.header.tag, msg.tensor().clone()))
+    for tag, ((got_tag, out), (rows, ids, w)) in enumerate(zip(got, sent, strict=True)):
+        assert got_tag == tag
+        torch.testing.assert_close(out, ref.forward(2, rows, ids, w), rtol=0, atol=1e-5)

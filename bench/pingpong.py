@@ -124,7 +124,7 @@ def calibrate_served(start: int, prompts: list[list[int]], workdir: Path,
     towards the balance and keep the FFN width at which the two processes are equally busy.
 
     Busy time, not T_a vs T_e per call: besides its layers, the replica spends each lane step
-    on the LM head, sampling and batch bookkeeping (~8 ms per 512-token lane step at the
+    on the LM head, sampling and batch bookkeeping (~7 ms per 256-token lane step at the
     default shape, ~1 ms per layer call), and its gRPC and libm2n threads share its core
     (served T_a runs 10–30% above in-process). Balancing per-call T_a and T_e therefore left
     the expert node ~6% idler than the replica at m=2 (94% vs 88% busy, eighth session), and

@@ -29,11 +29,10 @@ def node(request, engine_ckpt):
     """(worker, dispatch senders by id, reply receivers by id) with 2-slot pools both ways,
     over each transport the engine runs on."""
     experts = ExpertSide.from_pretrained(engine_ckpt("mixtral"), HOSTED)
+    tag = f"worker-{uuid.uuid4().hex[:12]}"
 
     def url(name: str) -> str:
         return "tcp://127.0.0.1:0" if request.param == "tcp" else f"shm://{tag}-{name}"
-
-    tag = f"worker-{uuid.uuid4().hex[:12]}"
 
     two = libm2n.ReceiverConfig(slots_per_sender=2)
     rx = libm2n.open_receiver(url("d"), two)

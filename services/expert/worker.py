@@ -161,7 +161,7 @@ class ExpertWorker:
                 rows, ids, weights = self._validate(msg)
             except ValueError as exc:
                 self.stats.refused += 1
-                self._reply(msg, moe_wire.pack_error(str(exc)))
+                self._reply_to(msg.header, moe_wire.pack_error(str(exc)))
                 msg.release()
                 continue
             by_layer[msg.header.layer].append((msg, rows, ids, weights))
@@ -259,9 +259,6 @@ class ExpertWorker:
         s.group_rows += sum(counts)
         if self.on_compute is not None:
             self.on_compute(ComputeEvent(experts, counts, start, seconds, nrows, layer))
-
-    def _reply(self, msg: libm2n.Message, payload: torch.Tensor) -> None:
-        self._reply_to(msg.header, payload)
 
     def _reply_to(self, h, payload: torch.Tensor) -> None:  # noqa: ANN001 - libm2n Header
         with self._lock:

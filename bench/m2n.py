@@ -5,8 +5,8 @@ to each of N receiver processes, then waits for the N S-byte replies (each recei
 message back to its sender). Per iteration the sender records RTT; we report the one-way latency
 ``RTT / 2`` (p50, p99 over all senders' iterations) and the throughput ``gbps`` = payload bytes
 moved in both directions / wall time of the slowest sender, in **GB/s (1e9 bytes/s)**.
-``memcpy`` is a single-core ``numpy.copyto`` of S bytes (latency per copy, GB/s): the physical
-limit of a one-copy transport.
+``memcpy`` is a single-core copy of S bytes, the faster of ``numpy.copyto`` and ``torch.copy_``
+(latency per copy, GB/s): the physical limit of a one-copy transport.
 
 All transports run side by side in one invocation with the same schedule; figures depend on the
 machine's load, so read the printed ratios, not the absolute numbers. ``--repeats R`` runs the

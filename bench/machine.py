@@ -1,9 +1,9 @@
 """What machine a benchmark ran on, for its JSON records and printed header.
 
-Figures from different machines are not comparable: this project's 2-vCPU test VMs have been
-several CPU generations (measured: an "AMD EPYC" reported as family 23 model 1 runs MKL's
-single-thread SGEMM at ~30 GFLOP/s, the earlier sessions' one at ~90). ``platform.processor()``
-is empty on most Linux builds, so read ``/proc/cpuinfo``.
+Figures from different machines are not comparable: 2-vCPU VMs that all report "AMD EPYC" can
+be different CPU generations (family 23 model 1 runs MKL's single-thread SGEMM at ~30 GFLOP/s,
+family 25 model 17 at ~90), so the family and model go into every record.
+``platform.processor()`` is empty on most Linux builds, so read ``/proc/cpuinfo``.
 """
 
 from __future__ import annotations

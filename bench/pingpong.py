@@ -11,7 +11,7 @@ N new tokens minus wall time of the same batch with 1 new token (the prefill), o
 tokens; medians over repeats. Busy fractions come from each process's Prometheus counters over
 the N-token run.
 
-    python bench/pingpong.py --json bench/results/pingpong.json --png docs/img/pingpong.png
+    python bench/pingpong.py --json bench/results/pingpong.json --png docs/img/pingpong_timeline.png
     python bench/pingpong.py --quick
 """
 
@@ -42,15 +42,16 @@ from services.core.runtime import configure_threads
 from services.core.sampling import SamplingParams
 from services.launch.procs import LocalMesh
 
-# hidden 1024 and batch 512 (from the eleventh session; 512 and 1024 before): per token a layer
-# computes ~2.9x as long as at hidden 512 while it moves 2x the bytes over libm2n, and the
-# per-request Python at each lane step is spread over half the tokens. Real MoE models (hidden
-# >= 4096) sit further that way still. --hidden 512 --batch 1024 gives the earlier shape.
+# hidden 1024 at batch 512: per token a layer computes ~2.9x as long as at hidden 512 while it
+# moves 2x the bytes over libm2n, and the per-request Python at each lane step is spread over
+# half the tokens, so transfer and host work weigh less against compute. Real MoE models (hidden
+# >= 4096) sit further that way still. --hidden 512 --batch 1024 gives a smaller, more
+# transfer- and host-bound shape.
 SHAPE = dict(layers=8, hidden=1024, intermediate=224, experts=8, top_k=2, heads=8, kv_heads=2,
              vocab=1024, seed=5)
 CANDIDATE_INTERMEDIATE = tuple(range(64, 1025, 32))  # expert FFN widths the calibration tries
 # New tokens per served calibration probe. Busy fractions are (N-token run - 1-token run) /
-# wall: with 16 tokens one slow prefill read as 112% busy (eighth session).
+# wall: with 16 tokens one slow prefill can read as over 100% busy.
 PROBE_TOKENS = 32
 _T0 = time.perf_counter()
 
@@ -126,9 +127,9 @@ def calibrate_served(start: int, prompts: list[list[int]], workdir: Path,
     Busy time, not T_a vs T_e per call: besides its layers, the replica spends each lane step
     on the LM head, sampling and batch bookkeeping (~7 ms per 256-token lane step at the
     default shape, ~1 ms per layer call), and its gRPC and libm2n threads share its core
-    (served T_a runs 10–30% above in-process). Balancing per-call T_a and T_e therefore left
-    the expert node ~6% idler than the replica at m=2 (94% vs 88% busy, eighth session), and
-    the m=2 step attention-bound. The probes stream tokens as the measured runs do
+    (served T_a runs 10–30% above in-process). Balancing per-call T_a and T_e therefore leaves
+    the expert node idler than the replica at m=2 (by ~6 points of busy time), and the m=2
+    step attention-bound. The probes stream tokens as the measured runs do
     (``stream_interval``, ``api``): per-token streaming loads the replica's core.
     Returns (intermediate, served T_a ms, served T_e ms, replica busy, node busy)."""
     i = CANDIDATE_INTERMEDIATE.index(start)
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="requests decoded together (default 512; 256 with --quick); m=2 "
                          "gives micro-batches of batch/2 tokens (smaller micro-batches run "
                          "this CPU's kernels less efficiently per token; see "
-                         "docs/BENCHMARKS.md)")
+                         "docs/BENCHMARKS.md section 3)")
     ap.add_argument("--hidden", type=int, default=SHAPE["hidden"])
     ap.add_argument("--layers", type=int, default=SHAPE["layers"])
     ap.add_argument("--intermediate", type=int, default=None,

@@ -37,7 +37,7 @@ import uuid
 
 import numpy as np
 
-from libm2n.api import ReceiverConfig
+from libm2n.base import ReceiverConfig
 
 TRANSPORTS = ("shm", "tcp", "gloo", "grpc")
 KB, MB = 1 << 10, 1 << 20

@@ -20,7 +20,7 @@ payload_bytes, tag, trace_id, span_id) -> bytes``
     in order: the new fill level (a partial frame moved to the front), the fields of the good
     frames, and the ProtocolError of the first bad one (None if none; parsing stops there).
 ``payload(obj) -> (buffer, nbytes, rows, cols, dtype)``
-    :func:`libm2n.api.as_payload` for sending: ``buffer`` exports ``nbytes`` C-contiguous bytes
+    :func:`libm2n.payload.as_payload` for sending: ``buffer`` exports ``nbytes`` C-contiguous bytes
     (the object itself for numpy arrays and bytes-likes, so nothing is wrapped per message).
 ``new_header(fields) -> Header``
     :func:`libm2n.header.new_header` (the :class:`Header` of a fields tuple).
@@ -30,6 +30,10 @@ payload_bytes, tag, trace_id, span_id) -> bytes``
     sends them with a blocking ``sendall``), or None.
 
 ``ACTIVE`` is True when the C versions are in use; ``REASON`` says why not otherwise.
+
+This module imports only :mod:`libm2n.errors`, :mod:`libm2n.header` and :mod:`libm2n.payload`
+(whose torch dtype table the C payload path is given once torch is in use): the interface and
+every transport import it, never the other way.
 """
 
 from __future__ import annotations
@@ -38,12 +42,12 @@ import functools
 import os
 from typing import Any
 
-from libm2n import api as _api  # api imports this module: use it at call time only
 from libm2n.errors import ProtocolError
 from libm2n.header import F_PAYLOAD_BYTES, FIELDS, HEADER_SIZE, Header, validate_fields
 from libm2n.header import new_header as py_new_header
 from libm2n.header import pack_fields as py_pack_fields
 from libm2n.header import unpack_fields as py_unpack_fields
+from libm2n.payload import TORCH_CODES_BY_NAME, as_payload
 
 __all__ = ["ACTIVE", "REASON", "check", "new_header", "pack_fields", "payload", "read_headers",
            "shm_send", "unpack_fields"]
@@ -77,8 +81,8 @@ def py_read_headers(fd: int, hbuf: bytearray, got: int, sender_id: int | None, n
 
 
 def py_payload(obj: Any) -> tuple[Any, int, int, int, int]:
-    """Pure-Python :func:`payload` (a wrapper of :func:`libm2n.api.as_payload`)."""
-    view, rows, cols, code = _api.as_payload(obj)
+    """Pure-Python :func:`payload` (a wrapper of :func:`libm2n.payload.as_payload`)."""
+    view, rows, cols, code = as_payload(obj)
     return view, len(view), rows, cols, code
 
 
@@ -131,7 +135,7 @@ if _fast is not None:
         import torch
 
         if not _torch_registered:
-            codes = {getattr(torch, name): code for name, code in _api._TORCH_CODES_BY_NAME}
+            codes = {getattr(torch, name): code for name, code in TORCH_CODES_BY_NAME}
             _fast.set_torch(torch.Tensor, codes)
             _torch_registered.append(True)
 

@@ -34,7 +34,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from libm2n.api import Endpoint, ReceiverConfig, SenderConfig
+from libm2n.base import Endpoint, ReceiverConfig, SenderConfig
 from libm2n.errors import PeerLost, ProtocolError
 from libm2n.fastpath import pack_fields, unpack_fields
 from libm2n.header import HEADER_SIZE, Header, Kind, new_header, validate_fields

@@ -24,7 +24,7 @@ import os
 import socket
 from typing import Any
 
-from libm2n.api import Endpoint
+from libm2n.base import Endpoint
 from libm2n.errors import InvalidArgument, ProtocolError
 from libm2n.fastpath import shm_send
 from libm2n.header import Kind

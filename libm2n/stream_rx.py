@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 
-from libm2n.api import Endpoint, Message, Receiver, ReceiverConfig
+from libm2n.base import Endpoint, Message, Receiver, ReceiverConfig
 from libm2n.credits import SlotTable
 from libm2n.errors import M2NError, PeerLost, ProtocolError
 from libm2n.fastpath import check, read_headers

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
-from libm2n.api import Endpoint, Sender, SenderConfig
+from libm2n.base import Endpoint, Sender, SenderConfig
 from libm2n.credits import CreditPool, PendingSend
 from libm2n.errors import CreditTimeout, InvalidArgument, M2NError, PeerLost, ProtocolError
 from libm2n.fastpath import payload as fast_payload

@@ -13,7 +13,7 @@ import mmap
 import socket
 from typing import Any
 
-from libm2n.api import Endpoint
+from libm2n.base import Endpoint
 from libm2n.errors import InvalidArgument
 from libm2n.fastpath import pack_fields
 from libm2n.header import HEADER_SIZE, Kind

@@ -16,14 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import libm2n
-from libm2n import api, fastpath
+from libm2n import fastpath
 from libm2n import header as hdr
 from libm2n.errors import ProtocolError
+from libm2n.payload import TORCH_CODES_BY_NAME
 
 torch.set_num_threads(1)
 fast = pytest.importorskip("libm2n._fast")
 fast.set_ndarray(np.ndarray)
-fast.set_torch(torch.Tensor, {getattr(torch, n): c for n, c in api._TORCH_CODES_BY_NAME})
+fast.set_torch(torch.Tensor, {getattr(torch, n): c for n, c in TORCH_CODES_BY_NAME})
 
 
 def c_payload(obj):

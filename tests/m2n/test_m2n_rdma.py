@@ -16,7 +16,7 @@ from loopback_verbs import LoopbackQP
 
 import libm2n
 from libm2n import rdma
-from libm2n.api import parse_url
+from libm2n.base import parse_url
 from libm2n.header import HEADER_SIZE
 
 torch.set_num_threads(1)

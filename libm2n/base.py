@@ -1,4 +1,9 @@
-"""The transport-neutral libm2n API: endpoints, configs, messages, completions.
+"""The transport-neutral libm2n interface: endpoints, configs, messages, receivers, senders.
+
+Every transport (:mod:`libm2n.shm`, :mod:`libm2n.tcp`, :mod:`libm2n.rdma`) implements
+:class:`Receiver` and :class:`Sender` from here; this module imports no transport. The schemes
+come from the data-only :mod:`libm2n.registry`, and :func:`libm2n.open_receiver` /
+:func:`libm2n.connect` pick the transport from it.
 
 Model
 -----
@@ -6,11 +11,11 @@ A :class:`Receiver` listens on an endpoint URL (``shm://NAME``, ``tcp://HOST:POR
 ``rdma://HOST:PORT`` whose HOST:PORT is the tcp side channel). Every :class:`Sender` that
 connects gets its own pool of ``slots_per_sender`` fixed-size slots on the receiver and starts
 with one credit per slot.
-``Sender.send`` puts one message (a fixed 128-byte :mod:`~libm2n.header` + raw payload bytes) into a
-slot it holds a credit for and signals the receiver; ``Receiver.recv``/``poll`` hand back a
-:class:`Message` whose payload is a **view of the slot** (zero copies out). ``Message.release``
-frees the slot and sends the credit back. A process that both dispatches and combines simply
-owns one Receiver and one Sender per peer.
+``Sender.send`` puts one message (a fixed 128-byte :mod:`~libm2n.header` + raw payload bytes, see
+:func:`libm2n.payload.as_payload`) into a slot it holds a credit for and signals the receiver;
+``Receiver.recv``/``poll`` hand back a :class:`Message` whose payload is a **view of the slot**
+(zero copies out). ``Message.release`` frees the slot and sends the credit back. A process that
+both dispatches and combines simply owns one Receiver and one Sender per peer.
 
 Lifetime rule
 -------------
@@ -43,15 +48,29 @@ from urllib.parse import urlsplit
 
 from libm2n import fastpath
 from libm2n.errors import InvalidArgument
-from libm2n.header import F_COLS, F_DTYPE, F_PAYLOAD_BYTES, F_ROWS, DType, Header, fields_of
+from libm2n.header import F_COLS, F_DTYPE, F_PAYLOAD_BYTES, F_ROWS, Header, fields_of
+from libm2n.payload import CODE_NAMES
+from libm2n.registry import SCHEMES, TRANSPORTS
 
-SCHEMES = ("shm", "tcp", "rdma")
+__all__ = ["Endpoint", "Message", "Receiver", "ReceiverConfig", "Sender", "SenderConfig",
+           "parse_url"]
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,80}$")
+_NAMED = frozenset(s for s, t in TRANSPORTS.items() if t.named)  # SCHEME://NAME, not HOST:PORT
+
+
+def _address_forms() -> str:
+    """``"shm://NAME, tcp://HOST:PORT or rdma://HOST:PORT"`` (for error messages)."""
+    forms = [f"{s}://NAME" if s in _NAMED else f"{s}://HOST:PORT" for s in SCHEMES]
+    return f"{', '.join(forms[:-1])} or {forms[-1]}" if len(forms) > 1 else forms[0]
+
+
+_FORMS = _address_forms()
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A parsed endpoint URL. For shm ``host`` is the NAME and ``port`` is 0."""
+    """A parsed endpoint URL. For a named scheme (shm) ``host`` is the NAME and ``port`` is 0."""
 
     scheme: str
     host: str
@@ -59,8 +78,8 @@ class Endpoint:
 
     @property
     def url(self) -> str:
-        if self.scheme == "shm":
-            return f"shm://{self.host}"
+        if self.scheme in _NAMED:
+            return f"{self.scheme}://{self.host}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
 
@@ -68,21 +87,21 @@ class Endpoint:
 def parse_url(url: str) -> Endpoint:
     """Parse ``shm://NAME``, ``tcp://HOST:PORT`` or ``rdma://HOST:PORT``.
 
-    Raises InvalidArgument naming the problem.
+    The schemes and their address forms are :data:`libm2n.registry.TRANSPORTS`. Raises
+    InvalidArgument naming the problem.
     """
     if not isinstance(url, str) or "://" not in url:
-        raise InvalidArgument(f"bad m2n endpoint {url!r}: expected shm://NAME, tcp://HOST:PORT "
-                              "or rdma://HOST:PORT")
+        raise InvalidArgument(f"bad m2n endpoint {url!r}: expected {_FORMS}")
     scheme = url.split("://", 1)[0].lower()
     if scheme not in SCHEMES:
         raise InvalidArgument(f"bad m2n endpoint {url!r}: unknown scheme {scheme!r} "
                               f"(expected one of {', '.join(SCHEMES)})")
     rest = url.split("://", 1)[1]
-    if scheme == "shm":
+    if scheme in _NAMED:
         if not _NAME_RE.match(rest):
-            raise InvalidArgument(f"bad m2n endpoint {url!r}: shm name must be 1-80 characters "
-                                  "of [A-Za-z0-9_.-]")
-        return Endpoint("shm", rest, 0)
+            raise InvalidArgument(f"bad m2n endpoint {url!r}: {scheme} name must be 1-80 "
+                                  "characters of [A-Za-z0-9_.-]")
+        return Endpoint(scheme, rest, 0)
     try:
         parts = urlsplit(url)
         host, port = parts.hostname, parts.port
@@ -149,87 +168,6 @@ class SenderConfig:
             raise InvalidArgument(f"connect_timeout_s must be > 0, got {self.connect_timeout_s}")
 
 
-_TORCH_CODES: dict[str, int] = {
-    "torch.uint8": DType.UINT8, "torch.int8": DType.INT8, "torch.int16": DType.INT16,
-    "torch.int32": DType.INT32, "torch.int64": DType.INT64, "torch.float16": DType.FLOAT16,
-    "torch.bfloat16": DType.BFLOAT16, "torch.float32": DType.FLOAT32,
-    "torch.float64": DType.FLOAT64, "torch.bool": DType.BOOL,
-}
-_TORCH_CODES_BY_NAME = tuple((k.removeprefix("torch."), v) for k, v in _TORCH_CODES.items())
-_NUMPY_CODES: dict[str, int] = {
-    "uint8": DType.UINT8, "int8": DType.INT8, "int16": DType.INT16, "int32": DType.INT32,
-    "int64": DType.INT64, "float16": DType.FLOAT16, "float32": DType.FLOAT32,
-    "float64": DType.FLOAT64, "bool": DType.BOOL,
-}
-
-
-_DTYPE_CACHE: dict[Any, int | None] = {}  # torch/numpy dtype object -> code (None: refused)
-
-
-def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
-    if len(shape) == 0:
-        return 1, 1
-    rows = 1
-    for d in shape[:-1]:
-        rows *= d
-    return rows, shape[-1]
-
-
-def as_payload(obj: Any) -> tuple[memoryview, int, int, int]:
-    """Return ``(bytes view, rows, cols, dtype code)`` for a tensor, ndarray or bytes-like.
-
-    A torch tensor of shape ``(..., C)`` travels as ``rows = prod(...)``, ``cols = C``; bytes
-    travel as uint8 ``1 x len``. CUDA tensors are staged through pinned host memory (one
-    device-to-host copy). Non-contiguous inputs are made contiguous (one extra copy).
-    """
-    mod = type(obj).__module__
-    if mod.startswith("torch"):
-        import torch
-
-        if not isinstance(obj, torch.Tensor):
-            raise InvalidArgument(f"cannot send a {type(obj).__name__}")
-        code = _DTYPE_CACHE.get(obj.dtype)
-        if code is None:
-            code = _TORCH_CODES.get(str(obj.dtype))
-            _DTYPE_CACHE[obj.dtype] = code
-        if code is None:
-            raise InvalidArgument(f"cannot send a tensor of dtype {obj.dtype}")
-        t = obj.detach()
-        if t.device.type != "cpu":
-            # Stage through pinned host memory so the device->host copy is a DMA.
-            staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            staged.copy_(t)
-            t = staged
-        t = t.contiguous()
-        rows, cols = _rows_cols(tuple(t.shape))
-        flat = t.reshape(-1)
-        view = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
-        return view.cast("B") if view.ndim == 1 else view, rows, cols, code
-    if mod.startswith("numpy"):
-        import numpy as np
-
-        if not isinstance(obj, np.ndarray):
-            raise InvalidArgument(f"cannot send a {type(obj).__name__}")
-        code = _DTYPE_CACHE.get(obj.dtype)
-        if code is None:
-            code = _NUMPY_CODES.get(str(obj.dtype))  # str(dtype) is slow: once per dtype
-            _DTYPE_CACHE[obj.dtype] = code
-        if code is None:
-            raise InvalidArgument(f"cannot send an array of dtype {obj.dtype}")
-        arr = np.ascontiguousarray(obj)
-        rows, cols = _rows_cols(arr.shape)
-        return memoryview(arr.reshape(-1).view(np.uint8)), rows, cols, code
-    try:
-        view = memoryview(obj)
-    except TypeError:
-        raise InvalidArgument(f"cannot send a {type(obj).__name__}: expected a torch tensor, "
-                              "numpy array or bytes-like") from None
-    if not view.contiguous:
-        raise InvalidArgument("cannot send a non-contiguous buffer")
-    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-    return view, 1, len(view), DType.UINT8
-
-
 class Message:
     """One received message: ``sender_id``, ``header`` and ``payload`` (a view of the slot).
 
@@ -267,7 +205,7 @@ class Message:
         import torch
 
         f = self.fields
-        dtype = getattr(torch, _CODE_TORCH[f[F_DTYPE]])
+        dtype = getattr(torch, CODE_NAMES[f[F_DTYPE]])
         if f[F_PAYLOAD_BYTES] == 0:
             return torch.empty((f[F_ROWS], f[F_COLS]), dtype=dtype)
         return torch.frombuffer(self.payload, dtype=dtype).view(f[F_ROWS], f[F_COLS])
@@ -277,7 +215,7 @@ class Message:
         import numpy as np
 
         f = self.fields
-        name = _CODE_TORCH[f[F_DTYPE]]
+        name = CODE_NAMES[f[F_DTYPE]]
         if name == "bfloat16":
             raise InvalidArgument("numpy has no bfloat16; use Message.tensor()")
         return np.frombuffer(self.payload, dtype=name).reshape(f[F_ROWS], f[F_COLS])
@@ -301,15 +239,8 @@ class Message:
                 f"bytes={h.payload_bytes})")
 
 
-_CODE_TORCH: dict[int, str] = {
-    DType.UINT8: "uint8", DType.INT8: "int8", DType.INT16: "int16", DType.INT32: "int32",
-    DType.INT64: "int64", DType.FLOAT16: "float16", DType.BFLOAT16: "bfloat16",
-    DType.FLOAT32: "float32", DType.FLOAT64: "float64", DType.BOOL: "bool",
-}
-
-
 class Receiver:
-    """Abstract receiver; see the module docstring. Implementations: shm, tcp, rdma."""
+    """Abstract receiver; see the module docstring. The implementations: :mod:`libm2n.registry`."""
 
     url: str
 
@@ -387,36 +318,3 @@ class Sender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def open_receiver(url: str, config: ReceiverConfig | None = None) -> Receiver:
-    """Listen on ``url`` (tcp port 0 picks a free port; read the real one from ``.url``)."""
-    ep = parse_url(url)
-    config = config or ReceiverConfig()
-    if ep.scheme == "shm":
-        from libm2n.shm import ShmReceiver
-
-        return ShmReceiver(ep, config)
-    if ep.scheme == "tcp":
-        from libm2n.tcp import TcpReceiver
-
-        return TcpReceiver(ep, config)
-    from libm2n.rdma import RdmaReceiver
-
-    return RdmaReceiver(ep, config)
-
-
-def connect(url: str, config: SenderConfig) -> Sender:
-    """Connect a sender to the receiver at ``url`` (retries until ``connect_timeout_s``)."""
-    ep = parse_url(url)
-    if ep.scheme == "shm":
-        from libm2n.shm import ShmSender
-
-        return ShmSender(ep, config)
-    if ep.scheme == "tcp":
-        from libm2n.tcp import TcpSender
-
-        return TcpSender(ep, config)
-    from libm2n.rdma import RdmaSender
-
-    return RdmaSender(ep, config)

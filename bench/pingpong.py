@@ -38,8 +38,8 @@ from megascale.v1 import attention_pb2, attention_pb2_grpc, common_pb2
 from services.core.demo import write_random_checkpoint
 from services.core.generate import generate
 from services.core.model import MonolithicModel
+from services.core.request import SamplingParams
 from services.core.runtime import configure_threads
-from services.core.sampling import SamplingParams
 from services.launch.procs import LocalMesh
 
 # hidden 1024 at batch 512: per token a layer computes ~2.9x as long as at hidden 512 while it
@@ -65,9 +65,9 @@ def calibrate(hidden: int, tokens: int, context: int, workdir: Path) -> tuple[in
     """Pick the expert FFN width whose expert time per micro-batch of ``tokens`` tokens is
     closest to the attention time (T_a ≈ T_e, where ping-pong pays most), measured in-process
     on one thread with the real core layers (the planner's profiled work, see
-    services/scheduler/planner/corun.py). Returns (intermediate, T_a ms, T_e ms)."""
+    services/planner/corun.py). Returns (intermediate, T_a ms, T_e ms)."""
     from services.core.model import AttentionSide, ExpertSide
-    from services.scheduler.planner import corun
+    from services.planner import corun
 
     configure_threads(1)
 
@@ -367,8 +367,8 @@ def bench_transformers(model: Path, prompts: list[list[int]], new_tokens: int,
 def planner_predictions(model: Path, batch: int, context: int, ms: list[int]) -> list[dict]:
     """The deployment planner's closed loop: profile this machine with the real core layers on
     the benchmark's checkpoint, then predict decode tokens/s for each m (issue: within 25%)."""
-    from services.scheduler.planner.models import load_model
-    from services.scheduler.planner.profile import predict_local, profile_checkpoint
+    from services.planner.models import load_model
+    from services.planner.profile import predict_local, profile_checkpoint
 
     shape = load_model(str(model))
     sizes = sorted({max(1, batch // k) for k in (4, 3, 2, 1)})

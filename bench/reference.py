@@ -37,7 +37,7 @@ def _prompts(batch: int, vocab: int, seed: int) -> list[list[int]]:
 
 def _run_ours(model, prompts, new_tokens: int) -> tuple[float, float]:
     from services.core.generate import generate
-    from services.core.sampling import SamplingParams
+    from services.core.request import SamplingParams
 
     t0, c0 = time.perf_counter(), time.process_time()
     out = generate(model, prompts, SamplingParams(temperature=0, max_tokens=new_tokens,

@@ -21,7 +21,7 @@ from services.errors import UserError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo-model": ("services.core.demo", "write a small random MoE checkpoint + tokenizer"),
     "generate": ("services.core.generate", "offline generation (the monolithic reference)"),
-    "plan": ("services.scheduler.planner.cli", "search a deployment plan (or --profile)"),
+    "plan": ("services.planner.cli", "search a deployment plan (or --profile)"),
     "serve": ("services.launch.serve", "run one role: attention | expert | scheduler | gateway"),
     "up": ("services.launch.up", "start the whole mesh locally"),
 }

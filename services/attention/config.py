@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.attention.scheduler import SchedulerConfig
+from services.attention.batching import BatchingConfig
 from services.errors import ConfigError
 
 
@@ -33,10 +33,10 @@ class AttentionConfig:
     stream_interval: int = 1          # emit a request's tokens every N tokens (1 = each token)
     block_size: int = 16
     num_blocks: int = 512
-    scheduler: SchedulerConfig = SchedulerConfig()
+    batching: BatchingConfig = BatchingConfig()
     expert_timeout_s: float = 10.0    # bound on a node's replies before it is marked down
     expert_readmit_s: float = 30.0    # retry a down node with a healthy link after this; 0 = no
-    scheduler_addr: str | None = None  # scheduler gRPC address; None = run without one
+    scheduler: str | None = None      # the scheduler service's gRPC address; None = none
     threads: int = 1
     device: str = "cpu"
     dtype: str = "float32"

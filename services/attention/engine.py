@@ -25,6 +25,7 @@ the lanes later, and at once when the engine goes idle or a handler thread finis
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -33,6 +34,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.attention.batching import (
+    Batcher,
+    BatchingConfig,
+    Request,
+    Status,
+    StepPlan,
+)
 from services.attention.config import AttentionConfig
 from services.attention.dispatch import ExpertClient
 from services.attention.pingpong import (
@@ -42,22 +50,13 @@ from services.attention.pingpong import (
     build_micro_batch,
 )
 from services.attention.routing import ExpertUnavailable, Placement
-from services.attention.scheduler import (
-    Request,
-    RequestScheduler,
-    SchedulerConfig,
-    Status,
-    StepPlan,
-)
 from services.core.kv_cache import BlockManager
 from services.core.model import AttentionSide
-from services.core.sampling import SamplingParams, finish_reason, sample
+from services.core.request import FinishReason, SamplingParams, check_request_id
+from services.core.sampling import finish_reason, make_generator, sample
 from services.errors import UserError
 
 log = logging.getLogger("megascale.attention.engine")
-
-
-FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ class TokenEvent:
     index: int                        # position of token_ids[0] in the output (resumed counted)
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    finish_reason: FinishReason | None = None
     error: str | None = None
     stop_token_id: int | None = None
     # time.monotonic() when the engine emitted it (after sampling); the server measures the
@@ -92,9 +91,9 @@ class Engine:
         self.client = client
         self.blocks = BlockManager(config.num_blocks, config.block_size)
         self.kv = attention.new_kv_cache(config.num_blocks, config.block_size)
-        sc = config.scheduler
+        sc = config.batching
         max_len = min(sc.max_model_len, self.cfg.max_position_embeddings)
-        self.scheduler = RequestScheduler(self.blocks, SchedulerConfig(
+        self.batcher = Batcher(self.blocks, BatchingConfig(
             sc.max_num_seqs, sc.max_batch_tokens, max_len, sc.max_waiting))
         rows = client.max_rows()
         if rows < sc.max_batch_tokens:
@@ -121,7 +120,13 @@ class Engine:
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
                listener: Listener, resumed: list[int] | None = None,
                trace: tuple[bytes, bytes] | None = None) -> None:
-        """Queue a request; raises UserError (bad input) or QueueFull (retry elsewhere)."""
+        """Admit a request: the one place a replica accepts one (both gRPC calls come here).
+
+        Raises UserError (bad input: the request id, token ids, a request that can never fit)
+        or QueueFull (retry elsewhere). ``params.max_tokens`` None becomes the rest of the
+        context.
+        """
+        check_request_id(request_id)
         resumed = list(resumed or [])
         if not prompt:
             raise UserError("prompt_token_ids is empty")
@@ -130,12 +135,15 @@ class Engine:
             bad = next((t for t in ids if not 0 <= t < vocab), None)
             if bad is not None:
                 raise UserError(f"{name} contains {bad}, outside the vocabulary [0, {vocab})")
+        if params.max_tokens is None:
+            rest = self.batcher.config.max_model_len - len(prompt)
+            params = dataclasses.replace(params, max_tokens=max(1, rest))
         req = Request(request_id, list(prompt), params, time.monotonic(), output=resumed,
                       num_resumed=len(resumed), num_streamed=len(resumed),
-                      generator=params.make_generator(),
+                      generator=make_generator(params),
                       trace=trace)
         with self._lock:
-            self.scheduler.add(req)
+            self.batcher.add(req)
             self._listeners[request_id] = listener
             done = finish_reason(params, resumed, self.eos_ids) if resumed else None
             if done is not None:  # resumed output already complete: finish at once
@@ -146,13 +154,13 @@ class Engine:
     def abort(self, request_id: str) -> bool:
         """Cancel a request; False if unknown or already finished."""
         with self._lock:
-            req = self.scheduler.get(request_id)
+            req = self.batcher.get(request_id)
             if req is None:
                 return False
-            if req in self.scheduler.running:
+            if req in self.batcher.running:
                 self._abort_requested.add(request_id)  # finished when its lane is between steps
             else:
-                self._finish_locked(req, "abort")
+                self._finish_locked(req, FinishReason.ABORT)
                 self._deliver_locked()
         self._wake.set()
         return True
@@ -161,7 +169,14 @@ class Engine:
         """Requests finished so far by reason, whether or not a listener took the final event
         (a client that went away is counted as "abort")."""
         with self._lock:
-            return dict(self.scheduler.finished_by_reason)
+            return dict(self.batcher.finished_by_reason)
+
+    # ------------------------------------------- placement (services/attention/placement.py)
+    @property
+    def placement(self) -> Placement:
+        """The placement in force (one passed to :meth:`set_placement` is not, until no lane
+        is mid-step)."""
+        return self.client.placement
 
     def set_placement(self, placement: Placement) -> None:
         """Install a new expert placement once no lane is mid-step."""
@@ -169,10 +184,23 @@ class Engine:
             self._new_placement = placement
         self._wake.set()
 
+    def attached_nodes(self) -> dict[str, str]:
+        """Expert nodes this replica is attached to (they hold its reply link) -> dispatch URL;
+        a copy. Attaching happens on the server's event loop only."""
+        return dict(self.client.attached)
+
+    def note_attached(self, node_id: str, dispatch_url: str) -> None:
+        """Record an ``Expert.Attach`` made for a placement (event loop only)."""
+        self.client.attached[node_id] = dispatch_url
+
+    def nodes_down(self) -> set[str]:
+        """Expert nodes the replica routes around now (a copy: the engine thread writes it)."""
+        return set(self.client.down)
+
     def load(self) -> dict[str, float]:
         with self._lock:
-            return {"running": len(self.scheduler.running),
-                    "waiting": len(self.scheduler.waiting),
+            return {"running": len(self.batcher.running),
+                    "waiting": len(self.batcher.waiting),
                     "kv_usage": self.blocks.usage,
                     "free_blocks": self.blocks.num_free_blocks}
 
@@ -248,13 +276,13 @@ class Engine:
                 except Exception:  # noqa: BLE001 - keep the old placement; the next push retries
                     log.exception("could not switch to placement epoch %d", placement.epoch)
             for rid in list(self._abort_requested):
-                req = self.scheduler.get(rid)
+                req = self.batcher.get(rid)
                 if req is None:
                     self._abort_requested.discard(rid)
                 elif (req.status is not Status.RUNNING or req.lane == lane
                       or self._lanes[req.lane] is None):  # not mid-step
-                    self._finish_locked(req, "abort")
-            plan = self.scheduler.schedule(lane, len(self._lanes))
+                    self._finish_locked(req, FinishReason.ABORT)
+            plan = self.batcher.schedule(lane, len(self._lanes))
             if not plan.chunks:
                 return None
             step = self._step
@@ -315,7 +343,7 @@ class Engine:
             message = f"internal error in step {step}: {type(exc).__name__}: {exc}"
         with self._lock:
             for c in plan.chunks:
-                self._finish_locked(c.request, "error", message)
+                self._finish_locked(c.request, FinishReason.ERROR, message)
 
     # ------------------------------------------------------------------ helpers (lock held)
     def _accept_locked(self, req: Request, token: int) -> None:
@@ -323,22 +351,22 @@ class Engine:
             return  # finished meanwhile (abort)
         req.output.append(token)
         reason = finish_reason(req.params, req.output, self.eos_ids)
-        stop_id = token if reason == "stop" else None
+        stop_id = token if reason is FinishReason.STOP else None
         unsent = len(req.output) - req.num_streamed
         if reason is not None or unsent >= self.config.stream_interval:
             self._emit(req, tuple(req.output[req.num_streamed:]), reason, stop_token_id=stop_id)
         if reason is not None:
-            self.scheduler.finish(req, reason)
+            self.batcher.finish(req, reason)
             self._listeners.pop(req.request_id, None)
 
-    def _finish_locked(self, req: Request, reason: str, error: str | None = None) -> None:
-        self.scheduler.finish(req, reason)
+    def _finish_locked(self, req: Request, reason: FinishReason, error: str | None = None) -> None:
+        self.batcher.finish(req, reason)
         self._abort_requested.discard(req.request_id)
         # tokens held back by the stream interval go out with the final event
         self._emit(req, tuple(req.output[req.num_streamed:]), reason, error=error)
         self._listeners.pop(req.request_id, None)
 
-    def _emit(self, req: Request, tokens: tuple[int, ...], reason: str | None,
+    def _emit(self, req: Request, tokens: tuple[int, ...], reason: FinishReason | None,
               error: str | None = None, stop_token_id: int | None = None) -> None:
         listener = self._listeners.get(req.request_id)
         if listener is None:

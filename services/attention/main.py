@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from services.attention.batching import BatchingConfig
 from services.attention.config import AttentionConfig
-from services.attention.scheduler import SchedulerConfig
 from services.attention.server import serve
 from services.common.flags import add_compute_flags, add_flag, add_server_flags, threads_from
 from services.core.runtime import pick_device
@@ -49,10 +49,10 @@ def build(args: argparse.Namespace) -> AttentionConfig:
         m2n_url=args.m2n_url, micro_batches=args.micro_batches,
         stream_interval=args.stream_interval, block_size=args.block_size,
         num_blocks=args.num_blocks,
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+        batching=BatchingConfig(max_num_seqs=args.max_num_seqs,
                                   max_batch_tokens=args.max_batch_tokens,
                                   max_model_len=args.max_model_len),
         expert_timeout_s=args.expert_timeout, expert_readmit_s=args.expert_readmit,
-        scheduler_addr=args.scheduler,
+        scheduler=args.scheduler,
         threads=threads_from(args),
         device=pick_device(args.device), dtype=args.dtype)

@@ -1,4 +1,4 @@
-"""Prometheus metrics of an attention replica (vLLM-style names, DESIGN.md §7)."""
+"""Prometheus metrics of an attention replica (vLLM-style names; docs/ARCHITECTURE.md §7)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from megascale.v1 import common_pb2
-from services.attention.engine import FINISH_REASONS, Engine
+from services.attention.batching import StepPlan
+from services.attention.engine import Engine
 from services.attention.pingpong import StepTimings
-from services.attention.scheduler import StepPlan
-from services.common.metrics import LATENCY_BUCKETS, new_registry, serve_metrics
+from services.common.metrics import LATENCY_BUCKETS, new_registry
+from services.core.request import FinishReason
 
 WINDOW = 64  # steps averaged in LoadReport
 
@@ -36,13 +37,13 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("megascale:lane_rebalance_moves",
                                   "Running requests handed from a larger lane (micro-batch) to "
                                   "a smaller one after others finished",
-                                  value=self.engine.scheduler.lane_moves)
+                                  value=self.engine.batcher.lane_moves)
         finished = self.engine.finished_counts()
         success = CounterMetricFamily("megascale:request_success", "Finished requests by "
                                       "reason, counted by the engine (a request whose client "
                                       "went away counts as abort)", labels=["reason"])
-        for reason in FINISH_REASONS:
-            success.add_metric([reason], finished.get(reason, 0))
+        for reason in FinishReason:
+            success.add_metric([reason.value], finished.get(reason, 0))
         yield success
         client = self.engine.client  # plain int / dict reads: safe from the scrape thread
         yield CounterMetricFamily("megascale:expert_failovers",
@@ -88,9 +89,6 @@ class AttentionMetrics:
 
     def watch(self, engine: Engine) -> None:
         self.registry.register(_EngineCollector(engine))
-
-    def serve(self, host: str, port: int | None) -> int | None:
-        return serve_metrics(self.registry, host, port)
 
     def on_step(self, plan: StepPlan, t: StepTimings) -> None:
         """Called by the engine thread after every step."""

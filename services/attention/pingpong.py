@@ -1,7 +1,7 @@
 """The ping-pong micro-batch pipeline (MegaScale-Infer §4), run as ``m`` lanes.
 
 The replica's running requests are split into ``m`` *lanes*; each lane is one micro-batch that
-steps on its own (the scheduler plans per lane, services/attention/scheduler.py). The engine
+steps on its own (the batcher plans per lane, services/attention/batching.py). The engine
 goes round the lanes; at each turn a lane takes the combine of its previous layer, runs
 attention + router for its next layer and dispatches the routed rows to the expert nodes, and
 the engine moves straight on to the next lane. While lane ``i`` is at the experts, attention
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.attention.batching import ScheduledChunk, StepPlan
 from services.attention.dispatch import ExpertClient, PendingCombine
-from services.attention.scheduler import ScheduledChunk, StepPlan
 from services.core.batch import BatchMeta, build_batch_meta, int64_tensor
 from services.core.kv_cache import BlockManager, PagedKVCache
 from services.core.model import AttentionSide, MoEInput

@@ -6,7 +6,7 @@ Two ways in, one engine path:
 
 - ``Generate``: one call per request, one gRPC message per event. Simple for direct clients;
   each message costs ~40 us of the replica's event loop, which shares the replica's core with
-  the engine (``bench/pingpong.py`` measured it: see docs/BENCHMARKS.md §3).
+  the engine (``bench/pingpong.py`` measures it: docs/BENCHMARKS.md §3).
 - ``GenerateStream`` (:class:`StreamCall`): many requests per call, and every burst of events
   the engine delivers goes out as ONE ``GenerateStreamEvents`` message. The gateway uses it.
 """
@@ -14,7 +14,6 @@ Two ways in, one engine path:
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -24,33 +23,21 @@ import grpc
 from opentelemetry.trace import Span, SpanKind
 
 from megascale.v1 import attention_pb2, common_pb2
-from services.attention.engine import FINISH_REASONS, Engine, TokenEvent
+from services.attention.batching import QueueFull
+from services.attention.engine import Engine, Listener, TokenEvent
 from services.attention.metrics import AttentionMetrics
-from services.attention.scheduler import QueueFull
 from services.common import tracing
-from services.core.sampling import SamplingParams
+from services.core.request import sampling_from_proto
 from services.errors import UserError
 
-REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
-REQUEST_ID_RULE = "request_id must be 1..128 printable ASCII characters"
-FINISH = {r: getattr(common_pb2, f"FINISH_REASON_{r.upper()}") for r in FINISH_REASONS}
 
-
-def sampling_from_proto(p: common_pb2.SamplingParams, prompt_len: int, max_model_len: int
-                        ) -> SamplingParams:
-    """Proto defaults -> core SamplingParams (UserError names the bad field)."""
-    max_tokens = p.max_tokens or max(1, max_model_len - prompt_len)
-    temperature = p.temperature if p.HasField("temperature") else 1.0
-    if temperature > 100:
-        raise UserError(f"sampling.temperature must be <= 100, got {temperature}")
-    if len(p.stop_token_ids) > 64:
-        raise UserError("sampling.stop_token_ids holds more than 64 ids")
-    return SamplingParams(
-        temperature=temperature, top_p=p.top_p if p.HasField("top_p") else 1.0,
-        top_k=p.top_k or -1, max_tokens=max_tokens,
-        seed=p.seed if p.HasField("seed") else None,
-        stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos,
-        min_tokens=p.min_tokens)
+def admit(engine: Engine, req: attention_pb2.GenerateRequest, listener: Listener,
+          meter: RequestMeter) -> None:
+    """Hand one GenerateRequest to the engine (the same for ``Generate`` and
+    ``GenerateStream``); raises UserError or QueueFull as :meth:`Engine.submit` does."""
+    engine.submit(req.request_id, list(req.prompt_token_ids), sampling_from_proto(req.sampling),
+                  listener, list(req.output_token_ids),
+                  tracing.span_ids(meter.span) if meter.span else None)
 
 
 def event_to_proto(ev: TokenEvent) -> attention_pb2.GenerateEvent:
@@ -59,7 +46,7 @@ def event_to_proto(ev: TokenEvent) -> attention_pb2.GenerateEvent:
         usage=common_pb2.Usage(prompt_tokens=ev.prompt_tokens,
                                completion_tokens=ev.completion_tokens))
     if ev.finish_reason is not None:
-        out.finish_reason = FINISH[ev.finish_reason]
+        out.finish_reason = ev.finish_reason.proto
     if ev.error:
         out.error_message = ev.error
     if ev.stop_token_id is not None:
@@ -163,12 +150,10 @@ class StreamCall:
     """One ``GenerateStream`` call: submits what the client sends, batches what the engine
     delivers. Use :meth:`run` as the handler's async generator."""
 
-    def __init__(self, engine: Engine, metrics: AttentionMetrics, relay: EventRelay,
-                 max_model_len: int) -> None:
+    def __init__(self, engine: Engine, metrics: AttentionMetrics, relay: EventRelay) -> None:
         self.engine = engine
         self.metrics = metrics
         self.relay = relay
-        self.max_model_len = max_model_len
         self.queue: asyncio.Queue = asyncio.Queue()
         self.live: dict[str, RequestMeter] = {}
         self.read_error: Exception | None = None
@@ -177,22 +162,13 @@ class StreamCall:
         """Hand one submission to the engine; a refusal is queued as a :class:`Rejection`."""
         req = msg.request
         rid = req.request_id
-        if not REQUEST_ID.match(rid):
-            self.queue.put_nowait(Rejection(rid, grpc.StatusCode.INVALID_ARGUMENT,
-                                            REQUEST_ID_RULE))
-            return
         headers = [(k, v) for k, v in (("traceparent", msg.traceparent),
                                        ("tracestate", msg.tracestate)) if v]
         meter = RequestMeter(self.metrics, arrival_from_unix_ns(msg.arrival_unix_ns),
                              start_span(rid, len(req.prompt_token_ids), headers))
         try:
-            params = sampling_from_proto(req.sampling, len(req.prompt_token_ids),
-                                         self.max_model_len)
             # the engine refuses an id live anywhere on the replica, this call's included
-            self.engine.submit(rid, list(req.prompt_token_ids), params,
-                               lambda ev: self.relay.push(self.queue, ev),
-                               list(req.output_token_ids),
-                               tracing.span_ids(meter.span) if meter.span else None)
+            admit(self.engine, req, lambda ev: self.relay.push(self.queue, ev), meter)
             # events reach the queue through the event loop, so never before this line
             self.live[rid] = meter
         except (UserError, QueueFull) as exc:

@@ -1,7 +1,8 @@
 """Prometheus exposition for a role: one registry per process, served over HTTP.
 
-Metric names follow vLLM's style (``megascale:...``, DESIGN.md §7). Each role builds its metric
-objects on the registry returned by :func:`new_registry` and calls :func:`serve_metrics`.
+Metric names follow vLLM's style (``megascale:...``; docs/ARCHITECTURE.md §7). Each role builds
+its metric objects on the registry returned by :func:`new_registry` and calls
+:func:`serve_metrics`.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ import torch
 from services.core.batch import build_batch_meta, int64_tensor
 from services.core.kv_cache import BlockManager
 from services.core.model import MonolithicModel
-from services.core.sampling import SamplingParams, finish_reason, sample
+from services.core.request import FinishReason, SamplingParams
+from services.core.sampling import finish_reason, make_generator, sample
 from services.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,10 +27,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class Completion:
-    """One prompt's result: generated ``token_ids`` and why it stopped ("stop" | "length")."""
+    """One prompt's result: generated ``token_ids`` and why it stopped (STOP or LENGTH)."""
 
     token_ids: list[int]
-    finish_reason: str
+    finish_reason: FinishReason
 
 
 def validate_prompts(model: MonolithicModel, prompts: list[list[int]],
@@ -67,9 +68,9 @@ def generate_completions(model: MonolithicModel, prompts: list[list[int]],
     kv = model.new_kv_cache(bm.num_blocks, block_size)
     window = model.cfg.sliding_window
     eos = set(model.cfg.eos_token_ids)
-    gens = [sp.make_generator(device) for sp in params]
+    gens = [make_generator(sp, device) for sp in params]
     outs: list[list[int]] = [[] for _ in prompts]
-    reasons: list[str | None] = [None] * len(prompts)
+    reasons: list[FinishReason | None] = [None] * len(prompts)
 
     def accept(i: int, token: int) -> None:
         outs[i].append(token)
@@ -103,7 +104,7 @@ def generate_completions(model: MonolithicModel, prompts: list[list[int]],
     # Decode: all live sequences, one token each, one forward per step.
     while live := [i for i in range(len(prompts)) if reasons[i] is None]:
         step(live, [[outs[i][-1]] for i in live])
-    return [Completion(o, r or "length") for o, r in zip(outs, reasons, strict=True)]
+    return [Completion(o, r or FinishReason.LENGTH) for o, r in zip(outs, reasons, strict=True)]
 
 
 def generate(model: MonolithicModel, prompts: list[list[int]],

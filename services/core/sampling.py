@@ -8,56 +8,18 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection, Container, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from services.errors import UserError
+from services.core.request import FinishReason, SamplingParams
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request sampling settings (vLLM semantics).
-
-    temperature 0 = greedy; top_k -1 or 0 = off; top_p 1 = off; seed None = random.
-    Generation stops after ``max_tokens`` tokens, or at an EOS / ``stop_token_ids`` token (which
-    is included in the output) unless ``ignore_eos``. Until ``min_tokens`` tokens exist, those
-    stopping tokens cannot be sampled (their logits are masked; HF's ``min_new_tokens``).
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_tokens: int = 16
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    min_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.temperature >= 0:  # also rejects NaN
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise UserError(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise UserError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
-        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
-            raise UserError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}]"
-                            f", got {self.min_tokens}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise UserError(f"seed must be an integer, got {self.seed!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-    def make_generator(self, device: str | torch.device = "cpu") -> torch.Generator:
-        g = torch.Generator(device=device)
-        g.manual_seed(self.seed if self.seed is not None else random.getrandbits(63))
-        return g
+def make_generator(params: SamplingParams, device: str | torch.device = "cpu"
+                   ) -> torch.Generator:
+    """The request's own generator: seeded from ``params.seed``, else at random."""
+    g = torch.Generator(device=device)
+    g.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+    return g
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
@@ -147,8 +109,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 
 def finish_reason(params: SamplingParams, output: Sequence[int], eos_ids: Container[int]
-                  ) -> str | None:
-    """Why a request with this ``output`` stops now ("stop" | "length"), or None to go on.
+                  ) -> FinishReason | None:
+    """Why a request with this ``output`` stops now (STOP or LENGTH), or None to go on.
 
     The last token stops the request when it is a stop token id, or an EOS id and not
     ``ignore_eos``; reaching ``max_tokens`` (resumed tokens count) ends it with "length".
@@ -156,7 +118,7 @@ def finish_reason(params: SamplingParams, output: Sequence[int], eos_ids: Contai
     if output:
         last = output[-1]
         if last in params.stop_token_ids or (not params.ignore_eos and last in eos_ids):
-            return "stop"
-    if len(output) >= params.max_tokens:
-        return "length"
+            return FinishReason.STOP
+    if params.max_tokens is not None and len(output) >= params.max_tokens:
+        return FinishReason.LENGTH
     return None

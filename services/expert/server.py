@@ -12,18 +12,11 @@ import threading
 import time
 
 import grpc
-from prometheus_client import Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 import libm2n
 from megascale.v1 import common_pb2, expert_pb2, expert_pb2_grpc
-from services.common import tracing
-from services.common.grpcserver import start_server
-from services.common.heap import freeze_startup_heap
-from services.common.metrics import LATENCY_BUCKETS, new_registry, serve_metrics
-from services.common.net import advertise_host, advertised_url
-from services.common.readyfile import write_ready_file
+from services.common.lifecycle import RoleLifecycle
+from services.common.net import advertised_url
 from services.common.registration import NodeRegistration
 from services.common.timeline import timeline_for
 from services.core.config import ModelConfig
@@ -31,51 +24,10 @@ from services.core.model import ExpertSide
 from services.core.runtime import configure_threads
 from services.errors import ConfigError
 from services.expert.config import ExpertConfig
+from services.expert.metrics import ExpertMetrics
 from services.expert.worker import ComputeEvent, ExpertWorker
 
 log = logging.getLogger("megascale.expert")
-
-class ExpertMetrics:
-    """The node's Prometheus metrics (DESIGN.md §7 names)."""
-
-    def __init__(self) -> None:
-        self.registry = r = new_registry()
-        self.tokens = Counter("megascale:expert_tokens", "Token rows computed per expert "
-                              "(all layers)", ["expert"], registry=r)
-        self.rows = Histogram("megascale:expert_batch_rows", "Rows per expert compute call "
-                              "(one layer, all senders)", buckets=(1, 2, 4, 8, 16, 32, 64, 128,
-                                                                   256, 512, 1024, 4096),
-                              registry=r)
-        self.compute = Histogram("megascale:expert_compute_seconds", "T_e: one layer's expert "
-                                 "compute over the drained rows", buckets=LATENCY_BUCKETS,
-                                 registry=r)
-
-    def watch(self, worker: ExpertWorker) -> None:
-        """Export the worker's counters, read at scrape time (no copying on the hot path)."""
-        self.registry.register(_WorkerCollector(worker))
-
-    def on_compute(self, ev: ComputeEvent) -> None:
-        for e, c in zip(ev.experts, ev.rows_per_expert, strict=True):
-            self.tokens.labels(expert=str(e)).inc(c)
-        self.rows.observe(ev.rows)
-        self.compute.observe(ev.seconds)
-
-
-class _WorkerCollector(Collector):
-    def __init__(self, worker: ExpertWorker) -> None:
-        self.worker = worker
-
-    def collect(self):  # noqa: ANN201 - prometheus collector protocol
-        s = self.worker.stats
-        yield CounterMetricFamily("megascale:expert_messages", "Dispatch messages received",
-                                  value=s.messages)
-        yield CounterMetricFamily("megascale:expert_refused_messages",
-                                  "Dispatches answered with an error", value=s.refused)
-        up = time.monotonic() - s.started
-        yield GaugeMetricFamily("megascale:expert_idle_fraction",
-                                "Fraction of uptime not computing",
-                                value=max(0.0, 1.0 - s.compute_s / up) if up > 0 else 1.0)
-
 
 class ExpertServicer(expert_pb2_grpc.ExpertServicer):
     """``megascale.v1.Expert``: control only; token rows travel over libm2n."""
@@ -157,61 +109,50 @@ async def serve(config: ExpertConfig, ready_file: str | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Run the node until ``stop`` is set (or forever)."""
     configure_threads(config.threads)
-    tracing.setup_tracing("megascale-expert")
-    cfg, experts = load_experts(config)
-    # which grouped GEMM serves the experts (services/core/cpu_gemm.py), for the ready file/log
-    gemm = "packed" if experts.packed else "torch"
-    metrics = ExpertMetrics()
-    rx = libm2n.open_receiver(config.m2n_url, libm2n.ReceiverConfig(
-        slots_per_sender=config.slots_per_sender, slot_bytes=config.slot_bytes))
-    timeline = timeline_for(config.node_id)
+    async with RoleLifecycle("expert", config.node_id, config.host,
+                             config.advertise_host) as life:
+        cfg, experts = load_experts(config)
+        # which grouped GEMM serves the experts (services/core/cpu_gemm.py), for ready file/log
+        gemm = "packed" if experts.packed else "torch"
+        metrics = ExpertMetrics()
+        rx = libm2n.open_receiver(config.m2n_url, libm2n.ReceiverConfig(
+            slots_per_sender=config.slots_per_sender, slot_bytes=config.slot_bytes))
+        life.defer(rx.close)
+        timeline = timeline_for(config.node_id)
 
-    def on_compute(ev: ComputeEvent) -> None:
-        metrics.on_compute(ev)
-        if timeline is not None:
-            timeline.write({"start": ev.start, "end": ev.start + ev.seconds, "rows": ev.rows,
-                            "layer": ev.layer})
+        def on_compute(ev: ComputeEvent) -> None:
+            metrics.on_compute(ev)
+            if timeline is not None:
+                timeline.write({"start": ev.start, "end": ev.start + ev.seconds,
+                                "rows": ev.rows, "layer": ev.layer})
 
-    worker = ExpertWorker(experts, rx, config.m2n_sender_id, config.epoch, on_compute=on_compute)
-    metrics.watch(worker)
-    stop_thread = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop_thread,), name="expert-drain",
-                              daemon=True)
-    thread.start()
-    host = advertise_host(config.host, config.advertise_host)
-    m2n_url = advertised_url(rx.url, host)
-    servicer = ExpertServicer(config, cfg, worker, m2n_url)
-    server, port, _health = await start_server(
-        config.host, config.grpc_port,
-        lambda s: expert_pb2_grpc.add_ExpertServicer_to_server(servicer, s),
-        [expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name])
-    metrics_port = serve_metrics(metrics.registry, config.host, config.metrics_port)
-    freeze_startup_heap()
-    write_ready_file(ready_file, {"role": "expert", "node_id": config.node_id,
-                                  "grpc": f"{host}:{port}", "m2n_url": m2n_url,
-                                  "metrics_port": metrics_port,
-                                  "expert_ids": list(config.expert_ids),
-                                  "expert_gemm": gemm})
-    log.info("expert node %s serving experts %s on %s:%d (m2n %s, expert GEMM %s)",
-             config.node_id, list(config.expert_ids), host, port, m2n_url, gemm)
-    registration = None
-    if config.scheduler:
-        registration = NodeRegistration(config.scheduler, common_pb2.NodeInfo(
-            node_id=config.node_id, role=common_pb2.NODE_ROLE_EXPERT,
-            grpc_address=f"{host}:{port}", m2n_url=m2n_url,
-            model=config.model_dir.name, expert_ids=list(config.expert_ids),
-            started_at_unix_s=time.time()),
-            on_placement=lambda p: worker.set_epoch(max(worker.epoch, p.epoch)))
-        await registration.start()
-    stop = stop or asyncio.Event()
-    try:
-        await stop.wait()
-    finally:
-        if registration is not None:
-            await registration.stop()
-        await server.stop(grace=1.0)
-        stop_thread.set()
-        thread.join(timeout=5)
-        worker.close()
-        rx.close()
-        tracing.shutdown_tracing()
+        worker = ExpertWorker(experts, rx, config.m2n_sender_id, config.epoch,
+                              on_compute=on_compute)
+        life.defer(worker.close)
+        metrics.watch(worker)
+        stop_worker = threading.Event()
+        thread = threading.Thread(target=worker.run, args=(stop_worker,), name="expert-drain",
+                                  daemon=True)
+        thread.start()
+        life.defer(thread.join, 5)
+        life.defer(stop_worker.set)
+        m2n_url = advertised_url(rx.url, life.advertised)
+        servicer = ExpertServicer(config, cfg, worker, m2n_url)
+        await life.start_grpc(
+            config.grpc_port,
+            lambda s: expert_pb2_grpc.add_ExpertServicer_to_server(servicer, s),
+            [expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name])
+        life.serve_metrics(metrics.registry, config.metrics_port)
+        registration = None
+        if config.scheduler:
+            registration = NodeRegistration(config.scheduler, common_pb2.NodeInfo(
+                node_id=config.node_id, role=common_pb2.NODE_ROLE_EXPERT,
+                grpc_address=life.grpc_address, m2n_url=m2n_url,
+                model=config.model_dir.name, expert_ids=list(config.expert_ids),
+                started_at_unix_s=time.time()),
+                on_placement=lambda p: worker.set_epoch(max(worker.epoch, p.epoch)))
+        await life.ready(ready_file, {"m2n_url": m2n_url, "expert_ids": list(config.expert_ids),
+                                      "expert_gemm": gemm}, registration)
+        log.info("expert node %s serving experts %s on %s (m2n %s, expert GEMM %s)",
+                 config.node_id, list(config.expert_ids), life.grpc_address, m2n_url, gemm)
+        await life.wait(stop)

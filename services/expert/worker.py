@@ -1,10 +1,11 @@
 """The expert node's drain loop: receive dispatches from any sender, compute, reply to each.
 
-Asynchronous by design (DESIGN.md §3 step 6): the loop takes whatever messages have arrived —
-any attention replica, any layer, any micro-batch — groups their rows by layer, runs each layer's
-rows through :meth:`ExpertSide.forward` once (which groups them by expert: one GEMM per expert),
-and sends one combine reply per dispatch. There is no barrier across senders, and replies are
-queued without waiting, so a slow or dead attention replica never stalls the others.
+Asynchronous by design (docs/ARCHITECTURE.md §4 step 3): the loop takes whatever messages have
+arrived — any attention replica, any layer, any micro-batch — groups their rows by layer, runs
+each layer's rows through :meth:`ExpertSide.forward` once (which groups them by expert: one
+GEMM per expert), and sends one combine reply per dispatch. There is no barrier across senders,
+and replies are queued without waiting, so a slow or dead attention replica never stalls the
+others.
 
 A dispatch that cannot be served (bad layout, a layer that is not sparse, an expert this node does
 not host, a stale placement epoch) gets an error reply (:mod:`services.core.moe_wire`) and the loop

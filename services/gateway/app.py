@@ -1,4 +1,4 @@
-"""The OpenAI-compatible REST app (FastAPI), DESIGN.md §3 steps 1 and 3.
+"""The OpenAI-compatible REST app (FastAPI), docs/ARCHITECTURE.md §3 steps 1 and 9.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``: SSE
 ``data: {...}\\n\\n`` ... ``data: [DONE]\\n\\n``), ``GET /v1/models``, ``GET /health``,
@@ -31,8 +31,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.tracing import TRACE_HEADERS
+from services.core.request import FinishReason
 from services.gateway.errors import GatewayError, bad_request
-from services.gateway.generation import Delta, Pipeline
+from services.gateway.generation import Delta, Generation
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import (
     ChatRequest,
@@ -146,7 +147,7 @@ async def read_json(request: Request, limit: int) -> Any:
         raise bad_request("the body is not valid JSON: nested too deeply") from None
 
 
-def create_app(text: ModelText, pipeline: Pipeline, metrics: GatewayMetrics,
+def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
                api_key: str | None = None, max_body_bytes: int = 4 << 20) -> ASGIApp:
     """The ASGI app: FastAPI routes wrapped in :class:`GatewayASGI`."""
     app = FastAPI(title="megascale-infer gateway", docs_url=None, redoc_url=None,
@@ -204,7 +205,7 @@ def create_app(text: ModelText, pipeline: Pipeline, metrics: GatewayMetrics,
         want_ids = bool(req.return_token_ids)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            deltas = pipeline.run(gen)
+            deltas = generation.run(gen)
             try:
                 first = await anext(deltas)  # replica errors before streaming -> HTTP status
             except BaseException:
@@ -213,7 +214,7 @@ def create_app(text: ModelText, pipeline: Pipeline, metrics: GatewayMetrics,
             return SSEResponse(_sse(rid, chat, first, deltas, want_ids, include_usage,
                                     gen.prompt_ids), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache"})
-        task = asyncio.ensure_future(_collect(pipeline.run(gen)))
+        task = asyncio.ensure_future(_collect(generation.run(gen)))
         while not task.done():
             await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if not task.done() and await request.is_disconnected():
@@ -221,7 +222,7 @@ def create_app(text: ModelText, pipeline: Pipeline, metrics: GatewayMetrics,
                 await asyncio.gather(task, return_exceptions=True)
                 return Response(status_code=499)
         text_out, ids, last = task.result()
-        if last.finish_reason == "error":
+        if last.finish_reason is FinishReason.ERROR:
             raise GatewayError(503, f"generation failed: {last.error or 'replica error'}")
         return JSONResponse(completion_response(
             rid, card.id, text_out, last, ids, gen.prompt_ids if want_ids else None, chat))
@@ -238,7 +239,7 @@ def create_app(text: ModelText, pipeline: Pipeline, metrics: GatewayMetrics,
             d: Delta | None = first
             while d is not None:
                 last = d
-                if d.finish_reason == "error":
+                if d.finish_reason is FinishReason.ERROR:
                     yield _data(GatewayError(503, f"generation failed: {d.error}").body())
                     break
                 yield _data(chunk(rid, card.id, created, chat, d.text, d.finish_reason,

@@ -1,4 +1,4 @@
-"""Pick an attention replica and stream a request's tokens from it (DESIGN.md §3 steps 2-3, 8).
+"""Pick an attention replica and stream a request's tokens from it (docs/ARCHITECTURE.md §3 step 3).
 
 Replicas come from a static list (``--attention``: the one with the fewest of this gateway's
 requests in flight, a replica that just failed is skipped for a cool-down) or from the
@@ -16,19 +16,21 @@ import asyncio
 import itertools
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
 
-from megascale.v1 import (
-    attention_pb2,
-    common_pb2,
-    scheduler_pb2,
-    scheduler_pb2_grpc,
-)
+from megascale.v1 import attention_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.common.grpcserver import MAX_MESSAGE_BYTES
+from services.core.request import (
+    FinishReason,
+    SamplingParams,
+    attempt_request_id,
+    sampling_to_proto,
+)
 from services.gateway.errors import GatewayError, rpc_error_to_gateway, status_to_gateway
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.replica_stream import STATUS_BY_NUMBER, ReplicaFailure, ReplicaStream
@@ -38,8 +40,6 @@ log = logging.getLogger("megascale.gateway")
 FAILED_COOLDOWN_S = 5.0
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
-                common_pb2.FINISH_REASON_ABORT: "abort", common_pb2.FINISH_REASON_ERROR: "error"}
 
 
 @dataclass(frozen=True)
@@ -49,15 +49,19 @@ class Replica:
 
 
 @dataclass
-class BackendRequest:
-    """One generation request as the gateway sends it downstream."""
+class GenRequest:
+    """One validated generation request, as both front doors build it and the backend sends
+    it downstream (``request_id`` at most CLIENT_REQUEST_ID_MAX_LEN, leaving room for the
+    attempt suffix; ``stop`` strings are matched here, the replica never sees them)."""
 
-    request_id: str
     prompt_ids: list[int]
-    sampling: common_pb2.SamplingParams
+    sampling: SamplingParams
+    stop: tuple[str, ...] = ()
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrival_unix_ns: int = field(default_factory=time.time_ns)
+    arrival_mono: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() deadline; None = the config's timeout
-    trace_headers: list[tuple[str, str]] = field(default_factory=list)  # W3C, to propagate
+    trace_headers: list[tuple[str, str]] = field(default_factory=list)  # W3C context
 
 
 @dataclass
@@ -65,7 +69,7 @@ class ReplicaEvent:
     """New tokens from the replica (deduplicated across resumes)."""
 
     token_ids: list[int]
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
     error: str = ""
@@ -181,13 +185,14 @@ class Backend:
         self._channels.clear()
         await self.picker.close()
 
-    async def stream(self, req: BackendRequest) -> AsyncIterator[ReplicaEvent]:
+    async def stream(self, req: GenRequest) -> AsyncIterator[ReplicaEvent]:
         """Yield the request's tokens until an event with ``finish_reason``.
 
         Raises :class:`GatewayError` when no replica could serve it. Tokens are never yielded
         twice, also across a resume.
         """
         deadline = req.deadline or time.monotonic() + self.timeout_s
+        sampling = sampling_to_proto(req.sampling)
         output: list[int] = []
         exclude: list[str] = []
         last_error: GatewayError | None = None
@@ -202,11 +207,11 @@ class Backend:
             if remaining <= 0:
                 raise GatewayError(504, "the request's deadline passed")
             stream = self._stream(replica.address)
-            rid = f"{req.request_id[:110]}.{attempt}"
+            rid = attempt_request_id(req.request_id, attempt)
             trace = dict(req.trace_headers)
             events = await stream.submit(attention_pb2.StreamSubmit(
                 request=attention_pb2.GenerateRequest(
-                    request_id=rid, prompt_token_ids=req.prompt_ids, sampling=req.sampling,
+                    request_id=rid, prompt_token_ids=req.prompt_ids, sampling=sampling,
                     output_token_ids=output),
                 arrival_unix_ns=req.arrival_unix_ns, traceparent=trace.get("traceparent", ""),
                 tracestate=trace.get("tracestate", "")))
@@ -223,9 +228,9 @@ class Backend:
                         if skip > 0:
                             ids = ids[skip:]
                         output.extend(ids)
-                        reason = FINISH_NAMES.get(ev.finish_reason)
+                        reason = FinishReason.from_proto(ev.finish_reason)
                         finished = reason is not None
-                        if reason == "error" and not output:
+                        if reason is FinishReason.ERROR and not output:
                             # Nothing was streamed: another replica may well succeed.
                             failed = True
                             last_error = GatewayError(503, f"replica {replica.node_id}: "

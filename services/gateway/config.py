@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.core.request import MAX_ATTEMPTS
 from services.errors import ConfigError
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
@@ -58,5 +59,6 @@ class GatewayConfig:
             raise ConfigError(f"--max-model-len must be >= 0, got {self.max_model_len}")
         if not self.request_timeout_s > 0:
             raise ConfigError(f"--request-timeout must be > 0, got {self.request_timeout_s}")
-        if self.max_attempts < 1:
-            raise ConfigError(f"--max-attempts must be >= 1, got {self.max_attempts}")
+        if not 1 <= self.max_attempts <= MAX_ATTEMPTS:
+            raise ConfigError(f"--max-attempts must be in 1..{MAX_ATTEMPTS}, got "
+                              f"{self.max_attempts}")

@@ -12,6 +12,8 @@ from typing import Any
 
 import grpc
 
+from services.core.request import InvalidField
+
 
 class GatewayError(Exception):
     """A request failed; ``message`` is one line naming the problem."""
@@ -35,6 +37,18 @@ class GatewayError(Exception):
 
 def bad_request(message: str, param: str | None = None) -> GatewayError:
     return GatewayError(400, message, param=param)
+
+
+def invalid_field(exc: InvalidField, prefix: str = "",
+                  names: dict[str, str] | None = None) -> GatewayError:
+    """A 400 for a field :mod:`services.core.request` refused, under the name the client used
+    (``names`` renames, e.g. max_tokens -> max_completion_tokens; ``prefix`` nests it, e.g.
+    ``sampling.``)."""
+    field = (names or {}).get(exc.field, exc.field)
+    message = str(exc)
+    if message.startswith(exc.field):
+        message = field + message[len(exc.field):]
+    return bad_request(prefix + message, prefix + field)
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",

@@ -1,48 +1,34 @@
 """One request through the gateway, shared by the REST app and the gRPC front door.
 
 :func:`check_request` validates what both front doors accept (sampling ranges, stop strings,
-token ids, context length) with the same messages; :meth:`Pipeline.run` streams a request as
+token ids, context length) with the same messages; :meth:`Generation.run` streams a request as
 :class:`Delta` s: text that never splits a character nor shows a stop string, the token ids
 behind it, and on the last delta the finish reason and usage.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from megascale.v1 import common_pb2
 from services.common import tracing
-from services.gateway.backend import Backend, BackendRequest
-from services.gateway.errors import GatewayError, bad_request
+from services.core.request import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    U64_MAX,
+    FinishReason,
+    InvalidField,
+    SamplingParams,
+)
+from services.gateway.backend import Backend, GenRequest
+from services.gateway.errors import GatewayError, bad_request, invalid_field
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.text import ModelText
-
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-MAX_STOP_TOKEN_IDS = 64
-MAX_TEMPERATURE = 100.0
-U64 = (1 << 64) - 1
-
-
-@dataclass
-class GenRequest:
-    """A validated request: prompt ids, downstream sampling params, stop strings."""
-
-    prompt_ids: list[int]
-    sampling: common_pb2.SamplingParams
-    stop: tuple[str, ...] = ()
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    arrival_unix_ns: int = field(default_factory=time.time_ns)
-    arrival_mono: float = field(default_factory=time.monotonic)
-    deadline: float | None = None
-    trace_headers: list[tuple[str, str]] = field(default_factory=list)  # incoming W3C context
 
 
 @dataclass
@@ -51,7 +37,7 @@ class Delta:
 
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str = ""
@@ -61,47 +47,22 @@ def make_sampling(*, temperature: float | None = None, top_p: float | None = Non
                   top_k: int | None = None, seed: int | None = None,
                   max_tokens: int | None = None, stop_token_ids: list[int] | None = None,
                   ignore_eos: bool = False, max_tokens_param: str = "max_tokens",
-                  min_tokens: int | None = None) -> common_pb2.SamplingParams:
-    """Range-check sampling fields (400 naming the field) and build the proto message."""
-    sp = common_pb2.SamplingParams(ignore_eos=bool(ignore_eos))
-    if temperature is not None:
-        if not (math.isfinite(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
-            raise bad_request(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got "
-                              f"{temperature}", "temperature")
-        sp.temperature = temperature
-    if top_p is not None:
-        if not (math.isfinite(top_p) and 0 < top_p <= 1):
-            raise bad_request(f"top_p must be in (0, 1], got {top_p}", "top_p")
-        sp.top_p = top_p
-    if top_k is not None and top_k not in (-1, 0):
-        if top_k < 1 or top_k > U64 >> 33:
-            raise bad_request(f"top_k must be -1, 0 (off) or >= 1, got {top_k}", "top_k")
-        sp.top_k = top_k
-    if seed is not None:
-        if not -(1 << 63) <= seed <= U64:
-            raise bad_request(f"seed must be a 64-bit integer, got {seed}", "seed")
-        sp.seed = seed & U64
-    if max_tokens is not None:
-        if max_tokens < 1:
-            raise bad_request(f"{max_tokens_param} must be >= 1, got {max_tokens}",
-                              max_tokens_param)
-        sp.max_tokens = min(max_tokens, U64 >> 32)
-    if min_tokens:
-        if min_tokens < 0 or (max_tokens is not None and min_tokens > max_tokens):
-            raise bad_request(f"min_tokens must be in [0, {max_tokens_param}], got {min_tokens}",
-                              "min_tokens")
-        sp.min_tokens = min(min_tokens, U64 >> 32)
-    if stop_token_ids:
-        if len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise bad_request(f"stop_token_ids holds more than {MAX_STOP_TOKEN_IDS} ids",
-                              "stop_token_ids")
-        if any(t < 0 or t > U64 >> 32 for t in stop_token_ids):
-            raise bad_request("stop_token_ids must be non-negative token ids", "stop_token_ids")
-        sp.stop_token_ids.extend(stop_token_ids)
-    return sp
+                  min_tokens: int | None = None) -> SamplingParams:
+    """OpenAI request fields -> :class:`SamplingParams` (a 400 naming the field as the client
+    spelled it). A negative seed is taken as its 64-bit two's complement."""
+    if seed is not None and -(1 << 63) <= seed < 0:
+        seed &= U64_MAX
+    try:
+        return SamplingParams(
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p, top_k=-1 if top_k is None else top_k,
+            max_tokens=max_tokens, seed=seed, stop_token_ids=tuple(stop_token_ids or ()),
+            ignore_eos=ignore_eos, min_tokens=min_tokens or 0)
+    except InvalidField as exc:
+        raise invalid_field(exc, names={"max_tokens": max_tokens_param}) from None
 
 
-def check_request(text: ModelText, prompt_ids: list[int], sampling: common_pb2.SamplingParams,
+def check_request(text: ModelText, prompt_ids: list[int], sampling: SamplingParams,
                   stop: tuple[str, ...], prompt_param: str = "prompt") -> None:
     """The checks that need the model: ids in the vocab, prompt + max_tokens fit the context."""
     card = text.card
@@ -126,7 +87,7 @@ def check_request(text: ModelText, prompt_ids: list[int], sampling: common_pb2.S
             raise bad_request(f"stop strings must be 1..{MAX_STOP_CHARS} characters", "stop")
 
 
-class Pipeline:
+class Generation:
     """Validated request -> replica -> text deltas, with gateway metrics."""
 
     def __init__(self, text: ModelText, backend: Backend, metrics: GatewayMetrics) -> None:
@@ -150,9 +111,7 @@ class Pipeline:
                 kind=SpanKind.SERVER, attributes={"megascale.request_id": req.request_id,
                                                   "megascale.prompt_tokens": prompt_tokens})
             downstream = tracing.inject_headers(trace.set_span_in_context(span))
-        events = self.backend.stream(BackendRequest(
-            req.request_id, req.prompt_ids, req.sampling, req.arrival_unix_ns, req.deadline,
-            downstream))
+        events = self.backend.stream(dataclasses.replace(req, trace_headers=downstream))
         try:
             async for ev in events:
                 held.extend(ev.token_ids)
@@ -163,7 +122,8 @@ class Pipeline:
                 self.metrics.generation_tokens.inc(len(ev.token_ids))
                 piece = stream.push(ev.token_ids)
                 if stream.stopped:
-                    yield self._last(req, piece, held, "stop", prompt_tokens, completion)
+                    yield self._last(req, piece, held, FinishReason.STOP, prompt_tokens,
+                                     completion)
                     return
                 if ev.finish_reason is not None:
                     piece += stream.finish()
@@ -182,7 +142,7 @@ class Pipeline:
                 span.set_attribute("megascale.completion_tokens", completion)
                 span.end()
 
-    def _last(self, req: GenRequest, piece: str, held: list[int], reason: str,
+    def _last(self, req: GenRequest, piece: str, held: list[int], reason: FinishReason,
               prompt_tokens: int, completion: int, error: str = "") -> Delta:
         self.metrics.e2e.observe(time.monotonic() - req.arrival_mono)
         return Delta(piece, list(held), reason, prompt_tokens, completion, error)

@@ -1,4 +1,5 @@
-"""Prometheus metrics measured at the gateway (the client's point of view, DESIGN.md §7)."""
+"""Prometheus metrics measured at the gateway: the client's point of view (docs/ARCHITECTURE.md
+§7)."""
 
 from __future__ import annotations
 

@@ -16,8 +16,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from services.gateway.backend import GenRequest
 from services.gateway.errors import GatewayError, bad_request
-from services.gateway.generation import Delta, GenRequest, check_request, make_sampling
+from services.gateway.generation import Delta, check_request, make_sampling
 from services.gateway.text import ModelText
 
 

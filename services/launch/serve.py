@@ -20,7 +20,8 @@ from services.errors import UserError
 ROLES: dict[str, tuple[str, str]] = {
     "attention": ("services.attention.main", "an attention replica"),
     "expert": ("services.expert.main", "an expert node"),
-    "scheduler": ("services.scheduler.main", "the scheduler (membership, placement, routing)"),
+    "scheduler": ("services.scheduler.main",
+                  "the scheduler (membership, placement, replica picking)"),
     "gateway": ("services.gateway.main", "the OpenAI-compatible gateway"),
 }
 

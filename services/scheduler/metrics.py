@@ -1,7 +1,7 @@
 """The scheduler's Prometheus metrics: membership, placement and per-role autoscaling signals.
 
-The autoscaling signals (DESIGN.md §5) are aggregated from the nodes' Heartbeat load reports
-on every sweep, so HPA/KEDA read one endpoint instead of scraping every node:
+The autoscaling signals (docs/ARCHITECTURE.md §5) are aggregated from the nodes' Heartbeat load
+reports on every sweep, so HPA/KEDA read one endpoint instead of scraping every node:
 
 - ``megascale:scheduler_requests_waiting{role}`` / ``..._running`` (sum) and
   ``megascale:scheduler_mean_requests_waiting{role}`` (per node): queue pressure;

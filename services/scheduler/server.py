@@ -11,6 +11,7 @@ not, which experts have no live host (``x-megascale-placement-missing: 3,5``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
@@ -20,15 +21,12 @@ from typing import TypeVar
 import grpc
 
 from megascale.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from services.common.grpcserver import start_server
-from services.common.heap import freeze_startup_heap
-from services.common.metrics import serve_metrics
-from services.common.readyfile import write_ready_file
+from services.common.lifecycle import RoleLifecycle
 from services.errors import ConfigError
+from services.scheduler.balancer import AllFull, Balancer, NoReplica
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.controller import Controller
 from services.scheduler.metrics import ROLE_NAMES, SchedulerMetrics, role_name
-from services.scheduler.routing import AllFull, NoReplica, Router
 from services.scheduler.state import REDIS_ERRORS, AlreadyRegistered, RedisState
 
 log = logging.getLogger("megascale.scheduler")
@@ -98,7 +96,7 @@ def validate_load(load: common_pb2.LoadReport) -> None:
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    """``megascale.v1.Scheduler``: membership, routing, placement and settings."""
+    """``megascale.v1.Scheduler``: membership, replica picking, placement and settings."""
 
     def __init__(self, config: SchedulerConfig, state: RedisState, controller: Controller,
                  metrics: SchedulerMetrics) -> None:
@@ -106,7 +104,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.state = state
         self.controller = controller
         self.metrics = metrics
-        self.router = Router()
+        self.balancer = Balancer()
         s = config.settings
         self.settings = common_pb2.DeploymentSettings(
             micro_batches=s.micro_batches, max_batch_tokens=s.max_batch_tokens,
@@ -140,7 +138,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                 f"node_id {request.node_id!r} is held by a live node at "
                                 f"another address")
         self.metrics.registrations.labels(role=role_name(request.role)).inc()
-        self.router.on_report(request.node_id)
+        self.balancer.on_report(request.node_id)
         self.controller.kick()
         log.info("node %s (%s) registered at %s, epoch %d", request.node_id,
                  role_name(request.role), request.grpc_address, epoch)
@@ -161,7 +159,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"node {request.node_id!r} is not registered (lease expired?): "
                                 f"Register again")
-        self.router.on_report(request.node_id)
+        self.balancer.on_report(request.node_id)
         return scheduler_pb2.HeartbeatResponse(epoch=epoch, placement_changed=changed)
 
     async def Deregister(self, request: scheduler_pb2.DeregisterRequest,
@@ -186,7 +184,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         """The least-loaded healthy attention replica not in ``exclude_node_ids``."""
         records = await self._redis(context, self.state.nodes())
         try:
-            rec = self.router.pick(records, exclude=request.exclude_node_ids,
+            rec = self.balancer.pick(records, exclude=request.exclude_node_ids,
                                    prompt_tokens=request.prompt_tokens, model=request.model)
         except NoReplica as exc:
             self.metrics.picks.labels(result="unavailable").inc()
@@ -249,39 +247,50 @@ class Scheduler:
         self.state = RedisState(config.redis_url, config.key_prefix, config.node_ttl_s)
         self.controller = Controller(config, self.state, self.metrics)
         self.servicer = SchedulerServicer(config, self.state, self.controller, self.metrics)
-        self.server: grpc.aio.Server | None = None
-        self.port = 0
-        self.metrics_port: int | None = None
+        self.life = RoleLifecycle("scheduler", config.node_id, config.host)
+        self._stack = contextlib.AsyncExitStack()
         self._stop = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
 
     @property
     def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
+        return self.life.grpc_address
+
+    @property
+    def port(self) -> int:
+        return self.life.grpc_port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.life.metrics_port
 
     async def start(self) -> None:
+        """Connect to Redis, start the gRPC server, metrics and the control loop."""
+        life = await self._stack.enter_async_context(self.life)
         try:
+            life.defer(self.state.close)
             await _connect(self.state)
+            life.defer(self.controller.close)
             await self.controller.start()
-            self.server, self.port, _ = await start_server(
-                self.config.host, self.config.grpc_port,
+            life.defer(self._stop_loop)
+            await life.start_grpc(
+                self.config.grpc_port,
                 lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, s),
                 [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name])
-            self.metrics_port = serve_metrics(self.metrics.registry, self.config.host,
-                                              self.config.metrics_port)
+            life.serve_metrics(self.metrics.registry, self.config.metrics_port)
         except BaseException:
-            await self.state.close()
+            await self._stack.aclose()
             raise
         self._loop_task = asyncio.create_task(self.controller.run(self._stop))
 
-    async def stop(self) -> None:
+    async def _stop_loop(self) -> None:
         self._stop.set()
-        if self.server is not None:
-            await self.server.stop(grace=0.5)
         if self._loop_task is not None:
             await self._loop_task
-        await self.controller.close()
-        await self.state.close()
+
+    async def stop(self) -> None:
+        """Stop serving, then the control loop, then close Redis (RoleLifecycle's order)."""
+        await self._stack.aclose()
 
 
 async def serve(config: SchedulerConfig, ready_file: str | None = None,
@@ -289,14 +298,11 @@ async def serve(config: SchedulerConfig, ready_file: str | None = None,
     """Run the scheduler until ``stop`` is set (or forever)."""
     sched = Scheduler(config)
     await sched.start()
-    freeze_startup_heap()
-    write_ready_file(ready_file, {"role": "scheduler", "node_id": config.node_id,
-                                  "grpc": sched.address, "metrics_port": sched.metrics_port})
-    log.info("scheduler serving on %s (Redis %s, prefix %r, lease %.3g s, %d experts)",
-             sched.address, config.redis_url, config.key_prefix, config.node_ttl_s,
-             config.num_experts)
-    stop = stop or asyncio.Event()
     try:
-        await stop.wait()
+        await sched.life.ready(ready_file)
+        log.info("scheduler serving on %s (Redis %s, prefix %r, lease %.3g s, %d experts)",
+                 sched.address, config.redis_url, config.key_prefix, config.node_ttl_s,
+                 config.num_experts)
+        await sched.life.wait(stop)
     finally:
         await sched.stop()

@@ -13,7 +13,7 @@ from services.core.checkpoint import CheckpointIndex, load_attention_weights, lo
 from services.core.config import ModelConfig
 from services.core.generate import generate
 from services.core.model import MonolithicModel
-from services.core.sampling import SamplingParams
+from services.core.request import SamplingParams
 from services.errors import CheckpointError
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from services.core.generate import generate
 from services.core.model import MonolithicModel
-from services.core.sampling import SamplingParams
+from services.core.request import SamplingParams
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MEGASCALE_TORCH_THREADS": "1"}
 

@@ -11,7 +11,7 @@ from services.core.batch import build_batch_meta
 from services.core.generate import generate
 from services.core.kv_cache import BlockManager
 from services.core.model import AttentionSide, ExpertSide, MonolithicModel
-from services.core.sampling import SamplingParams
+from services.core.request import SamplingParams
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], list(range(100, 141)), [300]]
 NEW_TOKENS = 48

@@ -9,7 +9,7 @@ from services.core.batch import build_batch_meta
 from services.core.generate import generate
 from services.core.kv_cache import BlockManager, KVCacheFull
 from services.core.model import MonolithicModel
-from services.core.sampling import SamplingParams
+from services.core.request import SamplingParams
 
 
 def test_block_manager_allocate_append_free():

@@ -7,7 +7,8 @@ import torch
 
 from services.core.generate import generate
 from services.core.model import MonolithicModel
-from services.core.sampling import SamplingParams, greedy_argmax, sample
+from services.core.request import SamplingParams
+from services.core.sampling import greedy_argmax, make_generator, sample
 from services.errors import UserError
 
 
@@ -24,11 +25,11 @@ def test_invalid_params_rejected(kwargs, field):
 def test_filters_restrict_support():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(200, 1)
     params = [SamplingParams(temperature=1.0, top_k=2, seed=i) for i in range(200)]
-    got = sample(logits, params, [p.make_generator() for p in params])
+    got = sample(logits, params, [make_generator(p) for p in params])
     assert set(got.tolist()) == {0, 1}
     # top_p: softmax([4,3,2,1,0]) ~ [.64,.24,.09,...]: p=0.8 keeps the first two
     params = [SamplingParams(temperature=1.0, top_p=0.8, seed=i) for i in range(200)]
-    got = sample(logits, params, [p.make_generator() for p in params])
+    got = sample(logits, params, [make_generator(p) for p in params])
     assert set(got.tolist()) == {0, 1}
 
 

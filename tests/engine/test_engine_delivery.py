@@ -16,9 +16,9 @@ import libm2n
 from services.attention.config import AttentionConfig
 from services.attention.dispatch import ExpertClient
 from services.attention.engine import Engine, TokenEvent
-from services.attention.server import ExpertAttacher, attach_experts
+from services.attention.placement import ExpertAttacher, attach_experts
 from services.core.model import AttentionSide
-from services.core.sampling import SamplingParams
+from services.core.request import SamplingParams
 
 PROMPTS = [[5, 17, 42, 8, 99], [7, 3, 250, 11]]
 MAX_TICKS = 500  # bounds every drive loop below (a few dozen turns are needed)
@@ -82,7 +82,7 @@ def test_deferred_events_arrive_in_order_with_exact_tokens(engine, engine_ckpt, 
 def test_events_sampled_in_a_turn_are_delivered_within_two_more(engine):
     got: list[TokenEvent] = []
     engine.submit("r", PROMPTS[0], greedy(40), got.append)
-    req = engine.scheduler.get("r")
+    req = engine.batcher.get("r")
     # a turn that samples leaves the token in the outbox unless a combine wait flushed it
     drive(engine, lambda: len(req.output) >= 3)
     sampled = len(req.output)
@@ -101,7 +101,7 @@ def test_a_handler_abort_never_overtakes_deferred_events(engine):
     running: list[TokenEvent] = []
     waiting: list[TokenEvent] = []
     engine.submit("run", PROMPTS[0], greedy(40), running.append)
-    req = engine.scheduler.get("run")
+    req = engine.batcher.get("run")
     for _ in range(MAX_TICKS):
         engine.tick()
         if len(req.output) >= 2 and engine._outbox:

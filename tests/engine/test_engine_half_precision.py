@@ -16,7 +16,7 @@ from engine_helpers import grpc_generate
 
 from services.core.generate import generate
 from services.core.model import MonolithicModel
-from services.core.sampling import SamplingParams
+from services.core.request import SamplingParams
 from services.launch.procs import LocalMesh
 
 PROMPTS = [[3, 17, 29, 5], [7, 8, 9, 10, 11, 12, 13], [400]]

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from megascale.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.core.request import CLIENT_REQUEST_ID_MAX_LEN, MAX_STOP_TOKEN_IDS
 from services.errors import ConfigError
 from services.gateway.config import GatewayConfig
 
@@ -140,3 +143,20 @@ def test_config_validation(tmp_path, gw_model_dir):
         GatewayConfig(model_dir=str(gw_model_dir), attention=("nohost",))
     cfg = GatewayConfig(model_dir=str(gw_model_dir), attention=("127.0.0.1:5",))
     assert cfg.served_model_name == MODEL
+
+
+@pytest.mark.parametrize("request_id, sampling, field", [
+    ("x" * (CLIENT_REQUEST_ID_MAX_LEN + 1), {}, "request_id"),
+    ("has space", {}, "request_id"),
+    ("ok-id", {"temperature": 1e9}, "sampling.temperature"),
+    ("ok-id", {"stop_token_ids": [1] * (MAX_STOP_TOKEN_IDS + 1)}, "sampling.stop_token_ids"),
+])
+def test_grpc_front_door_applies_the_same_rules(stack, request_id, sampling, field):
+    """The gRPC twin refuses what REST refuses, by the one rule set, naming the field."""
+    with grpc.insecure_channel(stack.grpc) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            list(gateway_pb2_grpc.GatewayStub(ch).Generate(gateway_pb2.GatewayGenerateRequest(
+                model=MODEL, text="Hello", request_id=request_id,
+                sampling=common_pb2.SamplingParams(max_tokens=2, **sampling)), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(field)

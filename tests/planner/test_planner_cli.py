@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from services.scheduler.planner.hardware import load_profile
-from services.scheduler.planner.models import PRESETS, load_model
-from services.scheduler.planner.profile import predict_local
+from services.planner.hardware import load_profile
+from services.planner.models import PRESETS, load_model
+from services.planner.profile import predict_local
 
 
 def plan(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from services.errors import ConfigError
-from services.scheduler.planner import perf_model as pm
-from services.scheduler.planner.hardware import HardwareSpec, get_gpu
-from services.scheduler.planner.models import PRESETS, MoEShape
+from services.planner import perf_model as pm
+from services.planner.hardware import HardwareSpec, get_gpu
+from services.planner.models import PRESETS, MoEShape
 
 MIXTRAL = PRESETS["Mixtral-8x22B"]
 # Round numbers so the roofline can be checked by hand: 100 TFLOPS, 1000 GB/s, no overhead.

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from services.errors import UserError
-from services.scheduler.planner.colocated import search_colocated
-from services.scheduler.planner.hardware import get_gpu
-from services.scheduler.planner.models import PRESETS, MoEShape
-from services.scheduler.planner.search import estimate_with_m, search
-from services.scheduler.planner.simulator import simulate
+from services.planner.colocated import search_colocated
+from services.planner.hardware import get_gpu
+from services.planner.models import PRESETS, MoEShape
+from services.planner.search import estimate_with_m, search
+from services.planner.simulator import simulate
 
 H20, L40S, H800 = get_gpu("H20"), get_gpu("L40S"), get_gpu("H800")
 

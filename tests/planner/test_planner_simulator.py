@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.errors import ConfigError
-from services.scheduler.planner.perf_model import iteration_time, pipeline_condition, t_total
-from services.scheduler.planner.simulator import simulate
+from services.planner.perf_model import iteration_time, pipeline_condition, t_total
+from services.planner.simulator import simulate
 
 times = st.floats(min_value=0.01, max_value=2.0, allow_nan=False)
 

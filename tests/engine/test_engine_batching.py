@@ -1,23 +1,24 @@
-"""Unit tests of the replica's request scheduler and its lanes (small factories)."""
+"""Unit tests of the replica's batcher (continuous batching) and its lanes (small factories)."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.attention.scheduler import (
+from services.attention.batching import (
+    Batcher,
+    BatchingConfig,
     QueueFull,
     Request,
-    RequestScheduler,
-    SchedulerConfig,
     Status,
 )
 from services.core.kv_cache import BlockManager
-from services.core.sampling import SamplingParams, finish_reason
+from services.core.request import SamplingParams
+from services.core.sampling import finish_reason
 from services.errors import UserError
 
 
-def make_scheduler(num_blocks: int = 64, block_size: int = 4, **cfg) -> RequestScheduler:
-    return RequestScheduler(BlockManager(num_blocks, block_size), SchedulerConfig(**cfg))
+def make_batcher(num_blocks: int = 64, block_size: int = 4, **cfg) -> Batcher:
+    return Batcher(BlockManager(num_blocks, block_size), BatchingConfig(**cfg))
 
 
 _counter = iter(range(10**6))
@@ -29,7 +30,7 @@ def make_request(prompt_len: int = 8, max_tokens: int = 8, rid: str | None = Non
                    SamplingParams(temperature=0, max_tokens=max_tokens), arrival=float(n))
 
 
-def step_and_sample(s: RequestScheduler, token: int = 7, lane: int = 0, lanes: int = 1):
+def step_and_sample(s: Batcher, token: int = 7, lane: int = 0, lanes: int = 1):
     """Schedule one (lane) step and append a sampled token to every chunk that samples."""
     plan = s.schedule(lane, lanes)
     for c in plan.chunks:
@@ -39,7 +40,7 @@ def step_and_sample(s: RequestScheduler, token: int = 7, lane: int = 0, lanes: i
 
 
 def test_prefill_then_decode_one_token_each():
-    s = make_scheduler()
+    s = make_batcher()
     a, b = make_request(5), make_request(3)
     s.add(a)
     s.add(b)
@@ -51,7 +52,7 @@ def test_prefill_then_decode_one_token_each():
 
 
 def test_chunked_prefill_respects_token_budget_and_mixes_with_decode():
-    s = make_scheduler(max_batch_tokens=6)
+    s = make_batcher(max_batch_tokens=6)
     a = make_request(4)
     s.add(a)
     step_and_sample(s)                      # a prefilled (4 tokens)
@@ -66,7 +67,7 @@ def test_chunked_prefill_respects_token_budget_and_mixes_with_decode():
 
 
 def test_admission_waits_for_free_blocks_and_fcfs():
-    s = make_scheduler(num_blocks=4, block_size=4)   # 16 token slots
+    s = make_batcher(num_blocks=4, block_size=4)   # 16 token slots
     a, b, c = make_request(12, max_tokens=4), make_request(8, max_tokens=4), make_request(2, 2)
     for r in (a, b, c):
         s.add(r)
@@ -80,7 +81,7 @@ def test_admission_waits_for_free_blocks_and_fcfs():
 
 
 def test_preemption_frees_newest_and_recomputes():
-    s = make_scheduler(num_blocks=3, block_size=4)   # 12 slots
+    s = make_batcher(num_blocks=3, block_size=4)   # 12 slots
     a, b = make_request(4, max_tokens=8), make_request(4, max_tokens=8)
     s.add(a)
     s.add(b)
@@ -97,7 +98,7 @@ def test_preemption_frees_newest_and_recomputes():
 
 
 def test_finish_frees_blocks_and_abort_of_waiting():
-    s = make_scheduler(num_blocks=8)
+    s = make_batcher(num_blocks=8)
     a, b = make_request(5), make_request(5)
     s.add(a)
     s.add(b)
@@ -113,7 +114,7 @@ def test_finish_frees_blocks_and_abort_of_waiting():
 
 
 def test_requests_that_can_never_fit_are_refused_clearly():
-    s = make_scheduler(num_blocks=4, block_size=4, max_model_len=64, max_waiting=1)
+    s = make_batcher(num_blocks=4, block_size=4, max_model_len=64, max_waiting=1)
     with pytest.raises(UserError, match="KV pool has only 4 blocks"):
         s.add(make_request(10, max_tokens=20))
     with pytest.raises(UserError, match="exceeds the model length 64"):
@@ -136,7 +137,7 @@ def test_finish_reason_rules():
 
 
 def test_lanes_partition_requests_budget_and_seq_cap():
-    s = make_scheduler(num_blocks=64, max_batch_tokens=12, max_num_seqs=4)
+    s = make_batcher(num_blocks=64, max_batch_tokens=12, max_num_seqs=4)
     reqs = [make_request(3) for _ in range(5)]
     for r in reqs:
         s.add(r)
@@ -157,7 +158,7 @@ def test_lanes_partition_requests_budget_and_seq_cap():
 
 
 def test_a_burst_of_arrivals_is_split_evenly_over_the_lanes():
-    s = make_scheduler(num_blocks=64, max_batch_tokens=256, max_num_seqs=64)
+    s = make_batcher(num_blocks=64, max_batch_tokens=256, max_num_seqs=64)
     reqs = [make_request(2) for _ in range(7)]
     for r in reqs:
         s.add(r)
@@ -166,7 +167,7 @@ def test_a_burst_of_arrivals_is_split_evenly_over_the_lanes():
 
 
 def test_a_lane_left_larger_hands_its_newest_requests_to_the_smallest():
-    s = make_scheduler(num_blocks=64, max_batch_tokens=256, max_num_seqs=64)
+    s = make_batcher(num_blocks=64, max_batch_tokens=256, max_num_seqs=64)
     reqs = [make_request(2) for _ in range(9)]
     for r in reqs:
         s.add(r)
@@ -188,7 +189,7 @@ def test_a_lane_left_larger_hands_its_newest_requests_to_the_smallest():
 
 
 def test_preemption_stays_inside_the_lane():
-    s = make_scheduler(num_blocks=3, block_size=4)    # 12 slots
+    s = make_batcher(num_blocks=3, block_size=4)    # 12 slots
     a, b = make_request(4, max_tokens=8), make_request(4, max_tokens=8)
     s.add(a)
     step_and_sample(s, lane=0, lanes=2)               # a in lane 0 (1 block)

@@ -76,7 +76,8 @@ def step_pass(attn: Any, batch: DecodeBatch) -> None:
     import torch
 
     from services.core.batch import build_batch_meta
-    from services.core.sampling import SamplingParams, sample
+    from services.core.request import SamplingParams
+    from services.core.sampling import sample
 
     b = len(batch.tables)
     greedy = SamplingParams(temperature=0.0)

@@ -1,7 +1,7 @@
 """PickReplica: choose the attention replica for a new request from the Redis load reports.
 
 Load reports arrive with heartbeats (every lease/3), so between two reports a burst of new
-requests would all see the same "least loaded" replica. The :class:`Router` therefore counts
+requests would all see the same "least loaded" replica. The :class:`Balancer` therefore counts
 the requests it sent to each replica since that replica's last report and adds them to the
 reported ``running + waiting``. Order: fewest (running + waiting + picked since report), then
 lowest KV usage, then node id (deterministic).
@@ -30,7 +30,7 @@ def _fits(rec: NodeRecord, prompt_tokens: int) -> bool:
     return rec.load.free_kv_blocks * max(1, rec.info.kv_block_size) >= prompt_tokens
 
 
-class Router:
+class Balancer:
     """Least-loaded replica choice with the picks-since-last-report correction."""
 
     def __init__(self) -> None:

@@ -1,6 +1,7 @@
-"""Request scheduling for one attention replica: continuous batching over a paged KV pool.
+"""Continuous batching for one attention replica over a paged KV pool (vLLM's "scheduler";
+named the batcher here, so that "scheduler" means only the control-plane service).
 
-Every engine step the scheduler decides which requests run and how many of their tokens:
+Every engine step the batcher decides which requests run and how many of their tokens:
 
 1. Running requests first, in arrival order: a decoding request gets 1 token, a request still
    prefilling gets its next chunk. If the KV pool cannot hold a request's new tokens, the
@@ -33,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from services.core.kv_cache import BlockManager
-from services.core.sampling import SamplingParams
+from services.core.request import FinishReason, SamplingParams
 from services.errors import UserError
 
 
@@ -60,7 +61,7 @@ class Request:
     num_resumed: int = 0
     num_computed: int = 0
     status: Status = Status.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None
     num_preemptions: int = 0
     first_scheduled: float | None = None
@@ -117,7 +118,7 @@ class StepPlan:
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class BatchingConfig:
     """Limits of one replica's batching (validated at construction)."""
 
     max_num_seqs: int = 64          # running requests per step
@@ -135,19 +136,19 @@ class QueueFull(RuntimeError):
     """The waiting queue is at ``max_waiting``; the caller should retry elsewhere."""
 
 
-class RequestScheduler:
+class Batcher:
     """Continuous batching with chunked prefill and preemption-by-recompute (module docstring)."""
 
-    def __init__(self, blocks: BlockManager, config: SchedulerConfig) -> None:
+    def __init__(self, blocks: BlockManager, config: BatchingConfig) -> None:
         self.blocks = blocks
         self.config = config
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._by_id: dict[str, Request] = {}
         self.lane_moves = 0  # requests handed from a larger lane to a smaller one
-        # finished requests by reason ("stop" | "length" | "abort" | "error"), counted here
-        # because every way out goes through finish(), whether or not a client still listens
-        self.finished_by_reason: Counter[str] = Counter()
+        # finished requests by reason, counted here because every way out goes through
+        # finish(), whether or not a client still listens
+        self.finished_by_reason: Counter[FinishReason] = Counter()
 
     # ------------------------------------------------------------------ intake
     def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
@@ -174,7 +175,7 @@ class RequestScheduler:
     def get(self, request_id: str) -> Request | None:
         return self._by_id.get(request_id)
 
-    def finish(self, request: Request, reason: str) -> None:
+    def finish(self, request: Request, reason: FinishReason) -> None:
         """Mark finished, free its KV blocks, forget it (finish, abort or error)."""
         if request.status is Status.FINISHED:
             return

@@ -1,0 +1,157 @@
+"""How an attention replica follows the expert placement: attach to the expert nodes it names,
+build the routing table from it, and install it in the engine.
+
+At start the replica attaches (``Expert.Attach``) to every ``--expert-nodes`` address and
+builds the first placement from what they report (:func:`attach_experts`). Later the scheduler
+pushes newer epochs (``Attention.UpdatePlacement``, and the registration's poll):
+:func:`adopt_placement` attaches first to nodes that joined since (expert scale-out) or
+restarted, then hands the table to :meth:`Engine.set_placement`, which installs it when no lane
+is mid-step. The engine's side of this is read through its methods only
+(:meth:`Engine.placement`, :meth:`Engine.attached_nodes`, :meth:`Engine.nodes_down`,
+:meth:`Engine.note_attached`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from megascale.v1 import common_pb2, expert_pb2, expert_pb2_grpc
+from services.attention.config import AttentionConfig
+from services.attention.engine import Engine
+from services.attention.routing import ExpertNodeRoute, Placement
+from services.errors import ConfigError
+
+log = logging.getLogger("megascale.attention")
+
+_LATE_ATTACH_S = 5.0  # an Attach made for a pushed placement (the RPC that pushed it waits)
+
+
+async def adopt_placement(engine: Engine, p: common_pb2.ExpertPlacement,
+                          attacher: ExpertAttacher) -> int:
+    """Install a newer placement at the next step boundary; returns the epoch in force.
+
+    Expert nodes the placement names that this replica is not attached to yet (nodes that
+    joined later) are attached first, at the ``grpc_address`` the placement gives. Raises
+    ValueError for a placement that is malformed or names a node that cannot be attached (the
+    placement in force stays). Older epochs are ignored.
+    """
+    async with attacher.lock:
+        return await _adopt_locked(engine, p, attacher)
+
+
+async def _adopt_locked(engine: Engine, p: common_pb2.ExpertPlacement,
+                        attacher: ExpertAttacher) -> int:
+    current = engine.placement
+    if p.epoch <= current.epoch:
+        return current.epoch
+    placement = placement_from_proto(p, current)
+    known = engine.attached_nodes()
+    down = engine.nodes_down()
+    addresses = {h.node_id: h.grpc_address for rep in p.experts for h in rep.hosts}
+    for node in placement.nodes:
+        new = node.node_id not in known
+        # A known node is attached again when it moved (a restart: new dispatch URL) or this
+        # replica routes around it: a restarted node has no reply link to us until then.
+        if not new and known[node.node_id] == node.dispatch_url and node.node_id not in down:
+            continue
+        try:
+            resp = await _attach_node(attacher, p.epoch, node.node_id, addresses[node.node_id])
+        except ValueError as exc:
+            if new:  # a table naming a node we cannot reach is refused whole
+                raise
+            log.warning("re-attaching expert node %s failed (it stays routed around): %s",
+                        node.node_id, exc)
+            continue
+        engine.note_attached(resp.node_id, resp.dispatch_url)
+    engine.set_placement(placement)
+    return p.epoch
+
+
+async def _attach_node(attacher: ExpertAttacher, epoch: int, node_id: str, address: str
+                       ) -> expert_pb2.AttachResponse:
+    """``Expert.Attach`` at ``address``; ValueError when there is no address, the node cannot
+    be reached, or it is not ``node_id``."""
+    if not address:
+        raise ValueError(f"placement epoch {epoch} names expert node {node_id}, which this "
+                         "replica is not attached to, without its grpc_address")
+    try:
+        resp = await attacher.attach(address, timeout_s=_LATE_ATTACH_S)
+    except ConfigError as exc:
+        raise ValueError(f"placement epoch {epoch}: {exc}") from None
+    if resp.node_id != node_id:
+        raise ValueError(f"expert node at {address} is {resp.node_id!r}, the placement calls "
+                         f"it {node_id!r}")
+    return resp
+
+
+async def adopt_logged(engine: Engine, p: common_pb2.ExpertPlacement,
+                       attacher: ExpertAttacher) -> None:
+    """:func:`adopt_placement` for callbacks: a refused placement is logged, not raised."""
+    try:
+        await adopt_placement(engine, p, attacher)
+    except ValueError as exc:
+        log.warning("ignoring placement: %s", exc)
+
+
+def placement_from_proto(p: common_pb2.ExpertPlacement, current: Placement) -> Placement:
+    """Group the per-expert host lists into per-node routes."""
+    if p.num_experts != current.num_experts:
+        raise ValueError(f"placement has num_experts {p.num_experts}, the model has "
+                         f"{current.num_experts}")
+    nodes: dict[str, tuple[str, list[int]]] = {}
+    for rep in p.experts:
+        for host in rep.hosts:
+            nodes.setdefault(host.node_id, (host.m2n_url, []))[1].append(rep.expert_id)
+    routes = tuple(ExpertNodeRoute(nid, url, tuple(sorted(ids)))
+                   for nid, (url, ids) in sorted(nodes.items()))
+    return Placement(p.epoch, routes, p.num_experts)
+
+
+class ExpertAttacher:
+    """Calls ``Expert.Attach`` for this replica: the node opens its reply link to
+    ``reply_url`` and reports what it hosts. At start for ``--expert-nodes``; later for nodes
+    a pushed placement names (expert scale-out)."""
+
+    def __init__(self, node_id: str, sender_id: int, reply_url: str, num_experts: int) -> None:
+        self.node_id = node_id
+        self.sender_id = sender_id
+        self.reply_url = reply_url
+        self.num_experts = num_experts
+        # One adoption at a time: the scheduler's push and the registration's poll may
+        # deliver the same placement together, and a node must be attached once.
+        self.lock = asyncio.Lock()
+
+    async def attach(self, address: str, timeout_s: float = 30.0) -> expert_pb2.AttachResponse:
+        """Raises ConfigError (one line) when the node cannot be reached or serves another
+        model."""
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = expert_pb2_grpc.ExpertStub(channel)
+            try:
+                resp = await stub.Attach(expert_pb2.AttachRequest(
+                    node_id=self.node_id, m2n_sender_id=self.sender_id,
+                    reply_url=self.reply_url), timeout=timeout_s, wait_for_ready=True)
+            except grpc.aio.AioRpcError as exc:
+                raise ConfigError(f"cannot attach to expert node {address}: "
+                                  f"{exc.code().name} {exc.details()}") from None
+        if resp.num_experts != self.num_experts:
+            raise ConfigError(f"expert node {address} serves a model with {resp.num_experts} "
+                              f"experts, this replica's model has {self.num_experts}")
+        return resp
+
+
+async def attach_experts(config: AttentionConfig, attacher: ExpertAttacher) -> Placement:
+    """Attach to every expert node; the placement is what they report hosting."""
+    routes, epochs = [], set()
+    for address in config.expert_nodes:
+        resp = await attacher.attach(address)
+        routes.append(ExpertNodeRoute(resp.node_id, resp.dispatch_url, tuple(resp.expert_ids)))
+        epochs.add(resp.epoch)
+    if len(epochs) != 1:
+        raise ConfigError(f"expert nodes disagree on the placement epoch: {sorted(epochs)}")
+    try:
+        return Placement(epochs.pop(), tuple(routes), attacher.num_experts)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

@@ -1,0 +1,171 @@
+"""What a generation request is, for every role: its id rule, its sampling parameters and their
+limits, and why it finished. Torch-free, so the gateway imports it without the model stack.
+
+Every front door (the gateway's REST app and gRPC service, the attention replica's
+``Generate``/``GenerateStream``) validates through :class:`SamplingParams` and
+:func:`check_request_id`; a bad value raises :class:`InvalidField`, whose message starts with
+the field's name (the front doors map it to a 400 / INVALID_ARGUMENT naming the field).
+:func:`sampling_from_proto` / :func:`sampling_to_proto` are the one conversion to and from the
+wire (``megascale.v1.SamplingParams``), and :class:`FinishReason` is the one list of reasons,
+with its wire numbers.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from dataclasses import dataclass
+
+from megascale.v1 import common_pb2
+from services.errors import UserError
+
+# ----------------------------------------------------------------------------- limits
+MAX_TEMPERATURE = 100.0
+MAX_STOP_TOKEN_IDS = 64
+MAX_STOP_STRINGS = 16      # stop strings are matched by the gateway (it detokenizes)
+MAX_STOP_CHARS = 256
+U32_MAX = (1 << 32) - 1    # the wire width of token ids, top_k, max_tokens, min_tokens
+U64_MAX = (1 << 64) - 1    # the wire width of seed
+
+# ------------------------------------------------------------------------- request ids
+REQUEST_ID_MAX_LEN = 128
+# The gateway sends attempt N of a request to a replica as "ID.N" (a resumed attempt must not
+# collide with the one it replaces), so an id a client gives the gateway leaves room for it.
+MAX_ATTEMPTS = 100
+CLIENT_REQUEST_ID_MAX_LEN = REQUEST_ID_MAX_LEN - len(f".{MAX_ATTEMPTS - 1}")
+_PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
+
+
+class InvalidField(UserError):
+    """A request field is out of range; ``field`` names it and the message starts with it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def check_request_id(request_id: str, max_len: int = REQUEST_ID_MAX_LEN,
+                     field: str = "request_id") -> str:
+    """``request_id`` if it is 1..``max_len`` printable ASCII characters (no spaces)."""
+    if not (1 <= len(request_id) <= max_len and _PRINTABLE_ASCII.fullmatch(request_id)):
+        raise InvalidField(field, f"{field} must be 1..{max_len} printable ASCII characters "
+                           "without spaces")
+    return request_id
+
+
+def attempt_request_id(request_id: str, attempt: int) -> str:
+    """The replica-side id of the gateway's ``attempt`` (0-based) at ``request_id``."""
+    if not 0 <= attempt < MAX_ATTEMPTS:
+        raise ValueError(f"attempt must be in 0..{MAX_ATTEMPTS - 1}, got {attempt}")
+    return check_request_id(f"{request_id}.{attempt}")
+
+
+# ----------------------------------------------------------------------- finish reasons
+class FinishReason(enum.StrEnum):
+    """Why a request finished; equal to its OpenAI spelling (``"stop"`` ...)."""
+
+    STOP = "stop"      # EOS, a stop token id, or (gateway) a stop string
+    LENGTH = "length"  # max_tokens, or the context length
+    ABORT = "abort"    # cancelled: Abort, or the client went away
+    ERROR = "error"    # the request failed on the replica
+
+    @property
+    def proto(self) -> int:
+        """The ``megascale.v1.FinishReason`` number."""
+        return _TO_PROTO[self]
+
+    @classmethod
+    def from_proto(cls, value: int) -> FinishReason | None:
+        """None for FINISH_REASON_UNSPECIFIED (not finished) and unknown numbers."""
+        return _FROM_PROTO.get(value)
+
+
+_TO_PROTO = {r: common_pb2.FinishReason.Value(f"FINISH_REASON_{r.name}") for r in FinishReason}
+_FROM_PROTO = {v: r for r, v in _TO_PROTO.items()}
+
+
+# --------------------------------------------------------------------- sampling params
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings (vLLM semantics), validated at construction.
+
+    temperature 0 = greedy; top_k -1 or 0 = off; top_p 1 = off; seed None = random.
+    Generation stops after ``max_tokens`` tokens (None = until the context is full; the
+    attention replica resolves it when it admits the request), or at an EOS /
+    ``stop_token_ids`` token (which is included in the output) unless ``ignore_eos``. Until
+    ``min_tokens`` tokens exist, those stopping tokens cannot be sampled (their logits are
+    masked; HF's ``min_new_tokens``).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int | None = 16
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and 0 <= t <= MAX_TEMPERATURE):
+            raise InvalidField("temperature", f"temperature must be in [0, "
+                               f"{MAX_TEMPERATURE:g}], got {t}")
+        p = self.top_p
+        if not (isinstance(p, (int, float)) and math.isfinite(p) and 0 < p <= 1):
+            raise InvalidField("top_p", f"top_p must be in (0, 1], got {p}")
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= U32_MAX:
+            raise InvalidField("top_k", f"top_k must be -1, 0 (off) or >= 1, got {self.top_k}")
+        mt = self.max_tokens
+        if mt is not None and (not _is_int(mt) or not 1 <= mt <= U32_MAX):
+            raise InvalidField("max_tokens", f"max_tokens must be an integer in [1, {U32_MAX}]"
+                               f", got {mt}")
+        upper = U32_MAX if mt is None else mt
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= upper:
+            raise InvalidField("min_tokens", f"min_tokens must be an integer in [0, "
+                               f"max_tokens={upper}], got {self.min_tokens}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= U64_MAX):
+            raise InvalidField("seed", f"seed must be an unsigned 64-bit integer, got "
+                               f"{self.seed!r}")
+        ids = tuple(self.stop_token_ids)
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidField("stop_token_ids", f"stop_token_ids holds more than "
+                               f"{MAX_STOP_TOKEN_IDS} ids")
+        if any(not _is_int(t) or not 0 <= t <= U32_MAX for t in ids):
+            raise InvalidField("stop_token_ids", "stop_token_ids must be non-negative token ids")
+        object.__setattr__(self, "stop_token_ids", ids)
+        object.__setattr__(self, "ignore_eos", bool(self.ignore_eos))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
+    """The wire's defaults -> :class:`SamplingParams` (InvalidField names the bad field).
+
+    ``max_tokens`` 0 means "until the context is full" (None); ``top_k`` 0 means off.
+    """
+    return SamplingParams(
+        temperature=p.temperature if p.HasField("temperature") else 1.0,
+        top_p=p.top_p if p.HasField("top_p") else 1.0,
+        top_k=p.top_k or -1, max_tokens=p.max_tokens or None,
+        seed=p.seed if p.HasField("seed") else None,
+        stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos,
+        min_tokens=p.min_tokens)
+
+
+def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
+    """:class:`SamplingParams` -> the wire (the inverse of :func:`sampling_from_proto`)."""
+    p = common_pb2.SamplingParams(temperature=s.temperature, top_p=s.top_p,
+                                  top_k=max(s.top_k, 0), max_tokens=s.max_tokens or 0,
+                                  stop_token_ids=s.stop_token_ids, ignore_eos=s.ignore_eos,
+                                  min_tokens=s.min_tokens)
+    if s.seed is not None:
+        p.seed = s.seed
+    return p

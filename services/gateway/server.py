@@ -1,0 +1,176 @@
+"""The gateway process: the OpenAI REST app (uvicorn, services/gateway/app.py) and
+``megascale.v1.Gateway``, the gRPC twin of the REST API, in one event loop.
+
+The gRPC service has the same validation, generation path and stop-string semantics as REST
+(status codes in gateway.proto); ``Generate`` takes raw text (no chat template) or token ids.
+With an API key configured, calls must carry ``authorization: Bearer KEY`` metadata
+(UNAUTHENTICATED otherwise). The ready file adds ``"http": "http://HOST:PORT"`` and
+``"model": SERVED_NAME`` to what every role writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+
+import grpc
+
+from megascale.v1 import gateway_pb2, gateway_pb2_grpc
+from services.common.lifecycle import RoleLifecycle
+from services.common.tracing import TRACE_HEADERS
+from services.core.request import (
+    CLIENT_REQUEST_ID_MAX_LEN,
+    InvalidField,
+    check_request_id,
+    sampling_from_proto,
+)
+from services.gateway.app import create_app
+from services.gateway.backend import Backend, GenRequest, SchedulerPicker, StaticPicker
+from services.gateway.config import GatewayConfig
+from services.gateway.errors import GatewayError, bad_request, invalid_field
+from services.gateway.generation import Generation, check_request
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.text import ModelText
+
+log = logging.getLogger("megascale.gateway")
+
+MAX_TEXT_BYTES = 1 << 20
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, text: ModelText, generation: Generation, api_key: str | None = None
+                 ) -> None:
+        self.text = text
+        self.generation = generation
+        self.api_key = api_key.encode() if api_key else None
+
+    async def Generate(self, request: gateway_pb2.GatewayGenerateRequest,
+                       context: grpc.aio.ServicerContext):  # noqa: ANN201 - async generator
+        """Stream text deltas; the last event carries finish_reason (and usage if asked)."""
+        try:
+            self._auth(context)
+            gen = self._to_gen(request, context)
+            gen.trace_headers = [(k, v) for k, v in context.invocation_metadata() or ()
+                                 if k in TRACE_HEADERS]
+        except GatewayError as exc:
+            self._count(exc.grpc_code.name)  # refused before generation.run: counted here
+            await context.abort(exc.grpc_code, exc.message)
+        status = "ok"
+        try:
+            async for d in self.generation.run(gen):
+                ev = gateway_pb2.GatewayGenerateEvent(text=d.text, token_ids=d.token_ids,
+                                                      request_id=gen.request_id)
+                if d.finish_reason is not None:
+                    ev.finish_reason = d.finish_reason.proto
+                    if request.include_usage:
+                        ev.usage.prompt_tokens = d.prompt_tokens
+                        ev.usage.completion_tokens = d.completion_tokens
+                yield ev
+        except GatewayError as exc:
+            status = exc.grpc_code.name
+            await context.abort(exc.grpc_code, exc.message)
+        finally:
+            self._count(status)
+
+    def _count(self, status: str) -> None:
+        self.generation.metrics.requests.labels(endpoint="grpc.Generate", status=status).inc()
+
+    async def ListModels(self, request: gateway_pb2.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> gateway_pb2.ListModelsResponse:
+        """The one model this gateway serves."""
+        try:
+            self._auth(context)
+        except GatewayError as exc:
+            await context.abort(exc.grpc_code, exc.message)
+        c = self.text.card
+        return gateway_pb2.ListModelsResponse(models=[gateway_pb2.ModelCard(
+            id=c.id, family=c.family, max_model_len=c.max_model_len,
+            created_unix_s=c.created_unix_s)])
+
+    def _auth(self, context: grpc.aio.ServicerContext) -> None:
+        if self.api_key is None:
+            return
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                scheme, _, token = value.partition(" ")
+                if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                                      self.api_key):
+                    return
+        raise GatewayError(401, "missing or invalid API key: send 'authorization: Bearer KEY'")
+
+    def _to_gen(self, r: gateway_pb2.GatewayGenerateRequest,
+                context: grpc.aio.ServicerContext) -> GenRequest:
+        if r.model != self.text.card.id:
+            raise GatewayError(404, f"the model {r.model!r} does not exist; this server serves "
+                               f"{self.text.card.id!r}")
+        try:
+            rid = (check_request_id(r.request_id, CLIENT_REQUEST_ID_MAX_LEN)
+                   if r.request_id else uuid.uuid4().hex)
+            sp = sampling_from_proto(r.sampling)
+        except InvalidField as exc:
+            raise invalid_field(exc, "sampling." if exc.field != "request_id" else "") from None
+        which = r.WhichOneof("prompt")
+        if which is None:
+            raise bad_request("prompt: give text or token_ids", "prompt")
+        if which == "text":
+            if not r.text:
+                raise bad_request("text must not be empty", "text")
+            if len(r.text.encode()) > MAX_TEXT_BYTES:
+                raise bad_request("text is longer than 1 MiB", "text")
+            ids, param = self.text.encode_text(r.text), "text"
+        else:
+            ids, param = list(r.token_ids.ids), "token_ids"
+        stop = tuple(r.stop)
+        check_request(self.text, ids, sp, stop, param)
+        remaining = context.time_remaining()
+        return GenRequest(ids, sp, stop, request_id=rid,
+                          deadline=time.monotonic() + remaining if remaining else None)
+
+
+async def serve(config: GatewayConfig, ready_file: str | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Serve REST + gRPC until ``stop`` is set (or forever)."""
+    import uvicorn
+
+    async with RoleLifecycle("gateway", config.node_id, config.host) as life:
+        text = ModelText(config.model_dir, config.served_model_name, config.max_model_len)
+        metrics = GatewayMetrics()
+        picker = (SchedulerPicker(config.scheduler, config.served_model_name)
+                  if config.scheduler else StaticPicker(config.attention))
+        backend = Backend(picker, metrics, config.request_timeout_s, config.max_attempts)
+        life.defer(backend.close)
+        generation = Generation(text, backend, metrics)
+        app = create_app(text, generation, metrics, config.api_key, config.max_body_bytes)
+        servicer = GatewayServicer(text, generation, config.api_key)
+        await life.start_grpc(
+            config.grpc_port,
+            lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s),
+            [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name])
+        life.serve_metrics(metrics.registry, config.metrics_port)
+        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.http_port,
+                                               log_level="warning", access_log=False,
+                                               lifespan="off", timeout_graceful_shutdown=2))
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign] # CLI owns
+        http_task = asyncio.create_task(server.serve())
+
+        async def stop_http() -> None:
+            server.should_exit = True
+            await asyncio.gather(http_task, return_exceptions=True)
+
+        life.defer(stop_http)
+        while not server.started:
+            if http_task.done():  # failed to bind: surface the error
+                await http_task
+                raise RuntimeError("the HTTP server stopped before it started")
+            await asyncio.sleep(0.02)
+        http_port = server.servers[0].sockets[0].getsockname()[1]
+        await life.ready(ready_file, {"model": config.served_model_name,
+                                      "http": f"http://{config.host}:{http_port}"})
+        log.info("gateway %s serving %s: http://%s:%d, gRPC %s, replicas %s", config.node_id,
+                 config.served_model_name, config.host, http_port, life.grpc_address,
+                 config.scheduler and f"via scheduler {config.scheduler}" or ",".join(
+                     config.attention))
+        await life.wait(stop, http_task)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -159,12 +158,7 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
         engine = Engine(attention, client, config, on_step=on_step)
         engine.runner.record_intervals = timeline is not None
         metrics.watch(engine)
-        stop_engine = threading.Event()
-        thread = threading.Thread(target=engine.run, args=(stop_engine,), name="engine",
-                                  daemon=True)
-        thread.start()
-        life.defer(thread.join, 10)
-        life.defer(stop_engine.set)
+        life.start_thread(engine.run, "engine", join_s=10)
         servicer = AttentionServicer(engine, metrics, asyncio.get_running_loop(), attacher)
         await life.start_grpc(
             config.grpc_port,

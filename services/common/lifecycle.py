@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -72,6 +73,17 @@ class RoleLifecycle:
             self._stack.push_async_callback(fn, *args)
         else:
             self._stack.callback(fn, *args)
+
+    def start_thread(self, run: Callable[[threading.Event], Any], name: str,
+                     join_s: float = 10.0) -> threading.Thread:
+        """Run ``run(stop_event)`` in a daemon thread (an engine or drain loop); at shutdown the
+        event is set and the thread joined for up to ``join_s`` seconds."""
+        stop = threading.Event()
+        thread = threading.Thread(target=run, args=(stop,), name=name, daemon=True)
+        thread.start()
+        self.defer(thread.join, join_s)
+        self.defer(stop.set)
+        return thread
 
     async def start_grpc(self, port: int, add_servicers: Callable[[grpc.aio.Server], None],
                          service_names: Iterable[str]) -> int:

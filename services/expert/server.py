@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 
 import grpc
@@ -130,12 +129,7 @@ async def serve(config: ExpertConfig, ready_file: str | None = None,
                               on_compute=on_compute)
         life.defer(worker.close)
         metrics.watch(worker)
-        stop_worker = threading.Event()
-        thread = threading.Thread(target=worker.run, args=(stop_worker,), name="expert-drain",
-                                  daemon=True)
-        thread.start()
-        life.defer(thread.join, 5)
-        life.defer(stop_worker.set)
+        life.start_thread(worker.run, "expert-drain", join_s=5)
         m2n_url = advertised_url(rx.url, life.advertised)
         servicer = ExpertServicer(config, cfg, worker, m2n_url)
         await life.start_grpc(

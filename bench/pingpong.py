@@ -228,7 +228,6 @@ def start_mesh(model: Path, prompts: list[list[int]], new_tokens: int, m: int, w
     batch = len(prompts)
     # one step may carry every prompt at once; a dispatch slot must hold that many rows
     step_tokens = max(512, batch * len(prompts[0]))
-    slot_bytes = step_tokens * (SHAPE["hidden"] + 2 * SHAPE["top_k"]) * 4 + 4096
     # KV blocks for every request at full length (+1 block each for the partial last one), so
     # the whole batch decodes together: no request waits for blocks or is preempted.
     num_blocks = batch * (-(-(len(prompts[0]) + new_tokens) // 16) + 1)
@@ -238,7 +237,7 @@ def start_mesh(model: Path, prompts: list[list[int]], new_tokens: int, m: int, w
                         "--max-num-seqs", str(max(64, batch)),
                         "--num-blocks", str(num_blocks), "--block-size", "16",
                         "--stream-interval", str(stream_interval)],
-        expert_args=["--metrics-port", "0", "--slot-bytes", str(slot_bytes)],
+        expert_args=["--metrics-port", "0", "--max-batch-tokens", str(step_tokens)],
         workdir=workdir, env=env, attention_cpus="0", expert_cpus="1")
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.attention.batching import BatchingConfig
+from services.core.runtime import COMPUTE_DTYPES
 from services.errors import ConfigError
 
 
@@ -32,7 +33,8 @@ class AttentionConfig:
     micro_batches: int = 2
     stream_interval: int = 1          # emit a request's tokens every N tokens (1 = each token)
     block_size: int = 16
-    num_blocks: int = 512
+    num_blocks: int | None = None     # KV blocks; None = sized at start (server.kv_blocks)
+    gpu_memory_utilization: float = 0.9  # on CUDA: fraction of the card this replica may use
     batching: BatchingConfig = BatchingConfig()
     expert_timeout_s: float = 10.0    # bound on a node's replies before it is marked down
     expert_readmit_s: float = 30.0    # retry a down node with a healthy link after this; 0 = no
@@ -51,9 +53,12 @@ class AttentionConfig:
             raise ConfigError(f"micro_batches must be in 1..16, got {self.micro_batches}")
         if not 1 <= self.stream_interval <= 1024:
             raise ConfigError(f"stream_interval must be in 1..1024, got {self.stream_interval}")
-        if self.block_size < 1 or self.num_blocks < 1:
+        if self.block_size < 1 or (self.num_blocks is not None and self.num_blocks < 1):
             raise ConfigError(f"block_size and num_blocks must be >= 1, got {self.block_size}, "
                               f"{self.num_blocks}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got "
+                              f"{self.gpu_memory_utilization}")
         if not 0 <= self.m2n_sender_id <= 2**32 - 1:
             raise ConfigError(f"m2n_sender_id must be in 0..2**32-1, got {self.m2n_sender_id}")
         if not self.expert_timeout_s > 0:
@@ -62,5 +67,6 @@ class AttentionConfig:
             raise ConfigError(f"expert_readmit_s must be >= 0, got {self.expert_readmit_s}")
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got "
+                              f"{self.dtype!r}")

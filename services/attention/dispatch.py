@@ -73,11 +73,15 @@ class ExpertClient:
 
     def __init__(self, placement: Placement, reply_rx: libm2n.Receiver, sender_id: int,
                  hidden: int, top_k: int, reply_timeout_s: float = 10.0,
-                 peer_timeout_s: float = 10.0, readmit_after_s: float = 30.0) -> None:
+                 peer_timeout_s: float = 10.0, readmit_after_s: float = 30.0,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+                 ) -> None:
         self.reply_rx = reply_rx
         self.sender_id = sender_id
         self.hidden = hidden
         self.top_k = top_k
+        self.dtype = dtype                  # the compute dtype: what rows travel in
+        self.device = torch.device(device)  # where the routing tables live (the rows' device)
         self.reply_timeout_s = reply_timeout_s
         self.peer_timeout_s = peer_timeout_s
         self.readmit_after_s = readmit_after_s  # 0: only a new placement epoch re-admits
@@ -146,7 +150,7 @@ class ExpertClient:
         self.down = down
         now = time.monotonic()
         self._down_at = {n: self._down_at.get(n, now) for n in down}
-        self._routes = Routes(placement, self._down_indices())
+        self._routes = Routes(placement, self._down_indices(), self.device)
 
     def _down_indices(self) -> dict[int, str]:
         return {ni: self.down[n.node_id] for ni, n in enumerate(self.placement.nodes)
@@ -159,7 +163,7 @@ class ExpertClient:
         log.error("expert node %s is down (%s); routing around it", node, why)
         self.down[node] = why
         self._down_at[node] = time.monotonic()
-        self._routes = Routes(self.placement, self._down_indices())
+        self._routes = Routes(self.placement, self._down_indices(), self.device)
 
     def _readmit(self) -> None:
         """Take back nodes down for ``readmit_after_s`` whose link is healthy."""
@@ -177,11 +181,11 @@ class ExpertClient:
             node = self.placement.nodes[ni].node_id
             log.warning("re-admitting expert node %s: its link is healthy", node)
             del self.down[node], self._down_at[node]
-        self._routes = Routes(self.placement, self._down_indices())
+        self._routes = Routes(self.placement, self._down_indices(), self.device)
 
     def max_rows(self) -> int:
         """Largest micro-batch (rows) one dispatch slot on every node can hold."""
-        width = (self.hidden + 2 * self.top_k) * 4
+        width = moe_wire.row_bytes(self.hidden, self.top_k, self.dtype)
         return min(s.slot_bytes // width for s in self._senders)
 
     # ------------------------------------------------------------------ the hot path
@@ -207,8 +211,13 @@ class ExpertClient:
             row_ids = sub if base is None else base if sub is None else base.index_select(0, sub)
             rows = pending.rows if row_ids is None else pending.rows.index_select(0, row_ids)
             tag = next(self._tags)
+            payload = moe_wire.pack_dispatch(rows, ids, weights)
+            if payload.device.type != "cpu":
+                # libm2n sends from host memory: one device-to-host copy, which waits for this
+                # layer's attention to finish (a GPU transport would send from the device).
+                payload = payload.cpu()
             try:
-                self._senders[ni].send(moe_wire.pack_dispatch(rows, ids, weights),
+                self._senders[ni].send(payload,
                                        step=pending.step, layer=pending.layer,
                                        micro_batch=pending.micro_batch, tag=tag,
                                        trace_id=trace_id, span_id=span_id

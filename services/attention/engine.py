@@ -97,9 +97,10 @@ class Engine:
             sc.max_num_seqs, sc.max_batch_tokens, max_len, sc.max_waiting))
         rows = client.max_rows()
         if rows < sc.max_batch_tokens:
-            raise UserError(f"max_batch_tokens {sc.max_batch_tokens} exceeds what one dispatch "
-                            f"slot of the expert nodes holds ({rows} rows); raise the expert "
-                            "nodes' slot size or lower max_batch_tokens")
+            raise UserError(f"--max-batch-tokens {sc.max_batch_tokens} exceeds what one "
+                            f"dispatch slot of the expert nodes holds ({rows} rows): start them "
+                            f"with --max-batch-tokens >= {sc.max_batch_tokens} (or a larger "
+                            "--slot-bytes), or lower this replica's --max-batch-tokens")
         self.runner = PingPongRunner(attention, self.kv, client)
         self.eos_ids = frozenset(self.cfg.eos_token_ids)
         self.on_step = on_step
@@ -140,7 +141,7 @@ class Engine:
             params = dataclasses.replace(params, max_tokens=max(1, rest))
         req = Request(request_id, list(prompt), params, time.monotonic(), output=resumed,
                       num_resumed=len(resumed), num_streamed=len(resumed),
-                      generator=make_generator(params),
+                      generator=make_generator(params, self.attention.device),
                       trace=trace)
         with self._lock:
             self.batcher.add(req)

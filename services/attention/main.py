@@ -7,7 +7,7 @@ import os
 
 from services.attention.batching import BatchingConfig
 from services.attention.config import AttentionConfig
-from services.attention.server import serve
+from services.attention.server import CPU_NUM_BLOCKS, serve
 from services.common.flags import add_compute_flags, add_flag, add_server_flags, threads_from
 from services.core.runtime import pick_device
 
@@ -25,7 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--stream-interval", type=int, default=1,
              help="send a request's tokens every N tokens (fewer stream writes under load)")
     add_flag(p, "--block-size", type=int, default=16, help="KV cache block size (tokens)")
-    add_flag(p, "--num-blocks", type=int, default=512, help="KV cache blocks")
+    add_flag(p, "--num-blocks", type=int, default=None,
+             help="KV cache blocks (default: on CUDA as many as --gpu-memory-utilization "
+                  f"allows, on CPU {CPU_NUM_BLOCKS})")
+    add_flag(p, "--gpu-memory-utilization", type=float, default=0.9,
+             help="on CUDA, the fraction of the card's memory this replica may use (weights, "
+                  "activations and the KV cache, which gets the rest)")
     add_flag(p, "--max-num-seqs", type=int, default=64, help="running requests per step")
     add_flag(p, "--max-batch-tokens", type=int, default=512, help="tokens per step")
     add_flag(p, "--max-model-len", type=int, default=4096, help="prompt + output tokens")
@@ -48,7 +53,7 @@ def build(args: argparse.Namespace) -> AttentionConfig:
         metrics_port=args.metrics_port,
         m2n_url=args.m2n_url, micro_batches=args.micro_batches,
         stream_interval=args.stream_interval, block_size=args.block_size,
-        num_blocks=args.num_blocks,
+        num_blocks=args.num_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
         batching=BatchingConfig(max_num_seqs=args.max_num_seqs,
                                   max_batch_tokens=args.max_batch_tokens,
                                   max_model_len=args.max_model_len),

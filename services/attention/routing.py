@@ -72,11 +72,14 @@ class Routes:
     """The replica tables of one placement with some nodes marked down (built when either
     changes, used on every dispatch)."""
 
-    def __init__(self, placement: Placement, down: dict[int, str]) -> None:
-        """``down``: node index -> why it is considered down."""
+    def __init__(self, placement: Placement, down: dict[int, str],
+                 device: str | torch.device = "cpu") -> None:
+        """``down``: node index -> why it is considered down; ``device``: where the routed ids
+        live (the tables are indexed by them)."""
         self.down = frozenset(down)
         self.live = [ni for ni in range(len(placement.nodes)) if ni not in down]
-        self.table, self.count = placement.replica_table(self.down)
+        table, count = placement.replica_table(self.down)
+        self.table, self.count = table.to(device), count.to(device)
         self.complete = bool((self.count > 0).all())
         self.why = "; ".join(f"expert node {placement.nodes[ni].node_id} is down ({why})"
                              for ni, why in sorted(down.items()))
@@ -95,6 +98,7 @@ class Routes:
             lacking = self.count[safe] == 0
             if valid is not None:
                 lacking &= valid
+            # A host sync, only while a node is down: whether the step can go on at all.
             if bool(lacking.any()):
                 experts = torch.unique(ids[lacking]).tolist()
                 raise ExpertUnavailable(f"experts {experts} have no live replica: {self.why}")
@@ -109,6 +113,8 @@ class Routes:
         out: list[Part] = []
         for ni in self.live:
             mine = owner == ni                                              # [T, K]
+            # nonzero syncs with the device: each node's message size must be known on the
+            # host to send it (one node serving everything, above, needs no sync).
             row_ids = mine.any(dim=1).nonzero().squeeze(1)                 # [n]
             if row_ids.numel() == 0:
                 continue

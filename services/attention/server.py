@@ -5,6 +5,7 @@ serve ``megascale.v1.Attention`` (+ health, reflection) and Prometheus ``/metric
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -38,9 +39,12 @@ from services.common.lifecycle import RoleLifecycle
 from services.common.net import advertised_url
 from services.common.registration import NodeRegistration
 from services.common.timeline import timeline_for
+from services.core import moe_wire
+from services.core.kv_cache import PagedKVCache
 from services.core.model import AttentionSide
-from services.core.runtime import configure_threads
-from services.errors import UserError
+from services.core.request import model_id
+from services.core.runtime import configure_threads, gpu_memory_budget
+from services.errors import ConfigError, UserError
 
 log = logging.getLogger("megascale.attention")
 
@@ -120,6 +124,31 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
         return common_pb2.UpdatePlacementResponse(applied_epoch=applied)
 
 
+CPU_NUM_BLOCKS = 512
+
+
+def kv_blocks(config: AttentionConfig, attention: AttentionSide) -> int:
+    """The KV pool size: ``config.num_blocks`` when given; on CUDA what the memory budget
+    holds after the weights (ConfigError naming the flags when that is not one full-length
+    request); on CPU :data:`CPU_NUM_BLOCKS`."""
+    if config.num_blocks is not None:
+        return config.num_blocks
+    if attention.device.type != "cuda":
+        return CPU_NUM_BLOCKS
+    cfg, b = attention.cfg, config.batching
+    # Activations of one step: hidden-sized intermediates and float32 logits per token.
+    reserve = b.max_batch_tokens * (cfg.vocab_size + 16 * cfg.hidden_size) * 4
+    budget = gpu_memory_budget(attention.device, config.gpu_memory_utilization, reserve)
+    blocks = PagedKVCache.blocks_for_memory(cfg, config.block_size, attention.dtype, budget)
+    need = -(-min(b.max_model_len, cfg.max_position_embeddings) // config.block_size)
+    if blocks < need:
+        raise ConfigError(f"--gpu-memory-utilization {config.gpu_memory_utilization} leaves "
+                          f"room for {blocks} KV blocks of {config.block_size} tokens, fewer "
+                          f"than one {b.max_model_len}-token request needs ({need}): raise it, "
+                          "lower --max-model-len, or set --num-blocks")
+    return blocks
+
+
 async def serve(config: AttentionConfig, ready_file: str | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Run the replica until ``stop`` is set (or forever)."""
@@ -131,9 +160,11 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
         attention = AttentionSide.from_pretrained(config.model_dir,
                                                   getattr(torch, config.dtype), config.device)
         cfg = attention.cfg
+        config = dataclasses.replace(config, num_blocks=kv_blocks(config, attention))
         reply_rx = libm2n.open_receiver(config.m2n_url, libm2n.ReceiverConfig(
             slots_per_sender=max(4, 2 * config.micro_batches),
-            slot_bytes=max(4096, config.batching.max_batch_tokens * cfg.hidden_size * 4)))
+            slot_bytes=max(4096, moe_wire.combine_bytes(config.batching.max_batch_tokens,
+                                                        cfg.hidden_size, attention.dtype))))
         life.defer(reply_rx.close)
         reply_url = advertised_url(reply_rx.url, life.advertised)
         attacher = ExpertAttacher(config.node_id, config.m2n_sender_id, reply_url,
@@ -142,7 +173,8 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
         client = ExpertClient(placement, reply_rx, config.m2n_sender_id, cfg.hidden_size,
                               cfg.top_k, reply_timeout_s=config.expert_timeout_s,
                               peer_timeout_s=config.expert_timeout_s,
-                              readmit_after_s=config.expert_readmit_s)
+                              readmit_after_s=config.expert_readmit_s,
+                              dtype=attention.dtype, device=attention.device)
         life.defer(client.close)
         metrics = AttentionMetrics()
         timeline = timeline_for(config.node_id)
@@ -170,13 +202,15 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
             registration = NodeRegistration(config.scheduler, common_pb2.NodeInfo(
                 node_id=config.node_id, role=common_pb2.NODE_ROLE_ATTENTION,
                 grpc_address=life.grpc_address, m2n_url=reply_url,
-                model=config.model_dir.name, kv_blocks=config.num_blocks,
+                model=model_id(config.model_dir), kv_blocks=config.num_blocks,
                 kv_block_size=config.block_size,
                 max_running_requests=config.batching.max_num_seqs,
                 started_at_unix_s=time.time()),
                 load_fn=lambda: metrics.load_report(engine),
                 on_placement=lambda p: adopt_logged(engine, p, attacher))
-        await life.ready(ready_file, {"m2n_url": reply_url, "num_blocks": config.num_blocks},
+        await life.ready(ready_file, {"m2n_url": reply_url, "num_blocks": config.num_blocks,
+                                      "device": str(attention.device),
+                                      "dtype": config.dtype},
                          registration)
         log.info("attention replica %s serving on %s, %d expert node(s), m=%d",
                  config.node_id, life.grpc_address, len(placement.nodes),

@@ -11,6 +11,8 @@ import argparse
 import os
 from typing import Any
 
+from services.core.runtime import COMPUTE_DTYPES
+
 
 def env_value(flag: str, default: Any = None) -> Any:
     return os.environ.get("MEGASCALE_" + flag.lstrip("-").upper().replace("-", "_"), default)
@@ -47,7 +49,8 @@ def add_compute_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--threads", type=int, default=None,
              help="torch threads (default: MEGASCALE_TORCH_THREADS or 1)")
     add_flag(p, "--device", default="cpu", help="cpu | cuda[:N] | auto")
-    add_flag(p, "--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_flag(p, "--dtype", default="float32", choices=COMPUTE_DTYPES,
+             help="compute dtype; activations travel between roles in it")
 
 
 def threads_from(args: argparse.Namespace) -> int:

@@ -129,3 +129,9 @@ class PagedKVCache:
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+    @staticmethod
+    def blocks_for_memory(cfg: ModelConfig, block_size: int, dtype: torch.dtype,
+                          budget_bytes: int) -> int:
+        """How many blocks (all layers, K and V) fit in ``budget_bytes`` (0 if none)."""
+        return max(0, budget_bytes // PagedKVCache.bytes_per_block(cfg, block_size, dtype))

@@ -16,6 +16,7 @@ import enum
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from megascale.v1 import common_pb2
 from services.errors import UserError
@@ -27,6 +28,14 @@ MAX_STOP_STRINGS = 16      # stop strings are matched by the gateway (it detoken
 MAX_STOP_CHARS = 256
 U32_MAX = (1 << 32) - 1    # the wire width of token ids, top_k, max_tokens, min_tokens
 U64_MAX = (1 << 64) - 1    # the wire width of seed
+
+# ------------------------------------------------------------------------------ models
+def model_id(model_dir: str | Path) -> str:
+    """The name a deployment knows a checkpoint by, the same in every role: its directory's
+    name. Replicas and expert nodes register under it and the gateway asks the scheduler for
+    it (the gateway's ``--served-model-name`` is only what clients call it)."""
+    return Path(model_dir).resolve().name
+
 
 # ------------------------------------------------------------------------- request ids
 REQUEST_ID_MAX_LEN = 128

@@ -65,6 +65,9 @@ def configure_threads(threads: int | None = None) -> int:
     return threads
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # --dtype of the compute roles
+
+
 def pick_device(name: str = "auto") -> str:
     """Resolve ``auto`` to ``cuda`` when a GPU is visible, else ``cpu``; validate explicit names."""
     import torch
@@ -76,3 +79,15 @@ def pick_device(name: str = "auto") -> str:
     if not (name == "cpu" or name.startswith("cuda")):
         raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}")
     return name
+
+
+def gpu_memory_budget(device: str | object, fraction: float, reserve_bytes: int) -> int:
+    """Bytes this process may still allocate on a CUDA ``device`` (vLLM's
+    ``--gpu-memory-utilization``): ``fraction`` of the card's memory less what this process
+    holds already and ``reserve_bytes`` kept for activations, and never more than is free now
+    (other processes on the same card: expert nodes started first)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    mine = torch.cuda.memory_reserved(device)
+    return int(min(fraction * total - mine, free) - reserve_bytes)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.core.runtime import COMPUTE_DTYPES
 from services.errors import ConfigError
 
 
@@ -15,8 +16,10 @@ class ExpertConfig:
 
     ``expert_ids`` are the experts (of every sparse layer) this node loads and serves; the same
     id may be hosted by several nodes (replicas). ``m2n_url`` is where dispatches arrive
-    (``tcp://127.0.0.1:0`` picks a port). ``slot_bytes`` bounds one dispatch: rows x
-    (hidden + 2 top_k) x 4 bytes must fit, so it caps an attention replica's step tokens.
+    (``tcp://127.0.0.1:0`` picks a port). A dispatch receive slot holds one micro-batch of an
+    attention replica: ``max_batch_tokens`` rows in the wire layout of ``dtype``
+    (services/core/moe_wire.py). ``slot_bytes`` 0 derives the slot size from that and the
+    model's shape; a positive value sets it (it then caps the replicas' step tokens).
     """
 
     model_dir: Path
@@ -28,7 +31,8 @@ class ExpertConfig:
     grpc_port: int = 0
     metrics_port: int | None = None
     m2n_url: str = "tcp://127.0.0.1:0"
-    slot_bytes: int = 4 << 20
+    max_batch_tokens: int = 512       # the replicas' largest step: rows one slot must hold
+    slot_bytes: int = 0               # 0 = derive from max_batch_tokens and the model's shape
     slots_per_sender: int = 8
     epoch: int = 0
     scheduler: str | None = None      # scheduler gRPC address; None = run without one
@@ -47,12 +51,16 @@ class ExpertConfig:
             raise ConfigError(f"expert_ids must be >= 0, got {min(self.expert_ids)}")
         if not 0 <= self.m2n_sender_id <= 2**32 - 1:
             raise ConfigError(f"m2n_sender_id must be in 0..2**32-1, got {self.m2n_sender_id}")
-        if self.slot_bytes < 4096 or self.slots_per_sender < 1:
-            raise ConfigError("slot_bytes must be >= 4096 and slots_per_sender >= 1")
+        if self.max_batch_tokens < 1:
+            raise ConfigError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
+        if not (self.slot_bytes == 0 or self.slot_bytes >= 4096) or self.slots_per_sender < 1:
+            raise ConfigError("slot_bytes must be 0 (derive) or >= 4096, and slots_per_sender "
+                              ">= 1")
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got "
+                              f"{self.dtype!r}")
 
 
 def parse_expert_ids(text: str) -> tuple[int, ...]:

@@ -30,8 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--m2n-sender-id", type=int, default=None,
              help="this node's id on its reply links (default 65536 + I for --experts "
                   "shard:I/N, else 65536); unique among expert nodes")
-    add_flag(p, "--slot-bytes", type=int, default=4 << 20,
-             help="bytes per dispatch slot (bounds rows per dispatch)")
+    add_flag(p, "--max-batch-tokens", type=int, default=512,
+             help="the attention replicas' --max-batch-tokens: one dispatch slot holds that "
+                  "many rows of this model in --dtype")
+    add_flag(p, "--slot-bytes", type=int, default=0,
+             help="bytes per dispatch slot; 0 = derive from --max-batch-tokens")
     add_flag(p, "--epoch", type=int, default=0, help="initial placement epoch")
     add_flag(p, "--scheduler", default=None,
              help="scheduler gRPC address to register with (optional)")
@@ -46,7 +49,8 @@ def build(args: argparse.Namespace) -> ExpertConfig:
                                if args.experts.startswith("shard:") else 0),
         host=args.host, advertise_host=args.advertise_host, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
-        m2n_url=args.m2n_url, slot_bytes=args.slot_bytes, epoch=args.epoch,
+        m2n_url=args.m2n_url, max_batch_tokens=args.max_batch_tokens,
+        slot_bytes=args.slot_bytes, epoch=args.epoch,
         scheduler=args.scheduler,
         threads=threads_from(args), device=pick_device(args.device), dtype=args.dtype)
 

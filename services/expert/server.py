@@ -18,8 +18,10 @@ from services.common.lifecycle import RoleLifecycle
 from services.common.net import advertised_url
 from services.common.registration import NodeRegistration
 from services.common.timeline import timeline_for
+from services.core import moe_wire
 from services.core.config import ModelConfig
 from services.core.model import ExpertSide
+from services.core.request import model_id
 from services.core.runtime import configure_threads
 from services.errors import ConfigError
 from services.expert.config import ExpertConfig
@@ -114,8 +116,10 @@ async def serve(config: ExpertConfig, ready_file: str | None = None,
         # which grouped GEMM serves the experts (services/core/cpu_gemm.py), for ready file/log
         gemm = "packed" if experts.packed else "torch"
         metrics = ExpertMetrics()
+        slot_bytes = config.slot_bytes or max(4096, moe_wire.dispatch_bytes(
+            config.max_batch_tokens, cfg.hidden_size, cfg.top_k, experts.dtype))
         rx = libm2n.open_receiver(config.m2n_url, libm2n.ReceiverConfig(
-            slots_per_sender=config.slots_per_sender, slot_bytes=config.slot_bytes))
+            slots_per_sender=config.slots_per_sender, slot_bytes=slot_bytes))
         life.defer(rx.close)
         timeline = timeline_for(config.node_id)
 
@@ -142,11 +146,13 @@ async def serve(config: ExpertConfig, ready_file: str | None = None,
             registration = NodeRegistration(config.scheduler, common_pb2.NodeInfo(
                 node_id=config.node_id, role=common_pb2.NODE_ROLE_EXPERT,
                 grpc_address=life.grpc_address, m2n_url=m2n_url,
-                model=config.model_dir.name, expert_ids=list(config.expert_ids),
+                model=model_id(config.model_dir), expert_ids=list(config.expert_ids),
                 started_at_unix_s=time.time()),
                 on_placement=lambda p: worker.set_epoch(max(worker.epoch, p.epoch)))
         await life.ready(ready_file, {"m2n_url": m2n_url, "expert_ids": list(config.expert_ids),
-                                      "expert_gemm": gemm}, registration)
+                                      "expert_gemm": gemm,
+                                      "device": str(experts.device), "dtype": config.dtype},
+                         registration)
         log.info("expert node %s serving experts %s on %s (m2n %s, expert GEMM %s)",
                  config.node_id, list(config.expert_ids), life.grpc_address, m2n_url, gemm)
         await life.wait(stop)

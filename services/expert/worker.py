@@ -189,14 +189,13 @@ class ExpertWorker:
                 for m in msgs_here:
                     m.release()
             span = _compute_span(layer, headers, rows.shape[0]) if tracing.enabled() else None
-            # Rows and gate weights travel as float32 (moe_wire); a bf16/fp16 replica's values
-            # are exact there, so casting back to the compute dtype gives the very tensors its
-            # router produced (a no-op at float32).
-            dtype = self.experts.dtype
+            # Rows travel in the compute dtype and gate weights as float32 (moe_wire), which
+            # holds a bf16/fp16 router's weights exactly: the cast gives back its very values.
             try:
                 t0 = time.perf_counter()
-                out = self.experts.forward(layer, rows.to(dtype), ids, weights.to(dtype))
-                out = out.float().cpu()
+                out = self.experts.forward(layer, rows, ids, weights.to(rows.dtype))
+                # the reply leaves from host memory: this copy waits for the GPU's compute
+                out = out.cpu()
                 dt = time.perf_counter() - t0
             except Exception as exc:  # noqa: BLE001 - fail these dispatches, keep serving
                 # Answer each sender at once: a silent node would be waited on for the
@@ -233,7 +232,8 @@ class ExpertWorker:
         if h.layer not in self.sparse_layers:
             raise ValueError(f"layer {h.layer} is not a sparse layer of this model")
         rows, ids, weights = moe_wire.unpack_dispatch(msg.tensor(), self.cfg.hidden_size,
-                                                      self.cfg.top_k, self.cfg.num_experts)
+                                                      self.cfg.top_k, self.cfg.num_experts,
+                                                      self.experts.dtype)
         if self._foreign is not None:  # some experts live elsewhere: refuse rows for them
             bad = self._foreign[ids.clamp(min=0)] & (ids >= 0)
             if bool(bad.any()):

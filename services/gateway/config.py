@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.core.request import MAX_ATTEMPTS
+from services.core.request import MAX_ATTEMPTS, model_id
 from services.errors import ConfigError
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
@@ -40,7 +40,7 @@ class GatewayConfig:
         if not (Path(self.model_dir) / "config.json").is_file():
             raise ConfigError(f"--model: no config.json in {self.model_dir!r}")
         if not self.served_model_name:
-            name = Path(self.model_dir).resolve().name or "model"
+            name = model_id(self.model_dir) or "model"
             object.__setattr__(self, "served_model_name", name)
         for flag, port in (("--port", self.http_port), ("--grpc-port", self.grpc_port),
                            ("--metrics-port", self.metrics_port)):

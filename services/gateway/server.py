@@ -25,6 +25,7 @@ from services.core.request import (
     CLIENT_REQUEST_ID_MAX_LEN,
     InvalidField,
     check_request_id,
+    model_id,
     sampling_from_proto,
 )
 from services.gateway.app import create_app
@@ -138,7 +139,7 @@ async def serve(config: GatewayConfig, ready_file: str | None = None,
     async with RoleLifecycle("gateway", config.node_id, config.host) as life:
         text = ModelText(config.model_dir, config.served_model_name, config.max_model_len)
         metrics = GatewayMetrics()
-        picker = (SchedulerPicker(config.scheduler, config.served_model_name)
+        picker = (SchedulerPicker(config.scheduler, model_id(config.model_dir))
                   if config.scheduler else StaticPicker(config.attention))
         backend = Backend(picker, metrics, config.request_timeout_s, config.max_attempts)
         life.defer(backend.close)

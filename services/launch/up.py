@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from services.common.flags import add_flag
+from services.core.runtime import COMPUTE_DTYPES, pick_device
 from services.errors import UserError
 from services.launch.procs import RoleProcess, partition_experts, spawn_role
 
@@ -52,6 +53,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(p, "--workdir", default=None, help="logs and ready files (default: a temp dir)")
     add_flag(p, "--api-key", default=None, help="require this bearer key at the gateway")
     add_flag(p, "--quiet", action="store_true", help="do not stream the children's logs")
+    add_flag(p, "--device", default="auto",
+             help="cpu | cuda[:N] | auto (cuda when a GPU is visible): every compute role")
+    add_flag(p, "--attention-devices", default=None,
+             help="comma list of devices for the attention replicas, in turn (e.g. "
+                  "cuda:0,cuda:1); default --device")
+    add_flag(p, "--expert-devices", default=None,
+             help="comma list of devices for the expert nodes, in turn; default --device")
+    add_flag(p, "--dtype", default="auto", choices=["auto", *COMPUTE_DTYPES],
+             help="compute dtype of attention and experts (auto: bfloat16 on CUDA, float32 on "
+                  "CPU); activations travel in it")
+    add_flag(p, "--served-model-name", default=None,
+             help="model id clients send (default: the model directory's name)")
+    add_flag(p, "--max-model-len", type=int, default=None,
+             help="prompt + output tokens per request (default: the replicas' 4096, capped "
+                  "by the checkpoint)")
+    add_flag(p, "--max-batch-tokens", type=int, default=512,
+             help="tokens per engine step; the expert nodes' receive slots are sized for it")
+    add_flag(p, "--gpu-memory-utilization", type=float, default=0.9,
+             help="on CUDA, the fraction of its card each attention replica may use; its KV "
+                  "cache gets what the weights leave")
     p.set_defaults(func=run)
 
 
@@ -130,6 +151,15 @@ def _follow(path: Path, name: str, stop: threading.Event) -> None:
                 time.sleep(0.1)
 
 
+def _devices(listed: str | None, default: str) -> list[str]:
+    """``--attention-devices`` / ``--expert-devices`` (or ``--device`` for all), resolved and
+    checked here so that a bad name fails before anything starts."""
+    names = [d.strip() for d in (listed or default).split(",") if d.strip()]
+    if not names:
+        raise UserError("a device list must name at least one device")
+    return [pick_device(d) for d in names]
+
+
 def run(args: argparse.Namespace) -> int:
     from services.core.config import ModelConfig
 
@@ -141,6 +171,14 @@ def run(args: argparse.Namespace) -> int:
     if args.attention < 1:
         raise UserError(f"--attention must be >= 1, got {args.attention}")
     replicate = [int(x) for x in args.replicate.split(",") if x.strip()]
+    attention_devices = _devices(args.attention_devices, args.device)
+    expert_devices = _devices(args.expert_devices, args.device)
+    dtype = args.dtype
+    if dtype == "auto":
+        on_gpu = any(d.startswith("cuda") for d in (*attention_devices, *expert_devices))
+        dtype = "bfloat16" if on_gpu else "float32"
+    compute = ["--dtype", dtype, "--max-batch-tokens", str(args.max_batch_tokens)]
+    context = ["--max-model-len", str(args.max_model_len)] if args.max_model_len else []
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="megascale-up-"))
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = Mesh(workdir, args.quiet)
@@ -155,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         redis_url = args.redis_url or mesh.start_redis()
         sched = mesh.start_role("scheduler", ["--redis-url", redis_url, "--model", str(model),
                                               "--micro-batches", str(args.micro_batches),
+                                              "--max-batch-tokens", str(args.max_batch_tokens),
                                               "--metrics-port", "0"], "scheduler")
         tag = f"{os.getpid()}"  # unique shm names per launcher
         experts = []
@@ -163,25 +202,33 @@ def run(args: argparse.Namespace) -> int:
             experts.append(mesh.start_role("expert", [
                 "--model", str(model), "--experts", ",".join(map(str, ids)), "--m2n-url", url,
                 "--m2n-sender-id", str(1000 + i), "--scheduler", sched.grpc,
-                "--metrics-port", "0"], f"expert-{i}"))
+                "--metrics-port", "0", "--device", expert_devices[i % len(expert_devices)],
+                *compute], f"expert-{i}"))
         replicas = []
         for i in range(args.attention):
             url = f"shm://m2n-up{tag}-a{i}" if args.transport == "shm" else "tcp://127.0.0.1:0"
             replicas.append(mesh.start_role("attention", [
                 "--model", str(model), "--expert-nodes", ",".join(e.grpc for e in experts),
                 "--m2n-url", url, "--m2n-sender-id", str(i), "--scheduler", sched.grpc,
-                "--micro-batches", str(args.micro_batches), "--metrics-port", "0"],
-                f"attention-{i}"))
+                "--micro-batches", str(args.micro_batches), "--metrics-port", "0",
+                "--device", attention_devices[i % len(attention_devices)],
+                "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+                *compute, *context], f"attention-{i}"))
         gw_args = ["--model", str(model), "--port", str(args.port), "--host", args.host,
                    "--metrics-port", "0",
                    "--scheduler", sched.grpc, "--attention", ",".join(r.grpc for r in replicas)]
+        if args.served_model_name:
+            gw_args += ["--served-model-name", args.served_model_name]
+        gw_args += context
         if args.api_key:
             gw_args += ["--api-key", args.api_key]
         gateway = mesh.start_role("gateway", gw_args, "gateway")
         http = gateway.info["http"]
         name = gateway.info.get("model", model.name)
+        auth = f"    -H 'Authorization: Bearer {args.api_key}' \\\n" if args.api_key else ""
         print(f"\nmegascale is up: {http}/v1  (model {name!r}; logs in {workdir})\n"
               f"  curl {http}/v1/completions -H 'Content-Type: application/json' \\\n"
+              f"{auth}"
               f"    -d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
               "Ctrl-C stops everything.\n", flush=True)
         while not stopping.is_set():

@@ -325,7 +325,7 @@ def measure_moe_transfer(rows: int, hidden: int, top_k: int, num_experts: int,
     import libm2n
     from services.core import moe_wire
 
-    size = rows * (hidden + 2 * top_k) * 4
+    size = moe_wire.dispatch_bytes(rows, hidden, top_k, torch.float32)
     name = f"m2n-probe-{os.getpid()}-{rows}"
     rx_a = libm2n.open_receiver(f"shm://{name}-a", libm2n.ReceiverConfig(slot_bytes=size))
     rx_b = libm2n.open_receiver(f"shm://{name}-b", libm2n.ReceiverConfig(slot_bytes=size))
@@ -342,7 +342,8 @@ def measure_moe_transfer(rows: int, hidden: int, top_k: int, num_experts: int,
             except TimeoutError:
                 continue
             with msg:
-                x, _ids, _w = moe_wire.unpack_dispatch(msg.tensor(), hidden, top_k, num_experts)
+                x, _ids, _w = moe_wire.unpack_dispatch(msg.tensor(), hidden, top_k, num_experts,
+                                                       torch.float32)
                 x = x.clone()  # the node copies the rows out of the slot before computing
             tx.send(x).result()
         tx.close()

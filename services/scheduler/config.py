@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.core.request import model_id
 from services.errors import ConfigError
 
 # Keys of every cluster sharing a Redis live under their own prefix.
@@ -118,4 +119,4 @@ def num_experts_from_model(model_dir: str | Path) -> tuple[int, str]:
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"{path}: 'num_local_experts' (or 'num_experts') must be an integer "
                           f">= 1, got {n!r}")
-    return n, Path(model_dir).resolve().name
+    return n, model_id(model_dir)

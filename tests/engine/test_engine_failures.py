@@ -165,7 +165,9 @@ def test_expert_refuses_bad_dispatches_and_keeps_serving(expert_node, engine_ckp
     tx = libm2n.connect(resp.dispatch_url, libm2n.SenderConfig(sender_id=77, epoch=resp.epoch))
     try:
         bad_cases = [
-            (torch.zeros(3, H), 0, "columns"),                                   # wrong layout
+            (torch.zeros(3, H), 0, "uint8"),                                     # not the wire
+            (moe_wire.pack_dispatch(rows.bfloat16(), ids, weights), 0,           # other --dtype
+             "the replica and the node must run the same model and --dtype"),
             (moe_wire.pack_dispatch(rows, ids.clamp(min=0) + 4, weights), 0, "not hosted"),
             (good, 99, "not a sparse layer"),                                    # bad layer
         ]
@@ -200,7 +202,7 @@ def test_expert_refuses_bad_dispatches_and_keeps_serving(expert_node, engine_ckp
         stale.close()
     with grpc.insecure_channel(expert_node.grpc) as ch:
         stats = expert_pb2_grpc.ExpertStub(ch).GetStats(expert_pb2.GetStatsRequest(), timeout=10)
-    assert stats.messages_received >= 5 and stats.bad_frames >= 4
+    assert stats.messages_received >= 6 and stats.bad_frames >= 5
     assert sum(stats.rows_by_expert.values()) == int((ids >= 0).sum())
     rx.close()
     rx2.close()

@@ -2,8 +2,8 @@
 run ``--dtype bfloat16`` and must give exactly the greedy tokens of the one-process reference
 path at the same dtype.
 
-Activations cross libm2n as float32 (services/core/moe_wire.py), where bf16 and fp16 values are
-exact, so disaggregation must not change a single token. (Against transformers in bf16 the tokens
+Activations cross libm2n in the compute dtype and gate weights as float32, which holds them
+exactly (services/core/moe_wire.py), so disaggregation must not change a single token. (Against transformers in bf16 the tokens
 agree for a while and then drift apart, as two bf16 implementations do; the float32 tests
 hold the model to transformers token for token.)
 """

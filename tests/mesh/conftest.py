@@ -20,13 +20,16 @@ from services.core.demo import write_random_checkpoint
 
 MODEL_SHAPE = dict(layers=2, hidden=64, intermediate=96, experts=8, top_k=2, heads=4,
                    kv_heads=2, vocab=512, max_position=256, seed=21)
+SERVED_NAME = "mixtral-served"
+MAX_MODEL_LEN = 128  # below the checkpoint's 256: the launcher must pass it on
 
 
 @dataclass
 class Up:
     proc: subprocess.Popen
     base_url: str          # http://127.0.0.1:PORT/v1
-    model: str
+    model: str             # --served-model-name
+    max_model_len: int     # --max-model-len
     model_dir: Path
     workdir: Path
     otlp: OtlpReceiver
@@ -47,7 +50,10 @@ def up(tmp_path_factory: pytest.TempPathFactory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "up", "--model", str(model_dir), "--port", "0",
          "--attention", "2", "--experts", "2", "--micro-batches", "2", "--workdir",
-         str(workdir), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+         str(workdir), "--quiet", "--device", "auto", "--dtype", "auto",
+         "--served-model-name", SERVED_NAME, "--max-model-len", str(MAX_MODEL_LEN),
+         "--max-batch-tokens", "256"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
         text=True)
     url = None
     deadline = time.monotonic() + 180
@@ -62,7 +68,7 @@ def up(tmp_path_factory: pytest.TempPathFactory):
         proc.kill()
         otlp.stop()
         pytest.fail("megascale up did not come up:\n" + "".join(lines[-40:]))
-    handle = Up(proc, url, "mixtral-up", model_dir, workdir, otlp)
+    handle = Up(proc, url, SERVED_NAME, MAX_MODEL_LEN, model_dir, workdir, otlp)
     yield handle
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

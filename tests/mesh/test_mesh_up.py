@@ -45,6 +45,18 @@ def test_greedy_completion_equals_transformers(up, client, hf_greedy):
     assert got.usage.prompt_tokens == len(ids) and got.usage.completion_tokens == NEW_TOKENS
 
 
+def test_launcher_flags_reach_every_role(up, client):
+    """--device/--dtype auto resolve to the CPU here; --served-model-name and --max-model-len
+    reach the gateway (and the replicas: a request over the length is refused)."""
+    ready = up.ready()
+    for name in ("expert-0", "expert-1", "attention-0", "attention-1"):
+        assert (ready[name]["device"], ready[name]["dtype"]) == ("cpu", "float32"), name
+    assert [m.id for m in client.models.list().data] == [up.model] != [up.model_dir.name]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=up.model, prompt=[5] * 100, max_tokens=up.max_model_len)
+    assert str(up.max_model_len) in str(info.value)
+
+
 def test_streaming_chat_and_concurrency(up, client):
     def run(i: int, out: list) -> None:
         stream = client.chat.completions.create(

@@ -71,27 +71,29 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def hf_greedy():
-    """``hf_greedy(model_dir, prompts, new_tokens)`` -> greedy token ids from Hugging Face
-    ``transformers`` (float32, one prompt at a time, EOS ignored): the outside referee."""
+    """``hf_greedy(model_dir, prompts, new_tokens, device="cpu")`` -> greedy token ids from
+    Hugging Face ``transformers`` (float32, one prompt at a time, EOS ignored): the outside
+    referee."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    models: dict[str, object] = {}
+    models: dict[tuple[str, str], object] = {}
     results: dict[tuple, list[int]] = {}
 
-    def run(model_dir: str | Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-        key = str(model_dir)
+    def run(model_dir: str | Path, prompts: list[list[int]], new_tokens: int,
+            device: str = "cpu") -> list[list[int]]:
+        key = (str(model_dir), device)
         if key not in models:
-            m = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).eval()
+            m = AutoModelForCausalLM.from_pretrained(key[0], dtype=torch.float32).eval()
             m.generation_config.eos_token_id = None
-            models[key] = m
+            models[key] = m.to(device)
         out = []
         for p in prompts:
             rk = (key, tuple(p), new_tokens)
             if rk not in results:
                 with torch.no_grad():
-                    ids = models[key].generate(torch.tensor([p]), do_sample=False,
-                                               max_new_tokens=new_tokens,
+                    ids = models[key].generate(torch.tensor([p], device=device),
+                                               do_sample=False, max_new_tokens=new_tokens,
                                                min_new_tokens=new_tokens)
                 results[rk] = ids[0, len(p):].tolist()
             out.append(results[rk])

@@ -3,9 +3,9 @@ run ``--dtype bfloat16`` and must give exactly the greedy tokens of the one-proc
 path at the same dtype.
 
 Activations cross libm2n in the compute dtype and gate weights as float32, which holds them
-exactly (services/core/moe_wire.py), so disaggregation must not change a single token. (Against transformers in bf16 the tokens
-agree for a while and then drift apart, as two bf16 implementations do; the float32 tests
-hold the model to transformers token for token.)
+exactly (services/core/moe_wire.py), so disaggregation must not change a single token.
+(Against transformers in bf16 the tokens agree for a while and then drift apart, as two bf16
+implementations do; the float32 tests hold the model to transformers token for token.)
 """
 
 from __future__ import annotations

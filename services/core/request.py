@@ -23,6 +23,7 @@ from services.errors import UserError
 
 # ----------------------------------------------------------------------------- limits
 MAX_TEMPERATURE = 100.0
+GREEDY_TEMPERATURE = 1e-5  # below it a temperature is greedy (dividing by it would overflow)
 MAX_STOP_TOKEN_IDS = 64
 MAX_STOP_STRINGS = 16      # stop strings are matched by the gateway (it detokenizes)
 MAX_STOP_CHARS = 256
@@ -99,7 +100,8 @@ _FROM_PROTO = {v: r for r, v in _TO_PROTO.items()}
 class SamplingParams:
     """Per-request sampling settings (vLLM semantics), validated at construction.
 
-    temperature 0 = greedy; top_k -1 or 0 = off; top_p 1 = off; seed None = random.
+    temperature 0 (or below GREEDY_TEMPERATURE) = greedy; top_k -1 or 0 = off; top_p 1 = off;
+    seed None = random.
     Generation stops after ``max_tokens`` tokens (None = until the context is full; the
     attention replica resolves it when it admits the request), or at an EOS /
     ``stop_token_ids`` token (which is included in the output) unless ``ignore_eos``. Until
@@ -148,7 +150,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 def _is_int(v: object) -> bool:

@@ -103,8 +103,12 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     top_k = torch.tensor([params[i].top_k for i in rows], device=logits.device)
     top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device)
     probs = torch.softmax(_filter_top_k_top_p(sub, top_k, top_p), dim=-1)
+    # A row whose distribution is not one (non-finite logits from its own request) keeps its
+    # argmax instead of failing the draw, and with it every request of the batch.
+    usable = (torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)).tolist()
     for j, i in enumerate(rows):
-        out[i] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(0)
+        if usable[j]:
+            out[i] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(0)
     return out
 
 

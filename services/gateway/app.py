@@ -140,11 +140,32 @@ async def read_json(request: Request, limit: int) -> Any:
             raise GatewayError(413, f"request body exceeds the limit of {limit} bytes")
         parts.append(part)
     try:
-        return json.loads(b"".join(parts))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad_request(f"the body is not valid JSON: {exc}") from None
+        body = json.loads(b"".join(parts))
     except RecursionError:
         raise bad_request("the body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # a decode error, or an integer past Python's digit limit
+        raise bad_request(f"the body is not valid JSON: {exc}") from None
+    _check_text(body)
+    return body
+
+
+def _check_text(body: Any) -> None:
+    """400 naming the top-level field when any string holds a lone surrogate: ``"\\ud800"``
+    is a valid JSON escape but no text, and the tokenizer or the response would fail on it."""
+    stack = [(k, v) for k, v in body.items()] if isinstance(body, dict) else [(None, body)]
+    while stack:
+        field, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad_request(f"{field or 'body'}: a string holds a lone surrogate (not "
+                                  "valid Unicode text)", field) from None
+        elif isinstance(value, dict):
+            stack.extend((field, v) for k, v in value.items())
+            stack.extend((field, k) for k in value)
+        elif isinstance(value, list):
+            stack.extend((field, v) for v in value)
 
 
 def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
@@ -199,7 +220,8 @@ def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
         body = await read_json(request, max_body_bytes)
         req = parse(model, body)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        gen = to_gen_request(req, text, rid)
+        # tokenizing (and the chat template) can take a while: not on the event loop
+        gen = await asyncio.to_thread(to_gen_request, req, text, rid)
         gen.trace_headers = [(k, request.headers[k]) for k in TRACE_HEADERS
                              if k in request.headers]
         want_ids = bool(req.return_token_ids)

@@ -53,7 +53,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """Stream text deltas; the last event carries finish_reason (and usage if asked)."""
         try:
             self._auth(context)
-            gen = self._to_gen(request, context)
+            # tokenizing can take a while: not on the event loop
+            gen = await asyncio.to_thread(self._to_gen, request, context.time_remaining())
             gen.trace_headers = [(k, v) for k, v in context.invocation_metadata() or ()
                                  if k in TRACE_HEADERS]
         except GatewayError as exc:
@@ -102,8 +103,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     return
         raise GatewayError(401, "missing or invalid API key: send 'authorization: Bearer KEY'")
 
-    def _to_gen(self, r: gateway_pb2.GatewayGenerateRequest,
-                context: grpc.aio.ServicerContext) -> GenRequest:
+    def _to_gen(self, r: gateway_pb2.GatewayGenerateRequest, remaining: float | None
+                ) -> GenRequest:
         if r.model != self.text.card.id:
             raise GatewayError(404, f"the model {r.model!r} does not exist; this server serves "
                                f"{self.text.card.id!r}")
@@ -121,12 +122,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 raise bad_request("text must not be empty", "text")
             if len(r.text.encode()) > MAX_TEXT_BYTES:
                 raise bad_request("text is longer than 1 MiB", "text")
-            ids, param = self.text.encode_text(r.text), "text"
+            ids, param = self.text.encode_text(r.text, "text"), "text"
         else:
             ids, param = list(r.token_ids.ids), "token_ids"
         stop = tuple(r.stop)
         check_request(self.text, ids, sp, stop, param)
-        remaining = context.time_remaining()
         return GenRequest(ids, sp, stop, request_id=rid,
                           deadline=time.monotonic() + remaining if remaining else None)
 

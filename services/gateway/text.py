@@ -58,10 +58,26 @@ class ModelText:
         self.card = ModelCard(id=served_name, family=str(cfg.get("model_type", "")),
                               max_model_len=min(ctx, max_model_len or ctx), vocab_size=vocab,
                               created_unix_s=time.time())
+        # No token spans more UTF-8 bytes than its vocabulary entry has (byte-level BPE: one
+        # char per byte; SentencePiece's U+2581 is 3 bytes for 1): so a text of more than
+        # max_model_len * this many bytes cannot fit, and is refused before tokenizing.
+        self.max_token_bytes = max((len(t.encode("utf-8", "replace"))
+                                    for t in self.tokenizer.get_vocab()), default=1) or 1
 
     # ------------------------------------------------------------------ prompts
-    def encode_text(self, text: str) -> list[int]:
-        """Raw text -> ids (bos added if the family uses one; no chat template)."""
+    def check_text_length(self, texts: list[str], param: str) -> None:
+        """400 before tokenizing when ``texts`` hold more bytes than any ``max_model_len``
+        tokens can (a multi-MB prompt costs the tokenizer seconds for a certain refusal)."""
+        limit = self.card.max_model_len * self.max_token_bytes
+        size = sum(len(t.encode("utf-8", "replace")) for t in texts)
+        if size > limit:
+            raise bad_request(f"{param}: {size} bytes of text cannot fit this model's context "
+                              f"length of {self.card.max_model_len} tokens", param)
+
+    def encode_text(self, text: str, param: str = "prompt") -> list[int]:
+        """Raw text -> ids (bos added if the family uses one; no chat template). Blocking:
+        front doors call it off the event loop."""
+        self.check_text_length([text], param)
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
@@ -73,6 +89,8 @@ class ModelText:
         if not getattr(self.tokenizer, "chat_template", None):
             raise bad_request("this model has no chat template; use /v1/completions",
                               "messages")
+        self.check_text_length([c for m in messages if isinstance(c := m.get("content"), str)],
+                               "messages")
         try:
             rendered = self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                           add_generation_prompt=True)

@@ -125,3 +125,18 @@ def test_greedy_argmax_equals_torch_argmax(vocab):
     t = torch.randn(vocab, 5, generator=g).t()                     # non-contiguous rows
     assert torch.equal(greedy_argmax(t), torch.argmax(t, dim=-1))
     assert greedy_argmax(torch.empty(0, vocab)).shape == (0,)
+
+
+def test_one_rows_numerics_never_fail_its_batch_mates():
+    """A tiny temperature is greedy (dividing by it would overflow to inf), and a row whose
+    logits are not finite keeps its argmax: the other rows still draw from their own seeds."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3)) * 10
+    logits[3, 7] = float("nan")
+    mates = SamplingParams(temperature=0.7, seed=2)
+    params = [SamplingParams(temperature=1e-38, seed=1), mates,
+              SamplingParams(temperature=1e-45, seed=1), SamplingParams(temperature=1.0, seed=4)]
+    got = sample(logits, params, [make_generator(p) for p in params]).tolist()
+    assert (got[0], got[2]) == (int(logits[0].argmax()), int(logits[2].argmax()))
+    alone = sample(logits[1:2], [mates], [make_generator(mates)]).tolist()
+    assert got[1] == alone[0]                      # unaffected by its batch-mates
+    assert got[3] == 7                             # its argmax (NaN counts as the max)

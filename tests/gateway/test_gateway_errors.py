@@ -57,6 +57,25 @@ CASES = [  # (path, body, status, param)
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": -1}, 400,
      "max_completion_tokens"),
     ("/v1/chat/completions", {**CHAT, "model": "nope"}, 404, "model"),
+    # past Python's int-to-str digit limit: json.loads raises ValueError, not a decode error
+    pytest.param("/v1/completions", b'{"model": "mixtral-gw", "prompt": "x", "max_tokens": 1'
+                 + b"9" * 5000 + b"}", 400, None, id="5000-digit-int"),
+    # lone surrogates are valid JSON escapes but not text: refused, never a 500
+    pytest.param("/v1/completions",
+                 b'{"model": "mixtral-gw", "prompt": "\\ud800", "max_tokens": 2}', 400,
+                 "prompt", id="surrogate-prompt"),
+    pytest.param("/v1/chat/completions", b'{"model": "mixtral-gw", "max_tokens": 2, '
+                 b'"messages": [{"role": "user", "content": "a\\udfff"}]}', 400, "messages",
+                 id="surrogate-message"),
+    pytest.param("/v1/completions", b'{"model": "mixtral-gw", "prompt": "x", "max_tokens": 2, '
+                 b'"stop": ["\\ud800"]}', 400, "stop", id="surrogate-stop"),
+    # more text than any max_model_len tokens can hold: refused before tokenizing
+    pytest.param("/v1/completions", {**GOOD, "prompt": "x" * 60_000}, 400, "prompt",
+                 id="text-past-the-context"),
+    pytest.param("/v1/chat/completions", {**CHAT, "messages": [
+        {"role": "user", "content": "y" * 60_000}]}, 400, "messages", id="chat-past-the-context"),
+    pytest.param("/v1/completions", b"[" * 30_000 + b"]" * 30_000, 400, None,
+                 id="nested-too-deeply"),
 ]
 
 
@@ -93,11 +112,14 @@ def test_unknown_route_is_404_in_openai_shape(stack):
     _check_shape(httpx.get(stack.http + "/v1/nothing-here"), 404)
 
 
-SCALAR = (st.none() | st.booleans() | st.integers()
-          | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
+# text, sometimes with lone surrogates (hypothesis leaves them out by default); integers past
+# 64 bits
+TEXT = st.text(max_size=20) | st.text(st.characters(categories=["Cs", "Ll"]), max_size=20)
+SCALAR = (st.none() | st.booleans() | st.integers() | st.integers(min_value=1 << 64)
+          | st.floats(allow_nan=False, allow_infinity=False) | TEXT)
 JSON = st.recursive(SCALAR, lambda c: st.lists(c, max_size=4)
                     | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12)
-FIELDS = {"model": st.just(MODEL) | JSON, "prompt": st.text(max_size=30) | JSON,
+FIELDS = {"model": st.just(MODEL) | JSON, "prompt": TEXT | JSON,
           "max_tokens": st.integers(-5, 8) | JSON, "temperature": st.floats(-1, 3) | JSON,
           "top_p": JSON, "top_k": st.integers(-3, 600) | JSON, "seed": JSON, "stop": JSON,
           "n": JSON, "stream": st.booleans() | JSON, "stop_token_ids": JSON,
@@ -112,7 +134,8 @@ FIELDS = {"model": st.just(MODEL) | JSON, "prompt": st.text(max_size=30) | JSON,
 def test_fuzzed_bodies_never_500(stack, path, body):
     if isinstance(body, dict) and body.get("max_tokens") is None:
         body["max_tokens"] = 2  # keep the accepted ones cheap
-    r = httpx.post(stack.http + path, json=body, timeout=60)
+    r = httpx.post(stack.http + path, content=json.dumps(body).encode(), timeout=60,
+                   headers={"content-type": "application/json"})  # \uXXXX for surrogates
     assert r.status_code in (200, 400, 404), r.text
     if r.status_code != 200:
         _check_shape(r, r.status_code)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import re
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -127,8 +127,12 @@ class ReceiverConfig:
     # than 0 at 1x1, 2x2 and 4x4 on 2 cores (bench/m2n.py, shm 256 KB: p50 one-way 35 -> 27,
     # 129 -> 105, 465 -> 423 us); 200 us was no better than 100.
     spin_us: float = 100.0
+    # When set, a sender must prove it holds this shared token in its HELLO (libm2n.auth);
+    # others are refused before any slot memory is allocated for them.
+    auth_token: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        _check_token(self.auth_token)
         if not 1 <= self.slots_per_sender <= 4096:
             raise InvalidArgument(
                 f"slots_per_sender must be in 1..4096, got {self.slots_per_sender}")
@@ -141,6 +145,11 @@ class ReceiverConfig:
                 f"handshake_timeout_s must be > 0, got {self.handshake_timeout_s}")
         if not 0 <= self.spin_us <= 1_000_000:
             raise InvalidArgument(f"spin_us must be in 0..1000000, got {self.spin_us}")
+
+
+def _check_token(token: bytes | None) -> None:
+    if token is not None and (not isinstance(token, bytes) or len(token) < 16):
+        raise InvalidArgument("auth_token must be bytes of at least 16 bytes")
 
 
 @dataclass(frozen=True)
@@ -156,8 +165,10 @@ class SenderConfig:
     epoch: int = 0
     peer_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0  # how long to retry while the receiver is not up yet
+    auth_token: bytes | None = field(default=None, repr=False)  # see ReceiverConfig
 
     def __post_init__(self) -> None:
+        _check_token(self.auth_token)
         if not isinstance(self.sender_id, int) or not 0 <= self.sender_id <= 2**32 - 1:
             raise InvalidArgument(f"sender_id must be an int in 0..2**32-1, got {self.sender_id!r}")
         if not isinstance(self.epoch, int) or not 0 <= self.epoch <= 2**64 - 1:

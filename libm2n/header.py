@@ -52,6 +52,7 @@ _ZERO_TAIL = bytes(24)
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
 MAX_ERROR_BYTES = 4096  # ERROR frames carry a utf-8 message of at most this many bytes
+HELLO_TAG_BYTES = 32  # a HELLO carries nothing, or the sender's authentication tag (libm2n.auth)
 
 
 class Kind(enum.IntEnum):
@@ -234,5 +235,8 @@ def _validate(kind: int, frame_sender: int, slot: int, rows: int, cols: int, dty
     elif kind == Kind.ERROR:
         if payload_bytes > MAX_ERROR_BYTES:
             raise ProtocolError(f"error message of {payload_bytes} bytes is too long")
+    elif kind == Kind.HELLO:
+        if payload_bytes not in (0, HELLO_TAG_BYTES):
+            raise ProtocolError(f"HELLO frame with payload_bytes {payload_bytes}")
     elif payload_bytes != 0:
         raise ProtocolError(f"{Kind(kind).name} frame with payload_bytes {payload_bytes}")

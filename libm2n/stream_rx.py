@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 
+from libm2n.auth import check_hello_tag
 from libm2n.base import Endpoint, Message, Receiver, ReceiverConfig
 from libm2n.credits import SlotTable
 from libm2n.errors import M2NError, PeerLost, ProtocolError
@@ -124,7 +125,7 @@ class StreamReceiver(Receiver):
         self._spin_s = config.spin_us * 1e-6
         self._closed = False
         self._stats = dict(messages=0, bytes=0, errors=0, peers_connected=0, peers_lost=0,
-                           peers_closed=0, credits_sent=0)
+                           peers_closed=0, credits_sent=0, refused_unauthenticated=0)
         self._listener, self.url = self._listen(ep)
         self._listener.settimeout(0.2)
         self._epoll = select.epoll()
@@ -314,7 +315,15 @@ class StreamReceiver(Receiver):
         if h.kind != Kind.HELLO:
             raise ProtocolError(f"expected HELLO, got {Kind(h.kind).name}")
         validate(h, sender_id=None, nslots=0, slot_capacity=0)
+        tag = bytearray(h.payload_bytes)
+        if tag:
+            read_exact(sock, memoryview(tag))
         cfg = self.config
+        if cfg.auth_token is not None and not check_hello_tag(cfg.auth_token, h.sender_id,
+                                                               bytes(tag)):
+            self._count("refused_unauthenticated")
+            raise Refused(f"sender {h.sender_id} failed authentication (no or wrong cluster "
+                          "token)")
         # A sender that reconnects right after closing (a restart) finds its id still taken
         # until a reader has processed the old connection's CLOSE/EOF: wait for that (reading
         # ourselves when no one else is) a little before refusing the id as a duplicate.

@@ -19,6 +19,7 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
+from libm2n.auth import hello_tag
 from libm2n.base import Endpoint, Sender, SenderConfig
 from libm2n.credits import CreditPool, PendingSend
 from libm2n.errors import CreditTimeout, InvalidArgument, M2NError, PeerLost, ProtocolError
@@ -206,7 +207,9 @@ class StreamSender(Sender):
         sock.settimeout(self.config.connect_timeout_s)
         cfg = self.config
         try:
-            sock.sendall(pack(Header(kind=Kind.HELLO, sender_id=cfg.sender_id, epoch=cfg.epoch)))
+            tag = b"" if cfg.auth_token is None else hello_tag(cfg.auth_token, cfg.sender_id)
+            sock.sendall(pack(Header(kind=Kind.HELLO, sender_id=cfg.sender_id, epoch=cfg.epoch,
+                                     payload_bytes=len(tag))) + tag)
             frame, fds = self._recv_welcome()
         except Eof:
             raise PeerLost(f"{self.url} closed the connection during the handshake") from None

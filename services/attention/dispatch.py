@@ -74,14 +74,15 @@ class ExpertClient:
     def __init__(self, placement: Placement, reply_rx: libm2n.Receiver, sender_id: int,
                  hidden: int, top_k: int, reply_timeout_s: float = 10.0,
                  peer_timeout_s: float = 10.0, readmit_after_s: float = 30.0,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-                 ) -> None:
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 auth_token: bytes | None = None) -> None:
         self.reply_rx = reply_rx
         self.sender_id = sender_id
         self.hidden = hidden
         self.top_k = top_k
         self.dtype = dtype                  # the compute dtype: what rows travel in
         self.device = torch.device(device)  # where the routing tables live (the rows' device)
+        self.auth_token = auth_token        # the cluster token its dispatch links present
         self.reply_timeout_s = reply_timeout_s
         self.peer_timeout_s = peer_timeout_s
         self.readmit_after_s = readmit_after_s  # 0: only a new placement epoch re-admits
@@ -124,7 +125,7 @@ class ExpertClient:
                     try:
                         fresh = libm2n.connect(n.dispatch_url, libm2n.SenderConfig(
                             sender_id=self.sender_id, epoch=placement.epoch,
-                            peer_timeout_s=self.peer_timeout_s))
+                            peer_timeout_s=self.peer_timeout_s, auth_token=self.auth_token))
                     except libm2n.M2NError as exc:
                         if s is None:  # a node we never reached: refuse the placement
                             raise

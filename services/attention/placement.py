@@ -22,6 +22,7 @@ from megascale.v1 import common_pb2, expert_pb2, expert_pb2_grpc
 from services.attention.config import AttentionConfig
 from services.attention.engine import Engine
 from services.attention.routing import ExpertNodeRoute, Placement
+from services.common import auth
 from services.errors import ConfigError
 
 log = logging.getLogger("megascale.attention")
@@ -127,7 +128,7 @@ class ExpertAttacher:
     async def attach(self, address: str, timeout_s: float = 30.0) -> expert_pb2.AttachResponse:
         """Raises ConfigError (one line) when the node cannot be reached or serves another
         model."""
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with auth.channel(address) as channel:
             stub = expert_pb2_grpc.ExpertStub(channel)
             try:
                 resp = await stub.Attach(expert_pb2.AttachRequest(

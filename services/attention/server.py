@@ -35,6 +35,7 @@ from services.attention.requests import (
     event_to_proto,
     start_span,
 )
+from services.common import auth
 from services.common.lifecycle import RoleLifecycle
 from services.common.net import advertised_url
 from services.common.registration import NodeRegistration
@@ -162,7 +163,7 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
         cfg = attention.cfg
         config = dataclasses.replace(config, num_blocks=kv_blocks(config, attention))
         reply_rx = libm2n.open_receiver(config.m2n_url, libm2n.ReceiverConfig(
-            slots_per_sender=max(4, 2 * config.micro_batches),
+            slots_per_sender=max(4, 2 * config.micro_batches), auth_token=auth.m2n_token(),
             slot_bytes=max(4096, moe_wire.combine_bytes(config.batching.max_batch_tokens,
                                                         cfg.hidden_size, attention.dtype))))
         life.defer(reply_rx.close)
@@ -174,7 +175,8 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
                               cfg.top_k, reply_timeout_s=config.expert_timeout_s,
                               peer_timeout_s=config.expert_timeout_s,
                               readmit_after_s=config.expert_readmit_s,
-                              dtype=attention.dtype, device=attention.device)
+                              dtype=attention.dtype, device=attention.device,
+                              auth_token=auth.m2n_token())
         life.defer(client.close)
         metrics = AttentionMetrics()
         timeline = timeline_for(config.node_id)

@@ -39,6 +39,9 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--ready-file", default=None,
              help="write a JSON with the bound addresses here once serving")
     add_flag(p, "--log-level", default="INFO")
+    add_flag(p, "--cluster-token-file", default=None,
+             help="file holding the deployment's shared secret: internal gRPC calls and "
+                  "libm2n links must present it (services/common/auth.py); unset = no checks")
 
 
 def add_compute_flags(p: argparse.ArgumentParser) -> None:

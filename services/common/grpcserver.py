@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,13 +15,14 @@ MAX_MESSAGE_BYTES = 64 << 20
 
 
 async def start_server(host: str, port: int, add_servicers: Callable[[grpc.aio.Server], None],
-                       service_names: Iterable[str]
+                       service_names: Iterable[str],
+                       interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
                        ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Bind ``host:port`` (0 picks a free port), register servicers + health + reflection.
 
     Returns ``(server, bound_port, health_servicer)``; every service starts as SERVING.
     """
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=list(interceptors), options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),

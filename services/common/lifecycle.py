@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
-from services.common import tracing
+from services.common import auth, tracing
 from services.common.grpcserver import start_server
 from services.common.heap import freeze_startup_heap
 from services.common.metrics import serve_metrics
@@ -86,11 +86,13 @@ class RoleLifecycle:
         return thread
 
     async def start_grpc(self, port: int, add_servicers: Callable[[grpc.aio.Server], None],
-                         service_names: Iterable[str]) -> int:
+                         service_names: Iterable[str], internal: bool = True) -> int:
         """Bind and start the role's gRPC server (health and reflection included); returns the
-        bound port."""
-        server, bound, _health = await start_server(self.host, port, add_servicers,
-                                                    service_names)
+        bound port. An ``internal`` service requires the cluster token when one is configured
+        (services/common/auth.py); the gateway's public one has its API key instead."""
+        server, bound, _health = await start_server(
+            self.host, port, add_servicers, service_names,
+            auth.server_interceptors() if internal else ())
         self._stack.push_async_callback(server.stop, GRPC_GRACE_S)
         self.grpc_port = bound
         self.grpc_address = f"{self.advertised}:{bound}"

@@ -39,6 +39,7 @@ from typing import Any
 import grpc
 
 from megascale.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.common import auth
 
 log = logging.getLogger("megascale.registration")
 
@@ -88,7 +89,7 @@ class NodeRegistration:
         """Start the background loop (returns at once; see :meth:`wait_registered`)."""
         if self._task is not None:
             return
-        self._channel = grpc.aio.insecure_channel(self.scheduler_addr)
+        self._channel = auth.channel(self.scheduler_addr)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self._task = asyncio.create_task(self._run(), name=f"register-{self.node_info.node_id}")
 

@@ -14,6 +14,7 @@ import grpc
 
 import libm2n
 from megascale.v1 import common_pb2, expert_pb2, expert_pb2_grpc
+from services.common import auth
 from services.common.lifecycle import RoleLifecycle
 from services.common.net import advertised_url
 from services.common.registration import NodeRegistration
@@ -119,7 +120,8 @@ async def serve(config: ExpertConfig, ready_file: str | None = None,
         slot_bytes = config.slot_bytes or max(4096, moe_wire.dispatch_bytes(
             config.max_batch_tokens, cfg.hidden_size, cfg.top_k, experts.dtype))
         rx = libm2n.open_receiver(config.m2n_url, libm2n.ReceiverConfig(
-            slots_per_sender=config.slots_per_sender, slot_bytes=slot_bytes))
+            slots_per_sender=config.slots_per_sender, slot_bytes=slot_bytes,
+            auth_token=auth.m2n_token()))
         life.defer(rx.close)
         timeline = timeline_for(config.node_id)
 
@@ -130,7 +132,7 @@ async def serve(config: ExpertConfig, ready_file: str | None = None,
                                 "rows": ev.rows, "layer": ev.layer})
 
         worker = ExpertWorker(experts, rx, config.m2n_sender_id, config.epoch,
-                              on_compute=on_compute)
+                              on_compute=on_compute, auth_token=auth.m2n_token())
         life.defer(worker.close)
         metrics.watch(worker)
         life.start_thread(worker.run, "expert-drain", join_s=5)

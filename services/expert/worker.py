@@ -80,13 +80,15 @@ class ExpertWorker:
 
     def __init__(self, experts: ExpertSide, rx: libm2n.Receiver, m2n_sender_id: int,
                  epoch: int = 0, peer_timeout_s: float = 10.0,
-                 on_compute: Callable[[ComputeEvent], None] | None = None) -> None:
+                 on_compute: Callable[[ComputeEvent], None] | None = None,
+                 auth_token: bytes | None = None) -> None:
         self.experts = experts
         self.cfg = experts.cfg
         self.rx = rx
         self.m2n_sender_id = m2n_sender_id
         self.epoch = epoch
         self.peer_timeout_s = peer_timeout_s
+        self.auth_token = auth_token  # the cluster token its reply links present
         self.hosted = frozenset(experts.expert_ids)
         # [E] True for experts hosted elsewhere; None when this node hosts every expert
         foreign = torch.ones(self.cfg.num_experts, dtype=torch.bool)
@@ -115,7 +117,8 @@ class ExpertWorker:
         if same is not None:
             same.close()
         sender = libm2n.connect(reply_url, libm2n.SenderConfig(
-            sender_id=self.m2n_sender_id, epoch=self.epoch, peer_timeout_s=self.peer_timeout_s))
+            sender_id=self.m2n_sender_id, epoch=self.epoch, peer_timeout_s=self.peer_timeout_s,
+            auth_token=self.auth_token))
         with self._lock:
             old = self._replies.pop(sender_id, None)
             self._replies[sender_id] = sender

@@ -24,6 +24,7 @@ from typing import Protocol
 import grpc
 
 from megascale.v1 import attention_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.common import auth
 from services.common.grpcserver import MAX_MESSAGE_BYTES
 from services.core.request import (
     FinishReason,
@@ -128,7 +129,7 @@ class SchedulerPicker:
 
     async def pick(self, prompt_tokens: int, exclude: Sequence[str]) -> Replica:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address)
+            self._channel = auth.channel(self.address)
         stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         try:
             resp = await stub.PickReplica(scheduler_pb2.PickReplicaRequest(
@@ -167,7 +168,7 @@ class Backend:
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address, _CHANNEL_OPTIONS)
+            ch = self._channels[address] = auth.channel(address, _CHANNEL_OPTIONS)
         return ch
 
     def _stream(self, address: str) -> ReplicaStream:

@@ -149,7 +149,7 @@ async def serve(config: GatewayConfig, ready_file: str | None = None,
         await life.start_grpc(
             config.grpc_port,
             lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s),
-            [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name])
+            [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name], internal=False)
         life.serve_metrics(metrics.registry, config.metrics_port)
         server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.http_port,
                                                log_level="warning", access_log=False,

@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 
+from services.common import auth
 from services.errors import UserError
 
 ROLES: dict[str, tuple[str, str]] = {
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s {args.role} %(levelname)s %(name)s: %(message)s")
     main = importlib.import_module(ROLES[args.role][0])
+    auth.configure(auth.load_token(args.cluster_token_file))
     config = main.build(args)
     return asyncio.run(_run(main.serve, config, args.ready_file))
 

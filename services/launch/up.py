@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -82,13 +83,24 @@ class Mesh:
     def __init__(self, workdir: Path, quiet: bool) -> None:
         self.workdir = workdir
         self.quiet = quiet
+        # One secret per launch, in a file only this user can read: every internal gRPC call
+        # and libm2n link of the mesh must present it (services/common/auth.py).
+        token_file = workdir / "cluster.token"
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, secrets.token_hex(32).encode())
+        finally:
+            os.close(fd)
+        self.env = {"MEGASCALE_CLUSTER_TOKEN_FILE": str(token_file)}
         self.children: list[RoleProcess] = []
         self._stop_tail = threading.Event()
         self._tails: list[threading.Thread] = []
 
     def start_role(self, role: str, args: list[str], name: str) -> RoleProcess:
         log = self.workdir / f"{name}.log"
-        proc = spawn_role(role, args, name, self.workdir, log=log, preexec_fn=_die_with_parent)
+        proc = spawn_role(role, args, name, self.workdir, env=self.env, log=log,
+                          preexec_fn=_die_with_parent)
         self.children.append(proc)
         self._tail(log, name)
         return proc

@@ -29,6 +29,7 @@ import time
 import grpc
 
 from megascale.v1 import attention_pb2_grpc, common_pb2, expert_pb2, expert_pb2_grpc
+from services.common import auth
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.placement import (
@@ -244,7 +245,7 @@ class Controller:
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address)
+            ch = self._channels[address] = auth.channel(address)
         return ch
 
     async def _close_unused(self, live_addresses: set[str]) -> None:

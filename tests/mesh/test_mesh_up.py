@@ -124,6 +124,44 @@ def test_one_trace_spans_gateway_attention_and_expert(up):
     assert want <= up.otlp.services_for(trace_id)
 
 
+def test_internal_links_require_the_launchs_cluster_token(up):
+    """megascale up writes a cluster token (mode 0600) and every role requires it: an internal
+    gRPC call without it is UNAUTHENTICATED (health probes stay open), a libm2n sender without
+    it is refused before it gets slot memory."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    import libm2n
+    from megascale.v1 import attention_pb2, attention_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+    token_file = up.workdir / "cluster.token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    token = token_file.read_text()
+    ready = up.ready()
+    attention = ready["attention-0"]["grpc"]
+    with grpc.insecure_channel(attention) as ch:
+        stub = attention_pb2_grpc.AttentionStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetLoad(attention_pb2.GetLoadRequest(), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as info:  # a streaming method too
+            list(stub.Generate(attention_pb2.GenerateRequest(request_id="x",
+                                                             prompt_token_ids=[1]), timeout=10))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        stub.GetLoad(attention_pb2.GetLoadRequest(), timeout=10,
+                     metadata=[("x-megascale-cluster-token", token)])
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(ready["scheduler"]["grpc"]) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            scheduler_pb2_grpc.SchedulerStub(ch).Deregister(
+                scheduler_pb2.DeregisterRequest(node_id="attention-0"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(libm2n.PeerLost, match="failed authentication"):
+        libm2n.connect(ready["expert-0"]["m2n_url"],
+                       libm2n.SenderConfig(sender_id=4242, connect_timeout_s=5))
+
+
 def test_sigterm_stops_every_child_and_leaves_no_shared_memory(up):
     pids = [info["pid"] for info in up.ready().values()]
     redis_pid = _redis_pid(up.workdir)
@@ -155,3 +193,4 @@ def _redis_pid(workdir: Path) -> int:
         if "pid=" in line:
             return int(line.split("pid=")[1].split(",")[0])
     raise AssertionError("redis-server did not log its pid")
+

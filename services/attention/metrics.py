@@ -1,4 +1,4 @@
-"""Prometheus metrics of an attention replica (vLLM-style names; docs/ARCHITECTURE.md §7)."""
+"""Prometheus metrics of an attention replica (vLLM-style names; docs/ARCHITECTURE.md §8)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Prometheus exposition for a role: one registry per process, served over HTTP.
 
-Metric names follow vLLM's style (``megascale:...``; docs/ARCHITECTURE.md §7). Each role builds
+Metric names follow vLLM's style (``megascale:...``; docs/ARCHITECTURE.md §8). Each role builds
 its metric objects on the registry returned by :func:`new_registry` and calls
 :func:`serve_metrics`.
 """

@@ -1,4 +1,4 @@
-"""The expert node's Prometheus metrics (names in docs/ARCHITECTURE.md, "Metrics")."""
+"""The expert node's Prometheus metrics (names in docs/ARCHITECTURE.md §8)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Prometheus metrics measured at the gateway: the client's point of view (docs/ARCHITECTURE.md
-§7)."""
+§8)."""
 
 from __future__ import annotations
 

@@ -102,6 +102,9 @@ class ExpertClient:
         # Expert nodes this replica attached to (they hold its reply link); a placement may
         # only name these. node id -> dispatch URL.
         self.attached: dict[str, str] = {n.node_id: n.dispatch_url for n in placement.nodes}
+        # Nodes attached again since the last placement (a restart): their dispatch link is
+        # opened afresh even where the old one does not look broken yet.
+        self.reattached: set[str] = set()
         self.set_placement(placement)
 
     # ------------------------------------------------------------------ placement
@@ -121,13 +124,14 @@ class ExpertClient:
             senders = []
             for n in placement.nodes:
                 s = old.get(n.dispatch_url)
-                if s is None or (new_epoch and not _link_ok(s)):
+                renew = n.node_id in self.reattached
+                if s is None or renew or (new_epoch and not _link_ok(s)):
                     try:
                         fresh = libm2n.connect(n.dispatch_url, libm2n.SenderConfig(
                             sender_id=self.sender_id, epoch=placement.epoch,
                             peer_timeout_s=self.peer_timeout_s, auth_token=self.auth_token))
                     except libm2n.M2NError as exc:
-                        if s is None:  # a node we never reached: refuse the placement
+                        if s is None or renew:  # a node we never reached: refuse the table
                             raise
                         down[n.node_id] = f"cannot reconnect: {exc}"  # keep the dead link
                     else:
@@ -149,6 +153,7 @@ class ExpertClient:
         self._senders = senders
         self.placement = placement
         self.down = down
+        self.reattached -= {n.node_id for n in placement.nodes}
         now = time.monotonic()
         self._down_at = {n: self._down_at.get(n, now) for n in down}
         self._routes = Routes(placement, self._down_indices(), self.device)

@@ -191,8 +191,10 @@ class Engine:
         return dict(self.client.attached)
 
     def note_attached(self, node_id: str, dispatch_url: str) -> None:
-        """Record an ``Expert.Attach`` made for a placement (event loop only)."""
+        """Record an ``Expert.Attach`` made for a placement (event loop only); the next
+        :meth:`set_placement` opens a fresh dispatch link to the node."""
         self.client.attached[node_id] = dispatch_url
+        self.client.reattached.add(node_id)
 
     def nodes_down(self) -> set[str]:
         """Expert nodes the replica routes around now (a copy: the engine thread writes it)."""

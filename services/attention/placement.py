@@ -46,7 +46,14 @@ async def adopt_placement(engine: Engine, p: common_pb2.ExpertPlacement,
 async def _adopt_locked(engine: Engine, p: common_pb2.ExpertPlacement,
                         attacher: ExpertAttacher) -> int:
     current = engine.placement
+    started = {h.node_id: h.started_at_unix_s for rep in p.experts for h in rep.hosts}
     if p.epoch <= current.epoch:
+        # The epoch in force (a replica attached at start learns it from the nodes): it
+        # still tells which process of each node this replica attached to.
+        if p.epoch == current.epoch:
+            for node_id, t in started.items():
+                if t and node_id in engine.attached_nodes():
+                    attacher.started.setdefault(node_id, t)
         return current.epoch
     placement = placement_from_proto(p, current)
     known = engine.attached_nodes()
@@ -54,9 +61,14 @@ async def _adopt_locked(engine: Engine, p: common_pb2.ExpertPlacement,
     addresses = {h.node_id: h.grpc_address for rep in p.experts for h in rep.hosts}
     for node in placement.nodes:
         new = node.node_id not in known
-        # A known node is attached again when it moved (a restart: new dispatch URL) or this
-        # replica routes around it: a restarted node has no reply link to us until then.
-        if not new and known[node.node_id] == node.dispatch_url and node.node_id not in down:
+        seen = attacher.started.get(node.node_id, 0.0)
+        restarted = bool(seen and started[node.node_id]) and seen != started[node.node_id]
+        # A known node is attached again when it restarted (a new process, maybe on the same
+        # addresses), moved (a new dispatch URL) or this replica routes around it: a
+        # restarted node has no reply link to us until then.
+        if (not new and not restarted and known[node.node_id] == node.dispatch_url
+                and node.node_id not in down):
+            attacher.started.setdefault(node.node_id, started[node.node_id])
             continue
         try:
             resp = await _attach_node(attacher, p.epoch, node.node_id, addresses[node.node_id])
@@ -67,6 +79,7 @@ async def _adopt_locked(engine: Engine, p: common_pb2.ExpertPlacement,
                         node.node_id, exc)
             continue
         engine.note_attached(resp.node_id, resp.dispatch_url)
+        attacher.started[resp.node_id] = started[node.node_id]
     engine.set_placement(placement)
     return p.epoch
 
@@ -124,6 +137,9 @@ class ExpertAttacher:
         # One adoption at a time: the scheduler's push and the registration's poll may
         # deliver the same placement together, and a node must be attached once.
         self.lock = asyncio.Lock()
+        # node id -> the start time of the process this replica attached to (0 = unknown:
+        # attached from --expert-nodes, before any placement named it)
+        self.started: dict[str, float] = {}
 
     async def attach(self, address: str, timeout_s: float = 30.0) -> expert_pb2.AttachResponse:
         """Raises ConfigError (one line) when the node cannot be reached or serves another

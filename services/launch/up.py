@@ -3,9 +3,11 @@
 Starts, in order: a ``redis-server`` child (unless ``--redis-url`` is given), the scheduler, the
 expert nodes (experts split evenly, optionally with replicas of some ids), the attention
 replicas, and the gateway; waits until each is serving (ready files), prints the endpoint and an
-example ``curl``, and streams every child's log prefixed with its name. SIGINT / SIGTERM stop
-the children in reverse order (SIGTERM, then SIGKILL after a grace period). Children also get
-``PR_SET_PDEATHSIG`` so they die with the launcher even if it is SIGKILLed: no orphans.
+example ``curl``, and streams every child's log prefixed with its name. A child that dies is
+restarted (with backoff) on the ports it had, and rejoins through the scheduler; the others
+keep serving. SIGINT / SIGTERM stop the children in reverse order (SIGTERM, then SIGKILL after
+a grace period). Children also get ``PR_SET_PDEATHSIG`` so they die with the launcher even if
+it is SIGKILLed: no orphans.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from services.errors import UserError
 from services.launch.procs import RoleProcess, partition_experts, spawn_role
 
 _PR_SET_PDEATHSIG = 1
+RESTART_BACKOFF_S = 1.0  # a child that dies is restarted after this, doubling per restart
+RESTART_BACKOFF_MAX_S = 30.0
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -94,6 +98,9 @@ class Mesh:
             os.close(fd)
         self.env = {"MEGASCALE_CLUSTER_TOKEN_FILE": str(token_file)}
         self.children: list[RoleProcess] = []
+        self._specs: dict[str, tuple[str, list[str]]] = {}  # name -> (role, args) as started
+        self._restarts: dict[str, list[float]] = {}  # name -> times it was restarted
+        self._redis_port = 0
         self._stop_tail = threading.Event()
         self._tails: list[threading.Thread] = []
 
@@ -102,19 +109,57 @@ class Mesh:
         proc = spawn_role(role, args, name, self.workdir, env=self.env, log=log,
                           preexec_fn=_die_with_parent)
         self.children.append(proc)
+        self._specs[name] = (role, list(args))
         self._tail(log, name)
         return proc
 
-    def start_redis(self) -> str:
+    # ------------------------------------------------------------------ supervision
+    def supervise(self) -> None:
+        """Restart every child that died, keeping the others running. A restarted role binds
+        the ports it had (so peers that know its address reach it again) and rejoins through
+        the scheduler; restarts of one child back off (RESTART_BACKOFF_S, doubling)."""
+        now = time.monotonic()
+        for i, child in enumerate(self.children):
+            if child.alive():
+                continue
+            recent = [t for t in self._restarts.get(child.name, []) if now - t < 300]
+            wait = min(RESTART_BACKOFF_S * 2 ** len(recent), RESTART_BACKOFF_MAX_S)
+            if recent and now - recent[-1] < wait:
+                continue
+            print(f"megascale up: {child.name} exited (code {child.proc.returncode}); "
+                  f"restarting it (restart {len(recent) + 1} in 5 min)", file=sys.stderr,
+                  flush=True)
+            self._restarts[child.name] = [*recent, now]
+            try:
+                self.children[i] = (self._respawn_redis(child) if child.name == "redis"
+                                    else self._respawn(child))
+            except (RuntimeError, UserError) as exc:
+                print(f"megascale up: restarting {child.name} failed: {exc}", file=sys.stderr,
+                      flush=True)
+
+    def _respawn(self, child: RoleProcess) -> RoleProcess:
+        role, args = self._specs[child.name]
+        return spawn_role(role, _pinned(args, child.info), child.name, self.workdir,
+                          env=self.env, log=self.workdir / f"{child.name}.log",
+                          preexec_fn=_die_with_parent)
+
+    def _respawn_redis(self, child: RoleProcess) -> RoleProcess:
+        self.children.remove(child)
+        self.start_redis(self._redis_port)
+        return self.children.pop()
+
+    def start_redis(self, port: int = 0) -> str:
         exe = shutil.which("redis-server")
         if exe is None:
             raise UserError("redis-server is not installed: install it (apt-get install "
                             "redis-server) or pass --redis-url")
         import socket
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        if not port:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self._redis_port = port
         log = self.workdir / "redis.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen(
@@ -122,7 +167,8 @@ class Mesh:
                  "no", "--dir", str(self.workdir)], stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=_die_with_parent)
         self.children.append(RoleProcess("redis", proc, {"pid": proc.pid}, log))
-        self._tail(log, "redis")
+        if not any(t.name == "tail-redis" for t in self._tails):
+            self._tail(log, "redis")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -137,7 +183,8 @@ class Mesh:
     def _tail(self, path: Path, name: str) -> None:
         if self.quiet:
             return
-        t = threading.Thread(target=_follow, args=(path, name, self._stop_tail), daemon=True)
+        t = threading.Thread(target=_follow, args=(path, name, self._stop_tail), daemon=True,
+                             name=f"tail-{name}")
         t.start()
         self._tails.append(t)
 
@@ -147,6 +194,31 @@ class Mesh:
         self._stop_tail.set()
         for t in self._tails:
             t.join(timeout=1)
+
+
+def _pinned(args: list[str], info: dict) -> list[str]:
+    """``args`` with the ports a role bound last time (its ready file) instead of 0, so that
+    a restarted role keeps its addresses."""
+    out = list(args)
+
+    def pin(flag: str, value: str | None) -> None:
+        if value is None:
+            return
+        if flag in out:
+            i = out.index(flag) + 1
+            if out[i] in ("0", "tcp://127.0.0.1:0"):
+                out[i] = value
+        else:
+            out.extend([flag, value])
+
+    pin("--grpc-port", info["grpc"].rsplit(":", 1)[1] if info.get("grpc") else None)
+    if info.get("metrics_port") is not None:
+        pin("--metrics-port", str(info["metrics_port"]))
+    if "http" in info:
+        pin("--port", info["http"].rsplit(":", 1)[1])
+    if str(info.get("m2n_url", "")).startswith("tcp://"):
+        pin("--m2n-url", info["m2n_url"])
+    return out
 
 
 def _follow(path: Path, name: str, stop: threading.Event) -> None:
@@ -244,10 +316,7 @@ def run(args: argparse.Namespace) -> int:
               f"    -d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
               "Ctrl-C stops everything.\n", flush=True)
         while not stopping.is_set():
-            dead = [c.name for c in mesh.children if not c.alive()]
-            if dead:
-                print(f"megascale up: {', '.join(dead)} exited; stopping", file=sys.stderr)
-                return 1
+            mesh.supervise()
             stopping.wait(0.5)
         return 0
     except RuntimeError as exc:  # a role failed to start: its log tail is in the message

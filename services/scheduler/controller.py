@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 import grpc
 
@@ -52,12 +53,13 @@ _EMA = 0.5  # weight of the newest window in the per-expert load
 
 def _expert_nodes(records: list[NodeRecord]) -> list[ExpertNode]:
     return [ExpertNode(r.info.node_id, r.info.m2n_url, tuple(sorted(set(r.info.expert_ids))),
-                       r.info.grpc_address)
+                       r.info.grpc_address, r.info.started_at_unix_s)
             for r in records if r.info.role == common_pb2.NODE_ROLE_EXPERT]
 
 
-def _urls(placement: common_pb2.ExpertPlacement, field: str = "m2n_url") -> dict[str, str]:
-    """node id -> ``field`` of its ExpertHost entries (m2n_url or grpc_address)."""
+def _urls(placement: common_pb2.ExpertPlacement, field: str = "m2n_url") -> dict[str, Any]:
+    """node id -> ``field`` of its ExpertHost entries (m2n_url, grpc_address or
+    started_at_unix_s)."""
     return {h.node_id: getattr(h, field) for rep in placement.experts for h in rep.hosts}
 
 
@@ -188,7 +190,8 @@ class Controller:
                 except REDIS_ERRORS as exc:
                     self._on_redis_error(exc)
             experts = [n for n in _expert_nodes(records) if n.node_id not in out]
-            fp = tuple(sorted((n.node_id, n.m2n_url, n.expert_ids) for n in experts))
+            fp = tuple(sorted((n.node_id, n.m2n_url, n.expert_ids, n.started_at)
+                              for n in experts))
             if fp != self._fingerprint:
                 self._fingerprint = fp
                 await self._replan(experts, force=True)
@@ -214,8 +217,14 @@ class Controller:
         self.missing = ()
         urls = {n.node_id: n.m2n_url for n in experts}
         addresses = {n.node_id: n.grpc_address for n in experts}
+        started = {n.node_id: n.started_at for n in experts}
+        published = _urls(self.current, "started_at_unix_s")
+        # A node that restarted (even on the same addresses) has no reply links to the
+        # replicas: only a new epoch naming its new process makes them attach to it again.
         same = (plan.hosts == hosts_from_proto(self.current)
-                and all(_urls(self.current).get(n) == urls[n] for hs in plan.hosts for n in hs))
+                and all(_urls(self.current).get(n) == urls[n]
+                        and published.get(n, 0.0) in (0.0, started[n])
+                        for hs in plan.hosts for n in hs))
         if same:
             self.metrics.observe_placement(plan, self.current.epoch)
             return
@@ -224,13 +233,14 @@ class Controller:
                             [n.node_id for n in experts])
             if plan.max_load >= (1 - cfg.rebalance_threshold) * old:
                 return  # not worth a new epoch
-        await self._publish(plan, urls, addresses, floor=self.current.epoch)
+        await self._publish(plan, urls, addresses, floor=self.current.epoch, started=started)
 
     async def _publish(self, plan: PlacementPlan, urls: dict[str, str],
-                       addresses: dict[str, str], floor: int) -> None:
+                       addresses: dict[str, str], floor: int,
+                       started: dict[str, float] | None = None) -> None:
         try:
             epoch = await self.state.next_placement_epoch(floor)
-            placement = to_proto(plan, epoch, urls, addresses)
+            placement = to_proto(plan, epoch, urls, addresses, started)
             await self.state.save_placement(placement)
         except REDIS_ERRORS as exc:
             self._on_redis_error(exc)
@@ -275,7 +285,8 @@ class Controller:
             log.warning("a node is at placement epoch %d > ours (%d): re-issuing", newest,
                         p.epoch)
             plan = PlacementPlan(p.num_experts, hosts_from_proto(p), (), ())
-            await self._publish(plan, _urls(p), _urls(p, "grpc_address"), floor=newest)
+            await self._publish(plan, _urls(p), _urls(p, "grpc_address"), floor=newest,
+                                started=_urls(p, "started_at_unix_s"))
 
     async def _push_one(self, rec: NodeRecord, p: common_pb2.ExpertPlacement) -> int | None:
         node = rec.info.node_id

@@ -36,6 +36,7 @@ class ExpertNode:
     m2n_url: str
     expert_ids: tuple[int, ...]
     grpc_address: str = ""  # where replicas that have not attached yet call Expert.Attach
+    started_at: float = 0.0  # its process's start (NodeInfo.started_at_unix_s): a restart
 
 
 @dataclass(frozen=True)
@@ -157,15 +158,17 @@ def plan_load(plan_hosts: Sequence[Sequence[str]], expert_load: Mapping[int, flo
 
 
 def to_proto(plan: PlacementPlan, epoch: int, urls: Mapping[str, str],
-             addresses: Mapping[str, str] | None = None) -> common_pb2.ExpertPlacement:
+             addresses: Mapping[str, str] | None = None,
+             started: Mapping[str, float] | None = None) -> common_pb2.ExpertPlacement:
     """The wire table: one ExpertReplicas per expert id, in id order (``urls``: node -> m2n
-    URL, ``addresses``: node -> gRPC address)."""
-    addresses = addresses or {}
+    URL, ``addresses``: node -> gRPC address, ``started``: node -> its process's start)."""
+    addresses, started = addresses or {}, started or {}
     return common_pb2.ExpertPlacement(
         epoch=epoch, num_experts=plan.num_experts,
         experts=[common_pb2.ExpertReplicas(
             expert_id=e, hosts=[common_pb2.ExpertHost(node_id=n, m2n_url=urls.get(n, ""),
-                                                      grpc_address=addresses.get(n, ""))
+                                                      grpc_address=addresses.get(n, ""),
+                                                      started_at_unix_s=started.get(n, 0.0))
                                 for n in hs])
                  for e, hs in enumerate(plan.hosts)])
 

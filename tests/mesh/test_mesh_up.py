@@ -124,6 +124,36 @@ def test_one_trace_spans_gateway_attention_and_expert(up):
     assert want <= up.otlp.services_for(trace_id)
 
 
+def test_a_killed_role_is_restarted_and_the_mesh_serves_on(up, client):
+    """megascale up supervises: SIGKILL one expert node and it comes back on the same
+    addresses (a new process), rejoins through the scheduler, and requests that need its
+    experts complete again; the launcher and every other role stay up."""
+    before = up.ready()
+    victim = before["expert-1"]
+    os.kill(victim["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    while up.ready().get("expert-1", victim)["pid"] == victim["pid"]:  # (rewritten when up)
+        assert time.monotonic() < deadline, "expert-1 was not restarted"
+        assert up.proc.poll() is None, "the launcher exited"
+        time.sleep(0.2)
+    again = up.ready()["expert-1"]
+    assert (again["grpc"], again["m2n_url"]) == (victim["grpc"], victim["m2n_url"])
+    # every expert is needed by some of these prompts: retry until the mesh has healed
+    while True:
+        try:
+            for i in range(4):
+                client.completions.create(model=up.model, prompt=f"after {i}", max_tokens=4,
+                                          temperature=0, extra_body={"ignore_eos": True})
+            break
+        except openai.APIStatusError:
+            assert time.monotonic() < deadline, "requests kept failing after the restart"
+            time.sleep(0.5)
+    now = up.ready()
+    for name in ("scheduler", "expert-0", "attention-0", "attention-1", "gateway"):
+        assert now[name]["pid"] == before[name]["pid"], f"{name} was restarted too"
+    assert up.proc.poll() is None
+
+
 def test_internal_links_require_the_launchs_cluster_token(up):
     """megascale up writes a cluster token (mode 0600) and every role requires it: an internal
     gRPC call without it is UNAUTHENTICATED (health probes stay open), a libm2n sender without

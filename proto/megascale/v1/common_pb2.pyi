@@ -121,14 +121,16 @@ class LoadReport(_message.Message):
     def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., free_kv_blocks: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., attention_time_ms: _Optional[float] = ..., expert_wait_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., expert_queue_rows: _Optional[int] = ..., reported_at_unix_s: _Optional[float] = ..., expert_nodes_down: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExpertHost(_message.Message):
-    __slots__ = ("node_id", "m2n_url", "grpc_address")
+    __slots__ = ("node_id", "m2n_url", "grpc_address", "started_at_unix_s")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     M2N_URL_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     m2n_url: str
     grpc_address: str
-    def __init__(self, node_id: _Optional[str] = ..., m2n_url: _Optional[str] = ..., grpc_address: _Optional[str] = ...) -> None: ...
+    started_at_unix_s: float
+    def __init__(self, node_id: _Optional[str] = ..., m2n_url: _Optional[str] = ..., grpc_address: _Optional[str] = ..., started_at_unix_s: _Optional[float] = ...) -> None: ...
 
 class ExpertReplicas(_message.Message):
     __slots__ = ("expert_id", "hosts")

@@ -7,6 +7,7 @@ parent. :class:`RoleProcess.stop` sends SIGTERM, waits, then SIGKILLs.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -21,6 +22,8 @@ from services.common.readyfile import wait_ready_file
 from services.expert.config import partition_experts
 
 __all__ = ["LocalMesh", "RoleProcess", "partition_experts", "spawn_role"]
+
+_MESH_IDS = itertools.count()
 
 
 @dataclass
@@ -115,7 +118,7 @@ class LocalMesh:
         workdir = Path(workdir or tempfile.mkdtemp(prefix="megascale-mesh-"))
         workdir.mkdir(parents=True, exist_ok=True)
         mesh = cls(workdir=workdir)
-        tag = f"{os.getpid()}-{id(mesh) & 0xffff:x}"
+        tag = f"{os.getpid()}-{next(_MESH_IDS)}"  # unique per mesh: shm names must not clash
         try:
             for i, ids in enumerate(expert_ids):
                 url = f"shm://m2n-e{i}-{tag}" if transport == "shm" else "tcp://127.0.0.1:0"

@@ -130,6 +130,7 @@ def test_a_killed_role_is_restarted_and_the_mesh_serves_on(up, client):
     experts complete again; the launcher and every other role stay up."""
     before = up.ready()
     victim = before["expert-1"]
+    killed = time.monotonic()
     os.kill(victim["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 90
     while up.ready().get("expert-1", victim)["pid"] == victim["pid"]:  # (rewritten when up)
@@ -148,6 +149,7 @@ def test_a_killed_role_is_restarted_and_the_mesh_serves_on(up, client):
         except openai.APIStatusError:
             assert time.monotonic() < deadline, "requests kept failing after the restart"
             time.sleep(0.5)
+    print(f"expert-1 SIGKILLed: serving again after {time.monotonic() - killed:.1f} s")
     now = up.ready()
     for name in ("scheduler", "expert-0", "attention-0", "attention-1", "gateway"):
         assert now[name]["pid"] == before[name]["pid"], f"{name} was restarted too"

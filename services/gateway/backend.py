@@ -92,6 +92,17 @@ class StaticPicker:
         self.failed_at: dict[str, float] = {}
         self._rr = itertools.count()
 
+    def learn(self, replica: Replica) -> None:
+        """Add a replica (one the scheduler handed out); a known address is renamed."""
+        for i, r in enumerate(self.replicas):
+            if r.address == replica.address:
+                if r.node_id != replica.node_id:
+                    self.replicas[i] = replica
+                    self.in_flight[replica.node_id] = self.in_flight.pop(r.node_id, 0)
+                return
+        self.replicas.append(replica)
+        self.in_flight.setdefault(replica.node_id, 0)
+
     async def pick(self, prompt_tokens: int, exclude: Sequence[str]) -> Replica:
         now = time.monotonic()
         ok = [r for r in self.replicas if r.node_id not in exclude]
@@ -105,10 +116,10 @@ class StaticPicker:
                    key=lambda r: self.in_flight[r.node_id])
 
     def started(self, replica: Replica) -> None:
-        self.in_flight[replica.node_id] += 1
+        self.in_flight[replica.node_id] = self.in_flight.get(replica.node_id, 0) + 1
 
     def finished(self, replica: Replica, failed: bool) -> None:
-        self.in_flight[replica.node_id] -= 1
+        self.in_flight[replica.node_id] = self.in_flight.get(replica.node_id, 1) - 1
         if failed:
             self.failed_at[replica.node_id] = time.monotonic()
         else:
@@ -119,12 +130,21 @@ class StaticPicker:
 
 
 class SchedulerPicker:
-    """Ask the scheduler's ``PickReplica`` (least-loaded healthy replica) for every request."""
+    """Ask the scheduler's ``PickReplica`` (least-loaded healthy replica) for every request.
 
-    def __init__(self, address: str, model: str, timeout_s: float = 2.0) -> None:
+    When the scheduler cannot be reached (it or its Redis is down), requests go on to the
+    replicas this gateway knows, the way :class:`StaticPicker` picks: the ``--attention`` list
+    and every replica the scheduler has handed out. The scheduler is asked again for every
+    request, so its answers take over as soon as it is back.
+    """
+
+    def __init__(self, address: str, model: str, known: Sequence[str] = (),
+                 timeout_s: float = 2.0) -> None:
         self.address = address
         self.model = model
         self.timeout_s = timeout_s
+        self.fallback = StaticPicker(known)
+        self.fallbacks = 0  # requests placed without the scheduler
         self._channel: grpc.aio.Channel | None = None
 
     async def pick(self, prompt_tokens: int, exclude: Sequence[str]) -> Replica:
@@ -139,14 +159,29 @@ class SchedulerPicker:
             err = rpc_error_to_gateway(exc, f"scheduler {self.address}")
             if err.status == 400:  # our request was wrong: not the client's fault
                 err = GatewayError(502, f"scheduler {self.address}: {err.message}")
+            unreachable = exc.code() in (grpc.StatusCode.UNAVAILABLE,
+                                         grpc.StatusCode.DEADLINE_EXCEEDED)
+            if unreachable and self.fallback.replicas:
+                if not self.fallbacks:
+                    log.warning("scheduler %s unreachable (%s): picking among %d known "
+                                "replicas until it answers again", self.address,
+                                exc.code().name, len(self.fallback.replicas))
+                self.fallbacks += 1
+                return await self.fallback.pick(prompt_tokens, exclude)
             raise err from None
-        return Replica(resp.node_id or resp.address, resp.address)
+        if self.fallbacks:
+            log.info("scheduler %s answers again (%d requests were placed without it)",
+                     self.address, self.fallbacks)
+            self.fallbacks = 0
+        replica = Replica(resp.node_id or resp.address, resp.address)
+        self.fallback.learn(replica)
+        return replica
 
     def started(self, replica: Replica) -> None:
-        return None
+        self.fallback.started(replica)
 
     def finished(self, replica: Replica, failed: bool) -> None:
-        return None
+        self.fallback.finished(replica, failed)
 
     async def close(self) -> None:
         if self._channel is not None:

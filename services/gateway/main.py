@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
              help="model id clients send (default: the model directory's name)")
     add_flag(p, "--port", type=int, default=0, help="HTTP port (0 = pick a free one)")
     add_flag(p, "--attention", default=None,
-             help="comma list of attention replicas' gRPC addresses (a static list)")
+             help="comma list of attention replicas' gRPC addresses: the replicas to use, or "
+                  "with --scheduler the ones to fall back on while it cannot be reached")
     add_flag(p, "--scheduler", default=None,
              help="scheduler gRPC address: ask it PickReplica for every request")
     add_flag(p, "--api-key", default=None,

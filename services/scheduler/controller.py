@@ -81,6 +81,10 @@ class Controller:
         # may be transient (a replica still attaching), so it is retried, but slowly.
         self._rejected: dict[str, tuple[int, float]] = {}
         self._fingerprint: tuple | None = None
+        # The live nodes as of the last tick, kept current by the Register/Heartbeat/
+        # Deregister handlers: PickReplica reads them instead of Redis on every request.
+        self._records: dict[str, NodeRecord] = {}
+        self._records_at = float("-inf")
         self._rows: dict[str, tuple[float, dict[int, int]]] = {}  # node -> (t, rows_by_expert)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._cond = asyncio.Condition()
@@ -174,6 +178,7 @@ class Controller:
             except REDIS_ERRORS as exc:
                 self._on_redis_error(exc)
                 return
+            self.remember(records)
             self.metrics.epoch.set(self.membership_epoch)
             self.metrics.observe_nodes(records)
             live = {r.info.node_id for r in records}
@@ -197,6 +202,29 @@ class Controller:
                 await self._replan(experts, force=True)
             await self._push(records)
             await self._close_unused({r.info.grpc_address for r in records})
+
+    # ------------------------------------------------ the node view PickReplica reads
+    def remember(self, records: list[NodeRecord]) -> None:
+        """Replace the view with what Redis holds now."""
+        self._records = {r.info.node_id: r for r in records}
+        self._records_at = time.monotonic()
+
+    def records(self, max_age_s: float) -> list[NodeRecord] | None:
+        """The view, or None when it is older than ``max_age_s`` (ticks failing)."""
+        if time.monotonic() - self._records_at > max_age_s:
+            return None
+        return list(self._records.values())
+
+    def note_register(self, info: common_pb2.NodeInfo) -> None:
+        self._records[info.node_id] = NodeRecord(info, None)
+
+    def note_load(self, node_id: str, load: common_pb2.LoadReport) -> None:
+        rec = self._records.get(node_id)
+        if rec is not None:
+            self._records[node_id] = NodeRecord(rec.info, load)
+
+    def note_leave(self, node_id: str) -> None:
+        self._records.pop(node_id, None)
 
     async def _replan(self, experts: list[ExpertNode], force: bool) -> None:
         cfg = self.config

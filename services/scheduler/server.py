@@ -138,6 +138,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                 f"node_id {request.node_id!r} is held by a live node at "
                                 f"another address")
         self.metrics.registrations.labels(role=role_name(request.role)).inc()
+        self.controller.note_register(request)
         self.balancer.on_report(request.node_id)
         self.controller.kick()
         log.info("node %s (%s) registered at %s, epoch %d", request.node_id,
@@ -159,6 +160,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"node {request.node_id!r} is not registered (lease expired?): "
                                 f"Register again")
+        self.controller.note_load(request.node_id, request.load)
         self.balancer.on_report(request.node_id)
         return scheduler_pb2.HeartbeatResponse(epoch=epoch, placement_changed=changed)
 
@@ -174,6 +176,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"node {request.node_id!r} is not registered")
         self.metrics.deregistrations.inc()
+        self.controller.note_leave(request.node_id)
         self.controller.kick()
         log.info("node %s deregistered, epoch %d", request.node_id, epoch)
         return scheduler_pb2.DeregisterResponse(epoch=epoch)
@@ -181,8 +184,25 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def PickReplica(self, request: scheduler_pb2.PickReplicaRequest,
                           context: grpc.aio.ServicerContext
                           ) -> scheduler_pb2.PickReplicaResponse:
-        """The least-loaded healthy attention replica not in ``exclude_node_ids``."""
-        records = await self._redis(context, self.state.nodes())
+        """The least-loaded healthy attention replica not in ``exclude_node_ids``.
+
+        Chosen from the controller's view of the nodes (refreshed every sweep, updated by
+        every Register/Heartbeat/Deregister), not a Redis read per request; only a view
+        older than two sweeps is read afresh, and while Redis is down the last view serves.
+        """
+        records = self.controller.records(2 * self.config.sweep_interval_s)
+        if records is None:
+            stale = self.controller.records(float("inf"))
+            if stale:  # Redis may be down: the last view beats refusing every request
+                try:
+                    records = await self.state.nodes()
+                    self.controller.remember(records)
+                except REDIS_ERRORS:
+                    self.metrics.redis_errors.inc()
+                    records = stale
+            else:
+                records = await self._redis(context, self.state.nodes())
+                self.controller.remember(records)
         try:
             rec = self.balancer.pick(records, exclude=request.exclude_node_ids,
                                    prompt_tokens=request.prompt_tokens, model=request.model)

@@ -119,3 +119,25 @@ def test_replica_killed_mid_stream_is_resumed_elsewhere(fragile):
     assert "".join(e["choices"][0]["text"] for e in events) == ref["text"]
     metrics = httpx.get(gw.info["http"] + "/metrics").text
     assert 'megascale:gateway_replica_retries_total{reason="resume"} 1.0' in metrics
+
+
+def test_requests_go_on_while_the_scheduler_is_unreachable(stack, tmp_path, gateway_factory):
+    """A gateway whose scheduler does not answer (down, or its Redis is) places requests
+    on the replicas it knows (its --attention list) instead of failing them all."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: the scheduler is down
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    gw = gateway_factory(stack.model_dir, [a.grpc for a in stack.mesh.attention], tmp_path,
+                         "gateway-no-scheduler", "--scheduler", dead)
+    try:
+        for i in range(4):
+            r = httpx.post(gw.info["http"] + "/v1/completions", timeout=60, json={
+                "model": stack.model_dir.name, "prompt": f"still here {i}", "max_tokens": 3,
+                "temperature": 0})
+            assert r.status_code == 200, r.text
+        log = (tmp_path / "gateway-no-scheduler.log").read_text()
+        assert "unreachable" in log and "known replicas" in log
+    finally:
+        gw.stop()

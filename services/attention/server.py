@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -38,7 +37,6 @@ from services.attention.requests import (
 from services.common import auth
 from services.common.lifecycle import RoleLifecycle
 from services.common.net import advertised_url
-from services.common.registration import NodeRegistration
 from services.common.timeline import timeline_for
 from services.core import moe_wire
 from services.core.kv_cache import PagedKVCache
@@ -199,21 +197,16 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
             lambda s: attention_pb2_grpc.add_AttentionServicer_to_server(servicer, s),
             [attention_pb2.DESCRIPTOR.services_by_name["Attention"].full_name])
         life.serve_metrics(metrics.registry, config.metrics_port)
-        registration = None
-        if config.scheduler:
-            registration = NodeRegistration(config.scheduler, common_pb2.NodeInfo(
-                node_id=config.node_id, role=common_pb2.NODE_ROLE_ATTENTION,
-                grpc_address=life.grpc_address, m2n_url=reply_url,
+        await life.ready(
+            ready_file, {"m2n_url": reply_url, "num_blocks": config.num_blocks,
+                         "device": str(attention.device), "dtype": config.dtype},
+            config.scheduler, common_pb2.NodeInfo(
+                role=common_pb2.NODE_ROLE_ATTENTION, m2n_url=reply_url,
                 model=model_id(config.model_dir), kv_blocks=config.num_blocks,
                 kv_block_size=config.block_size,
-                max_running_requests=config.batching.max_num_seqs,
-                started_at_unix_s=time.time()),
-                load_fn=lambda: metrics.load_report(engine),
-                on_placement=lambda p: adopt_logged(engine, p, attacher))
-        await life.ready(ready_file, {"m2n_url": reply_url, "num_blocks": config.num_blocks,
-                                      "device": str(attention.device),
-                                      "dtype": config.dtype},
-                         registration)
+                max_running_requests=config.batching.max_num_seqs),
+            load_fn=lambda: metrics.load_report(engine),
+            on_placement=lambda p: adopt_logged(engine, p, attacher))
         log.info("attention replica %s serving on %s, %d expert node(s), m=%d",
                  config.node_id, life.grpc_address, len(placement.nodes),
                  config.micro_batches)

@@ -8,9 +8,11 @@ Each role's ``serve(config, ready_file, stop)`` builds its own parts inside one
                              config.advertise_host) as life:
         rx = libm2n.open_receiver(...)
         life.defer(rx.close)                             # anything to undo at shutdown
+        life.start_thread(worker.run, "expert-drain")   # a loop thread, stopped at shutdown
         await life.start_grpc(config.grpc_port, add_servicers, service_names)
         life.serve_metrics(registry, config.metrics_port)
-        await life.ready(ready_file, {"m2n_url": ...}, registration)
+        await life.ready(ready_file, {"m2n_url": ...}, config.scheduler,
+                         common_pb2.NodeInfo(role=..., m2n_url=...), on_placement=...)
         await life.wait(stop)
 
 ``megascale serve`` (services/launch/serve.py) sets ``stop`` on SIGTERM or SIGINT. Whatever
@@ -27,12 +29,14 @@ import asyncio
 import contextlib
 import inspect
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
 
+from megascale.v1 import common_pb2
 from services.common import auth, tracing
 from services.common.grpcserver import start_server
 from services.common.heap import freeze_startup_heap
@@ -104,14 +108,22 @@ class RoleLifecycle:
         return self.metrics_port
 
     async def ready(self, ready_file: str | None, info: dict[str, Any] | None = None,
-                    registration: NodeRegistration | None = None) -> None:
+                    scheduler: str | None = None, node: common_pb2.NodeInfo | None = None,
+                    **callbacks: Any) -> None:
         """Everything listens: freeze the start-up heap, write the ready file (role, node id,
-        gRPC address, metrics port and ``info``), then start registering with the scheduler."""
+        gRPC address, metrics port and ``info``), then, given a ``scheduler`` address, keep
+        ``node`` registered with it (:class:`NodeRegistration`, with ``callbacks``: load_fn,
+        on_placement, on_settings); its node id, gRPC address and start time are filled in
+        here."""
         freeze_startup_heap()
         write_ready_file(ready_file, {"role": self.role, "node_id": self.node_id,
                                       "grpc": self.grpc_address,
                                       "metrics_port": self.metrics_port, **(info or {})})
-        if registration is not None:
+        if scheduler:
+            node = common_pb2.NodeInfo() if node is None else node
+            node.node_id, node.grpc_address = self.node_id, self.grpc_address
+            node.started_at_unix_s = time.time()
+            registration = NodeRegistration(scheduler, node, **callbacks)
             await registration.start()
             self._stack.push_async_callback(registration.stop)
 

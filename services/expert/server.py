@@ -17,7 +17,6 @@ from megascale.v1 import common_pb2, expert_pb2, expert_pb2_grpc
 from services.common import auth
 from services.common.lifecycle import RoleLifecycle
 from services.common.net import advertised_url
-from services.common.registration import NodeRegistration
 from services.common.timeline import timeline_for
 from services.core import moe_wire
 from services.core.config import ModelConfig
@@ -143,18 +142,14 @@ async def serve(config: ExpertConfig, ready_file: str | None = None,
             lambda s: expert_pb2_grpc.add_ExpertServicer_to_server(servicer, s),
             [expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name])
         life.serve_metrics(metrics.registry, config.metrics_port)
-        registration = None
-        if config.scheduler:
-            registration = NodeRegistration(config.scheduler, common_pb2.NodeInfo(
-                node_id=config.node_id, role=common_pb2.NODE_ROLE_EXPERT,
-                grpc_address=life.grpc_address, m2n_url=m2n_url,
-                model=model_id(config.model_dir), expert_ids=list(config.expert_ids),
-                started_at_unix_s=time.time()),
-                on_placement=lambda p: worker.set_epoch(max(worker.epoch, p.epoch)))
-        await life.ready(ready_file, {"m2n_url": m2n_url, "expert_ids": list(config.expert_ids),
-                                      "expert_gemm": gemm,
-                                      "device": str(experts.device), "dtype": config.dtype},
-                         registration)
+        await life.ready(
+            ready_file, {"m2n_url": m2n_url, "expert_ids": list(config.expert_ids),
+                         "expert_gemm": gemm, "device": str(experts.device),
+                         "dtype": config.dtype},
+            config.scheduler, common_pb2.NodeInfo(
+                role=common_pb2.NODE_ROLE_EXPERT, m2n_url=m2n_url,
+                model=model_id(config.model_dir), expert_ids=list(config.expert_ids)),
+            on_placement=lambda p: worker.set_epoch(max(worker.epoch, p.epoch)))
         log.info("expert node %s serving experts %s on %s (m2n %s, expert GEMM %s)",
                  config.node_id, list(config.expert_ids), life.grpc_address, m2n_url, gemm)
         await life.wait(stop)

@@ -107,7 +107,7 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._listeners: dict[str, Listener] = {}
-        self._abort_requested: set[str] = set()
+        self._abort_requested: dict[str, FinishReason] = {}  # request id -> reason
         self._new_placement: Placement | None = None
         self._step = 0
         self._lanes: list[LaneStep | None] = [None] * config.micro_batches  # engine thread only
@@ -152,16 +152,17 @@ class Engine:
                 self._deliver_locked()
         self._wake.set()
 
-    def abort(self, request_id: str) -> bool:
-        """Cancel a request; False if unknown or already finished."""
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> bool:
+        """End a request now; False if unknown or already finished. ``reason`` is what it is
+        counted as (STOP: the client ended it on a stop string it matched itself)."""
         with self._lock:
             req = self.batcher.get(request_id)
             if req is None:
                 return False
             if req in self.batcher.running:
-                self._abort_requested.add(request_id)  # finished when its lane is between steps
+                self._abort_requested[request_id] = reason  # once its lane is between steps
             else:
-                self._finish_locked(req, FinishReason.ABORT)
+                self._finish_locked(req, reason)
                 self._deliver_locked()
         self._wake.set()
         return True
@@ -278,13 +279,13 @@ class Engine:
                     self.client.set_placement(placement)
                 except Exception:  # noqa: BLE001 - keep the old placement; the next push retries
                     log.exception("could not switch to placement epoch %d", placement.epoch)
-            for rid in list(self._abort_requested):
+            for rid, why in list(self._abort_requested.items()):
                 req = self.batcher.get(rid)
                 if req is None:
-                    self._abort_requested.discard(rid)
+                    del self._abort_requested[rid]
                 elif (req.status is not Status.RUNNING or req.lane == lane
                       or self._lanes[req.lane] is None):  # not mid-step
-                    self._finish_locked(req, FinishReason.ABORT)
+                    self._finish_locked(req, why)
             plan = self.batcher.schedule(lane, len(self._lanes))
             if not plan.chunks:
                 return None
@@ -364,7 +365,7 @@ class Engine:
 
     def _finish_locked(self, req: Request, reason: FinishReason, error: str | None = None) -> None:
         self.batcher.finish(req, reason)
-        self._abort_requested.discard(req.request_id)
+        self._abort_requested.pop(req.request_id, None)
         # tokens held back by the stream interval go out with the final event
         self._emit(req, tuple(req.output[req.num_streamed:]), reason, error=error)
         self._listeners.pop(req.request_id, None)

@@ -27,7 +27,7 @@ from services.attention.batching import QueueFull
 from services.attention.engine import Engine, Listener, TokenEvent
 from services.attention.metrics import AttentionMetrics
 from services.common import tracing
-from services.core.request import sampling_from_proto
+from services.core.request import FinishReason, sampling_from_proto
 from services.errors import UserError
 
 
@@ -38,6 +38,12 @@ def admit(engine: Engine, req: attention_pb2.GenerateRequest, listener: Listener
     engine.submit(req.request_id, list(req.prompt_token_ids), sampling_from_proto(req.sampling),
                   listener, list(req.output_token_ids),
                   tracing.span_ids(meter.span) if meter.span else None)
+
+
+def abort_reason(req: attention_pb2.AbortRequest) -> FinishReason:
+    """What an abort counts as: STOP when the client says it matched a stop string."""
+    return (FinishReason.STOP if FinishReason.from_proto(req.reason) is FinishReason.STOP
+            else FinishReason.ABORT)
 
 
 def event_to_proto(ev: TokenEvent) -> attention_pb2.GenerateEvent:
@@ -184,7 +190,7 @@ class StreamCall:
                 if kind == "submit":
                     self.submit(msg.submit)
                 elif kind == "abort" and msg.abort.request_id in self.live:
-                    self.engine.abort(msg.abort.request_id)
+                    self.engine.abort(msg.abort.request_id, abort_reason(msg.abort))
         except Exception as exc:  # noqa: BLE001 - the call fails with it (run raises it)
             self.read_error = exc
         finally:

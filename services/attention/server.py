@@ -29,6 +29,7 @@ from services.attention.requests import (
     EventRelay,
     RequestMeter,
     StreamCall,
+    abort_reason,
     admit,
     arrival_from_unix_ns,
     event_to_proto,
@@ -103,7 +104,8 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
     async def Abort(self, request: attention_pb2.AbortRequest, context: grpc.aio.ServicerContext
                     ) -> attention_pb2.AbortResponse:
         """Cancel a request; found=False when unknown or already finished."""
-        return attention_pb2.AbortResponse(found=self.engine.abort(request.request_id))
+        return attention_pb2.AbortResponse(found=self.engine.abort(request.request_id,
+                                                                   abort_reason(request)))
 
     async def GetLoad(self, request: attention_pb2.GetLoadRequest,
                       context: grpc.aio.ServicerContext) -> common_pb2.LoadReport:

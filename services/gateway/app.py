@@ -1,8 +1,9 @@
 """The OpenAI-compatible REST app (FastAPI), docs/ARCHITECTURE.md §3 steps 1 and 9.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``: SSE
-``data: {...}\\n\\n`` ... ``data: [DONE]\\n\\n``), ``GET /v1/models``, ``GET /health``,
-``GET /metrics`` (Prometheus text).
+``data: {...}\\n\\n`` ... ``data: [DONE]\\n\\n``), ``GET /v1/models`` and
+``/v1/models/{id}``, ``POST /tokenize`` and ``/detokenize`` (vLLM's), ``GET /version``,
+``GET /health``, ``GET /metrics`` (Prometheus text).
 
 Errors are always ``{"error": {"message", "type", "param", "code"}}``: bad input 400 (never
 422), bad API key 401, unknown model or route 404, body over ``max_body_bytes`` 413, replicas
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.metadata
 import json
 import logging
 import time
@@ -38,20 +40,29 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import (
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     chunk,
     completion_response,
+    detokenize,
     parse,
     to_gen_request,
+    tokenize,
     usage_chunk,
 )
 from services.gateway.text import ModelText
 
 log = logging.getLogger("megascale.gateway")
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
 ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
+                       "/version", "/tokenize", "/detokenize",
                        "/metrics"})
 DISCONNECT_POLL_S = 0.25
+try:
+    VERSION = importlib.metadata.version("megascale-infer")
+except importlib.metadata.PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+    VERSION = "unknown"
 
 
 def error_response(err: GatewayError) -> JSONResponse:
@@ -202,11 +213,33 @@ def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
+    model_card = {"id": card.id, "object": "model", "created": int(card.created_unix_s),
+                  "owned_by": "megascale", "root": card.id, "max_model_len": card.max_model_len}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": card.id, "object": "model", "created": int(card.created_unix_s),
-            "owned_by": "megascale", "root": card.id, "max_model_len": card.max_model_len}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != card.id:
+            raise GatewayError(404, f"the model {model_id!r} does not exist; this server "
+                               f"serves {card.id!r}", param="model", code="model_not_found")
+        return model_card
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": VERSION}
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> dict[str, Any]:
+        req = parse(TokenizeRequest, await read_json(request, max_body_bytes))
+        return await asyncio.to_thread(tokenize, req, text)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> dict[str, Any]:
+        req = parse(DetokenizeRequest, await read_json(request, max_body_bytes))
+        return await asyncio.to_thread(detokenize, req, text)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

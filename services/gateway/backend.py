@@ -63,6 +63,9 @@ class GenRequest:
     arrival_mono: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() deadline; None = the config's timeout
     trace_headers: list[tuple[str, str]] = field(default_factory=list)  # W3C context
+    # Why the gateway ends it before the replica does, if it does: STOP once it matched a
+    # stop string (set by Generation.run; the replica counts the abort as that).
+    ended_as: FinishReason = FinishReason.ABORT
 
 
 @dataclass
@@ -290,7 +293,7 @@ class Backend:
                     break
             finally:
                 if not finished:  # deadline, or the caller stopped reading: abort downstream
-                    stream.abort(rid)
+                    stream.abort(rid, req.ended_as)
                 self.picker.finished(replica, failed)
             exclude.append(replica.node_id)
             reason = "resume" if output else "failover"

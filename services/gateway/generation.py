@@ -111,7 +111,8 @@ class Generation:
                 kind=SpanKind.SERVER, attributes={"megascale.request_id": req.request_id,
                                                   "megascale.prompt_tokens": prompt_tokens})
             downstream = tracing.inject_headers(trace.set_span_in_context(span))
-        events = self.backend.stream(dataclasses.replace(req, trace_headers=downstream))
+        down = dataclasses.replace(req, trace_headers=downstream)
+        events = self.backend.stream(down)
         try:
             async for ev in events:
                 held.extend(ev.token_ids)
@@ -122,6 +123,7 @@ class Generation:
                 self.metrics.generation_tokens.inc(len(ev.token_ids))
                 piece = stream.push(ev.token_ids)
                 if stream.stopped:
+                    down.ended_as = FinishReason.STOP  # the abort that follows is a stop
                     yield self._last(req, piece, held, FinishReason.STOP, prompt_tokens,
                                      completion)
                     return

@@ -1,9 +1,11 @@
 """The OpenAI wire format: request models, their validation, and response/chunk builders.
 
 Requests are parsed with pydantic in *strict* mode (``"5"`` is not an int, ``1`` is not a
-bool), so a wrong type is a 400 naming the field, never a silent coercion. Unknown fields are
-ignored, as OpenAI's own server does; known-but-unsupported ones (``n > 1``, ``logprobs``,
-``echo``, ``best_of > 1``, penalties, tools) are refused with a 400 that says so.
+bool), so a wrong type is a 400 naming the field, never a silent coercion. Every field is
+either honoured or refused: an unknown field (``response_format``, ``min_p``, ...) is a 400
+naming it, and so are known-but-unsupported values (``n > 1``, ``logprobs``, ``echo``,
+``best_of > 1``, penalties, tools, non-text content parts). ``user`` is accepted: it only
+labels the request, as at OpenAI.
 
 Extension fields (vLLM spelling): ``top_k``, ``ignore_eos``, ``stop_token_ids``, ``min_tokens``, and
 ``return_token_ids`` (adds ``prompt_token_ids`` and each choice's ``token_ids``).
@@ -23,7 +25,7 @@ from services.gateway.text import ModelText
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class StreamOptions(_Strict):
@@ -48,6 +50,7 @@ class _Common(_Strict):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, Any] | None = None
+    user: str | None = None  # an end-user label; nothing depends on it
 
 
 class CompletionRequest(_Common):
@@ -59,13 +62,14 @@ class CompletionRequest(_Common):
 
 
 class ContentPart(_Strict):
-    type: str
-    text: str | None = None
+    type: Literal["text"]  # images and audio are not supported: a 400, never dropped
+    text: str
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[ContentPart] | None = None
+    name: str | None = None  # a participant's name, handed to the chat template
 
 
 class ChatRequest(_Common):
@@ -76,7 +80,23 @@ class ChatRequest(_Common):
     tools: list[Any] | None = None
 
 
-def parse(model: type[_Common], obj: Any) -> Any:
+class TokenizeRequest(_Strict):
+    """vLLM's ``POST /tokenize``: ``prompt`` (raw text) or ``messages`` (the chat template)."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = True
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's ``POST /detokenize``."""
+
+    model: str
+    tokens: list[int]
+
+
+def parse(model: type[_Strict], obj: Any) -> Any:
     """Validate a decoded JSON body; the first problem becomes a 400 naming its field."""
     try:
         return model.model_validate(obj)
@@ -84,7 +104,9 @@ def parse(model: type[_Common], obj: Any) -> Any:
         err = exc.errors()[0]
         loc = [str(p) for p in err["loc"] if not _is_union_tag(p)]
         where = ".".join(loc) or "body"
-        raise bad_request(f"{where}: {err['msg']}", loc[0] if loc else None) from None
+        msg = ("this field is not supported by this server" if err["type"] == "extra_forbidden"
+               else err["msg"])
+        raise bad_request(f"{where}: {msg}", loc[0] if loc else None) from None
 
 
 def _is_union_tag(p: Any) -> bool:
@@ -116,7 +138,7 @@ def _unsupported(req: _Common) -> None:
             raise bad_request("tools are not supported", "tools")
 
 
-def check_model(req: _Common, text: ModelText) -> None:
+def check_model(req: _Strict, text: ModelText) -> None:
     if req.model != text.card.id:
         raise GatewayError(404, f"the model {req.model!r} does not exist; this server serves "
                            f"{text.card.id!r}", param="model", code="model_not_found")
@@ -137,13 +159,39 @@ def to_gen_request(req: _Common, text: ModelText, request_id: str) -> GenRequest
     if isinstance(req, CompletionRequest):
         prompt_ids, param = _completion_prompt(req.prompt, text), "prompt"
     else:
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        for m in messages:
-            m.setdefault("content", "")
-        prompt_ids, param = text.encode_chat(messages), "messages"
+        prompt_ids, param = text.encode_chat(_messages(req.messages)), "messages"
     gen = GenRequest(prompt_ids, sampling, stop, request_id=request_id)
     check_request(text, prompt_ids, sampling, stop, param)
     return gen
+
+
+def tokenize(req: TokenizeRequest, text: ModelText) -> dict[str, Any]:
+    """``/tokenize``: the ids a request with this prompt or these messages would carry."""
+    check_model(req, text)
+    if (req.prompt is None) == (req.messages is None):
+        raise bad_request("give exactly one of prompt and messages", "prompt")
+    if req.messages is not None:
+        ids = text.encode_chat(_messages(req.messages))
+    else:
+        text.check_text_length([req.prompt], "prompt")
+        ids = list(text.tokenizer.encode(req.prompt,
+                                         add_special_tokens=bool(req.add_special_tokens)))
+    return {"count": len(ids), "max_model_len": text.card.max_model_len, "tokens": ids}
+
+
+def detokenize(req: DetokenizeRequest, text: ModelText) -> dict[str, Any]:
+    """``/detokenize``: the text of ``tokens`` (special tokens skipped, as in completions)."""
+    check_model(req, text)
+    text.check_ids(req.tokens, "tokens")
+    return {"prompt": text.decode(req.tokens)}
+
+
+def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Chat messages as the chat template takes them (content "" when absent)."""
+    out = [m.model_dump(exclude_none=True) for m in messages]
+    for m in out:
+        m.setdefault("content", "")
+    return out
 
 
 def _completion_prompt(prompt: Any, text: ModelText) -> list[int]:

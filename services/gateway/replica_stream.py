@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from megascale.v1 import attention_pb2, attention_pb2_grpc
+from services.core.request import FinishReason
 
 log = logging.getLogger("megascale.gateway")
 
@@ -79,20 +80,22 @@ class ReplicaStream:
                                                  f"cannot send on the stream: {exc}"))
         return events
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request the caller no longer waits for (sent in the background)."""
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
+        """Stop a request the caller no longer waits for (sent in the background); ``reason``
+        is what the replica counts it as."""
         c = self._current
         if c is None or c.dead or c.subs.pop(request_id, None) is None:
             return  # finished, or its call broke (the replica aborts the call's requests)
-        task = asyncio.create_task(self._send_abort(c, request_id))
+        task = asyncio.create_task(self._send_abort(c, request_id, reason))
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
 
-    async def _send_abort(self, c: _Call, request_id: str) -> None:
+    async def _send_abort(self, c: _Call, request_id: str, reason: FinishReason) -> None:
         try:
             async with self._write:
                 await c.call.write(attention_pb2.GenerateStreamRequest(
-                    abort=attention_pb2.AbortRequest(request_id=request_id)))
+                    abort=attention_pb2.AbortRequest(request_id=request_id,
+                                                     reason=reason.proto)))
         except Exception as exc:  # noqa: BLE001 - the call broke: the replica aborted it
             log.debug("abort of %s not sent: %s", request_id, exc)
 

@@ -57,6 +57,16 @@ CASES = [  # (path, body, status, param)
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": -1}, 400,
      "max_completion_tokens"),
     ("/v1/chat/completions", {**CHAT, "model": "nope"}, 404, "model"),
+    # every field is honoured or refused: never silently ignored
+    pytest.param("/v1/completions", {**GOOD, "response_format": {"type": "json_object"}}, 400,
+                 "response_format", id="unsupported-response-format"),
+    pytest.param("/v1/chat/completions", {**CHAT, "min_p": 0.1}, 400, "min_p",
+                 id="unsupported-min-p"),
+    pytest.param("/v1/completions", {**GOOD, "stream_options": {"continuous_usage_stats": True}},
+                 400, "stream_options", id="unsupported-stream-option"),
+    pytest.param("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages",
+                 id="image-part"),
     # past Python's int-to-str digit limit: json.loads raises ValueError, not a decode error
     pytest.param("/v1/completions", b'{"model": "mixtral-gw", "prompt": "x", "max_tokens": 1'
                  + b"9" * 5000 + b"}", 400, None, id="5000-digit-int"),

@@ -5,12 +5,14 @@ stop strings, concurrency, the gRPC front door and /metrics."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import httpx
 import openai
 import pytest
 import torch
+from metrics_helpers import scrape_metrics
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,7 +123,21 @@ def test_seed_makes_sampling_reproducible(client):
     assert any(o.choices[0].text != a.choices[0].text for o in others)
 
 
-def test_stop_string_truncates_and_finishes_with_stop(client, hf):
+def _finishes(stack) -> dict[str, float]:
+    """megascale:request_success_total by reason, summed over the replicas."""
+    out: dict[str, float] = {}
+    for a in stack.mesh.attention:
+        for key, value in scrape_metrics(a.info["metrics_port"]).items():
+            if key.startswith("megascale:request_success_total{"):
+                reason = key.split('reason="', 1)[1].split('"', 1)[0]
+                out[reason] = out.get(reason, 0) + value
+    return out
+
+
+def test_stop_string_truncates_and_finishes_with_stop(stack, client, hf):
+    """The gateway matches stop strings and ends the request on the replica, which counts
+    it as a stop (the abort carries the reason), not as an abort."""
+    before = _finishes(stack)
     tok, _ = hf
     want, _ = hf_greedy(hf, tok.encode(PROMPTS[1]), 16)
     visible = want.replace("\ufffd", "")
@@ -129,7 +145,8 @@ def test_stop_string_truncates_and_finishes_with_stop(client, hf):
     stop = want[want.index(visible[3]):][:2]
     expected = want[: want.find(stop)]
     for stream in (False, True):
-        r = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=16,
+        # max_tokens well past the stop: the replica is still generating when it is ended
+        r = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=200,
                                       temperature=0, stop=[stop, "zzzz-never"], stream=stream)
         if stream:
             chunks = list(r)
@@ -138,6 +155,11 @@ def test_stop_string_truncates_and_finishes_with_stop(client, hf):
         else:
             text, reason = r.choices[0].text, r.choices[0].finish_reason
         assert (text, reason) == (expected, "stop")
+    deadline = time.monotonic() + 10  # the replica finishes them at its next step boundary
+    while _finishes(stack).get("stop", 0) < before.get("stop", 0) + 2:
+        assert time.monotonic() < deadline, (before, _finishes(stack))
+        time.sleep(0.05)
+    assert _finishes(stack).get("abort", 0) == before.get("abort", 0)
 
 
 def test_twenty_concurrent_streams_complete(stack, client):
@@ -246,3 +268,43 @@ def test_metrics_parse_and_move(stack, client):
     assert after[ttft] >= before.get(ttft, 0) + 1
     assert after[e2e] >= before.get(e2e, 0) + 1
     assert after[("megascale:gateway_requests_in_flight", ())] == 0
+
+
+def test_openai_fields_that_only_label_are_accepted(client):
+    """``user`` and a message's ``name`` change nothing about generation: accepted (the
+    unknown and unsupported fields are 400s, test_gateway_errors.py)."""
+    r = client.chat.completions.create(
+        model=MODEL_NAME, user="user-42", max_tokens=2, temperature=0,
+        messages=[{"role": "user", "content": "Hi", "name": "bob"}])
+    assert r.choices[0].finish_reason in ("stop", "length")
+    r = client.chat.completions.create(  # text content parts are honoured
+        model=MODEL_NAME, max_tokens=2, temperature=0,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_tokenize_detokenize_version_and_one_model(stack, client, hf):
+    """vLLM's /tokenize and /detokenize agree with the checkpoint's tokenizer; /version and
+    GET /v1/models/{id} answer as vLLM's do (the official client's models.retrieve)."""
+    tok, _ = hf
+    url = stack.http
+    r = httpx.post(url + "/tokenize", json={"model": MODEL_NAME, "prompt": PROMPTS[0]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tok.encode(PROMPTS[0]) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 256
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = httpx.post(url + "/tokenize", json={"model": MODEL_NAME, "messages": messages}).json()
+    assert chat["tokens"] == tok.encode(tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    back = httpx.post(url + "/detokenize", json={"model": MODEL_NAME, "tokens": body["tokens"]})
+    assert back.json()["prompt"] == tok.decode(body["tokens"], skip_special_tokens=True)
+    for bad in ({"model": MODEL_NAME}, {"model": MODEL_NAME, "prompt": "x", "messages": messages},
+                {"model": MODEL_NAME, "prompt": "x", "extra": 1}):
+        assert httpx.post(url + "/tokenize", json=bad).status_code == 400
+    assert httpx.post(url + "/detokenize", json={"model": MODEL_NAME,
+                                                 "tokens": [10**6]}).status_code == 400
+    assert httpx.get(url + "/version").json()["version"]
+    assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")

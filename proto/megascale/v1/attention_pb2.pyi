@@ -74,10 +74,12 @@ class StreamEvent(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., event: _Optional[_Union[GenerateEvent, _Mapping]] = ..., rejected_code: _Optional[int] = ..., rejected_message: _Optional[str] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
-    __slots__ = ("request_id",)
+    __slots__ = ("request_id", "reason")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+    reason: _common_pb2.FinishReason
+    def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ...) -> None: ...
 
 class AbortResponse(_message.Message):
     __slots__ = ("found",)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 from services.core.runtime import COMPUTE_DTYPES
+from services.errors import ConfigError
 
 
 def env_value(flag: str, default: Any = None) -> Any:
@@ -54,6 +56,23 @@ def add_compute_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--device", default="cpu", help="cpu | cuda[:N] | auto")
     add_flag(p, "--dtype", default="float32", choices=COMPUTE_DTYPES,
              help="compute dtype; activations travel between roles in it")
+
+
+def secret_from(value: str | None, path: str | None, flag: str) -> str | None:
+    """A secret given directly (``--X``, better as ``MEGASCALE_X`` in the environment: argv is
+    visible in ``ps``) or in a file (``--X-file``); ConfigError when both are given or the
+    file cannot be read."""
+    if value and path:
+        raise ConfigError(f"give {flag} or {flag}-file, not both")
+    if not path:
+        return value or None
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{flag}-file {path}: {exc}") from None
+    if not secret:
+        raise ConfigError(f"{flag}-file {path} is empty")
+    return secret
 
 
 def threads_from(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from services.common.flags import add_flag, add_server_flags
+from services.common.flags import add_flag, add_server_flags, secret_from
 from services.gateway.config import GatewayConfig
 from services.gateway.server import serve
 
@@ -24,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--scheduler", default=None,
              help="scheduler gRPC address: ask it PickReplica for every request")
     add_flag(p, "--api-key", default=None,
-             help="require 'Authorization: Bearer KEY' (env MEGASCALE_API_KEY)")
+             help="require 'Authorization: Bearer KEY'; better given as MEGASCALE_API_KEY "
+                  "or --api-key-file (argv is visible in ps)")
+    add_flag(p, "--api-key-file", default=None, help="file holding the API key")
     add_flag(p, "--max-body-bytes", type=int, default=4 << 20,
              help="largest request body accepted (413 beyond)")
     add_flag(p, "--max-model-len", type=int, default=0,
@@ -41,6 +43,7 @@ def build(args: argparse.Namespace) -> GatewayConfig:
         host=args.host, http_port=args.port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, node_id=args.node_id or f"gateway-{os.getpid()}",
         attention=tuple(a.strip() for a in (args.attention or "").split(",") if a.strip()),
-        scheduler=args.scheduler or None, api_key=args.api_key or None,
+        scheduler=args.scheduler or None,
+        api_key=secret_from(args.api_key, args.api_key_file, "--api-key"),
         max_body_bytes=args.max_body_bytes, max_model_len=args.max_model_len,
         request_timeout_s=args.request_timeout, max_attempts=args.max_attempts)

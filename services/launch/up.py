@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from services.common.flags import add_flag
+from services.common.flags import add_flag, secret_from
 from services.core.runtime import COMPUTE_DTYPES, pick_device
 from services.errors import UserError
 from services.launch.procs import RoleProcess, partition_experts, spawn_role
@@ -56,7 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(p, "--transport", default="tcp", choices=["tcp", "shm"],
              help="libm2n transport between attention and experts")
     add_flag(p, "--workdir", default=None, help="logs and ready files (default: a temp dir)")
-    add_flag(p, "--api-key", default=None, help="require this bearer key at the gateway")
+    add_flag(p, "--api-key", default=None,
+             help="require this bearer key at the gateway; better given as MEGASCALE_API_KEY "
+                  "or --api-key-file (argv is visible in ps)")
+    add_flag(p, "--api-key-file", default=None, help="file holding the gateway's API key")
     add_flag(p, "--quiet", action="store_true", help="do not stream the children's logs")
     add_flag(p, "--device", default="auto",
              help="cpu | cuda[:N] | auto (cuda when a GPU is visible): every compute role")
@@ -89,13 +92,7 @@ class Mesh:
         self.quiet = quiet
         # One secret per launch, in a file only this user can read: every internal gRPC call
         # and libm2n link of the mesh must present it (services/common/auth.py).
-        token_file = workdir / "cluster.token"
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, secrets.token_hex(32).encode())
-        finally:
-            os.close(fd)
+        token_file = _secret_file(workdir / "cluster.token", secrets.token_hex(32))
         self.env = {"MEGASCALE_CLUSTER_TOKEN_FILE": str(token_file)}
         self.children: list[RoleProcess] = []
         self._specs: dict[str, tuple[str, list[str]]] = {}  # name -> (role, args) as started
@@ -196,6 +193,32 @@ class Mesh:
             t.join(timeout=1)
 
 
+def _secret_file(path: Path, secret: str) -> Path:
+    """Write ``secret`` to ``path``, readable by this user only (mode 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, secret.encode())
+    finally:
+        os.close(fd)
+    return path
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A one-line UserError now, before anything starts, when ``host:port`` is taken."""
+    import socket
+
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); "
+                            "pick another port or stop what holds it") from None
+
+
 def _pinned(args: list[str], info: dict) -> list[str]:
     """``args`` with the ports a role bound last time (its ready file) instead of 0, so that
     a restarted role keeps its addresses."""
@@ -255,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
     if args.attention < 1:
         raise UserError(f"--attention must be >= 1, got {args.attention}")
     replicate = [int(x) for x in args.replicate.split(",") if x.strip()]
+    api_key = secret_from(args.api_key, args.api_key_file, "--api-key")
+    _check_port_free(args.host, args.port)
     attention_devices = _devices(args.attention_devices, args.device)
     expert_devices = _devices(args.expert_devices, args.device)
     dtype = args.dtype
@@ -304,12 +329,12 @@ def run(args: argparse.Namespace) -> int:
         if args.served_model_name:
             gw_args += ["--served-model-name", args.served_model_name]
         gw_args += context
-        if args.api_key:
-            gw_args += ["--api-key", args.api_key]
+        if api_key:  # through a file only the launch can read, never argv
+            gw_args += ["--api-key-file", str(_secret_file(workdir / "api.key", api_key))]
         gateway = mesh.start_role("gateway", gw_args, "gateway")
         http = gateway.info["http"]
         name = gateway.info.get("model", model.name)
-        auth = f"    -H 'Authorization: Bearer {args.api_key}' \\\n" if args.api_key else ""
+        auth = f"    -H 'Authorization: Bearer {api_key}' \\\n" if api_key else ""
         print(f"\nmegascale is up: {http}/v1  (model {name!r}; logs in {workdir})\n"
               f"  curl {http}/v1/completions -H 'Content-Type: application/json' \\\n"
               f"{auth}"

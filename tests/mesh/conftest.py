@@ -22,12 +22,14 @@ MODEL_SHAPE = dict(layers=2, hidden=64, intermediate=96, experts=8, top_k=2, hea
                    kv_heads=2, vocab=512, max_position=256, seed=21)
 SERVED_NAME = "mixtral-served"
 MAX_MODEL_LEN = 128  # below the checkpoint's 256: the launcher must pass it on
+API_KEY = "sk-mesh-test-key"  # given as a file, so it shows in no process's argv
 
 
 @dataclass
 class Up:
     proc: subprocess.Popen
     base_url: str          # http://127.0.0.1:PORT/v1
+    api_key: str
     model: str             # --served-model-name
     max_model_len: int     # --max-model-len
     model_dir: Path
@@ -47,12 +49,14 @@ def up(tmp_path_factory: pytest.TempPathFactory):
     env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
            "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_BSP_SCHEDULE_DELAY": "200"}
     workdir = root / "work"
+    key_file = root / "api.key"
+    key_file.write_text(API_KEY + "\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "up", "--model", str(model_dir), "--port", "0",
          "--attention", "2", "--experts", "2", "--micro-batches", "2", "--workdir",
          str(workdir), "--quiet", "--device", "auto", "--dtype", "auto",
          "--served-model-name", SERVED_NAME, "--max-model-len", str(MAX_MODEL_LEN),
-         "--max-batch-tokens", "256"],
+         "--max-batch-tokens", "256", "--api-key-file", str(key_file)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
         text=True)
     url = None
@@ -68,7 +72,7 @@ def up(tmp_path_factory: pytest.TempPathFactory):
         proc.kill()
         otlp.stop()
         pytest.fail("megascale up did not come up:\n" + "".join(lines[-40:]))
-    handle = Up(proc, url, SERVED_NAME, MAX_MODEL_LEN, model_dir, workdir, otlp)
+    handle = Up(proc, url, API_KEY, SERVED_NAME, MAX_MODEL_LEN, model_dir, workdir, otlp)
     yield handle
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

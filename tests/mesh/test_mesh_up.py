@@ -23,7 +23,7 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def client(up):
-    return openai.OpenAI(base_url=up.base_url, api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=up.base_url, api_key=up.api_key, max_retries=0, timeout=120)
 
 
 def counters(url: str) -> dict[str, float]:
@@ -52,6 +52,11 @@ def test_launcher_flags_reach_every_role(up, client):
     for name in ("expert-0", "expert-1", "attention-0", "attention-1"):
         assert (ready[name]["device"], ready[name]["dtype"]) == ("cpu", "float32"), name
     assert [m.id for m in client.models.list().data] == [up.model] != [up.model_dir.name]
+    # the API key reached the gateway through a file: no process shows it in its argv
+    assert httpx.get(f"{up.base_url}/models").status_code == 401
+    for info in ready.values():
+        argv = Path(f"/proc/{info['pid']}/cmdline").read_bytes()
+        assert up.api_key.encode() not in argv
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=up.model, prompt=[5] * 100, max_tokens=up.max_model_len)
     assert str(up.max_model_len) in str(info.value)
@@ -115,7 +120,8 @@ def test_one_trace_spans_gateway_attention_and_expert(up):
     trace_id = secrets.token_hex(16)
     r = httpx.post(f"{up.base_url}/completions", timeout=120, json={
         "model": up.model, "prompt": "trace me", "max_tokens": 4, "temperature": 0},
-        headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+        headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01",
+                 "Authorization": f"Bearer {up.api_key}"})
     assert r.status_code == 200
     deadline = time.monotonic() + 30
     want = {"megascale-gateway", "megascale-attention", "megascale-expert"}

@@ -219,6 +219,17 @@ def _check_port_free(host: str, port: int) -> None:
                             "pick another port or stop what holds it") from None
 
 
+def metrics_addresses(children: list[RoleProcess], host: str) -> str:
+    """``name=http://HOST:PORT/metrics`` for every child that serves metrics, one line."""
+    out = []
+    for c in children:
+        port = c.info.get("metrics_port")
+        if port:
+            where = host if c.name == "gateway" else "127.0.0.1"
+            out.append(f"{c.name}=http://{where}:{port}/metrics")
+    return " ".join(out)
+
+
 def _pinned(args: list[str], info: dict) -> list[str]:
     """``args`` with the ports a role bound last time (its ready file) instead of 0, so that
     a restarted role keeps its addresses."""
@@ -339,6 +350,7 @@ def run(args: argparse.Namespace) -> int:
               f"  curl {http}/v1/completions -H 'Content-Type: application/json' \\\n"
               f"{auth}"
               f"    -d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
+              f"Prometheus metrics: {metrics_addresses(mesh.children, args.host)}\n"
               "Ctrl-C stops everything.\n", flush=True)
         while not stopping.is_set():
             mesh.supervise()

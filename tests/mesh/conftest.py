@@ -35,6 +35,7 @@ class Up:
     model_dir: Path
     workdir: Path
     otlp: OtlpReceiver
+    banner: str            # what the launcher printed up to "Ctrl-C stops everything"
 
     def ready(self) -> dict[str, dict]:
         return {p.name.removesuffix(".ready.json"): json.loads(p.read_text())
@@ -67,12 +68,14 @@ def up(tmp_path_factory: pytest.TempPathFactory):
         lines.append(line)
         if m := re.search(r"megascale is up: (http://\S+/v1)", line):
             url = m.group(1)
+        if url and "Ctrl-C stops everything" in line:  # the end of the banner
             break
     if url is None:
         proc.kill()
         otlp.stop()
         pytest.fail("megascale up did not come up:\n" + "".join(lines[-40:]))
-    handle = Up(proc, url, API_KEY, SERVED_NAME, MAX_MODEL_LEN, model_dir, workdir, otlp)
+    handle = Up(proc, url, API_KEY, SERVED_NAME, MAX_MODEL_LEN, model_dir, workdir, otlp,
+                "".join(lines))
     yield handle
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

@@ -52,6 +52,9 @@ def test_launcher_flags_reach_every_role(up, client):
     for name in ("expert-0", "expert-1", "attention-0", "attention-1"):
         assert (ready[name]["device"], ready[name]["dtype"]) == ("cpu", "float32"), name
     assert [m.id for m in client.models.list().data] == [up.model] != [up.model_dir.name]
+    for name in ("scheduler", "expert-0", "expert-1", "attention-0", "attention-1", "gateway"):
+        port = ready[name]["metrics_port"]
+        assert f"{name}=http://127.0.0.1:{port}/metrics" in up.banner, up.banner
     # the API key reached the gateway through a file: no process shows it in its argv
     assert httpx.get(f"{up.base_url}/models").status_code == 401
     for info in ready.values():

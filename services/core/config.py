@@ -57,6 +57,9 @@ class ModelConfig:
     sparse_layers: tuple[bool, ...]
     norm_topk_prob: bool
     qk_norm: bool
+    # Gate weights kept in float32 after the router (Mixtral in transformers) instead of
+    # rounded to the compute dtype (Qwen3-MoE): it changes bf16 results by an ulp.
+    router_weights_float32: bool
     rms_norm_eps: float
     rope_theta: float
     max_position_embeddings: int
@@ -199,6 +202,7 @@ class ModelConfig:
             sparse_layers=sparse,
             norm_topk_prob=norm_topk,
             qk_norm=qk_norm,
+            router_weights_float32=family == "mixtral",
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             max_position_embeddings=req("max_position_embeddings"),

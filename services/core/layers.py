@@ -90,17 +90,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out.transpose(1, 2).reshape(B * qmax, NH * D).index_select(0, meta.q_gather)
 
 
-def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renormalize: bool
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renormalize: bool,
+          keep_float32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax (float32) over experts -> top-k -> optional renormalisation.
 
-    x [T, H], router_weight [E, H] -> (topk_ids [T, K] int64, topk_weights [T, K] x.dtype).
+    x [T, H], router_weight [E, H] -> (topk_ids [T, K] int64, topk_weights [T, K]: float32
+    when ``keep_float32``, else rounded to x.dtype, as the family does in transformers).
     """
     probs = torch.softmax(F.linear(x, router_weight).float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return ids, weights.to(x.dtype)
+    return ids, weights if keep_float32 else weights.to(x.dtype)
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -178,7 +179,9 @@ def _grouped_ffn_gmm(rows: torch.Tensor, local_ids: torch.Tensor, weights: torch
     offs = counts.cumsum(0, dtype=torch.int32)  # group end offsets, stay on the device
     gate, up = mm(x, gate_up_t, offs).chunk(2, dim=-1)
     y = mm(F.silu(gate) * up, down_t, offs)  # rows past offs[-1]: garbage (torch) or 0
-    y = y * weights.reshape(-1).index_select(0, order).to(rows.dtype)[:, None]
+    # weights in float32 or the compute dtype (route): the product is rounded once, to rows'
+    # dtype, before the sum over k, as transformers does
+    y = (y * weights.reshape(-1).index_select(0, order)[:, None]).to(rows.dtype)
     if masked:  # where, not a multiply by 0: the garbage rows may hold NaN/inf
         y = torch.where((key.index_select(0, order) < n)[:, None], y, 0)
     return torch.zeros_like(rows).index_add_(0, token, y)
@@ -197,7 +200,7 @@ def _grouped_ffn_loop(rows: torch.Tensor, local_ids: torch.Tensor, weights: torc
     sel, ids = sel[order], ids[order]
     token = sel // K
     x = rows.index_select(0, token)
-    w = weights.reshape(-1)[sel].to(rows.dtype)
+    w = weights.reshape(-1)[sel]
     n = gate_up_t.shape[0]
     counts_t = torch.bincount(ids, minlength=n)
     counts = counts_t.tolist()  # one host sync per layer
@@ -220,4 +223,4 @@ def _grouped_ffn_loop(rows: torch.Tensor, local_ids: torch.Tensor, weights: torc
                 outs.append((F.silu(gate) * up) @ down_t[e])
                 start += c
         y = torch.cat(outs)
-    return out.index_add_(0, token, y * w[:, None])
+    return out.index_add_(0, token, (y * w[:, None]).to(rows.dtype))

@@ -144,7 +144,8 @@ class AttentionSide:
             empty = torch.empty(T, 0, dtype=torch.int64, device=hidden.device)
             return MoEInput(layer, residual, normed, empty, empty.to(hidden.dtype), routed=False,
                             dense_out=L.swiglu(normed, lw.dense_gate_up, lw.dense_down))
-        ids, weights = L.route(normed, lw.router, cfg.top_k, cfg.norm_topk_prob)
+        ids, weights = L.route(normed, lw.router, cfg.top_k, cfg.norm_topk_prob,
+                               cfg.router_weights_float32)
         return MoEInput(layer, residual, normed, ids, weights, routed=True)
 
     def finish_layer(self, moe_input: MoEInput, expert_out: torch.Tensor | None) -> torch.Tensor:

@@ -192,11 +192,11 @@ class ExpertWorker:
                 for m in msgs_here:
                     m.release()
             span = _compute_span(layer, headers, rows.shape[0]) if tracing.enabled() else None
-            # Rows travel in the compute dtype and gate weights as float32 (moe_wire), which
-            # holds a bf16/fp16 router's weights exactly: the cast gives back its very values.
+            # Rows travel in the compute dtype and gate weights as float32 (moe_wire): the
+            # router's very values, whether it kept them in float32 or rounded them.
             try:
                 t0 = time.perf_counter()
-                out = self.experts.forward(layer, rows, ids, weights.to(rows.dtype))
+                out = self.experts.forward(layer, rows, ids, weights)
                 # the reply leaves from host memory: this copy waits for the GPU's compute
                 out = out.cpu()
                 dt = time.perf_counter() - t0

@@ -158,6 +158,10 @@ class ExpertClient:
         self._down_at = {n: self._down_at.get(n, now) for n in down}
         self._routes = Routes(placement, self._down_indices(), self.device)
 
+    def routes_complete(self) -> bool:
+        """Every expert has a live replica (read from any thread: one attribute read)."""
+        return self._routes.complete
+
     def _down_indices(self) -> dict[int, str]:
         return {ni: self.down[n.node_id] for ni, n in enumerate(self.placement.nodes)
                 if n.node_id in self.down}

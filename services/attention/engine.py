@@ -197,6 +197,10 @@ class Engine:
         self.client.attached[node_id] = dispatch_url
         self.client.reattached.add(node_id)
 
+    def experts_complete(self) -> bool:
+        """Whether every expert has a live replica in the routing table in force."""
+        return self.client.routes_complete()
+
     def nodes_down(self) -> set[str]:
         """Expert nodes the replica routes around now (a copy: the engine thread writes it)."""
         return set(self.client.down)

@@ -124,4 +124,5 @@ class AttentionMetrics:
             tokens_per_s=tokens / span if span > 0 else 0.0,
             reported_at_unix_s=time.time(),
             # list(): one C-level copy under the GIL while the engine thread may mutate it
-            expert_nodes_down=sorted(list(engine.client.down)))
+            expert_nodes_down=sorted(list(engine.client.down)),
+            experts_complete=engine.experts_complete())

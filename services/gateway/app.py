@@ -54,9 +54,9 @@ from services.gateway.text import ModelText
 
 log = logging.getLogger("megascale.gateway")
 
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/version"})
 ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
-                       "/version", "/tokenize", "/detokenize",
+                       "/ready", "/version", "/tokenize", "/detokenize",
                        "/metrics"})
 DISCONNECT_POLL_S = 0.25
 try:
@@ -207,7 +207,17 @@ def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
 
     @app.get("/health")
     async def health() -> dict[str, str]:
+        """Liveness: this process serves HTTP (whatever the state of the mesh)."""
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> dict[str, str]:
+        """Readiness: a request sent now could be served (a replica answers and can reach
+        every expert); 503 with the reason otherwise."""
+        why = await generation.backend.unready()
+        if why is not None:
+            raise GatewayError(503, f"not ready: {why}")
+        return {"status": "ready"}
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import grpc
 
-from megascale.v1 import attention_pb2, scheduler_pb2, scheduler_pb2_grpc
+from megascale.v1 import attention_pb2, attention_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.common import auth
 from services.common.grpcserver import MAX_MESSAGE_BYTES
 from services.core.request import (
@@ -81,6 +81,7 @@ class ReplicaEvent:
 
 class ReplicaPicker(Protocol):
     async def pick(self, prompt_tokens: int, exclude: Sequence[str]) -> Replica: ...
+    def known(self) -> list[Replica]: ...
     def started(self, replica: Replica) -> None: ...
     def finished(self, replica: Replica, failed: bool) -> None: ...
     async def close(self) -> None: ...
@@ -94,6 +95,9 @@ class StaticPicker:
         self.in_flight = {r.node_id: 0 for r in self.replicas}
         self.failed_at: dict[str, float] = {}
         self._rr = itertools.count()
+
+    def known(self) -> list[Replica]:
+        return list(self.replicas)
 
     def learn(self, replica: Replica) -> None:
         """Add a replica (one the scheduler handed out); a known address is renamed."""
@@ -180,6 +184,9 @@ class SchedulerPicker:
         self.fallback.learn(replica)
         return replica
 
+    def known(self) -> list[Replica]:
+        return self.fallback.known()
+
     def started(self, replica: Replica) -> None:
         self.fallback.started(replica)
 
@@ -214,6 +221,30 @@ class Backend:
         if stream is None:
             stream = self._streams[address] = ReplicaStream(self._channel(address))
         return stream
+
+    async def unready(self, timeout_s: float = 1.0, max_checked: int = 4) -> str | None:
+        """None when some replica can serve a request now (it answers GetLoad within
+        ``timeout_s`` and every expert has a live replica in its routing table); else why
+        not, in one line (the gateway's ``/ready``)."""
+        candidates = self.picker.known()[:max_checked]
+        if not candidates:
+            try:
+                candidates = [await self.picker.pick(0, ())]
+            except GatewayError as exc:
+                return exc.message
+        why = []
+        for r in candidates:
+            stub = attention_pb2_grpc.AttentionStub(self._channel(r.address))
+            try:
+                load = await stub.GetLoad(attention_pb2.GetLoadRequest(), timeout=timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                why.append(f"replica {r.node_id}: {exc.code().name}")
+                continue
+            if load.experts_complete:
+                return None
+            why.append(f"replica {r.node_id}: some expert has no live replica (down: "
+                       f"{', '.join(load.expert_nodes_down) or 'none reported'})")
+        return "; ".join(why)
 
     async def close(self) -> None:
         for stream in self._streams.values():

@@ -141,3 +141,21 @@ def test_requests_go_on_while_the_scheduler_is_unreachable(stack, tmp_path, gate
         assert "unreachable" in log and "known replicas" in log
     finally:
         gw.stop()
+
+
+def test_ready_tells_whether_a_request_could_be_served(stack, tmp_path, gateway_factory):
+    """/health is liveness (the process serves); /ready is readiness: 200 when a replica
+    answers and reaches every expert, 503 with the reason when none does."""
+    import socket
+
+    assert httpx.get(stack.http + "/ready", timeout=10).json() == {"status": "ready"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    gw = gateway_factory(stack.model_dir, [dead], tmp_path, "gateway-dead-replica")
+    try:
+        assert httpx.get(gw.info["http"] + "/health", timeout=10).status_code == 200
+        r = httpx.get(gw.info["http"] + "/ready", timeout=10)
+        assert r.status_code == 503 and "UNAVAILABLE" in r.json()["error"]["message"]
+    finally:
+        gw.stop()

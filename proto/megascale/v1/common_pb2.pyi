@@ -95,7 +95,7 @@ class NodeInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[NodeRole, str]] = ..., grpc_address: _Optional[str] = ..., m2n_url: _Optional[str] = ..., model: _Optional[str] = ..., kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., started_at_unix_s: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("running", "waiting", "kv_usage", "free_kv_blocks", "step_time_ms", "attention_time_ms", "expert_wait_ms", "tokens_per_s", "expert_queue_rows", "reported_at_unix_s", "expert_nodes_down")
+    __slots__ = ("running", "waiting", "kv_usage", "free_kv_blocks", "step_time_ms", "attention_time_ms", "expert_wait_ms", "tokens_per_s", "expert_queue_rows", "reported_at_unix_s", "expert_nodes_down", "experts_complete")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class LoadReport(_message.Message):
     EXPERT_QUEUE_ROWS_FIELD_NUMBER: _ClassVar[int]
     REPORTED_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     EXPERT_NODES_DOWN_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_COMPLETE_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     kv_usage: float
@@ -118,7 +119,8 @@ class LoadReport(_message.Message):
     expert_queue_rows: int
     reported_at_unix_s: float
     expert_nodes_down: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., free_kv_blocks: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., attention_time_ms: _Optional[float] = ..., expert_wait_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., expert_queue_rows: _Optional[int] = ..., reported_at_unix_s: _Optional[float] = ..., expert_nodes_down: _Optional[_Iterable[str]] = ...) -> None: ...
+    experts_complete: bool
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., free_kv_blocks: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., attention_time_ms: _Optional[float] = ..., expert_wait_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., expert_queue_rows: _Optional[int] = ..., reported_at_unix_s: _Optional[float] = ..., expert_nodes_down: _Optional[_Iterable[str]] = ..., experts_complete: _Optional[bool] = ...) -> None: ...
 
 class ExpertHost(_message.Message):
     __slots__ = ("node_id", "m2n_url", "grpc_address", "started_at_unix_s")

@@ -194,9 +194,10 @@ def test_gateway_probes_ports_and_service(rendered: Rendered) -> None:
     container = main_container(wl)
     (_, ns, _), *_ = _pods(rendered, "gateway")
     assert ns.host == "0.0.0.0" and ns.port == 8000 and ns.model == "/model"
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe, path in (("startupProbe", "/health"), ("readinessProbe", "/ready"),
+                        ("livenessProbe", "/health")):
         get = container[probe]["httpGet"]
-        assert get["path"] == "/health" and resolve_port(container, get["port"]) == ns.port
+        assert get["path"] == path and resolve_port(container, get["port"]) == ns.port
     annotations = wl["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == ns.port  # /metrics on the HTTP port
     svc = rendered.get("Service", wl["metadata"]["name"])

@@ -27,7 +27,7 @@ from services.scheduler.balancer import AllFull, Balancer, NoReplica
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.controller import Controller
 from services.scheduler.metrics import ROLE_NAMES, SchedulerMetrics, role_name
-from services.scheduler.state import REDIS_ERRORS, AlreadyRegistered, RedisState
+from services.scheduler.state import REDIS_ERRORS, AlreadyRegistered, NodeRecord, RedisState
 
 log = logging.getLogger("megascale.scheduler")
 
@@ -191,6 +191,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         older than two sweeps is read afresh, and while Redis is down the last view serves.
         """
         records = self.controller.records(2 * self.config.sweep_interval_s)
+        read_now = records is None
         if records is None:
             stale = self.controller.records(float("inf"))
             if stale:  # Redis may be down: the last view beats refusing every request
@@ -199,23 +200,39 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     self.controller.remember(records)
                 except REDIS_ERRORS:
                     self.metrics.redis_errors.inc()
-                    records = stale
+                    records, read_now = stale, False
             else:
                 records = await self._redis(context, self.state.nodes())
                 self.controller.remember(records)
         try:
-            rec = self.balancer.pick(records, exclude=request.exclude_node_ids,
-                                   prompt_tokens=request.prompt_tokens, model=request.model)
-        except NoReplica as exc:
-            self.metrics.picks.labels(result="unavailable").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except AllFull as exc:
-            self.metrics.picks.labels(result="exhausted").inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            rec = self._pick(records, request)
+        except (NoReplica, AllFull) as exc:
+            refusal: Exception = exc
+            rec = None
+            if not read_now:  # a refusal is decided on what Redis holds now, not the view
+                try:
+                    records = await self.state.nodes()
+                    self.controller.remember(records)
+                    rec = self._pick(records, request)
+                except (NoReplica, AllFull) as again:
+                    refusal = again
+                except REDIS_ERRORS:
+                    self.metrics.redis_errors.inc()
+            if rec is None:
+                exhausted = isinstance(refusal, AllFull)
+                self.metrics.picks.labels(result="exhausted" if exhausted
+                                          else "unavailable").inc()
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if exhausted
+                                    else grpc.StatusCode.UNAVAILABLE, str(refusal))
         self.metrics.picks.labels(result="ok").inc()
         return scheduler_pb2.PickReplicaResponse(node_id=rec.info.node_id,
                                                  address=rec.info.grpc_address,
                                                  epoch=self.controller.membership_epoch)
+
+    def _pick(self, records: list[NodeRecord], request: scheduler_pb2.PickReplicaRequest
+              ) -> NodeRecord:
+        return self.balancer.pick(records, exclude=request.exclude_node_ids,
+                                  prompt_tokens=request.prompt_tokens, model=request.model)
 
     def _placement_metadata(self, context: grpc.aio.ServicerContext) -> None:
         missing = self.controller.missing

@@ -141,8 +141,7 @@ class Mesh:
                           preexec_fn=_die_with_parent)
 
     def _respawn_redis(self, child: RoleProcess) -> RoleProcess:
-        self.children.remove(child)
-        self.start_redis(self._redis_port)
+        self.start_redis(self._redis_port)  # appends the new process: hand it back instead
         return self.children.pop()
 
     def start_redis(self, port: int = 0) -> str:

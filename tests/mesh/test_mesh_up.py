@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
@@ -162,6 +163,33 @@ def test_a_killed_role_is_restarted_and_the_mesh_serves_on(up, client):
     now = up.ready()
     for name in ("scheduler", "expert-0", "attention-0", "attention-1", "gateway"):
         assert now[name]["pid"] == before[name]["pid"], f"{name} was restarted too"
+    assert up.proc.poll() is None
+
+
+def test_requests_go_on_while_redis_restarts(up, client):
+    """SIGKILL the launch's redis-server: requests keep being served (the scheduler picks
+    from its view of the nodes), and the launcher brings Redis back on its port."""
+
+    argv = Path(f"/proc/{up.ready()['scheduler']['pid']}/cmdline").read_bytes().split(b"\0")
+    url = argv[argv.index(b"--redis-url") + 1].decode()      # redis://127.0.0.1:PORT/0
+    port = url.rsplit(":", 1)[1].split("/")[0]
+
+    def redis_pids() -> list[int]:  # redis-server retitles itself "redis-server HOST:PORT"
+        out = subprocess.run(["pgrep", "-f", f"redis-server .*:{port}"],
+                             capture_output=True, text=True).stdout
+        return [int(x) for x in out.split()]
+
+    (old,) = redis_pids()
+    os.kill(old, signal.SIGKILL)
+    for i in range(3):  # while it is down or coming back
+        client.completions.create(model=up.model, prompt=f"no redis {i}", max_tokens=3,
+                                  temperature=0)
+    deadline = time.monotonic() + 60
+    while redis_pids() in ([], [old]):
+        assert time.monotonic() < deadline, "redis-server was not restarted"
+        time.sleep(0.2)
+    client.completions.create(model=up.model, prompt="redis is back", max_tokens=3,
+                              temperature=0)
     assert up.proc.poll() is None
 
 

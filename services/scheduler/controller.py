@@ -85,6 +85,7 @@ class Controller:
         # Deregister handlers: PickReplica reads them instead of Redis on every request.
         self._records: dict[str, NodeRecord] = {}
         self._records_at = float("-inf")
+        self._noted: dict[str, float] = {}  # node id -> when a handler last changed its entry
         self._rows: dict[str, tuple[float, dict[int, int]]] = {}  # node -> (t, rows_by_expert)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._cond = asyncio.Condition()
@@ -173,12 +174,11 @@ class Controller:
                 for node_id in await self.state.sweep():
                     log.info("node %s left (lease expired)", node_id)
                     self.metrics.expirations.inc()
-                records = await self.state.nodes()
+                records = await self.read_nodes()
                 self.membership_epoch = await self.state.epoch()
             except REDIS_ERRORS as exc:
                 self._on_redis_error(exc)
                 return
-            self.remember(records)
             self.metrics.epoch.set(self.membership_epoch)
             self.metrics.observe_nodes(records)
             live = {r.info.node_id for r in records}
@@ -204,10 +204,23 @@ class Controller:
             await self._close_unused({r.info.grpc_address for r in records})
 
     # ------------------------------------------------ the node view PickReplica reads
-    def remember(self, records: list[NodeRecord]) -> None:
-        """Replace the view with what Redis holds now."""
-        self._records = {r.info.node_id: r for r in records}
-        self._records_at = time.monotonic()
+    async def read_nodes(self) -> list[NodeRecord]:
+        """The live nodes as Redis holds them, taken into the view (and returned as merged
+        there). What a handler noted
+        while the read was under way is newer than the read, and kept (a Register or a
+        Heartbeat that landed meanwhile, a Deregister)."""
+        started = time.monotonic()
+        records = await self.state.nodes()
+        view = {r.info.node_id: r for r in records}
+        for node_id, at in self._noted.items():
+            if at >= started:
+                if node_id in self._records:
+                    view[node_id] = self._records[node_id]
+                else:
+                    view.pop(node_id, None)
+        self._records, self._records_at = view, time.monotonic()
+        self._noted = {n: at for n, at in self._noted.items() if at >= started}
+        return sorted(view.values(), key=lambda r: r.info.node_id)  # as state.nodes() does
 
     def records(self, max_age_s: float) -> list[NodeRecord] | None:
         """The view, or None when it is older than ``max_age_s`` (ticks failing)."""
@@ -217,14 +230,17 @@ class Controller:
 
     def note_register(self, info: common_pb2.NodeInfo) -> None:
         self._records[info.node_id] = NodeRecord(info, None)
+        self._noted[info.node_id] = time.monotonic()
 
     def note_load(self, node_id: str, load: common_pb2.LoadReport) -> None:
         rec = self._records.get(node_id)
         if rec is not None:
             self._records[node_id] = NodeRecord(rec.info, load)
+            self._noted[node_id] = time.monotonic()
 
     def note_leave(self, node_id: str) -> None:
         self._records.pop(node_id, None)
+        self._noted[node_id] = time.monotonic()
 
     async def _replan(self, experts: list[ExpertNode], force: bool) -> None:
         cfg = self.config

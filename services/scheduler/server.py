@@ -196,14 +196,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             stale = self.controller.records(float("inf"))
             if stale:  # Redis may be down: the last view beats refusing every request
                 try:
-                    records = await self.state.nodes()
-                    self.controller.remember(records)
+                    records = await self.controller.read_nodes()
                 except REDIS_ERRORS:
                     self.metrics.redis_errors.inc()
                     records, read_now = stale, False
             else:
-                records = await self._redis(context, self.state.nodes())
-                self.controller.remember(records)
+                records = await self._redis(context, self.controller.read_nodes())
         try:
             rec = self._pick(records, request)
         except (NoReplica, AllFull) as exc:
@@ -211,8 +209,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             rec = None
             if not read_now:  # a refusal is decided on what Redis holds now, not the view
                 try:
-                    records = await self.state.nodes()
-                    self.controller.remember(records)
+                    records = await self.controller.read_nodes()
                     rec = self._pick(records, request)
                 except (NoReplica, AllFull) as again:
                     refusal = again

@@ -131,7 +131,7 @@ class ExpertClient:
                             sender_id=self.sender_id, epoch=placement.epoch,
                             peer_timeout_s=self.peer_timeout_s, auth_token=self.auth_token))
                     except libm2n.M2NError as exc:
-                        if s is None or renew:  # a node we never reached: refuse the table
+                        if s is None:  # a node we never reached: refuse the placement
                             raise
                         down[n.node_id] = f"cannot reconnect: {exc}"  # keep the dead link
                     else:

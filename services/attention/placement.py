@@ -47,16 +47,16 @@ async def _adopt_locked(engine: Engine, p: common_pb2.ExpertPlacement,
                         attacher: ExpertAttacher) -> int:
     current = engine.placement
     started = {h.node_id: h.started_at_unix_s for rep in p.experts for h in rep.hosts}
+    known = engine.attached_nodes()
     if p.epoch <= current.epoch:
         # The epoch in force (a replica attached at start learns it from the nodes): it
         # still tells which process of each node this replica attached to.
         if p.epoch == current.epoch:
             for node_id, t in started.items():
-                if t and node_id in engine.attached_nodes():
+                if t and node_id in known:
                     attacher.started.setdefault(node_id, t)
         return current.epoch
     placement = placement_from_proto(p, current)
-    known = engine.attached_nodes()
     down = engine.nodes_down()
     addresses = {h.node_id: h.grpc_address for rep in p.experts for h in rep.hosts}
     for node in placement.nodes:

@@ -128,7 +128,7 @@ class Mesh:
                   flush=True)
             self._restarts[child.name] = [*recent, now]
             try:
-                self.children[i] = (self._respawn_redis(child) if child.name == "redis"
+                self.children[i] = (self._respawn_redis() if child.name == "redis"
                                     else self._respawn(child))
             except (RuntimeError, UserError) as exc:
                 print(f"megascale up: restarting {child.name} failed: {exc}", file=sys.stderr,
@@ -140,7 +140,7 @@ class Mesh:
                           env=self.env, log=self.workdir / f"{child.name}.log",
                           preexec_fn=_die_with_parent)
 
-    def _respawn_redis(self, child: RoleProcess) -> RoleProcess:
+    def _respawn_redis(self) -> RoleProcess:
         self.start_redis(self._redis_port)  # appends the new process: hand it back instead
         return self.children.pop()
 

@@ -18,7 +18,9 @@ class AttentionConfig:
     each (``Expert.Attach``), learns its libm2n dispatch URL and hosted experts, and builds the
     placement from them (the scheduler replaces it later through ``UpdatePlacement``).
     ``m2n_url`` is where this replica receives combines (``tcp://127.0.0.1:0`` picks a port;
-    ``shm://NAME`` for same-host expert nodes).
+    ``shm://NAME`` for same-host expert nodes). ``local_experts`` (colocated mode,
+    services/attention/local_experts.py) computes every expert in this process instead: then
+    ``expert_nodes`` is empty.
     """
 
     model_dir: Path
@@ -42,13 +44,17 @@ class AttentionConfig:
     threads: int = 1
     device: str = "cpu"
     dtype: str = "float32"
+    local_experts: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
         if not (self.model_dir / "config.json").is_file():
             raise ConfigError(f"model_dir {self.model_dir} has no config.json")
-        if not self.expert_nodes:
-            raise ConfigError("expert_nodes must name at least one expert node address")
+        if self.local_experts and self.expert_nodes:
+            raise ConfigError("local_experts computes every expert here: give no expert_nodes")
+        if not self.local_experts and not self.expert_nodes:
+            raise ConfigError("expert_nodes must name at least one expert node address "
+                              "(or set local_experts)")
         if not 1 <= self.micro_batches <= 16:
             raise ConfigError(f"micro_batches must be in 1..16, got {self.micro_batches}")
         if not 1 <= self.stream_interval <= 1024:

@@ -43,6 +43,7 @@ from services.attention.batching import (
 )
 from services.attention.config import AttentionConfig
 from services.attention.dispatch import ExpertClient
+from services.attention.local_experts import LocalExperts
 from services.attention.pingpong import (
     LaneStep,
     PingPongRunner,
@@ -83,7 +84,8 @@ StepObserver = Callable[[StepPlan, StepTimings], None]
 class Engine:
     """One attention replica's batching engine (module docstring)."""
 
-    def __init__(self, attention: AttentionSide, client: ExpertClient, config: AttentionConfig,
+    def __init__(self, attention: AttentionSide, client: ExpertClient | LocalExperts,
+                 config: AttentionConfig,
                  on_step: StepObserver | None = None) -> None:
         self.attention = attention
         self.cfg = attention.cfg

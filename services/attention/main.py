@@ -17,8 +17,10 @@ __all__ = ["add_arguments", "build", "serve"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_server_flags(p)
     add_compute_flags(p)
-    add_flag(p, "--expert-nodes", required=True,
+    add_flag(p, "--expert-nodes", default="",
              help="comma list of the expert nodes' gRPC addresses")
+    add_flag(p, "--local-experts", action="store_true",
+             help="colocated mode: compute every expert in this process (no expert nodes)")
     add_flag(p, "--m2n-sender-id", type=int, default=0,
              help="this replica's id on libm2n links (unique among attention replicas)")
     add_flag(p, "--micro-batches", type=int, default=2, help="m, micro-batches per step")
@@ -60,4 +62,4 @@ def build(args: argparse.Namespace) -> AttentionConfig:
         expert_timeout_s=args.expert_timeout, expert_readmit_s=args.expert_readmit,
         scheduler=args.scheduler,
         threads=threads_from(args),
-        device=pick_device(args.device), dtype=args.dtype)
+        device=pick_device(args.device), dtype=args.dtype, local_experts=args.local_experts)

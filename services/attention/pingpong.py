@@ -31,6 +31,7 @@ import torch
 
 from services.attention.batching import ScheduledChunk, StepPlan
 from services.attention.dispatch import ExpertClient, PendingCombine
+from services.attention.local_experts import LocalExperts
 from services.core.batch import BatchMeta, build_batch_meta, int64_tensor
 from services.core.kv_cache import BlockManager, PagedKVCache
 from services.core.model import AttentionSide, MoEInput
@@ -100,7 +101,8 @@ class LaneStep:
 class PingPongRunner:
     """Moves lane steps through the layers, one dispatch at a time (module docstring)."""
 
-    def __init__(self, attention: AttentionSide, kv: PagedKVCache, client: ExpertClient,
+    def __init__(self, attention: AttentionSide, kv: PagedKVCache,
+                 client: ExpertClient | LocalExperts,
                  record_intervals: bool = False) -> None:
         self.attention = attention
         self.kv = kv

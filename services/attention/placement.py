@@ -31,14 +31,19 @@ _LATE_ATTACH_S = 5.0  # an Attach made for a pushed placement (the RPC that push
 
 
 async def adopt_placement(engine: Engine, p: common_pb2.ExpertPlacement,
-                          attacher: ExpertAttacher) -> int:
+                          attacher: ExpertAttacher | None) -> int:
     """Install a newer placement at the next step boundary; returns the epoch in force.
+
+    ``attacher`` None: a colocated replica (services/attention/local_experts.py), which
+    computes every expert itself; placements of expert nodes do not apply to it.
 
     Expert nodes the placement names that this replica is not attached to yet (nodes that
     joined later) are attached first, at the ``grpc_address`` the placement gives. Raises
     ValueError for a placement that is malformed or names a node that cannot be attached (the
     placement in force stays). Older epochs are ignored.
     """
+    if attacher is None:
+        return engine.placement.epoch
     async with attacher.lock:
         return await _adopt_locked(engine, p, attacher)
 
@@ -102,7 +107,7 @@ async def _attach_node(attacher: ExpertAttacher, epoch: int, node_id: str, addre
 
 
 async def adopt_logged(engine: Engine, p: common_pb2.ExpertPlacement,
-                       attacher: ExpertAttacher) -> None:
+                       attacher: ExpertAttacher | None) -> None:
     """:func:`adopt_placement` for callbacks: a refused placement is logged, not raised."""
     try:
         await adopt_placement(engine, p, attacher)

@@ -17,6 +17,7 @@ from services.attention.batching import QueueFull, StepPlan
 from services.attention.config import AttentionConfig
 from services.attention.dispatch import ExpertClient
 from services.attention.engine import Engine, TokenEvent
+from services.attention.local_experts import LocalExperts
 from services.attention.metrics import AttentionMetrics
 from services.attention.pingpong import StepTimings
 from services.attention.placement import (
@@ -40,8 +41,9 @@ from services.common.lifecycle import RoleLifecycle
 from services.common.net import advertised_url
 from services.common.timeline import timeline_for
 from services.core import moe_wire
+from services.core.config import ModelConfig
 from services.core.kv_cache import PagedKVCache
-from services.core.model import AttentionSide
+from services.core.model import AttentionSide, ExpertSide
 from services.core.request import model_id
 from services.core.runtime import configure_threads, gpu_memory_budget
 from services.errors import ConfigError, UserError
@@ -55,7 +57,7 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
     """``megascale.v1.Attention`` (status codes are documented in attention.proto)."""
 
     def __init__(self, engine: Engine, metrics: AttentionMetrics,
-                 loop: asyncio.AbstractEventLoop, attacher: ExpertAttacher) -> None:
+                 loop: asyncio.AbstractEventLoop, attacher: ExpertAttacher | None) -> None:
         self.engine = engine
         self.metrics = metrics
         self.relay = EventRelay(loop)
@@ -150,6 +152,34 @@ def kv_blocks(config: AttentionConfig, attention: AttentionSide) -> int:
     return blocks
 
 
+def _local_client(config: AttentionConfig, cfg: ModelConfig, attention: AttentionSide
+                  ) -> tuple[LocalExperts, ExpertAttacher | None, str]:
+    """Colocated mode: every expert loaded here (services/attention/local_experts.py)."""
+    experts = ExpertSide.from_pretrained(config.model_dir, None, attention.dtype,
+                                         attention.device, cfg)
+    return LocalExperts(experts), None, ""
+
+
+async def _remote_client(config: AttentionConfig, cfg: ModelConfig, attention: AttentionSide,
+                         life: RoleLifecycle) -> tuple[ExpertClient, ExpertAttacher, str]:
+    """Disaggregated mode: the combine receiver, attached expert nodes, their dispatch links."""
+    reply_rx = libm2n.open_receiver(config.m2n_url, libm2n.ReceiverConfig(
+        slots_per_sender=max(4, 2 * config.micro_batches), auth_token=auth.m2n_token(),
+        slot_bytes=max(4096, moe_wire.combine_bytes(config.batching.max_batch_tokens,
+                                                    cfg.hidden_size, attention.dtype))))
+    life.defer(reply_rx.close)
+    reply_url = advertised_url(reply_rx.url, life.advertised)
+    attacher = ExpertAttacher(config.node_id, config.m2n_sender_id, reply_url, cfg.num_experts)
+    placement = await attach_experts(config, attacher)
+    client = ExpertClient(placement, reply_rx, config.m2n_sender_id, cfg.hidden_size,
+                          cfg.top_k, reply_timeout_s=config.expert_timeout_s,
+                          peer_timeout_s=config.expert_timeout_s,
+                          readmit_after_s=config.expert_readmit_s,
+                          dtype=attention.dtype, device=attention.device,
+                          auth_token=auth.m2n_token())
+    return client, attacher, reply_url
+
+
 async def serve(config: AttentionConfig, ready_file: str | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Run the replica until ``stop`` is set (or forever)."""
@@ -162,21 +192,10 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
                                                   getattr(torch, config.dtype), config.device)
         cfg = attention.cfg
         config = dataclasses.replace(config, num_blocks=kv_blocks(config, attention))
-        reply_rx = libm2n.open_receiver(config.m2n_url, libm2n.ReceiverConfig(
-            slots_per_sender=max(4, 2 * config.micro_batches), auth_token=auth.m2n_token(),
-            slot_bytes=max(4096, moe_wire.combine_bytes(config.batching.max_batch_tokens,
-                                                        cfg.hidden_size, attention.dtype))))
-        life.defer(reply_rx.close)
-        reply_url = advertised_url(reply_rx.url, life.advertised)
-        attacher = ExpertAttacher(config.node_id, config.m2n_sender_id, reply_url,
-                                  cfg.num_experts)
-        placement = await attach_experts(config, attacher)
-        client = ExpertClient(placement, reply_rx, config.m2n_sender_id, cfg.hidden_size,
-                              cfg.top_k, reply_timeout_s=config.expert_timeout_s,
-                              peer_timeout_s=config.expert_timeout_s,
-                              readmit_after_s=config.expert_readmit_s,
-                              dtype=attention.dtype, device=attention.device,
-                              auth_token=auth.m2n_token())
+        if config.local_experts:
+            client, attacher, reply_url = _local_client(config, cfg, attention)
+        else:
+            client, attacher, reply_url = await _remote_client(config, cfg, attention, life)
         life.defer(client.close)
         metrics = AttentionMetrics()
         timeline = timeline_for(config.node_id)
@@ -209,7 +228,7 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
                 max_running_requests=config.batching.max_num_seqs),
             load_fn=lambda: metrics.load_report(engine),
             on_placement=lambda p: adopt_logged(engine, p, attacher))
-        log.info("attention replica %s serving on %s, %d expert node(s), m=%d",
-                 config.node_id, life.grpc_address, len(placement.nodes),
-                 config.micro_batches)
+        log.info("attention replica %s serving on %s, %s, m=%d", config.node_id,
+                 life.grpc_address, "experts in-process (colocated)" if config.local_experts
+                 else f"{len(client.placement.nodes)} expert node(s)", config.micro_batches)
         await life.wait(stop)

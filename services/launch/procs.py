@@ -114,7 +114,8 @@ class LocalMesh:
               workdir: Path | None = None, transport: str = "tcp",
               env: dict[str, str] | None = None, expert_cpus: str | None = None,
               attention_cpus: str | None = None) -> LocalMesh:
-        """Start one expert node per entry of ``expert_ids`` and N attention replicas."""
+        """Start one expert node per entry of ``expert_ids`` and N attention replicas; no
+        ``expert_ids`` at all: colocated replicas (``--local-experts``)."""
         workdir = Path(workdir or tempfile.mkdtemp(prefix="megascale-mesh-"))
         workdir.mkdir(parents=True, exist_ok=True)
         mesh = cls(workdir=workdir)
@@ -128,11 +129,12 @@ class LocalMesh:
                                *expert_args],
                     f"expert-{i}", workdir, env, workdir / f"expert-{i}.log",
                     cpus=expert_cpus))
-            nodes = ",".join(e.grpc for e in mesh.experts)
+            where = ["--expert-nodes", ",".join(e.grpc for e in mesh.experts)] \
+                if mesh.experts else ["--local-experts"]
             for i in range(attention_replicas):
                 url = f"shm://m2n-a{i}-{tag}" if transport == "shm" else "tcp://127.0.0.1:0"
                 mesh.attention.append(spawn_role(
-                    "attention", ["--model", str(model_dir), "--expert-nodes", nodes,
+                    "attention", ["--model", str(model_dir), *where,
                                   "--m2n-url", url, "--m2n-sender-id", str(i),
                                   "--micro-batches", str(micro_batches), *attention_args],
                     f"attention-{i}", workdir, env, workdir / f"attention-{i}.log",

@@ -28,6 +28,7 @@ from pathlib import Path
 from services.common.flags import add_flag, secret_from
 from services.core.runtime import COMPUTE_DTYPES, pick_device
 from services.errors import UserError
+from services.launch.layout import DEFAULT_EXPERT_NODES, LAYOUTS, choose_layout
 from services.launch.procs import RoleProcess, partition_experts, spawn_role
 
 _PR_SET_PDEATHSIG = 1
@@ -47,9 +48,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                          "experts, attention, gateway)")
     add_flag(p, "--model", required=True, help="checkpoint directory (megascale demo-model)")
     add_flag(p, "--attention", type=int, default=1, help="attention replicas")
-    add_flag(p, "--experts", type=int, default=2, help="expert nodes")
+    add_flag(p, "--layout", default="auto", choices=LAYOUTS,
+             help="colocated (each replica computes its experts in-process) or disaggregated "
+                  "(expert nodes); auto picks by whether experts would get hardware of their "
+                  "own, and prints why")
+    add_flag(p, "--experts", type=int, default=None,
+             help=f"expert nodes (implies --layout disaggregated under auto; default "
+                  f"{DEFAULT_EXPERT_NODES})")
     add_flag(p, "--replicate", default="", help="expert ids to host twice, e.g. 0,3")
-    add_flag(p, "--micro-batches", type=int, default=2, help="m, micro-batches per step")
+    add_flag(p, "--micro-batches", type=int, default=None,
+             help="m, micro-batches per step (disaggregated; default 2)")
+    add_flag(p, "--threads", type=int, default=None,
+             help="torch threads per compute process (default: on CPU the cores split evenly "
+                  "over them)")
     add_flag(p, "--port", type=int, default=8000, help="gateway HTTP port (0 = pick)")
     add_flag(p, "--host", default="127.0.0.1", help="gateway bind address")
     add_flag(p, "--redis-url", default=None, help="use this Redis instead of starting one")
@@ -282,9 +293,6 @@ def run(args: argparse.Namespace) -> int:
 
     model = Path(args.model)
     cfg = ModelConfig.from_pretrained(model)  # fail fast with a clear message
-    if not 1 <= args.experts <= cfg.num_experts:
-        raise UserError(f"--experts must be in 1..{cfg.num_experts} (the model has "
-                        f"{cfg.num_experts} experts), got {args.experts}")
     if args.attention < 1:
         raise UserError(f"--attention must be >= 1, got {args.attention}")
     replicate = [int(x) for x in args.replicate.split(",") if x.strip()]
@@ -292,12 +300,18 @@ def run(args: argparse.Namespace) -> int:
     _check_port_free(args.host, args.port)
     attention_devices = _devices(args.attention_devices, args.device)
     expert_devices = _devices(args.expert_devices, args.device)
+    layout = choose_layout(args.layout, args.attention, args.experts, args.micro_batches,
+                           attention_devices, expert_devices, cfg.num_experts, args.threads)
+    if replicate and layout.kind == "colocated":
+        raise UserError("--replicate places expert copies on expert nodes: it needs "
+                        "--layout disaggregated")
     dtype = args.dtype
     if dtype == "auto":
         on_gpu = any(d.startswith("cuda") for d in (*attention_devices, *expert_devices))
         dtype = "bfloat16" if on_gpu else "float32"
     compute = ["--dtype", dtype, "--max-batch-tokens", str(args.max_batch_tokens)]
     context = ["--max-model-len", str(args.max_model_len)] if args.max_model_len else []
+    print(layout.describe(), flush=True)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="megascale-up-"))
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = Mesh(workdir, args.quiet)
@@ -311,25 +325,30 @@ def run(args: argparse.Namespace) -> int:
     try:
         redis_url = args.redis_url or mesh.start_redis()
         sched = mesh.start_role("scheduler", ["--redis-url", redis_url, "--model", str(model),
-                                              "--micro-batches", str(args.micro_batches),
+                                              "--micro-batches", str(layout.micro_batches),
                                               "--max-batch-tokens", str(args.max_batch_tokens),
                                               "--metrics-port", "0"], "scheduler")
         tag = f"{os.getpid()}"  # unique shm names per launcher
         experts = []
-        for i, ids in enumerate(partition_experts(cfg.num_experts, args.experts, replicate)):
+        shards = partition_experts(cfg.num_experts, layout.experts, replicate) \
+            if layout.experts else []
+        for i, ids in enumerate(shards):
             url = f"shm://m2n-up{tag}-e{i}" if args.transport == "shm" else "tcp://127.0.0.1:0"
             experts.append(mesh.start_role("expert", [
                 "--model", str(model), "--experts", ",".join(map(str, ids)), "--m2n-url", url,
                 "--m2n-sender-id", str(1000 + i), "--scheduler", sched.grpc,
                 "--metrics-port", "0", "--device", expert_devices[i % len(expert_devices)],
-                *compute], f"expert-{i}"))
+                "--threads", str(layout.expert_threads), *compute], f"expert-{i}"))
         replicas = []
         for i in range(args.attention):
             url = f"shm://m2n-up{tag}-a{i}" if args.transport == "shm" else "tcp://127.0.0.1:0"
+            where = ["--expert-nodes", ",".join(e.grpc for e in experts)] if experts \
+                else ["--local-experts"]
             replicas.append(mesh.start_role("attention", [
-                "--model", str(model), "--expert-nodes", ",".join(e.grpc for e in experts),
+                "--model", str(model), *where,
                 "--m2n-url", url, "--m2n-sender-id", str(i), "--scheduler", sched.grpc,
-                "--micro-batches", str(args.micro_batches), "--metrics-port", "0",
+                "--micro-batches", str(layout.micro_batches), "--metrics-port", "0",
+                "--threads", str(layout.attention_threads),
                 "--device", attention_devices[i % len(attention_devices)],
                 "--gpu-memory-utilization", str(args.gpu_memory_utilization),
                 *compute, *context], f"attention-{i}"))

@@ -74,6 +74,23 @@ def test_disaggregated_tokens_equal_transformers(engine_ckpt, hf_greedy, tmp_pat
     assert len({t for g in got for t in g}) > 10  # a degenerate model would make this weak
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_colocated_tokens_equal_transformers(engine_ckpt, hf_greedy, tmp_path, family):
+    """Colocated mode (``--local-experts``): the replica computes every expert itself, with
+    two threads; concurrent staggered requests stay token-exact."""
+    path = engine_ckpt(family)
+    with LocalMesh.start(path, [], attention_replicas=1, micro_batches=1,
+                         attention_args=["--block-size", "4", "--max-batch-tokens", "64",
+                                         "--threads", "2"],
+                         workdir=tmp_path) as mesh:
+        got = run_concurrently(mesh)
+        log = (tmp_path / "attention-0.log").read_text()
+    assert "experts in-process (colocated)" in log
+    want = hf_greedy(path, PROMPTS, NEW_TOKENS)
+    for prompt, g, w in zip(PROMPTS, got, want, strict=True):
+        assert g == w, f"{family}/colocated: prompt of length {len(prompt)} diverged"
+
+
 def test_lanes_do_not_drain_at_step_boundaries(engine_ckpt, hf_greedy, tmp_path):
     """m=2: each lane steps on its own, so one lane starts its next step while the other is
     still mid-step (a step-synchronous engine never overlaps steps); the tokens stay exact."""

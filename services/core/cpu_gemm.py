@@ -4,7 +4,10 @@ The expert FFN's GEMMs are small at decode (a batch of 32 gives each of 8 expert
 ``torch._grouped_mm`` on CPU calls MKL once per group, which repacks the weight on every call;
 this kernel reads weights that were packed once, so a call only streams them. It is used by
 :func:`services.core.layers.grouped_expert_ffn` when :func:`usable` says so (CPU, float32,
-AVX2 + FMA, one torch thread, output width a multiple of 16); everywhere else torch's path runs.
+AVX2 + FMA, output width a multiple of 16); everywhere else torch's path runs. The kernel is
+single-threaded and releases the GIL: with ``torch.get_num_threads() > 1`` (a colocated
+replica given every core) the groups are split into that many contiguous runs computed by a
+small thread pool, so each thread streams a disjoint part of the weights.
 ``MEGASCALE_CPU_GEMM=0`` in the environment (read at import) turns it off, for A/B runs.
 
 Packed layout (:class:`PackedWeight`): a stack of ``G`` weights ``[K, N]`` (input-major, as
@@ -15,6 +18,7 @@ floats, the order the kernel reads them in.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,13 +73,10 @@ class PackedWeight:
 def usable(w: torch.Tensor) -> bool:
     """Whether :func:`pack` + :func:`grouped_gemm` can serve the stacked weights ``w [G, K, N]``.
 
-    Needs the kernel (built, AVX2 + FMA), a CPU float32 stack whose ``N`` is a multiple of 16,
-    and one torch thread: the kernel is single-threaded, so with more threads MKL's own
-    threading is the better choice (every megascale process runs one thread per role).
+    Needs the kernel (built, AVX2 + FMA) and a CPU float32 stack whose ``N`` is a multiple of 16.
     """
     return (ACTIVE and w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 3
-            and w.shape[0] > 0 and w.shape[1] > 0 and w.shape[2] > 0 and w.shape[2] % PANEL == 0
-            and torch.get_num_threads() == 1)
+            and w.shape[0] > 0 and w.shape[1] > 0 and w.shape[2] > 0 and w.shape[2] % PANEL == 0)
 
 
 def pack(w: torch.Tensor) -> PackedWeight:
@@ -104,6 +105,67 @@ def grouped_gemm(x: torch.Tensor, w: PackedWeight, offs: torch.Tensor) -> torch.
         raise RuntimeError(f"the CPU grouped GEMM is not available: {REASON}")
     x, offs = x.contiguous(), offs.contiguous()
     y = torch.empty(x.shape[0], w.n, dtype=torch.float32)
-    _ext.grouped_gemm(x.data_ptr(), x.shape[0], w.data.data_ptr(), y.data_ptr(),
-                      offs.data_ptr(), w.groups, w.k, w.n)
+    threads = torch.get_num_threads()
+    if threads == 1 or w.groups == 1:
+        _ext.grouped_gemm(x.data_ptr(), x.shape[0], w.data.data_ptr(), y.data_ptr(),
+                          offs.data_ptr(), w.groups, w.k, w.n)
+        return y
+    _split_gemm(x, w, offs, y, threads)
     return y
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_FLOAT = 4  # bytes per float32
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_SIZE
+    if _POOL is None or _POOL_SIZE != workers:
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)
+        _POOL, _POOL_SIZE = ThreadPoolExecutor(workers, thread_name_prefix="cpu-gemm"), workers
+    return _POOL
+
+
+def _split_gemm(x: torch.Tensor, w: PackedWeight, offs: torch.Tensor, y: torch.Tensor,
+                threads: int) -> None:
+    """:func:`grouped_gemm` over ``threads`` runs of groups, one kernel call per run (the
+    kernel releases the GIL). The offsets were validated here in Python terms first, since a
+    run's call only sees its own slice."""
+    ends = offs.tolist()
+    M, K, N = x.shape[0], w.k, w.n
+    prev = 0
+    for g, e in enumerate(ends):
+        if e < prev or e > M:
+            raise ValueError(f"grouped_gemm: offset {e} of group {g} is outside [{prev}, {M}]")
+        prev = e
+    busy = [g for g in range(w.groups) if ends[g] > (ends[g - 1] if g else 0)]
+    if ends[-1] < M:  # rows past the last group: zero, as the kernel does
+        y[ends[-1]:].zero_()
+    if not busy:
+        return
+    runs = min(threads, len(busy))
+    cut = [busy[(i * len(busy)) // runs] for i in range(runs)] + [w.groups]
+    cut[0] = 0
+    calls = []
+    for g0, g1 in zip(cut, cut[1:], strict=False):
+        r0 = ends[g0 - 1] if g0 else 0
+        r1 = ends[g1 - 1]
+        sub = offs[g0:g1] - r0  # int32, this run's end offsets relative to its first row
+        calls.append((x.data_ptr() + r0 * K * _FLOAT, r1 - r0,
+                      w.data.data_ptr() + g0 * K * N * _FLOAT, y.data_ptr() + r0 * N * _FLOAT,
+                      sub, g1 - g0))
+    if runs == 1:
+        _call(calls[0], K, N)
+        return
+    pool = _pool(runs - 1)
+    futures = [pool.submit(_call, c, K, N) for c in calls[1:]]
+    _call(calls[0], K, N)
+    for f in futures:
+        f.result()
+
+
+def _call(c: tuple, K: int, N: int) -> None:
+    xp, rows, wp, yp, sub, groups = c
+    _ext.grouped_gemm(xp, rows, wp, yp, sub.data_ptr(), groups, K, N)

@@ -419,6 +419,7 @@ def test_pods_run_hardened(combo: tuple[str, dict, Rendered], role: str) -> None
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] > 0
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["automountServiceAccountToken"] is False  # no role calls the API server
     rdma = values.get("security", {}).get("rdma", {}).get("enabled", False)
     for container in _containers(spec):
         sc = container["securityContext"]

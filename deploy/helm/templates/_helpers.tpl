@@ -158,8 +158,10 @@ the whole external URL from a Secret. Nothing secret is ever a plain value. */}}
 {{- end }}
 {{- end }}
 
-{{/* The pod securityContext (the same for every megascale pod). */}}
+{{/* The pod securityContext (the same for every megascale pod); no role calls the
+Kubernetes API, so no pod gets a service account token. */}}
 {{- define "megascale.podSecurityContext" -}}
+automountServiceAccountToken: false
 securityContext:
   {{- toYaml .root.Values.security.podSecurityContext | nindent 2 }}
 {{- end }}

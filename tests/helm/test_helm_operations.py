@@ -433,6 +433,13 @@ def test_pods_run_hardened(combo: tuple[str, dict, Rendered], role: str) -> None
             assert "emptyDir" in _volume(spec, mount["name"]), mount
     if role != "redis":
         assert _mount_path(main_container(wl), "tmp") == "/tmp"
+        home = container_env(main_container(wl), pod_identity(wl), _any_secret(wl))["HOME"]
+        assert home == "/tmp"  # caches land on the writable emptyDir
+
+
+def _any_secret(workload: dict[str, Any]) -> dict[tuple[str, str], str]:
+    return {(r["name"], r["key"]): "x" for item in main_container(workload).get("env", [])
+            if (r := item.get("valueFrom", {}).get("secretKeyRef"))}
 
 
 # -- GPUs, images, drain -------------------------------------------------------------------

@@ -284,6 +284,9 @@ headless Service (stable DNS names, so the list is known before the pods exist).
   value: "$(POD_NAME)"
 - name: MEGASCALE_HOST
   value: "0.0.0.0"
+# The root filesystem is read-only: caches (torch, Triton, FlashInfer) go to the /tmp emptyDir.
+- name: HOME
+  value: /tmp
 {{- end }}
 
 {{/* Env after the role's own: log level, common env, the role's extra env. (dict "root" $ "role" "expert") */}}

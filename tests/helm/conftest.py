@@ -1,4 +1,5 @@
-"""Fixtures of the Helm chart tests: the chart rendered with default and production values.
+"""Fixtures of the Helm chart tests: the chart rendered with every values combination
+(helm_render.combo_values: defaults, each example file, inline GPU/HPA/Redis/TLS cases).
 
 Rendering needs ``helm-python-sdk`` (the Helm SDK as a shared library; no helm binary, no
 cluster); the tests skip with that reason when it is not installed.
@@ -6,8 +7,17 @@ cluster); the tests skip with that reason when it is not installed.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
-from helm_render import PRODUCTION_VALUES, Rendered, load_values, render
+from helm_render import PRODUCTION_VALUES, Rendered, combo_values, load_values, render
+
+COMBOS = combo_values()
+
+
+@functools.cache
+def render_combo(name: str) -> Rendered:
+    return render(COMBOS[name])
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +28,7 @@ def helm():  # noqa: ANN201 - the helm_python module
 
 @pytest.fixture(scope="session")
 def default_render(helm) -> Rendered:  # noqa: ANN001
-    return render()
+    return render_combo("default")
 
 
 @pytest.fixture(scope="session")
@@ -27,11 +37,23 @@ def production_values() -> dict:
 
 
 @pytest.fixture(scope="session")
-def production_render(helm, production_values: dict) -> Rendered:  # noqa: ANN001
-    return render(production_values)
+def production_render(helm) -> Rendered:  # noqa: ANN001
+    return render_combo("production")
 
 
-@pytest.fixture(scope="session", params=["default", "production"])
-def rendered(request: pytest.FixtureRequest) -> Rendered:
-    """Each of the two renders in turn."""
-    return request.getfixturevalue(f"{request.param}_render")
+@pytest.fixture(scope="session")
+def fixed_render(helm) -> Rendered:  # noqa: ANN001
+    """Fixed expert shards (expert.elastic false)."""
+    return render_combo("fixed-shards")
+
+
+@pytest.fixture(scope="session", params=sorted(COMBOS))
+def rendered(request: pytest.FixtureRequest, helm) -> Rendered:  # noqa: ANN001
+    """Each values combination in turn."""
+    return render_combo(request.param)
+
+
+@pytest.fixture(scope="session", params=sorted(COMBOS))
+def combo(request: pytest.FixtureRequest, helm) -> tuple[str, dict, Rendered]:  # noqa: ANN001
+    """(name, values, render) of each values combination in turn."""
+    return request.param, COMBOS[request.param], render_combo(request.param)

@@ -1,10 +1,12 @@
 """What the rendered objects mean: every pod's env is resolved as the kubelet would and parsed
 by the real ``megascale serve ROLE`` parser, then checked against the rest of the release
-(shards, the expert-node list, the scheduler Service, probes, ports, autoscalers)."""
+(elastic or fixed experts, the expert-node list, the scheduler Service, probes, ports,
+autoscalers)."""
 
 from __future__ import annotations
 
 import argparse
+import base64
 from typing import Any
 
 import pytest
@@ -29,6 +31,14 @@ from services.expert.main import SENDER_ID_BASE
 
 ROLES = ("scheduler", "expert", "attention", "gateway")
 API_KEY = "sk-test-0123"
+REDIS_PASSWORD = "Xp0redisPW"
+EXTERNAL_REDIS_URL = "redis://:ext-pw@redis-master.infra.svc.cluster.local:6379/3"
+
+
+def _secret_value(name: str, key: str) -> str:
+    if "url" in key:
+        return EXTERNAL_REDIS_URL
+    return REDIS_PASSWORD if "redis" in name or "redis" in key else API_KEY
 
 
 def _secrets(rendered: Rendered) -> dict[tuple[str, str], str]:
@@ -39,15 +49,26 @@ def _secrets(rendered: Rendered) -> dict[tuple[str, str], str]:
             for item in main_container(o).get("env", []):
                 ref = item.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
-                    refs[(ref["name"], ref["key"])] = API_KEY
+                    refs[(ref["name"], ref["key"])] = _secret_value(ref["name"], ref["key"])
     return refs
+
+
+def _secrets_of(container: dict[str, Any]) -> dict[tuple[str, str], str]:
+    return {(r["name"], r["key"]): _secret_value(r["name"], r["key"])
+            for item in container.get("env", [])
+            if (r := item.get("valueFrom", {}).get("secretKeyRef"))}
+
+
+def _replicas(workload: dict[str, Any], autoscaled: int = 3) -> int:
+    """The workload's pod count (``autoscaled`` when an autoscaler owns it)."""
+    return workload["spec"].get("replicas", autoscaled)
 
 
 def _pods(rendered: Rendered, role: str) -> list[tuple[PodIdentity, argparse.Namespace,
                                                        dict[str, str]]]:
     """(identity, parsed flags, env) of every pod the role's workload would start."""
     wl = rendered.workload(role)
-    replicas = wl["spec"].get("replicas", 1)
+    replicas = _replicas(wl)
     out = []
     for i in range(replicas):
         pod = pod_identity(wl, i)
@@ -83,8 +104,8 @@ def test_each_role_runs_megascale_serve_with_only_known_flags(rendered: Rendered
     assert not unknown, f"{role}: env vars that no flag reads: {sorted(unknown)}"
 
 
-def test_expert_pods_cover_all_shards_exactly_once(rendered: Rendered) -> None:
-    pods = _pods(rendered, "expert")
+def test_fixed_expert_pods_cover_all_shards_exactly_once(fixed_render: Rendered) -> None:
+    pods = _pods(fixed_render, "expert")
     n = len(pods)
     shards = [parse_shard(ns.experts) for _, ns, _ in pods]
     assert sorted(shards) == [(i, n) for i in range(n)]
@@ -95,7 +116,40 @@ def test_expert_pods_cover_all_shards_exactly_once(rendered: Rendered) -> None:
     assert sorted(hosted) == list(range(num_experts))
 
 
-def test_production_has_four_expert_shards_and_three_attention_replicas(
+def test_elastic_expert_pods_wait_for_the_scheduler_and_attention_learns_them(
+        combo: tuple[str, dict, Rendered]) -> None:
+    name, values, rendered = combo
+    elastic = values.get("expert", {}).get("elastic", True)
+    (_, sched, _), = _pods(rendered, "scheduler")
+    expert_pods = _pods(rendered, "expert")
+    if not elastic:
+        assert {ns.experts.split(":")[0] for _, ns, _ in expert_pods} == {"shard"}
+        assert sched.expert_replicas is None
+        return
+    assert {ns.experts for _, ns, _ in expert_pods} == {"auto"}
+    expected_r = values.get("scheduler", {}).get("expertReplicas", 2)
+    assert int(sched.expert_replicas) == expected_r
+    assert len(expert_pods) >= expected_r  # copies of an expert live on distinct nodes
+    for _, ns, _ in _pods(rendered, "attention"):
+        assert ns.expert_nodes is None and ns.scheduler  # learnt from the scheduler
+
+
+def test_scaling_elastic_experts_leaves_attention_pods_untouched(helm) -> None:  # noqa: ANN001
+    """Elastic: N is in no attention pod's spec (N -> N+k rolls nothing but new expert pods);
+    fixed: N is baked into both."""
+    def templates(values: dict) -> tuple[dict, dict]:
+        out = render(values)
+        return (out.workload("attention")["spec"]["template"],
+                out.workload("expert")["spec"]["template"])
+    att2, exp2 = templates({"expert": {"replicas": 2}})
+    att5, exp5 = templates({"expert": {"replicas": 5}})
+    assert att2 == att5 and exp2 == exp5
+    fatt2, _ = templates({"expert": {"replicas": 2, "elastic": False}})
+    fatt5, _ = templates({"expert": {"replicas": 5, "elastic": False}})
+    assert fatt2 != fatt5
+
+
+def test_production_has_four_expert_nodes_and_three_attention_replicas(
         production_render: Rendered) -> None:
     assert len(_pods(production_render, "expert")) == 4
     assert production_render.workload("attention")["spec"].get("replicas") is None  # the HPA's
@@ -106,11 +160,18 @@ def test_production_has_four_expert_shards_and_three_attention_replicas(
 
 def test_libm2n_sender_ids_are_unique_across_all_pods(rendered: Rendered) -> None:
     att = rendered.workload("attention")
-    replicas = att["spec"].get("replicas") or 12  # with an HPA: up to its maxReplicas
-    # expert nodes leave --m2n-sender-id unset: the CLI derives 65536 + I from shard:I/N
-    ids = [ns.m2n_sender_id if ns.m2n_sender_id is not None
-           else SENDER_ID_BASE + parse_shard(ns.experts)[0]
-           for _, ns, _ in _pods(rendered, "expert")]
+    replicas = att["spec"].get("replicas") or 12  # with an autoscaler: up to 12
+    # fixed shards leave --m2n-sender-id unset: the CLI derives 65536 + I from shard:I/N;
+    # elastic expert pods get PREFIX + I (pods 0..11, as an autoscaler may make them)
+    exp = rendered.workload("expert")
+    (_, first, _), *_ = _pods(rendered, "expert")
+    ids = []
+    for i in range(12 if first.experts == "auto" else _replicas(exp)):
+        pod = pod_identity(exp, i)
+        env = container_env(main_container(exp), pod, _secrets(rendered))
+        ns, _ = parse_role(main_container(exp), env)
+        ids.append(ns.m2n_sender_id if ns.m2n_sender_id is not None
+                   else SENDER_ID_BASE + parse_shard(ns.experts)[0])
     for i in range(replicas):
         pod = pod_identity(att, i)
         ns, _ = parse_role(main_container(att), container_env(main_container(att), pod))
@@ -119,7 +180,8 @@ def test_libm2n_sender_ids_are_unique_across_all_pods(rendered: Rendered) -> Non
     assert len(ids) == len(set(ids)), ids
 
 
-def test_attention_dials_exactly_the_expert_pods(rendered: Rendered) -> None:
+def test_fixed_mode_attention_dials_exactly_the_expert_pods(fixed_render: Rendered) -> None:
+    rendered = fixed_render
     experts = rendered.workload("expert")
     headless = rendered.get("Service", experts["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None" and _selects(headless, experts)
@@ -153,10 +215,21 @@ def test_scheduler_uses_the_chart_redis_or_the_external_one(default_render: Rend
     (_, ns, _), = _pods(default_render, "scheduler")
     redis = default_render.workload("redis")
     host, port = _service_address(default_render, redis["metadata"]["name"], "redis")
-    assert ns.redis_url == f"redis://{host}:{port}/0"
-    assert main_container(redis)["image"] == "redis:7"
+    assert ns.redis_url == f"redis://:{REDIS_PASSWORD}@{host}:{port}/0"
+    container = main_container(redis)
+    assert container["image"] == "redis:7"
+    # redis-server gets the same password (the kubelet expands it from the same Secret)
+    env = container_env(container, pod_identity(redis), _secrets_of(container))
+    args = [a.replace("$(REDIS_PASSWORD)", env["REDIS_PASSWORD"]) for a in container["args"]]
+    assert args[args.index("--requirepass") + 1] == REDIS_PASSWORD
+    secret = default_render.get("Secret", f"{redis['metadata']['name']}-auth")
+    assert len(base64.b64decode(secret["data"]["redis-password"])) == 32
     (_, ns, _), = _pods(production_render, "scheduler")
-    assert ns.redis_url == production_values["redis"]["url"]
+    assert ns.redis_url == EXTERNAL_REDIS_URL  # from the Secret the values name
+    item = next(e for e in main_container(production_render.workload("scheduler"))["env"]
+                if e["name"] == "MEGASCALE_REDIS_URL")
+    assert item["valueFrom"]["secretKeyRef"]["name"] == \
+        production_values["redis"]["external"]["urlSecret"]
     assert not [o for o in production_render.objects
                 if o["metadata"]["labels"].get("app.kubernetes.io/component") == "redis"]
 
@@ -262,7 +335,7 @@ def test_autoscalers_off_by_default_and_target_real_workloads(default_render: Re
     assert default_render.of_kind("HorizontalPodAutoscaler") == []
     hpas = {h["metadata"]["labels"]["app.kubernetes.io/component"]: h
             for h in production_render.of_kind("HorizontalPodAutoscaler")}
-    assert set(hpas) == {"attention", "gateway"}  # experts: fixed shards, off
+    assert set(hpas) == {"attention", "gateway"}  # experts: scaled by hand or by KEDA
     for role, hpa in hpas.items():
         wl = production_render.workload(role)
         ref = hpa["spec"]["scaleTargetRef"]
@@ -270,13 +343,13 @@ def test_autoscalers_off_by_default_and_target_real_workloads(default_render: Re
         assert "replicas" not in wl["spec"]  # the HPA owns it
     pods_metrics = [m["pods"]["metric"]["name"] for m in hpas["attention"]["spec"]["metrics"]
                     if m["type"] == "Pods"]
-    assert "megascale:num_requests_waiting" in pods_metrics
+    assert "megascale_num_requests_waiting" in pods_metrics
     kinds = {m["type"] for m in hpas["gateway"]["spec"]["metrics"]}
     assert kinds == {"Resource", "Pods"}
 
 
-def test_expert_autoscaler_keeps_the_shard_count_in_the_statefulset(helm) -> None:  # noqa: ANN001
-    out = render({"expert": {"replicas": 3, "autoscaling": {"enabled": True}}})
+def test_fixed_expert_autoscaler_keeps_the_shard_count_in_the_statefulset(helm) -> None:  # noqa: ANN001
+    out = render({"expert": {"replicas": 3, "elastic": False, "autoscaling": {"enabled": True}}})
     experts = out.workload("expert")
     assert experts["spec"]["replicas"] == 3  # N stays pinned: it is part of every shard
     assert out.get("HorizontalPodAutoscaler", experts["metadata"]["name"])
@@ -287,8 +360,12 @@ def test_expert_autoscaler_keeps_the_shard_count_in_the_statefulset(helm) -> Non
 def test_names_fit_dns_limits_with_a_long_release_name(helm) -> None:  # noqa: ANN001
     out = render(name="a-very-long-release-name-for-megascale-infer-tests")
     for o in out.objects:
-        assert len(o["metadata"]["name"]) <= 52, o["metadata"]["name"]  # + "-NNN" pod suffix
-    for _, ns, _ in _pods(out, "attention"):
+        # pods and their Services: + "-NNN" pod suffix; the rest: a DNS label
+        limit = 52 if o["kind"] in ("Deployment", "StatefulSet", "Service") else 63
+        assert len(o["metadata"]["name"]) <= limit, o["metadata"]["name"]
+    fixed = render({"expert": {"elastic": False}},
+                   name="a-very-long-release-name-for-megascale-infer-tests")
+    for _, ns, _ in _pods(fixed, "attention"):
         assert all(len(host.split(".")[0]) <= 63 for host in ns.expert_nodes.split(","))
 
 

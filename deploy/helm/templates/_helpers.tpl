@@ -46,7 +46,12 @@ app.kubernetes.io/component: {{ .role }}
 {{- define "megascale.image" -}}
 {{- $v := .root.Values -}}
 {{- $img := merge (deepCopy (default (dict) (index $v .role).image)) (deepCopy $v.image) -}}
-{{- printf "%s:%s" $img.repository (default .root.Chart.AppVersion ($img.tag | toString)) }}
+{{- $variant := default "auto" $img.variant -}}
+{{- if eq $variant "auto" -}}
+{{- $device := toString (default "cpu" (index $v .role).device) -}}
+{{- $variant = ternary "cpu" "cuda" (eq $device "cpu") -}}
+{{- end -}}
+{{- printf "%s:%s" $img.repository (default (printf "%s-%s" .root.Chart.AppVersion $variant) ($img.tag | toString)) }}
 {{- end }}
 
 {{- define "megascale.pullPolicy" -}}
@@ -59,11 +64,144 @@ app.kubernetes.io/component: {{ .role }}
 {{- printf "%s.%s.svc.%s:%v" (include "megascale.roleName" (dict "root" . "role" "scheduler")) .Release.Namespace .Values.clusterDomain .Values.scheduler.grpcPort }}
 {{- end }}
 
-{{- define "megascale.redisUrl" -}}
-{{- if .Values.redis.enabled }}
-{{- printf "redis://%s.%s.svc.%s:%v/0" (include "megascale.roleName" (dict "root" . "role" "redis")) .Release.Namespace .Values.clusterDomain .Values.redis.port }}
+{{/* The Secret (name, key) holding the chart Redis's password. */}}
+{{- define "megascale.redisAuthSecret" -}}
+{{- default (include "megascale.roleName" (dict "root" . "role" "redis-auth")) .Values.redis.auth.existingSecret }}
+{{- end }}
+
+{{/* The scheduler's Redis env: the chart Redis's URL with the password from its Secret, or
+the whole external URL from a Secret. Nothing secret is ever a plain value. */}}
+{{- define "megascale.redisEnv" -}}
+{{- $r := .Values.redis }}
+{{- if $r.enabled }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "megascale.redisAuthSecret" . }}
+      key: {{ $r.auth.existingSecretKey }}
+- name: MEGASCALE_REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s.%s.svc.%s:%v/0" (include "megascale.roleName" (dict "root" . "role" "redis")) .Release.Namespace .Values.clusterDomain $r.port | quote }}
 {{- else }}
-{{- required "redis.url is required when redis.enabled is false (e.g. redis://my-redis:6379/0)" .Values.redis.url }}
+- name: MEGASCALE_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "redis.external.urlSecret is required when redis.enabled is false (a Secret holding the redis:// URL)" $r.external.urlSecret }}
+      key: {{ $r.external.urlSecretKey }}
+{{- end }}
+{{- end }}
+
+{{- define "megascale.clusterTokenSecret" -}}
+{{- default (include "megascale.roleName" (dict "root" . "role" "cluster-token")) .Values.security.clusterToken.existingSecret }}
+{{- end }}
+
+{{- define "megascale.tlsSecret" -}}
+{{- $t := .root.Values.security.tls }}
+{{- default (required "security.tls.secretName (or security.tls.perRole.ROLE) is required when security.tls.enabled is true" (default (index $t.perRole .role) $t.secretName)) (index $t.perRole .role) }}
+{{- end }}
+
+{{/* Env of the token and TLS files (mounted by megascale.securityMounts). (dict "root" $ "role" R) */}}
+{{- define "megascale.securityEnv" -}}
+{{- $sec := .root.Values.security }}
+{{- if $sec.clusterToken.enabled }}
+- name: MEGASCALE_CLUSTER_TOKEN_FILE
+  value: /var/run/secrets/megascale/cluster-token/token
+{{- end }}
+{{- if $sec.tls.enabled }}
+- name: MEGASCALE_TLS_CERT_FILE
+  value: /var/run/secrets/megascale/tls/tls.crt
+- name: MEGASCALE_TLS_KEY_FILE
+  value: /var/run/secrets/megascale/tls/tls.key
+- name: MEGASCALE_TLS_CA_FILE
+  value: /var/run/secrets/megascale/tls/ca.crt
+{{- end }}
+{{- end }}
+
+{{- define "megascale.securityMounts" -}}
+{{- $sec := .root.Values.security }}
+- name: tmp
+  mountPath: /tmp
+{{- if $sec.clusterToken.enabled }}
+- name: cluster-token
+  mountPath: /var/run/secrets/megascale/cluster-token
+  readOnly: true
+{{- end }}
+{{- if $sec.tls.enabled }}
+- name: tls
+  mountPath: /var/run/secrets/megascale/tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "megascale.securityVolumes" -}}
+{{- $sec := .root.Values.security }}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .root.Values.common.tmpSize }}
+{{- if $sec.clusterToken.enabled }}
+- name: cluster-token
+  secret:
+    secretName: {{ include "megascale.clusterTokenSecret" .root }}
+    defaultMode: 0440
+    items:
+      - key: {{ $sec.clusterToken.existingSecretKey }}
+        path: token
+{{- end }}
+{{- if $sec.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "megascale.tlsSecret" . }}
+    defaultMode: 0440
+    items:
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+      - {key: ca.crt, path: ca.crt}
+{{- end }}
+{{- end }}
+
+{{/* The pod securityContext (the same for every megascale pod); no role calls the
+Kubernetes API, so no pod gets a service account token. */}}
+{{- define "megascale.podSecurityContext" -}}
+automountServiceAccountToken: false
+securityContext:
+  {{- toYaml .root.Values.security.podSecurityContext | nindent 2 }}
+{{- end }}
+
+{{/* A container securityContext; attention and expert add IPC_LOCK for rdma. */}}
+{{- define "megascale.containerSecurityContext" -}}
+{{- $c := deepCopy .root.Values.security.containerSecurityContext }}
+{{- if and .root.Values.security.rdma.enabled (has .role (list "attention" "expert")) }}
+{{- $caps := default (dict) $c.capabilities }}
+{{- $_ := set $caps "add" (list "IPC_LOCK") }}
+{{- $_ := set $c "capabilities" $caps }}
+{{- end }}
+securityContext:
+  {{- toYaml $c | nindent 2 }}
+{{- end }}
+
+{{/* resources with ROLE.gpus merged in as nvidia.com/gpu (requests = limits for an extended
+resource). */}}
+{{- define "megascale.resources" -}}
+{{- $r := index .root.Values .role }}
+{{- $res := deepCopy (default (dict) $r.resources) }}
+{{- if gt (int (default 0 $r.gpus)) 0 }}
+{{- $limits := default (dict) $res.limits }}
+{{- $_ := set $limits "nvidia.com/gpu" (int $r.gpus) }}
+{{- $_ := set $res "limits" $limits }}
+{{- end }}
+{{- with $res }}
+resources:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* preStop sleep: the pod keeps serving what it has while it leaves the endpoints. */}}
+{{- define "megascale.lifecycle" -}}
+{{- $r := index .root.Values .role }}
+{{- if gt (int $r.preStopSeconds) 0 }}
+lifecycle:
+  preStop:
+    exec:
+      command: ["sleep", {{ $r.preStopSeconds | quote }}]
 {{- end }}
 {{- end }}
 
@@ -96,6 +234,40 @@ headless Service (stable DNS names, so the list is known before the pods exist).
 {{- if lt (int $v.attention.microBatches) 1 }}
 {{- fail (printf "attention.microBatches must be >= 1, got %v" $v.attention.microBatches) }}
 {{- end }}
+{{- if $v.expert.elastic }}
+{{- if lt (int $v.expert.replicas) (int $v.scheduler.expertReplicas) }}
+{{- fail (printf "expert.replicas (%v) must be >= scheduler.expertReplicas (%v): copies of an expert live on distinct nodes" $v.expert.replicas $v.scheduler.expertReplicas) }}
+{{- end }}
+{{- range $k := list "autoscaling" "keda" }}
+{{- $a := index $v.expert $k }}
+{{- if and $a.enabled (lt (int $a.minReplicas) (int $v.scheduler.expertReplicas)) }}
+{{- fail (printf "expert.%s.minReplicas (%v) must be >= scheduler.expertReplicas (%v)" $k $a.minReplicas $v.scheduler.expertReplicas) }}
+{{- end }}
+{{- end }}
+{{- else if $v.expert.keda.enabled }}
+{{- fail "expert.keda needs expert.elastic: fixed shards cannot change N at run time" }}
+{{- end }}
+{{- range $role := list "expert" "attention" "gateway" }}
+{{- $r := index $v $role }}
+{{- if and $r.autoscaling.enabled $r.keda.enabled }}
+{{- fail (printf "%s.autoscaling and %s.keda are exclusive (KEDA makes its own HPA)" $role $role) }}
+{{- end }}
+{{- if and $r.keda.enabled (gt (int $r.keda.minReplicas) (int $r.keda.maxReplicas)) }}
+{{- fail (printf "%s.keda.minReplicas (%v) must be <= maxReplicas (%v)" $role $r.keda.minReplicas $r.keda.maxReplicas) }}
+{{- end }}
+{{- end }}
+{{- range $role := list "scheduler" "expert" "attention" "gateway" }}
+{{- $r := index $v $role }}
+{{- if le (int $r.terminationGracePeriodSeconds) (int $r.preStopSeconds) }}
+{{- fail (printf "%s.terminationGracePeriodSeconds (%v) must exceed %s.preStopSeconds (%v): the process needs time to stop after the sleep" $role $r.terminationGracePeriodSeconds $role $r.preStopSeconds) }}
+{{- end }}
+{{- end }}
+{{- range $role := list "expert" "attention" }}
+{{- $r := index $v $role }}
+{{- if and (hasPrefix "cuda" (toString $r.device)) (eq (int $r.gpus) 0) (not (hasKey (default (dict) (default (dict) $r.resources).limits) "nvidia.com/gpu")) }}
+{{- fail (printf "%s.device is %s but its pods request no GPU: set %s.gpus (nvidia.com/gpu)" $role $r.device $role) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Downward-API env every role gets first, so later values can use $(POD_NAME) etc. */}}
@@ -112,6 +284,9 @@ headless Service (stable DNS names, so the list is known before the pods exist).
   value: "$(POD_NAME)"
 - name: MEGASCALE_HOST
   value: "0.0.0.0"
+# The root filesystem is read-only: caches (torch, Triton, FlashInfer) go to the /tmp emptyDir.
+- name: HOME
+  value: /tmp
 {{- end }}
 
 {{/* Env after the role's own: log level, common env, the role's extra env. (dict "root" $ "role" "expert") */}}
@@ -187,9 +362,12 @@ initContainers:
     resources:
       {{- toYaml . | nindent 6 }}
     {{- end }}
+    {{- include "megascale.containerSecurityContext" (dict "root" .root "role" "demo-model") | nindent 4 }}
     volumeMounts:
       - name: model
         mountPath: /model
+      - name: tmp
+        mountPath: /tmp
 {{- end }}
 {{- end }}
 
@@ -209,10 +387,13 @@ prometheus.io/path: /metrics
 {{- end }}
 {{- end }}
 
-{{/* nodeSelector / tolerations / affinity / pull secrets of a role's pod spec. */}}
+{{/* nodeSelector / tolerations / affinity / pull secrets / grace of a role's pod spec. */}}
 {{- define "megascale.scheduling" -}}
 {{- $v := .root.Values }}
 {{- $r := index $v .role }}
+{{- with $r.terminationGracePeriodSeconds }}
+terminationGracePeriodSeconds: {{ . }}
+{{- end }}
 {{- with $v.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}

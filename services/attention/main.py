@@ -17,7 +17,7 @@ __all__ = ["add_arguments", "build", "serve"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_server_flags(p)
     add_compute_flags(p)
-    add_flag(p, "--expert-nodes", default="",
+    add_flag(p, "--expert-nodes", default=None,
              help="comma list of the expert nodes' gRPC addresses")
     add_flag(p, "--local-experts", action="store_true",
              help="colocated mode: compute every expert in this process (no expert nodes)")

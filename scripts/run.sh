@@ -10,4 +10,6 @@ MODEL_DIR="${MEGASCALE_MODEL:-.demo/mixtral}"
 if [ ! -f "$MODEL_DIR/config.json" ]; then
   megascale demo-model --family mixtral --out "$MODEL_DIR"
 fi
-exec megascale up --model "$MODEL_DIR" "$@"
+# The demo shows the disaggregated architecture; `megascale up` alone picks the layout for the
+# machine (colocated on one CPU host) and says why. Later flags win (--layout colocated).
+exec megascale up --model "$MODEL_DIR" --layout disaggregated "$@"

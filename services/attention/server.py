@@ -178,7 +178,7 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
                               dtype=attention.dtype, device=attention.device,
                               auth_token=auth.m2n_token())
         life.defer(client.close)
-        metrics = AttentionMetrics()
+        metrics = AttentionMetrics(config.served_model_name or model_id(config.model_dir))
         timeline = timeline_for(config.node_id)
 
         def on_step(plan: StepPlan, t: StepTimings) -> None:

@@ -17,6 +17,7 @@ from array import array
 from collections.abc import Sequence
 
 ROUTING_BLOCK_SIZE = 16  # tokens per block of the gateway's routing hashes (any replica size)
+MAX_ROUTING_BLOCKS = 256  # leading blocks a PickReplica carries (4096 tokens)
 HASH_BYTES = 16
 
 
@@ -42,3 +43,8 @@ def chain_hashes(tokens: Sequence[int], block_size: int, limit: int | None = Non
 def routing_key(h: bytes) -> int:
     """The 64-bit key of a block hash that travels in ``PickReplicaRequest``."""
     return int.from_bytes(h[:8], "little")
+
+
+def routing_keys(prompt: Sequence[int]) -> list[int]:
+    """The ``PickReplicaRequest.prefix_hashes`` of a prompt (cache-aware routing)."""
+    return [routing_key(h) for h in chain_hashes(prompt, ROUTING_BLOCK_SIZE, MAX_ROUTING_BLOCKS)]

@@ -3,13 +3,17 @@ eviction, and the batcher admitting a request after its cached prefix."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from services.attention.batching import Batcher, BatchingConfig, Request, Status
+from services.attention.main import add_arguments
 from services.attention.prefix_cache import PrefixCachingBlockManager
 from services.core.kv_cache import KVCacheFull
 from services.core.prefix_hash import chain_hashes, extend_chain
 from services.core.request import FinishReason, SamplingParams
+from services.errors import ConfigError
 
 BS = 4
 
@@ -143,3 +147,23 @@ def test_batcher_commits_decoded_blocks_at_the_next_step():
     # tokens 0..4 computed when the 3rd decode step is planned: block 0 is full and cached
     assert s.prefix.num_cached_blocks == 1
     assert s.prefix.match(chain_hashes([1, 2, 3, 9], BS), 1) == s.blocks.block_table("a")[:1]
+
+
+def _attention_flags() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p
+
+
+def test_the_flag_defaults_on_and_takes_the_environment(monkeypatch):
+    base = ["--model", "m", "--expert-nodes", "e:1"]
+    assert _attention_flags().parse_args(base).enable_prefix_caching is True
+    off = _attention_flags().parse_args([*base, "--no-enable-prefix-caching"])
+    assert off.enable_prefix_caching is False
+    monkeypatch.setenv("MEGASCALE_ENABLE_PREFIX_CACHING", "false")
+    assert _attention_flags().parse_args(base).enable_prefix_caching is False
+    on = _attention_flags().parse_args([*base, "--enable-prefix-caching"])
+    assert on.enable_prefix_caching is True  # the command line wins
+    monkeypatch.setenv("MEGASCALE_ENABLE_PREFIX_CACHING", "maybe")
+    with pytest.raises(ConfigError, match="--enable-prefix-caching"):
+        _attention_flags()

@@ -75,10 +75,11 @@ def test_vllm_named_metrics_with_model_name(up, client):
     def moved(name: str, labels: tuple = (m,)) -> float:
         return gw[(name, labels)] - gw0.get((name, labels), 0)
 
-    for hist in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
-                 "request_time_per_output_token_seconds"):
+    for hist in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
         assert moved(f"megascale:{hist}_count") == 2, hist
-    assert moved("megascale:inter_token_latency_seconds_count") >= 11 + 1
+    # TPOT needs 2 tokens: the stopped request may have ended on its first
+    assert moved("megascale:request_time_per_output_token_seconds_count") >= 1
+    assert moved("megascale:inter_token_latency_seconds_count") >= 11
     assert moved("megascale:generation_tokens_total") >= 13
     assert moved("megascale:prompt_tokens_total") > 0
     assert moved("megascale:request_prompt_tokens_count") == 2

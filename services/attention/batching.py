@@ -33,7 +33,9 @@ from typing import NamedTuple
 
 import torch
 
+from services.attention.prefix_cache import PrefixCachingBlockManager
 from services.core.kv_cache import BlockManager
+from services.core.prefix_hash import extend_chain
 from services.core.request import FinishReason, SamplingParams
 from services.errors import UserError
 
@@ -68,6 +70,8 @@ class Request:
     trace: tuple[bytes, bytes] | None = None  # (trace id, span id) carried in M2N headers
     num_streamed: int = 0  # output tokens already sent to the client (resumed ones count)
     lane: int = 0  # the engine lane (micro-batch) it runs in, set at admission
+    # chained hashes of its full blocks (prefix caching), extended as they are needed
+    block_hashes: list[bytes] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -141,6 +145,8 @@ class Batcher:
 
     def __init__(self, blocks: BlockManager, config: BatchingConfig) -> None:
         self.blocks = blocks
+        # prefix caching (services/attention/prefix_cache.py) when the pool supports it
+        self.prefix = blocks if isinstance(blocks, PrefixCachingBlockManager) else None
         self.config = config
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -184,6 +190,9 @@ class Batcher:
         else:
             self.waiting.remove(request)
         if request.request_id in self.blocks:
+            if self.prefix is not None and reason is not FinishReason.ERROR:
+                # its steps are over (an error may have cut one short: nothing to share)
+                self._commit(request, request.num_computed)
             self.blocks.free(request.request_id)
         request.status = Status.FINISHED
         request.finish_reason = reason
@@ -232,11 +241,15 @@ class Batcher:
         while (self.waiting and budget > 0 and not preempted and len(mine) < seq_cap
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed, budget)
-            if not blocks.can_allocate(n):
+            if self.prefix is None:
+                n = min(req.num_tokens - req.num_computed, budget)
+                if not blocks.can_allocate(n):
+                    break
+                self.waiting.popleft()
+                blocks.allocate(req.request_id, 0)
+            elif not self._admit_cached(req, budget):
                 break
-            self.waiting.popleft()
-            blocks.allocate(req.request_id, 0)
+            n = min(req.num_tokens - req.num_computed, budget)
             req.status = Status.RUNNING
             req.lane = lane
             self.running.append(req)
@@ -266,15 +279,50 @@ class Batcher:
             sizes[lane] -= 1
             sizes[small] += 1
 
-    @staticmethod
-    def _take(req: Request, n: int) -> ScheduledChunk:
+    def _admit_cached(self, req: Request, budget: int) -> bool:
+        """Pop ``req`` (head of the queue) and give it its blocks, the cached prefix first
+        (``num_computed`` = the prefix); False (nothing changed) if the pool is short."""
+        p = self.prefix
+        bs = p.block_size
+        usable = (req.num_tokens - 1) // bs  # leave its last token to compute: the logits
+        hashes = req.block_hashes
+        if len(hashes) < usable:
+            extend_chain(hashes, req.token_slice(len(hashes) * bs, usable * bs), bs)
+        prefix = p.match(hashes, usable)
+        start = len(prefix) * bs
+        if not p.can_allocate(start + min(req.num_tokens - start, budget), prefix):
+            return False
+        self.waiting.popleft()
+        p.allocate(req.request_id, 0, prefix)
+        p.record_lookup(req.num_tokens, start)
+        req.num_computed = start
+        return True
+
+    def _commit(self, req: Request, num_computed: int) -> None:
+        """Register ``req``'s full blocks among its first ``num_computed`` tokens (K/V written)
+        in the prefix cache."""
+        p = self.prefix
+        bs = p.block_size
+        full = num_computed // bs
+        if full <= p.committed(req.request_id):  # the hot case (decode inside a block)
+            return
+        hashes = req.block_hashes
+        if len(hashes) < full:
+            extend_chain(hashes, req.token_slice(len(hashes) * bs, full * bs), bs)
+        p.commit(req.request_id, hashes, num_computed)
+
+    def _take(self, req: Request, n: int) -> ScheduledChunk:
         """The chunk of ``req``'s next ``n`` tokens (their KV slots already appended)."""
         start = req.num_computed
+        if self.prefix is not None:  # tokens before ``start`` were computed by earlier steps
+            self._commit(req, start)
         req.num_computed = start + n
         return ScheduledChunk(req, start, n, start + n == req.num_tokens)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        if self.prefix is not None:  # between its steps: what it computed can be shared
+            self._commit(req, req.num_computed)
         self.blocks.free(req.request_id)
         req.num_computed = 0
         req.status = Status.WAITING

@@ -38,6 +38,8 @@ class AttentionConfig:
     num_blocks: int | None = None     # KV blocks; None = sized at start (server.kv_blocks)
     gpu_memory_utilization: float = 0.9  # on CUDA: fraction of the card this replica may use
     batching: BatchingConfig = BatchingConfig()
+    enable_prefix_caching: bool = True  # share full KV blocks by content (prefix_cache.py)
+    served_model_name: str = ""       # the model_name label of its metrics; "" = model id
     expert_timeout_s: float = 10.0    # bound on a node's replies before it is marked down
     expert_readmit_s: float = 30.0    # retry a down node with a healthy link after this; 0 = no
     scheduler: str | None = None      # the scheduler service's gRPC address; None = none

@@ -50,6 +50,7 @@ from services.attention.pingpong import (
     StepTimings,
     build_micro_batch,
 )
+from services.attention.prefix_cache import PrefixCachingBlockManager
 from services.attention.routing import ExpertUnavailable, Placement
 from services.core.kv_cache import BlockManager
 from services.core.model import AttentionSide
@@ -91,7 +92,8 @@ class Engine:
         self.cfg = attention.cfg
         self.config = config
         self.client = client
-        self.blocks = BlockManager(config.num_blocks, config.block_size)
+        pool = PrefixCachingBlockManager if config.enable_prefix_caching else BlockManager
+        self.blocks = pool(config.num_blocks, config.block_size)
         self.kv = attention.new_kv_cache(config.num_blocks, config.block_size)
         sc = config.batching
         max_len = min(sc.max_model_len, self.cfg.max_position_embeddings)

@@ -36,6 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--max-num-seqs", type=int, default=64, help="running requests per step")
     add_flag(p, "--max-batch-tokens", type=int, default=512, help="tokens per step")
     add_flag(p, "--max-model-len", type=int, default=4096, help="prompt + output tokens")
+    add_flag(p, "--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+             default=True,
+             help="share the KV blocks of a prompt prefix seen before (full blocks, by content "
+                  "hash; cached blocks are evicted least recently used when the pool runs dry)")
+    add_flag(p, "--served-model-name", default="",
+             help="the model name clients use (the model_name label of the metrics; default: "
+                  "the model directory's name)")
     add_flag(p, "--scheduler", default=None,
              help="scheduler gRPC address to register with (optional)")
     add_flag(p, "--expert-timeout", type=float, default=10.0,
@@ -59,6 +66,8 @@ def build(args: argparse.Namespace) -> AttentionConfig:
         batching=BatchingConfig(max_num_seqs=args.max_num_seqs,
                                   max_batch_tokens=args.max_batch_tokens,
                                   max_model_len=args.max_model_len),
+        enable_prefix_caching=args.enable_prefix_caching,
+        served_model_name=args.served_model_name,
         expert_timeout_s=args.expert_timeout, expert_readmit_s=args.expert_readmit,
         scheduler=args.scheduler,
         threads=threads_from(args),

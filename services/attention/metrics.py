@@ -1,4 +1,11 @@
-"""Prometheus metrics of an attention replica (vLLM-style names; docs/ARCHITECTURE.md §8)."""
+"""Prometheus metrics of an attention replica (vLLM-style names; docs/ARCHITECTURE.md §8).
+
+The engine-state series vLLM users alert on live here, with vLLM's names and a ``model_name``
+label: requests running / waiting, KV usage, queue time, prefix-cache queries and hits. The
+request-level ones (TTFT, ITL, TPOT, E2E, tokens, finishes) are the gateway's, where the
+client's request arrives and leaves (services/gateway/metrics.py); the replica's own view of
+them is kept under ``megascale:replica_*`` names so that no series is exported twice.
+"""
 
 from __future__ import annotations
 
@@ -22,26 +29,47 @@ WINDOW = 64  # steps averaged in LoadReport
 class _EngineCollector(Collector):
     """Gauges read from the engine at scrape time."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, model_name: str) -> None:
         self.engine = engine
+        self.model_name = model_name
+
+    def _labelled(self, family, value: float):  # noqa: ANN001, ANN202 - a metric family
+        family.add_metric([self.model_name], value)
+        return family
 
     def collect(self):  # noqa: ANN201 - prometheus collector protocol
         load = self.engine.load()
-        yield GaugeMetricFamily("megascale:num_requests_running",
-                                "Requests in the running batch", value=load["running"])
-        yield GaugeMetricFamily("megascale:num_requests_waiting",
-                                "Requests waiting to be scheduled", value=load["waiting"])
-        yield GaugeMetricFamily("megascale:kv_cache_usage_perc",
-                                "Fraction of KV cache blocks in use (0-1)",
-                                value=load["kv_usage"])
+        m = ["model_name"]
+        yield self._labelled(GaugeMetricFamily("megascale:num_requests_running",
+                                               "Requests in the running batch", labels=m),
+                             load["running"])
+        yield self._labelled(GaugeMetricFamily("megascale:num_requests_waiting",
+                                               "Requests waiting to be scheduled", labels=m),
+                             load["waiting"])
+        yield self._labelled(GaugeMetricFamily("megascale:kv_cache_usage_perc",
+                                               "Fraction of KV cache blocks held by requests "
+                                               "(0-1; cached blocks no request holds count as "
+                                               "free)", labels=m), load["kv_usage"])
+        prefix = self.engine.batcher.prefix
+        if prefix is not None:  # plain int reads: safe from the scrape thread
+            yield self._labelled(CounterMetricFamily(
+                "megascale:prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                "cache at admission", labels=m), prefix.queries)
+            yield self._labelled(CounterMetricFamily(
+                "megascale:prefix_cache_hits", "Of the tokens looked up, those found cached "
+                "(their prefill skipped)", labels=m), prefix.hits)
+            yield self._labelled(CounterMetricFamily(
+                "megascale:prefix_cache_evictions", "Cached KV blocks evicted (least "
+                "recently used) for new tokens", labels=m), prefix.evictions)
         yield CounterMetricFamily("megascale:lane_rebalance_moves",
                                   "Running requests handed from a larger lane (micro-batch) to "
                                   "a smaller one after others finished",
                                   value=self.engine.batcher.lane_moves)
         finished = self.engine.finished_counts()
-        success = CounterMetricFamily("megascale:request_success", "Finished requests by "
-                                      "reason, counted by the engine (a request whose client "
-                                      "went away counts as abort)", labels=["reason"])
+        success = CounterMetricFamily("megascale:replica_request_success", "Finished "
+                                      "requests by reason, counted by the engine (a request "
+                                      "whose client went away counts as abort)",
+                                      labels=["reason"])
         for reason in FinishReason:
             success.add_metric([reason.value], finished.get(reason, 0))
         yield success
@@ -58,24 +86,27 @@ class _EngineCollector(Collector):
 
 
 class AttentionMetrics:
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "") -> None:
+        self.model_name = model_name
         self.registry = r = new_registry()
         b = LATENCY_BUCKETS
-        self.ttft = Histogram("megascale:time_to_first_token_seconds",
+        self.ttft = Histogram("megascale:replica_time_to_first_token_seconds",
                               "Arrival at the gateway to first token", buckets=b, registry=r)
-        self.itl = Histogram("megascale:inter_token_latency_seconds",
+        self.itl = Histogram("megascale:replica_inter_token_latency_seconds",
                              "Time between output tokens", buckets=b, registry=r)
-        self.e2e = Histogram("megascale:e2e_request_latency_seconds",
+        self.e2e = Histogram("megascale:replica_e2e_request_latency_seconds",
                              "Arrival to the last token", buckets=b, registry=r)
         self.queue = Histogram("megascale:request_queue_time_seconds",
-                               "Arrival to first scheduled", buckets=b, registry=r)
+                               "Arrival at the gateway to first scheduled on the replica",
+                               ["model_name"], buckets=b, registry=r).labels(model_name)
         self.delivery = Histogram("megascale:token_delivery_delay_seconds", "Engine emitted "
                                   "an event (after sampling) to its gRPC stream taking it: the "
                                   "deferred delivery plus the event-loop hop", buckets=b,
                                   registry=r)
-        self.generated = Counter("megascale:generation_tokens", "Generated tokens", registry=r)
-        self.prompt = Counter("megascale:prompt_tokens", "Prompt tokens computed (prefill, "
-                              "recompute included)", registry=r)
+        self.generated = Counter("megascale:replica_generation_tokens", "Generated tokens",
+                                 registry=r)
+        self.prompt = Counter("megascale:replica_prompt_tokens", "Prompt tokens computed "
+                              "(prefill, recompute included)", registry=r)
         self.step = Histogram("megascale:step_duration_seconds", "Wall time of one lane's "
                               "step (the m lanes overlap in time)", buckets=b, registry=r)
         self.attn = Histogram("megascale:attention_compute_seconds", "T_a: attention compute "
@@ -88,7 +119,7 @@ class AttentionMetrics:
         self._recent: deque[tuple[float, float, float, int, float]] = deque(maxlen=WINDOW)
 
     def watch(self, engine: Engine) -> None:
-        self.registry.register(_EngineCollector(engine))
+        self.registry.register(_EngineCollector(engine, self.model_name))
 
     def on_step(self, plan: StepPlan, t: StepTimings) -> None:
         """Called by the engine thread after every step."""

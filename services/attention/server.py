@@ -197,7 +197,7 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
         else:
             client, attacher, reply_url = await _remote_client(config, cfg, attention, life)
         life.defer(client.close)
-        metrics = AttentionMetrics()
+        metrics = AttentionMetrics(config.served_model_name or model_id(config.model_dir))
         timeline = timeline_for(config.node_id)
 
         def on_step(plan: StepPlan, t: StepTimings) -> None:

@@ -24,9 +24,20 @@ def add_flag(p: argparse.ArgumentParser, flag: str, **kw: Any) -> None:
     """``p.add_argument(flag, **kw)`` whose default comes from MEGASCALE_FLAG when set."""
     env = env_value(flag)
     if env is not None:
-        kw["default"] = kw.get("type", str)(env)
+        boolean = kw.get("action") is argparse.BooleanOptionalAction
+        kw["default"] = flag_bool(env, flag) if boolean else kw.get("type", str)(env)
         kw.pop("required", None)
     p.add_argument(flag, **kw)
+
+
+def flag_bool(value: str, flag: str) -> bool:
+    """A boolean flag's value from the environment (1/true/yes/on, 0/false/no/off)."""
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{flag}: expected true or false, got {value!r}")
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:

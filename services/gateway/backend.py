@@ -26,6 +26,7 @@ import grpc
 from megascale.v1 import attention_pb2, attention_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.common import auth
 from services.common.grpcserver import MAX_MESSAGE_BYTES
+from services.core.prefix_hash import routing_keys
 from services.core.request import (
     FinishReason,
     SamplingParams,
@@ -80,7 +81,8 @@ class ReplicaEvent:
 
 
 class ReplicaPicker(Protocol):
-    async def pick(self, prompt_tokens: int, exclude: Sequence[str]) -> Replica: ...
+    async def pick(self, prompt_tokens: int, exclude: Sequence[str],
+                   prefix: Sequence[int] = ()) -> Replica: ...
     def known(self) -> list[Replica]: ...
     def started(self, replica: Replica) -> None: ...
     def finished(self, replica: Replica, failed: bool) -> None: ...
@@ -110,7 +112,10 @@ class StaticPicker:
         self.replicas.append(replica)
         self.in_flight.setdefault(replica.node_id, 0)
 
-    async def pick(self, prompt_tokens: int, exclude: Sequence[str]) -> Replica:
+    async def pick(self, prompt_tokens: int, exclude: Sequence[str],
+                   prefix: Sequence[int] = ()) -> Replica:
+        """``prefix`` (the prompt's routing hashes) is not used: no prefix affinity without
+        the scheduler."""
         now = time.monotonic()
         ok = [r for r in self.replicas if r.node_id not in exclude]
         healthy = [r for r in ok if now - self.failed_at.get(r.node_id, -1e9) > FAILED_COOLDOWN_S]
@@ -154,13 +159,15 @@ class SchedulerPicker:
         self.fallbacks = 0  # requests placed without the scheduler
         self._channel: grpc.aio.Channel | None = None
 
-    async def pick(self, prompt_tokens: int, exclude: Sequence[str]) -> Replica:
+    async def pick(self, prompt_tokens: int, exclude: Sequence[str],
+                   prefix: Sequence[int] = ()) -> Replica:
         if self._channel is None:
             self._channel = auth.channel(self.address)
         stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         try:
             resp = await stub.PickReplica(scheduler_pb2.PickReplicaRequest(
-                prompt_tokens=prompt_tokens, exclude_node_ids=list(exclude), model=self.model),
+                prompt_tokens=prompt_tokens, exclude_node_ids=list(exclude), model=self.model,
+                prefix_hashes=prefix),
                 timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             err = rpc_error_to_gateway(exc, f"scheduler {self.address}")
@@ -174,7 +181,7 @@ class SchedulerPicker:
                                 "replicas until it answers again", self.address,
                                 exc.code().name, len(self.fallback.replicas))
                 self.fallbacks += 1
-                return await self.fallback.pick(prompt_tokens, exclude)
+                return await self.fallback.pick(prompt_tokens, exclude, prefix)
             raise err from None
         if self.fallbacks:
             log.info("scheduler %s answers again (%d requests were placed without it)",
@@ -266,9 +273,10 @@ class Backend:
         output: list[int] = []
         exclude: list[str] = []
         last_error: GatewayError | None = None
+        prefix = routing_keys(req.prompt_ids)  # cache-aware routing (scheduler/balancer.py)
         for attempt in range(self.max_attempts):
             try:
-                replica = await self.picker.pick(len(req.prompt_ids), exclude)
+                replica = await self.picker.pick(len(req.prompt_ids), exclude, prefix)
             except GatewayError:
                 if last_error is not None:
                     raise last_error from None

@@ -9,7 +9,6 @@ behind it, and on the last delta the finish reason and usage.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -99,11 +98,11 @@ class Generation:
         """Stream deltas; raises :class:`GatewayError` (before or during the stream)."""
         stream = self.text.stream(req.prompt_ids, req.stop)
         held: list[int] = []  # ids whose text is not released yet
-        first = True
         prompt_tokens = len(req.prompt_ids)
         completion = 0
         self.metrics.in_flight.inc()
-        self.metrics.prompt_tokens.inc(prompt_tokens)
+        clock = self.metrics.request(req.arrival_mono, prompt_tokens)
+        ended = FinishReason.ABORT  # unless it ends below (a client gone, the task cancelled)
         span, downstream = None, []
         if tracing.enabled():  # one trace per request: gateway -> attention -> experts
             span = tracing.tracer(__name__).start_span(
@@ -117,18 +116,18 @@ class Generation:
             async for ev in events:
                 held.extend(ev.token_ids)
                 completion = ev.completion_tokens
-                if first and ev.token_ids:
-                    self.metrics.ttft.observe(time.monotonic() - req.arrival_mono)
-                    first = False
-                self.metrics.generation_tokens.inc(len(ev.token_ids))
+                clock.tokens_relayed(len(ev.token_ids))
                 piece = stream.push(ev.token_ids)
                 if stream.stopped:
-                    down.ended_as = FinishReason.STOP  # the abort that follows is a stop
+                    down.ended_as = ended = FinishReason.STOP  # the abort that follows is a stop
+                    clock.finish(ended)
                     yield self._last(req, piece, held, FinishReason.STOP, prompt_tokens,
                                      completion)
                     return
                 if ev.finish_reason is not None:
                     piece += stream.finish()
+                    ended = ev.finish_reason
+                    clock.finish(ended)
                     yield self._last(req, piece, held, ev.finish_reason, prompt_tokens,
                                      completion, ev.error)
                     return
@@ -137,7 +136,11 @@ class Generation:
                                 completion_tokens=completion)
                     held = []
             raise GatewayError(502, "the replica stream ended without a finish reason")
+        except GatewayError:
+            ended = FinishReason.ERROR
+            raise
         finally:
+            clock.finish(ended)
             await events.aclose()  # cancels the downstream call if still running
             self.metrics.in_flight.dec()
             if span is not None:
@@ -146,5 +149,4 @@ class Generation:
 
     def _last(self, req: GenRequest, piece: str, held: list[int], reason: FinishReason,
               prompt_tokens: int, completion: int, error: str = "") -> Delta:
-        self.metrics.e2e.observe(time.monotonic() - req.arrival_mono)
         return Delta(piece, list(held), reason, prompt_tokens, completion, error)

@@ -138,7 +138,7 @@ async def serve(config: GatewayConfig, ready_file: str | None = None,
 
     async with RoleLifecycle("gateway", config.node_id, config.host) as life:
         text = ModelText(config.model_dir, config.served_model_name, config.max_model_len)
-        metrics = GatewayMetrics()
+        metrics = GatewayMetrics(config.served_model_name)
         picker = (SchedulerPicker(config.scheduler, model_id(config.model_dir),
                                   known=config.attention)
                   if config.scheduler else StaticPicker(config.attention))

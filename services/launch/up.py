@@ -92,6 +92,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(p, "--gpu-memory-utilization", type=float, default=0.9,
              help="on CUDA, the fraction of its card each attention replica may use; its KV "
                   "cache gets what the weights leave")
+    add_flag(p, "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+             help="the replicas share the KV blocks of prompt prefixes seen before")
     p.set_defaults(func=run)
 
 
@@ -311,6 +313,9 @@ def run(args: argparse.Namespace) -> int:
         dtype = "bfloat16" if on_gpu else "float32"
     compute = ["--dtype", dtype, "--max-batch-tokens", str(args.max_batch_tokens)]
     context = ["--max-model-len", str(args.max_model_len)] if args.max_model_len else []
+    named = ["--served-model-name", args.served_model_name] if args.served_model_name else []
+    caching = ["--enable-prefix-caching" if args.enable_prefix_caching
+               else "--no-enable-prefix-caching"]
     print(layout.describe(), flush=True)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="megascale-up-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -351,13 +356,11 @@ def run(args: argparse.Namespace) -> int:
                 "--threads", str(layout.attention_threads),
                 "--device", attention_devices[i % len(attention_devices)],
                 "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-                *compute, *context], f"attention-{i}"))
+                *compute, *context, *named, *caching], f"attention-{i}"))
         gw_args = ["--model", str(model), "--port", str(args.port), "--host", args.host,
                    "--metrics-port", "0",
                    "--scheduler", sched.grpc, "--attention", ",".join(r.grpc for r in replicas)]
-        if args.served_model_name:
-            gw_args += ["--served-model-name", args.served_model_name]
-        gw_args += context
+        gw_args += named + context
         if api_key:  # through a file only the launch can read, never argv
             gw_args += ["--api-key-file", str(_secret_file(workdir / "api.key", api_key))]
         gateway = mesh.start_role("gateway", gw_args, "gateway")

@@ -107,6 +107,8 @@ class SchedulerMetrics:
         self.pushes = c("megascale:scheduler_placement_pushes",
                         "UpdatePlacement calls to nodes", ["result"])
         self.picks = c("megascale:scheduler_pick_replica", "PickReplica answers", ["result"])
+        self.prefix_picks = c("megascale:scheduler_prefix_affinity_picks", "PickReplica "
+                              "answers decided by the prompt's prefix (cache-aware routing)")
         self.redis_errors = c("megascale:scheduler_redis_errors",
                               "Operations that failed because Redis was unreachable")
 

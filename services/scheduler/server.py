@@ -140,6 +140,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.metrics.registrations.labels(role=role_name(request.role)).inc()
         self.controller.note_register(request)
         self.balancer.on_report(request.node_id)
+        self.balancer.prefixes.forget_node(request.node_id)  # a (re)started replica's cache
         self.controller.kick()
         log.info("node %s (%s) registered at %s, epoch %d", request.node_id,
                  role_name(request.role), request.grpc_address, epoch)
@@ -228,8 +229,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     def _pick(self, records: list[NodeRecord], request: scheduler_pb2.PickReplicaRequest
               ) -> NodeRecord:
-        return self.balancer.pick(records, exclude=request.exclude_node_ids,
-                                  prompt_tokens=request.prompt_tokens, model=request.model)
+        routed = self.balancer.prefix_routed
+        rec = self.balancer.pick(records, exclude=request.exclude_node_ids,
+                                 prompt_tokens=request.prompt_tokens, model=request.model,
+                                 prefix_hashes=request.prefix_hashes)
+        if self.balancer.prefix_routed > routed:
+            self.metrics.prefix_picks.inc()
+        return rec
 
     def _placement_metadata(self, context: grpc.aio.ServicerContext) -> None:
         missing = self.controller.missing

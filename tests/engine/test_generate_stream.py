@@ -53,7 +53,8 @@ class StreamClient:
 def finished(mesh: LocalMesh, reason: str) -> float:
     """Requests the replica finished for ``reason`` (counted by its engine)."""
     port = mesh.attention[0].info["metrics_port"]
-    return scrape_metrics(port).get(f'megascale:request_success_total{{reason="{reason}"}}', 0.0)
+    key = f'megascale:replica_request_success_total{{reason="{reason}"}}'
+    return scrape_metrics(port).get(key, 0.0)
 
 
 def running(address: str) -> int:

@@ -45,7 +45,7 @@ def _events(lines) -> list[dict]:
 
 def _aborted(mesh: LocalMesh) -> float:
     """Requests the replicas finished because they were aborted."""
-    key = 'megascale:request_success_total{reason="abort"}'
+    key = 'megascale:replica_request_success_total{reason="abort"}'
     return sum(scrape_metrics(a.info["metrics_port"]).get(key, 0.0) for a in mesh.attention)
 
 

@@ -124,11 +124,11 @@ def test_seed_makes_sampling_reproducible(client):
 
 
 def _finishes(stack) -> dict[str, float]:
-    """megascale:request_success_total by reason, summed over the replicas."""
+    """megascale:replica_request_success_total by reason, summed over the replicas."""
     out: dict[str, float] = {}
     for a in stack.mesh.attention:
         for key, value in scrape_metrics(a.info["metrics_port"]).items():
-            if key.startswith("megascale:request_success_total{"):
+            if key.startswith("megascale:replica_request_success_total{"):
                 reason = key.split('reason="', 1)[1].split('"', 1)[0]
                 out[reason] = out.get(reason, 0) + value
     return out
@@ -263,8 +263,9 @@ def test_metrics_parse_and_move(stack, client):
           (("endpoint", "/v1/completions"), ("status", "404")))
     assert after[ok] == before.get(ok, 0) + 1
     assert after[nf] == before.get(nf, 0) + 1
-    ttft = ("megascale:gateway_time_to_first_token_seconds_count", ())
-    e2e = ("megascale:gateway_e2e_request_latency_seconds_count", ())
+    model = (("model_name", MODEL_NAME),)
+    ttft = ("megascale:time_to_first_token_seconds_count", model)
+    e2e = ("megascale:e2e_request_latency_seconds_count", model)
     assert after[ttft] >= before.get(ttft, 0) + 1
     assert after[e2e] >= before.get(e2e, 0) + 1
     assert after[("megascale:gateway_requests_in_flight", ())] == 0

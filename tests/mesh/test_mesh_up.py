@@ -109,8 +109,8 @@ def test_metrics_on_every_role_move(up, client):
     assert moved("gateway", "megascale:gateway_requests")
     assert moved("expert-0", "megascale:expert_tokens") or moved("expert-1",
                                                                  "megascale:expert_tokens")
-    assert any(moved(f"attention-{i}", "megascale:generation_tokens") for i in (0, 1))
-    assert any(moved(f"attention-{i}", "megascale:time_to_first_token_seconds")
+    assert any(moved(f"attention-{i}", "megascale:replica_generation_tokens") for i in (0, 1))
+    assert any(moved(f"attention-{i}", "megascale:replica_time_to_first_token_seconds")
                for i in (0, 1))
     assert moved("scheduler", "megascale:scheduler_pick_replica")
     for i in (0, 1):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from megascale.v1 import common_pb2 as megascale_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmegascale/v1/scheduler.proto\x12\x0cmegascale.v1\x1a\x19megascale/v1/common.proto\"j\n\x10RegisterResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0blease_ttl_s\x18\x02 \x01(\x02\x12\x32\n\x08settings\x18\x03 \x01(\x0b\x32 .megascale.v1.DeploymentSettings\"K\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12&\n\x04load\x18\x02 \x01(\x0b\x32\x18.megascale.v1.LoadReport\"=\n\x11HeartbeatResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x19\n\x11placement_changed\x18\x02 \x01(\x08\"$\n\x11\x44\x65registerRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"#\n\x12\x44\x65registerResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"T\n\x12PickReplicaRequest\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10\x65xclude_node_ids\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\"F\n\x13PickReplicaResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\x15\n\x13GetPlacementRequest\",\n\x15WatchPlacementRequest\x12\x13\n\x0b\x61\x66ter_epoch\x18\x01 \x01(\x04\"\x14\n\x12GetSettingsRequest2\xbf\x04\n\tScheduler\x12\x42\n\x08Register\x12\x16.megascale.v1.NodeInfo\x1a\x1e.megascale.v1.RegisterResponse\x12L\n\tHeartbeat\x12\x1e.megascale.v1.HeartbeatRequest\x1a\x1f.megascale.v1.HeartbeatResponse\x12O\n\nDeregister\x12\x1f.megascale.v1.DeregisterRequest\x1a .megascale.v1.DeregisterResponse\x12R\n\x0bPickReplica\x12 .megascale.v1.PickReplicaRequest\x1a!.megascale.v1.PickReplicaResponse\x12P\n\x0cGetPlacement\x12!.megascale.v1.GetPlacementRequest\x1a\x1d.megascale.v1.ExpertPlacement\x12V\n\x0eWatchPlacement\x12#.megascale.v1.WatchPlacementRequest\x1a\x1d.megascale.v1.ExpertPlacement0\x01\x12Q\n\x0bGetSettings\x12 .megascale.v1.GetSettingsRequest\x1a .megascale.v1.DeploymentSettingsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmegascale/v1/scheduler.proto\x12\x0cmegascale.v1\x1a\x19megascale/v1/common.proto\"j\n\x10RegisterResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0blease_ttl_s\x18\x02 \x01(\x02\x12\x32\n\x08settings\x18\x03 \x01(\x0b\x32 .megascale.v1.DeploymentSettings\"K\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12&\n\x04load\x18\x02 \x01(\x0b\x32\x18.megascale.v1.LoadReport\"=\n\x11HeartbeatResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x19\n\x11placement_changed\x18\x02 \x01(\x08\"$\n\x11\x44\x65registerRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"#\n\x12\x44\x65registerResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"k\n\x12PickReplicaRequest\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10\x65xclude_node_ids\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rprefix_hashes\x18\x04 \x03(\x06\"F\n\x13PickReplicaResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\x15\n\x13GetPlacementRequest\",\n\x15WatchPlacementRequest\x12\x13\n\x0b\x61\x66ter_epoch\x18\x01 \x01(\x04\"\x14\n\x12GetSettingsRequest2\xbf\x04\n\tScheduler\x12\x42\n\x08Register\x12\x16.megascale.v1.NodeInfo\x1a\x1e.megascale.v1.RegisterResponse\x12L\n\tHeartbeat\x12\x1e.megascale.v1.HeartbeatRequest\x1a\x1f.megascale.v1.HeartbeatResponse\x12O\n\nDeregister\x12\x1f.megascale.v1.DeregisterRequest\x1a .megascale.v1.DeregisterResponse\x12R\n\x0bPickReplica\x12 .megascale.v1.PickReplicaRequest\x1a!.megascale.v1.PickReplicaResponse\x12P\n\x0cGetPlacement\x12!.megascale.v1.GetPlacementRequest\x1a\x1d.megascale.v1.ExpertPlacement\x12V\n\x0eWatchPlacement\x12#.megascale.v1.WatchPlacementRequest\x1a\x1d.megascale.v1.ExpertPlacement0\x01\x12Q\n\x0bGetSettings\x12 .megascale.v1.GetSettingsRequest\x1a .megascale.v1.DeploymentSettingsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,15 +43,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEREGISTERRESPONSE']._serialized_start=359
   _globals['_DEREGISTERRESPONSE']._serialized_end=394
   _globals['_PICKREPLICAREQUEST']._serialized_start=396
-  _globals['_PICKREPLICAREQUEST']._serialized_end=480
-  _globals['_PICKREPLICARESPONSE']._serialized_start=482
-  _globals['_PICKREPLICARESPONSE']._serialized_end=552
-  _globals['_GETPLACEMENTREQUEST']._serialized_start=554
-  _globals['_GETPLACEMENTREQUEST']._serialized_end=575
-  _globals['_WATCHPLACEMENTREQUEST']._serialized_start=577
-  _globals['_WATCHPLACEMENTREQUEST']._serialized_end=621
-  _globals['_GETSETTINGSREQUEST']._serialized_start=623
-  _globals['_GETSETTINGSREQUEST']._serialized_end=643
-  _globals['_SCHEDULER']._serialized_start=646
-  _globals['_SCHEDULER']._serialized_end=1221
+  _globals['_PICKREPLICAREQUEST']._serialized_end=503
+  _globals['_PICKREPLICARESPONSE']._serialized_start=505
+  _globals['_PICKREPLICARESPONSE']._serialized_end=575
+  _globals['_GETPLACEMENTREQUEST']._serialized_start=577
+  _globals['_GETPLACEMENTREQUEST']._serialized_end=598
+  _globals['_WATCHPLACEMENTREQUEST']._serialized_start=600
+  _globals['_WATCHPLACEMENTREQUEST']._serialized_end=644
+  _globals['_GETSETTINGSREQUEST']._serialized_start=646
+  _globals['_GETSETTINGSREQUEST']._serialized_end=666
+  _globals['_SCHEDULER']._serialized_start=669
+  _globals['_SCHEDULER']._serialized_end=1244
 # @@protoc_insertion_point(module_scope)

@@ -46,14 +46,16 @@ class DeregisterResponse(_message.Message):
     def __init__(self, epoch: _Optional[int] = ...) -> None: ...
 
 class PickReplicaRequest(_message.Message):
-    __slots__ = ("prompt_tokens", "exclude_node_ids", "model")
+    __slots__ = ("prompt_tokens", "exclude_node_ids", "model", "prefix_hashes")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_NODE_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HASHES_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     exclude_node_ids: _containers.RepeatedScalarFieldContainer[str]
     model: str
-    def __init__(self, prompt_tokens: _Optional[int] = ..., exclude_node_ids: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ...) -> None: ...
+    prefix_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompt_tokens: _Optional[int] = ..., exclude_node_ids: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., prefix_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PickReplicaResponse(_message.Message):
     __slots__ = ("node_id", "address", "epoch")

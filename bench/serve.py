@@ -267,19 +267,107 @@ def running(spec: ServerSpec, model_dir: Path, served_name: str, log_path: Path)
             proc.wait()
 
 
+# ----------------------------------------------------------------------------- profile
+class Profiler:
+    """Where the served time goes, per process of the server: CPU seconds over the measured
+    run (psutil) and, when ``py-spy`` is installed, the frames that CPU time was spent in
+    (sampled, only while a thread runs: self time)."""
+
+    def __init__(self, root_pid: int, out_dir: Path, name: str) -> None:
+        import psutil
+
+        root = psutil.Process(root_pid)
+        self.procs = [p for p in [root, *root.children(recursive=True)]
+                      if "python" in (p.name() or "")]
+        self.out_dir = out_dir
+        self.name = name
+        self.cpu0: dict[int, float] = {}
+        self.spies: list[tuple[psutil.Process, subprocess.Popen, Path]] = []
+        self.t0 = 0.0
+
+    @staticmethod
+    def role(p) -> str:
+        cmd = p.cmdline()
+        if "--node-id" in cmd:
+            return cmd[cmd.index("--node-id") + 1]
+        if "serve" in cmd and cmd.index("serve") + 1 < len(cmd):
+            return cmd[cmd.index("serve") + 1]
+        return " ".join(cmd[1:4])[:40]
+
+    def start(self) -> None:
+        spy = shutil_which("py-spy")
+        self.t0 = time.perf_counter()
+        for p in self.procs:
+            t = p.cpu_times()
+            self.cpu0[p.pid] = t.user + t.system
+            if spy:
+                raw = self.out_dir / f"{self.name}-{self.role(p)}.pyspy.txt"
+                sp = subprocess.Popen([spy, "record", "-p", str(p.pid), "-r", "100", "-f", "raw",
+                                       "-o", str(raw), "--nonblocking", "--threads"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                self.spies.append((p, sp, raw))
+
+    def stop(self) -> list[dict[str, object]]:
+        wall = time.perf_counter() - self.t0
+        for _, sp, _ in self.spies:
+            sp.send_signal(signal.SIGINT)  # py-spy writes its samples on SIGINT
+        for _, sp, _ in self.spies:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                sp.wait(timeout=30)
+        raws = {p.pid: raw for p, _, raw in self.spies}
+        rows = []
+        for p in self.procs:
+            with contextlib.suppress(Exception):
+                t = p.cpu_times()
+                cpu = t.user + t.system - self.cpu0[p.pid]
+                rows.append({"process": self.role(p), "cpu_s": cpu, "busy": cpu / wall,
+                             "top": _top_frames(raws.get(p.pid))})
+        return sorted(rows, key=lambda r: -float(r["cpu_s"]))
+
+
+def shutil_which(name: str) -> str | None:
+    import shutil
+
+    return shutil.which(name)
+
+
+def _top_frames(raw: Path | None, n: int = 8) -> list[tuple[str, float]]:
+    """The ``n`` frames with the most self samples in a py-spy raw file, as fractions."""
+    if raw is None or not raw.is_file():
+        return []
+    counts: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, k = line.rpartition(" ")
+        if not k.isdigit():
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        counts[leaf] = counts.get(leaf, 0) + int(k)
+        total += int(k)
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:n]
+    return [(frame, c / total) for frame, c in top] if total else []
+
+
 async def measure(spec: ServerSpec, model_dir: Path, served_name: str, warm: list[str],
                   prompts: list[str], args: argparse.Namespace, log_dir: Path
                   ) -> dict[str, object]:
     log_path = log_dir / f"{spec.name}.log"
+    profile: list[dict[str, object]] = []
     with running(spec, model_dir, served_name, log_path) as (base_url, proc):
         await _wait_ready(base_url, proc, READY_TIMEOUT_S, args.api_key)
         # warm-up: compile/caches, outside the measured run
         await drive(base_url, served_name, warm, args.output_len,
                     args.max_concurrency, float("inf"), args.seed, args.api_key)
+        prof = Profiler(proc.pid, log_dir, spec.name) if args.profile else None
+        if prof is not None:
+            prof.start()
         results, duration = await drive(base_url, served_name, prompts, args.output_len,
                                         args.max_concurrency, args.request_rate, args.seed,
                                         args.api_key)
+        if prof is not None:
+            profile = prof.stop()
     summary = summarize(results, duration)
+    summary["profile"] = profile
     summary["server"] = spec.name
     summary["command"] = " ".join(shlex.quote(a) for a in spec.argv)
     summary["log"] = str(log_path)
@@ -337,6 +425,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=4, help="requests before the measured run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=os.environ.get("MEGASCALE_API_KEY"))
+    p.add_argument("--profile", action="store_true",
+                   help="per server process: CPU seconds over the measured run and, with py-spy "
+                        "installed, the frames it went to (printed, and in the JSON)")
     p.add_argument("--quick", action="store_true", help="tiny checkpoint and workload (smoke)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -396,6 +487,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.output_len}, max concurrency {args.max_concurrency}, request rate "
           f"{args.request_rate}")
     print(table(rows))
+    for r in rows:
+        for pr in r.get("profile") or []:
+            print(f"  {r['server']}/{pr['process']}: {pr['cpu_s']:.1f} CPU s "
+                  f"({float(pr['busy']):.0%} of the run)")
+            for frame, share in pr["top"][:5]:
+                print(f"      {share:5.1%}  {frame}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({

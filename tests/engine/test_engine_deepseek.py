@@ -1,7 +1,8 @@
 """DeepSeek-V2/V3 disaggregated across real processes equals transformers (greedy, fp32).
 
 The attention replicas keep the MLA latent cache and run the shared experts; the expert nodes
-hold the routed experts. Topologies M x N = 2x2 (m = 2, V3) and 1x2 (m = 1, V2).
+hold the routed experts. V3 here on M x N = 2x2, m = 2; V2 crosses a 1x2, m = 1 mesh through
+`megascale up` and the openai client (tests/mesh/test_mesh_deepseek.py).
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ from test_engine_equivalence import NEW_TOKENS, PROMPTS, run_concurrently
 
 from services.launch.procs import LocalMesh, partition_experts
 
-# (checkpoint, attention replicas, expert nodes, m, transport); two meshes keep the suite short
+# (checkpoint, attention replicas, expert nodes, m, transport); one mesh keeps the suite short
 CASES = {
     "v3_2a2e_m2": ("v3", 2, 2, 2, "shm"),
-    "v2_1a2e_m1": ("v2", 1, 2, 1, "tcp"),
 }
 
 

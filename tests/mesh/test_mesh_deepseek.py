@@ -1,5 +1,8 @@
-"""`megascale up` serves a DeepSeek-V3 checkpoint (transformers-written, with a real
-tokenizer) to the official openai client: greedy text equal to transformers, streaming chat."""
+"""`megascale up` serves a DeepSeek-V2 checkpoint (transformers-written: softmax
+group-limited routing, no q_lora, two shared experts, a dense first layer, YaRN; with a real
+tokenizer) on 1 attention replica (m = 1) x 2 expert nodes to the official openai client:
+greedy text equal to transformers, streaming chat. (V3 crosses a 2x2 m = 2 mesh in
+tests/engine/test_engine_deepseek.py.)"""
 
 from __future__ import annotations
 
@@ -21,11 +24,15 @@ NEW_TOKENS = 16
 @pytest.fixture(scope="module")
 def ds_up(tmp_path_factory):
     root = tmp_path_factory.mktemp("up-deepseek")
-    model_dir = write_deepseek_checkpoint(root / "deepseek-v3", "deepseek_v3", layers=2,
-                                          dense_layers=1, max_position=256, seed=5)
+    model_dir = write_deepseek_checkpoint(
+        root / "deepseek-v2", "deepseek_v2", layers=3, dense_layers=1, max_position=256,
+        topk_method="group_limited_greedy", q_lora_rank=None, shared_experts=2,
+        routed_scaling_factor=1.0, seed=22,
+        rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64,
+                          mscale=0.707, mscale_all_dim=0.707))
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "up", "--model", str(model_dir), "--port", "0",
-         "--attention", "1", "--experts", "2", "--micro-batches", "2", "--workdir",
+         "--attention", "1", "--experts", "2", "--micro-batches", "1", "--workdir",
          str(root / "work"), "--quiet", "--max-batch-tokens", "128"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url, lines = None, []

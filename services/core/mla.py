@@ -3,7 +3,7 @@
 Per token and layer the cache keeps one ``[C + R]`` entry: the normalised KV latent
 (``kv_a_layernorm(kv_a_proj(x))[:C]``, C = kv_lora_rank) and the rotated rope key (R =
 qk_rope_head_dim) that every head shares. That is ``C + R`` numbers instead of
-``2 * NH * D`` for per-head K/V (576 vs 32768 for DeepSeek-V3).
+``NH * (qk_head_dim + v_head_dim)`` for per-head K/V (576 vs 40960 for DeepSeek-V3).
 
 Each step expands the gathered context through ``kv_b_proj`` into per-head ``k_nope`` and
 ``v`` and runs SDPA, which is exactly what transformers computes (so greedy fp32 decoding

@@ -193,6 +193,8 @@ class MLALayerWeights:
     q_a: torch.Tensor | None = None  # [Q, H]
     q_a_norm: torch.Tensor | None = None  # [Q]
     q_b: torch.Tensor | None = None  # [NH * qk, Q]
+    # (W_uk [NH, nope, C], W_uv^T [NH, C, v]) for absorbed decode, made on first use (mla.py)
+    absorbed: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass

@@ -79,6 +79,8 @@ class AttentionSide:
         self.inv_freq = inv_freq.to(self.device)
         self.scale = cfg.head_dim ** -0.5
         self.router = cfg.router_spec
+        # MLA decode steps in the weight-absorbed form (services/core/mla.py); False: expanded
+        self.mla_absorb = True
         # id(positions) -> (positions, cos, signed sin); see _rope.
         self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # Fused QKV projection per layer ([(NH + 2 KVH) * D, H], one GEMM instead of three);
@@ -144,7 +146,7 @@ class AttentionSide:
         if lw.mla is not None:
             attn = mla.mla_attention(x, lw.mla, cfg.mla, NH, cfg.rms_norm_eps,
                                      self._rope(meta.positions, x.dtype), kv.layer(layer)[0],
-                                     meta)
+                                     meta, self.mla_absorb)
             return self._mlp_input(layer, hidden + F.linear(attn, lw.o))
         qkv = F.linear(x, *self._qkv[layer]).view(T, NH + 2 * KVH, cfg.head_dim)
         q, k, v = qkv[:, :NH], qkv[:, NH:NH + KVH], qkv[:, NH + KVH:]

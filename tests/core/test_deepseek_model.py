@@ -195,3 +195,38 @@ def test_mtp_weights_are_skipped_with_a_log_line(deepseek_ckpt, tmp_path, caplog
     (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.3\."):
         MonolithicModel.from_pretrained(dst)
+
+
+@pytest.mark.parametrize("name", ["v3", "v2"])
+def test_absorbed_decode_equals_the_expanded_form(deepseek_ckpt, name):
+    """Decode steps attend in latent space (W_uk / W_uv absorbed); the logits equal the
+    expanded form (what transformers computes) up to float rounding, over a growing context."""
+    model = MonolithicModel.from_pretrained(deepseek_ckpt(name))
+    bm = BlockManager(64, 4)
+    kvs = {True: model.new_kv_cache(64, 4), False: model.new_kv_cache(64, 4)}
+    for i, p in enumerate(PROMPTS):
+        bm.allocate(i)
+        bm.append_slots(i, len(p))
+    meta = build_batch_meta([bm.block_table(i) for i in range(len(PROMPTS))],
+                            [0] * len(PROMPTS), [len(p) for p in PROMPTS], 4)
+    flat = torch.tensor([t for p in PROMPTS for t in p])
+    tokens = None
+    for absorb in (True, False):
+        model.attention.mla_absorb = absorb
+        logits = model.forward(flat, meta, kvs[absorb])
+        tokens = logits.argmax(-1)
+    lens = [len(p) for p in PROMPTS]
+    for _ in range(6):  # decode steps: one token per sequence
+        for i in range(len(PROMPTS)):
+            bm.append_slots(i, 1)
+        meta = build_batch_meta([bm.block_table(i) for i in range(len(PROMPTS))], lens,
+                                [1] * len(PROMPTS), 4)
+        out = {}
+        for absorb in (True, False):
+            model.attention.mla_absorb = absorb
+            out[absorb] = model.forward(tokens, meta, kvs[absorb])
+        torch.testing.assert_close(out[True], out[False], atol=2e-4, rtol=1e-5)
+        assert torch.equal(out[True].argmax(-1), out[False].argmax(-1))
+        tokens = out[True].argmax(-1)
+        lens = [n + 1 for n in lens]
+    assert model.attention.w.layers[1].mla.absorbed is not None  # the absorbed path ran

@@ -87,3 +87,22 @@ def test_cli_reports_an_unsupported_variant_in_one_line(tmp_path):
                        timeout=120, env=ENV)
     assert r.returncode == 2
     assert "DeepseekV32ForCausalLM" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_demo_model_writes_the_family(tmp_path):
+    """`megascale demo-model --family deepseek_v3` goes through transformers' writer;
+    GQA-only options are refused."""
+    from services.core.demo import write_random_checkpoint
+    from services.errors import UserError
+
+    out = write_random_checkpoint(tmp_path / "v3", "deepseek_v3", layers=2, hidden=64,
+                                  intermediate=32, experts=8, heads=4, kv_heads=4, vocab=512,
+                                  dense_layers=(0,), tokenizer=False)
+    cfg = ModelConfig.from_pretrained(out)
+    assert cfg.family == "deepseek_v3" and cfg.sparse_layers == (False, True)
+    assert cfg.router_spec.n_group == 4 and cfg.shared_expert_intermediate_size == 32
+    with pytest.raises(UserError, match="first layers"):
+        write_random_checkpoint(tmp_path / "bad", "deepseek_v3", layers=2, dense_layers=(1,),
+                                kv_heads=4, tokenizer=False)
+    with pytest.raises(UserError, match="--kv-heads"):
+        write_random_checkpoint(tmp_path / "bad", "deepseek_v2", kv_heads=2, tokenizer=False)

@@ -171,6 +171,14 @@ class ModelConfig:
             raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window must be >= 1 or null, got {self.sliding_window}")
+        if self.routing is not None and (self.routing.num_experts, self.routing.top_k) != (
+                self.num_experts, self.top_k):
+            raise ConfigError("routing: num_experts/top_k differ from the model's")
+        if (self.mla is not None) != (self.family in MLA_FAMILIES):
+            raise ConfigError(f"mla: {self.family} {'has' if self.mla is None else 'has no'} "
+                              "multi-head latent attention")
+        if self.shared_expert_intermediate_size < 0:
+            raise ConfigError("n_shared_experts must be >= 0")
         params = self.rope_params()
         if params is not None:
             kind = params.get("rope_type", params.get("type", "default"))
@@ -232,12 +240,13 @@ class ModelConfig:
         num_experts = d.get("num_local_experts", d.get("num_experts", d.get("n_routed_experts")))
         if num_experts is None:
             raise ConfigError("config field 'num_local_experts' (or 'num_experts') is missing")
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"quantization": parse_quantization_config(d)}
         kv_heads = d.get("num_key_value_heads") or heads
 
         if family in MLA_FAMILIES:
-            sparse, expert_inter, dense_inter, extra = _deepseek_fields(d, family, num_layers,
-                                                                        num_experts)
+            sparse, expert_inter, dense_inter, ds = _deepseek_fields(d, family, num_layers,
+                                                                     num_experts)
+            extra |= ds
             head_dim = extra["mla"].qk_rope_head_dim  # the RoPE dim, as transformers sets it
             kv_heads = heads  # unused by MLA (one latent per token); keeps GQA checks trivial
             norm_topk, qk_norm, bias, window = extra["routing"].norm_topk_prob, False, False, None
@@ -438,5 +447,4 @@ def _deepseek_fields(d: dict[str, Any], family: str, num_layers: int, num_expert
                   softmax_scale=scale)
     mtp = d.get("num_nextn_predict_layers", d.get("num_mtp_layers")) or 0
     return sparse, expert_inter, dense_inter, dict(
-        mla=mla, routing=routing, shared_expert_intermediate_size=shared, mtp_layers=int(mtp),
-        quantization=parse_quantization_config(d))
+        mla=mla, routing=routing, shared_expert_intermediate_size=shared, mtp_layers=int(mtp))

@@ -85,10 +85,10 @@ class AttentionSide:
         self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # Fused QKV projection per layer ([(NH + 2 KVH) * D, H], one GEMM instead of three);
         # the layer's q/k/v become views into it, so the weights are not held twice.
-        self._qkv: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._qkv: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
         for lw in weights.layers:
             if lw.mla is not None:  # MLA: projections stay separate (services/core/mla.py)
-                self._qkv.append((lw.o, None))
+                self._qkv.append(None)
                 continue
             w = torch.cat((lw.q, lw.k, lw.v))
             nq, nk = lw.q.shape[0], lw.k.shape[0]

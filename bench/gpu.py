@@ -3,9 +3,9 @@
 One command, written to run unattended on a CUDA machine; every path that does not need CUDA
 also runs on a CPU (``--smoke --device cpu``, used by tests/bench/test_gpu_bench_smoke.py).
 
-(a) Correctness, per model family (mixtral, qwen3_moe), on small random checkpoints that
-    ``transformers`` itself wrote (``save_pretrained`` of the demo weights,
-    services/core/demo.py):
+(a) Correctness, per model family (mixtral, qwen3_moe, deepseek_v3, deepseek_v2), on small
+    random checkpoints that ``transformers`` itself wrote (``save_pretrained`` of the demo
+    weights, services/core/demo.py and demo_deepseek.py):
     - float32, token for token: greedy tokens of the monolithic path (``MonolithicModel`` +
       ``generate``) and of the disaggregated mesh (``LocalMesh``: attention replicas and expert
       nodes as separate ``megascale serve`` processes on ``--device``, libm2n shm between them,
@@ -73,12 +73,13 @@ from pingpong import in_process_decode, run_batch  # noqa: E402
 
 from megascale.v1 import attention_pb2, attention_pb2_grpc, common_pb2  # noqa: E402
 from services.core.demo import write_random_checkpoint  # noqa: E402
+from services.core.demo_deepseek import DEEPSEEK_FAMILIES, write_deepseek_checkpoint  # noqa: E402
 from services.core.generate import generate  # noqa: E402
 from services.core.model import MonolithicModel  # noqa: E402
 from services.core.request import SamplingParams  # noqa: E402
 from services.launch.procs import LocalMesh, partition_experts  # noqa: E402
 
-FAMILIES = ("mixtral", "qwen3_moe")
+FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "deepseek_v2")
 
 # Correctness checkpoints: demo initialisation (clear margins between the top candidates, so
 # float32 summation order does not flip an argmax), written by transformers' save_pretrained.
@@ -88,6 +89,17 @@ CHECK_SHAPES: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(layers=4, hidden=256, intermediate=192, experts=16, top_k=4, heads=8,
                       kv_heads=2, head_dim=64, vocab=2048, dense_layers=(2,),
                       norm_topk_prob=True, seed=12),
+    # MLA + shared expert + dense first layer; V3 sigmoid/bias/groups + q_lora, V2 softmax
+    # group-limited without q_lora (services/core/demo_deepseek.py)
+    "deepseek_v3": dict(layers=4, hidden=256, intermediate=128, experts=16, top_k=4, heads=8,
+                        vocab=2048, dense_layers=1, n_group=4, topk_group=2, q_lora_rank=128,
+                        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                        v_head_dim=32, seed=13),
+    "deepseek_v2": dict(layers=4, hidden=256, intermediate=128, experts=16, top_k=4, heads=8,
+                        vocab=2048, dense_layers=1, n_group=4, topk_group=2,
+                        topk_method="group_limited_greedy", q_lora_rank=None,
+                        routed_scaling_factor=1.0, shared_experts=2, kv_lora_rank=64,
+                        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, seed=14),
 }
 SMOKE_SHAPES: dict[str, dict[str, Any]] = {
     "mixtral": dict(layers=2, hidden=64, intermediate=96, experts=8, top_k=2, heads=4,
@@ -95,6 +107,12 @@ SMOKE_SHAPES: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(layers=3, hidden=64, intermediate=48, experts=8, top_k=2, heads=4,
                       kv_heads=1, head_dim=24, vocab=512, dense_layers=(1,),
                       norm_topk_prob=True, seed=12),
+    "deepseek_v3": dict(layers=3, hidden=64, intermediate=32, experts=8, top_k=2, heads=4,
+                        vocab=512, dense_layers=1, n_group=4, topk_group=2, seed=0),
+    "deepseek_v2": dict(layers=3, hidden=64, intermediate=32, experts=8, top_k=2, heads=4,
+                        vocab=512, dense_layers=1, n_group=4, topk_group=2,
+                        topk_method="group_limited_greedy", q_lora_rank=None,
+                        routed_scaling_factor=1.0, shared_experts=2, seed=22),
 }
 CHECK_PROMPT_LENS = (3, 9, 17, 30, 45, 64)
 SMOKE_PROMPT_LENS = (3, 9, 17, 26, 40, 57)
@@ -521,7 +539,9 @@ def phase_setup(ctx: Ctx) -> None:
     lens = SMOKE_PROMPT_LENS if ctx.args.smoke else CHECK_PROMPT_LENS
     for fam in ctx.args.families:
         shape = ctx.shapes[fam]
-        raw = write_random_checkpoint(ctx.work / f"{fam}-demo", fam, tokenizer=False, **shape)
+        write = (write_deepseek_checkpoint if fam in DEEPSEEK_FAMILIES
+                 else write_random_checkpoint)
+        raw = write(ctx.work / f"{fam}-demo", fam, tokenizer=False, **shape)
         hf = AutoModelForCausalLM.from_pretrained(raw, dtype=torch.float32)
         final = ctx.work / f"{fam}-hf"
         hf.save_pretrained(final)
@@ -965,7 +985,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-correctness", action="store_true",
                     help="skip the correctness phases (a speed-only rerun)")
     ap.add_argument("--families", default=",".join(FAMILIES),
-                    help="comma list of model families to check (default: both)")
+                    help="comma list of model families to check (default: all of "
+                         f"{', '.join(FAMILIES)})")
     ap.add_argument("--keep-dir", action="store_true",
                     help="keep the work directory (checkpoints, role logs) and print its path")
     ap.add_argument("--bandwidth-gbs", type=float, default=4800.0,

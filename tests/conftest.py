@@ -100,3 +100,40 @@ def hf_greedy():
         return out
 
     return run
+
+
+# DeepSeek checkpoints written by transformers itself (services/core/demo_deepseek.py); each is
+# written once per session and shared by tests/core, tests/engine and tests/mesh.
+DEEPSEEK_CONFIGS: dict[str, dict] = {
+    # V3: sigmoid + e_score_correction_bias, 4 groups (top-2 of them), shared expert, a dense
+    # first layer, q_lora, interleaved RoPE, routed_scaling_factor 2.5
+    "v3": dict(family="deepseek_v3", layers=3, dense_layers=1, experts=8, top_k=2, n_group=4,
+               topk_group=2, shared_experts=1, q_lora_rank=48, seed=0),
+    # V2: softmax group_limited_greedy, no q_lora (V2-Lite), 2 shared experts, YaRN with mscale
+    "v2": dict(family="deepseek_v2", layers=3, dense_layers=1, experts=8, top_k=2, n_group=4,
+               topk_group=2, topk_method="group_limited_greedy", shared_experts=2,
+               q_lora_rank=None, routed_scaling_factor=1.0, seed=22,
+               rope_scaling=dict(rope_type="yarn", factor=4.0,
+                                 original_max_position_embeddings=64, mscale=0.707,
+                                 mscale_all_dim=0.707)),
+}
+
+
+@pytest.fixture(scope="session")
+def deepseek_ckpt(tmp_path_factory: pytest.TempPathFactory):
+    """``deepseek_ckpt(name, **overrides)`` -> directory of the DEEPSEEK_CONFIGS checkpoint."""
+    from services.core.demo_deepseek import write_deepseek_checkpoint
+
+    cache: dict[str, Path] = {}
+
+    def make(name: str, **overrides) -> Path:
+        key = name + repr(sorted(overrides.items()))
+        if key not in cache:
+            kwargs = {**DEEPSEEK_CONFIGS[name], **overrides}
+            family = kwargs.pop("family")
+            out = tmp_path_factory.mktemp(f"deepseek-{name}")
+            kwargs.setdefault("tokenizer", False)
+            cache[key] = write_deepseek_checkpoint(out, family, **kwargs)
+        return cache[key]
+
+    return make

@@ -153,8 +153,9 @@ class PingPongRunner:
             mi = attn.attention_block(ls.layer, ls.hidden, mb.meta, self.kv)
             ls.layer += 1
             if mi.routed:
-                ls.moe = mi
                 ls.pending = client.dispatch(ls.step, mi, lane, mb.trace)
+                # shared experts (DeepSeek) run here while the routed rows are at the experts
+                ls.moe = attn.shared_experts(mi)
                 self._mark(t, "attn", ls.layer - 1, s)
                 return None
             ls.hidden = attn.finish_layer(mi, None)

@@ -12,6 +12,12 @@ Accepted layouts (Hugging Face hub naming):
 - Qwen3-MoE: ``model.layers.{i}.mlp.gate.weight`` and
   ``model.layers.{i}.mlp.experts.{j}.{gate,up,down}_proj.weight``; dense layers
   ``model.layers.{i}.mlp.{gate,up,down}_proj.weight``.
+- DeepSeek-V2/V3: MLA ``self_attn.{q_proj | q_a_proj, q_a_layernorm, q_b_proj},
+  kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj``; MoE as Qwen3-MoE plus
+  ``mlp.gate.e_score_correction_bias`` (V3) and ``mlp.shared_experts.{gate,up,down}_proj``;
+  MTP modules (``model.layers.{num_hidden_layers + i}.*``) are skipped with a log line.
+- Block-FP8 (``quantization_config``, services/core/quant.py): a float8 weight with a
+  ``*.weight_scale_inv`` companion is dequantized as it is read.
 - Fused experts (transformers' in-memory layout): ``<moe>.experts.gate_up_proj`` ``[E, 2I, H]``
   and ``<moe>.experts.down_proj`` ``[E, H, I]``.
 """
@@ -19,6 +25,7 @@ Accepted layouts (Hugging Face hub naming):
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,8 +34,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from services.core.config import ModelConfig
-from services.errors import CheckpointError
+from services.core import quant
+from services.core.config import MLA_FAMILIES, ModelConfig
+from services.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("megascale.core.checkpoint")
 
 
 @dataclass
@@ -38,16 +48,28 @@ class CheckpointIndex:
     model_dir: Path
     key_to_file: dict[str, Path]
     requested: list[str] = field(default_factory=list)
+    # block-FP8 format from config.json (None: weights are read as stored)
+    quant: quant.FP8BlockSpec | None = None
 
     @classmethod
     def open(cls, model_dir: str | Path) -> CheckpointIndex:
-        d = Path(model_dir)
+        index = cls._open(Path(model_dir))
+        index.quant = _quant_spec(index.model_dir)
+        return index
+
+    @classmethod
+    def _open(cls, d: Path) -> CheckpointIndex:
         index = d / "model.safetensors.index.json"
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{index}: unreadable index ({exc})") from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: weight_map must be an object")
+            missing = sorted({f for f in weight_map.values() if not (d / f).is_file()})
+            if missing:
+                raise CheckpointError(f"{index}: shard {missing[0]!r} is missing")
             return cls(d, {k: d / f for k, f in weight_map.items()})
         single = d / "model.safetensors"
         if not single.is_file():
@@ -76,10 +98,49 @@ class CheckpointIndex:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     for k in ks:
                         self.requested.append(k)
-                        out[k] = f.get_tensor(k).to(device=device, dtype=dtype)
+                        t = f.get_tensor(k)
+                        if t.dtype == torch.float8_e4m3fn or t.dtype == torch.float8_e5m2:
+                            t = self._dequantize(k, t, dtype)
+                        out[k] = t.to(device=device, dtype=dtype)
             except (SafetensorError, OSError) as exc:
                 raise CheckpointError(f"{path}: cannot read tensors ({exc})") from None
         return out
+
+    def _dequantize(self, key: str, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A float8 tensor -> ``dtype`` through its ``*_scale_inv`` companion (on CPU)."""
+        scale_key = key + quant.SCALE_SUFFIX
+        if self.quant is None:
+            raise CheckpointError(f"tensor {key!r} is {weight.dtype} but config.json has no "
+                                  "quantization_config")
+        if scale_key not in self.key_to_file:
+            raise CheckpointError(f"tensor {key!r} is {weight.dtype} but {scale_key!r} is "
+                                  "missing")
+        with safe_open(str(self.key_to_file[scale_key]), framework="pt", device="cpu") as f:
+            scale = f.get_tensor(scale_key)
+        self.requested.append(scale_key)
+        try:
+            return quant.dequantize(weight, scale, self.quant, dtype, key)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+
+
+def _quant_spec(model_dir: Path) -> quant.FP8BlockSpec | None:
+    """The checkpoint's quantization_config (ModelConfig validates the rest of config.json)."""
+    try:
+        data = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    try:
+        return quant.parse_quantization_config(data)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def _is_mtp_key(cfg: ModelConfig, layer: int) -> bool:
+    """DeepSeek's multi-token-prediction modules sit after the decoder layers."""
+    return cfg.num_layers <= layer < cfg.num_layers + cfg.mtp_layers
 
 
 def _moe_prefix(cfg: ModelConfig, layer: int) -> str:
@@ -100,10 +161,10 @@ class AttentionLayerWeights:
     """One decoder layer's attention-side weights (``[out, in]`` like nn.Linear)."""
 
     input_norm: torch.Tensor  # [H]
-    q: torch.Tensor  # [NH*D, H]
-    k: torch.Tensor  # [KVH*D, H]
-    v: torch.Tensor  # [KVH*D, H]
-    o: torch.Tensor  # [H, NH*D]
+    q: torch.Tensor | None  # [NH*D, H] (None for MLA, which has ``mla``)
+    k: torch.Tensor | None  # [KVH*D, H]
+    v: torch.Tensor | None  # [KVH*D, H]
+    o: torch.Tensor  # [H, NH*D] (MLA: [H, NH*v_head_dim])
     post_norm: torch.Tensor  # [H]
     q_norm: torch.Tensor | None = None  # [D] (Qwen3)
     k_norm: torch.Tensor | None = None  # [D]
@@ -114,6 +175,26 @@ class AttentionLayerWeights:
     router: torch.Tensor | None = None  # [E, H], sparse layers
     dense_gate_up: torch.Tensor | None = None  # [2I, H], dense layers (gate rows, then up rows)
     dense_down: torch.Tensor | None = None  # [H, I]
+    mla: MLALayerWeights | None = None
+    router_bias: torch.Tensor | None = None  # [E] float32 e_score_correction_bias (V3)
+    shared_gate_up: torch.Tensor | None = None  # [2S, H] shared experts, run on this side
+    shared_down: torch.Tensor | None = None  # [H, S]
+
+
+@dataclass
+class MLALayerWeights:
+    """Multi-head latent attention projections (``[out, in]``); C = kv_lora_rank,
+    R = qk_rope_head_dim, Q = q_lora_rank, NH heads of qk = nope + R and v dims."""
+
+    kv_a: torch.Tensor  # [C + R, H] (latent, then the shared rope key)
+    kv_a_norm: torch.Tensor  # [C]
+    kv_b: torch.Tensor  # [NH * (nope + v), C]
+    q: torch.Tensor | None = None  # [NH * qk, H] when q_lora_rank is null
+    q_a: torch.Tensor | None = None  # [Q, H]
+    q_a_norm: torch.Tensor | None = None  # [Q]
+    q_b: torch.Tensor | None = None  # [NH * qk, Q]
+    # (W_uk [NH, nope, C], W_uv^T [NH, C, v]) for absorbed decode, made on first use (mla.py)
+    absorbed: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -143,9 +224,14 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
         raise CheckpointError(f"missing tensor 'lm_head.weight' in {model_dir}")
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}"
-        want |= {f"{p}.input_layernorm.weight": (H,), f"{p}.post_attention_layernorm.weight": (H,),
-                 f"{p}.self_attn.q_proj.weight": (nq, H), f"{p}.self_attn.k_proj.weight": (nkv, H),
-                 f"{p}.self_attn.v_proj.weight": (nkv, H), f"{p}.self_attn.o_proj.weight": (H, nq)}
+        want |= {f"{p}.input_layernorm.weight": (H,), f"{p}.post_attention_layernorm.weight": (H,)}
+        if cfg.mla is not None:
+            want |= _mla_shapes(cfg, f"{p}.self_attn")
+        else:
+            want |= {f"{p}.self_attn.q_proj.weight": (nq, H),
+                     f"{p}.self_attn.k_proj.weight": (nkv, H),
+                     f"{p}.self_attn.v_proj.weight": (nkv, H),
+                     f"{p}.self_attn.o_proj.weight": (H, nq)}
         if cfg.attention_bias:
             want |= {f"{p}.self_attn.q_proj.bias": (nq,), f"{p}.self_attn.k_proj.bias": (nkv,),
                      f"{p}.self_attn.v_proj.bias": (nkv,), f"{p}.self_attn.o_proj.bias": (H,)}
@@ -153,12 +239,21 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
             want |= {f"{p}.self_attn.q_norm.weight": (D,), f"{p}.self_attn.k_norm.weight": (D,)}
         if cfg.sparse_layers[i]:
             want[f"{_moe_prefix(cfg, i)}.gate.weight"] = (cfg.num_experts, H)
+            if cfg.router_spec.score_bias:
+                want[f"{p}.mlp.gate.e_score_correction_bias"] = (cfg.num_experts,)
+            if S := cfg.shared_expert_intermediate_size:
+                want |= {f"{p}.mlp.shared_experts.gate_proj.weight": (S, H),
+                         f"{p}.mlp.shared_experts.up_proj.weight": (S, H),
+                         f"{p}.mlp.shared_experts.down_proj.weight": (H, S)}
         else:
             inter = cfg.dense_intermediate_size
             want |= {f"{p}.mlp.gate_proj.weight": (inter, H), f"{p}.mlp.up_proj.weight": (inter, H),
                      f"{p}.mlp.down_proj.weight": (H, inter)}
     _check_no_unknown(idx, cfg)
-    t = idx.read(want, dtype, device)
+    bias_keys = [k for k in want if k.endswith("e_score_correction_bias")]
+    t = idx.read([k for k in want if k not in bias_keys], dtype, device)
+    # the selection bias stays float32 whatever the compute dtype (transformers keeps it so)
+    t |= idx.read(bias_keys, torch.float32, device)
     for k, shape in want.items():
         _expect(t, k, shape)
 
@@ -167,14 +262,28 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
         p = f"model.layers.{i}"
         a = f"{p}.self_attn"
         lw = AttentionLayerWeights(
-            input_norm=t[f"{p}.input_layernorm.weight"], q=t[f"{a}.q_proj.weight"],
-            k=t[f"{a}.k_proj.weight"], v=t[f"{a}.v_proj.weight"], o=t[f"{a}.o_proj.weight"],
+            input_norm=t[f"{p}.input_layernorm.weight"], q=t.get(f"{a}.q_proj.weight"),
+            k=t.get(f"{a}.k_proj.weight"), v=t.get(f"{a}.v_proj.weight"),
+            o=t[f"{a}.o_proj.weight"],
             post_norm=t[f"{p}.post_attention_layernorm.weight"],
             q_norm=t.get(f"{a}.q_norm.weight"), k_norm=t.get(f"{a}.k_norm.weight"),
             q_bias=t.get(f"{a}.q_proj.bias"), k_bias=t.get(f"{a}.k_proj.bias"),
             v_bias=t.get(f"{a}.v_proj.bias"), o_bias=t.get(f"{a}.o_proj.bias"))
+        if cfg.mla is not None:
+            lw.q = None
+            lw.mla = MLALayerWeights(
+                kv_a=t[f"{a}.kv_a_proj_with_mqa.weight"], kv_a_norm=t[f"{a}.kv_a_layernorm.weight"],
+                kv_b=t[f"{a}.kv_b_proj.weight"], q=t.get(f"{a}.q_proj.weight"),
+                q_a=t.get(f"{a}.q_a_proj.weight"), q_a_norm=t.get(f"{a}.q_a_layernorm.weight"),
+                q_b=t.get(f"{a}.q_b_proj.weight"))
         if cfg.sparse_layers[i]:
             lw.router = t[f"{_moe_prefix(cfg, i)}.gate.weight"]
+            lw.router_bias = t.get(f"{p}.mlp.gate.e_score_correction_bias")
+            if cfg.shared_expert_intermediate_size:
+                s = f"{p}.mlp.shared_experts"
+                lw.shared_gate_up = torch.cat([t[f"{s}.gate_proj.weight"],
+                                               t[f"{s}.up_proj.weight"]], dim=0)
+                lw.shared_down = t[f"{s}.down_proj.weight"]
         else:
             lw.dense_gate_up = torch.cat([t[f"{p}.mlp.gate_proj.weight"],
                                           t[f"{p}.mlp.up_proj.weight"]], dim=0)
@@ -183,6 +292,22 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
     embed = t["model.embed_tokens.weight"]
     return AttentionWeights(embed=embed, layers=layers, final_norm=t["model.norm.weight"],
                             lm_head=embed if tied else t["lm_head.weight"])
+
+
+def _mla_shapes(cfg: ModelConfig, a: str) -> dict[str, tuple[int, ...]]:
+    m, H, NH = cfg.mla, cfg.hidden_size, cfg.num_heads
+    assert m is not None
+    want = {f"{a}.kv_a_proj_with_mqa.weight": (m.kv_lora_rank + m.qk_rope_head_dim, H),
+            f"{a}.kv_a_layernorm.weight": (m.kv_lora_rank,),
+            f"{a}.kv_b_proj.weight": (NH * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
+            f"{a}.o_proj.weight": (H, NH * m.v_head_dim)}
+    if m.q_lora_rank is None:
+        want[f"{a}.q_proj.weight"] = (NH * m.qk_head_dim, H)
+    else:
+        want |= {f"{a}.q_a_proj.weight": (m.q_lora_rank, H),
+                 f"{a}.q_a_layernorm.weight": (m.q_lora_rank,),
+                 f"{a}.q_b_proj.weight": (NH * m.qk_head_dim, m.q_lora_rank)}
+    return want
 
 
 # ----------------------------------------------------------------------------- expert side
@@ -195,7 +320,9 @@ class ExpertWeights:
     down: dict[int, torch.Tensor]  # layer -> [n, H, I]
 
 
-_PER_EXPERT = {"mixtral": ("w1", "w3", "w2"), "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+_PER_EXPERT = {"mixtral": ("w1", "w3", "w2"), "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+               "deepseek_v2": ("gate_proj", "up_proj", "down_proj"),
+               "deepseek_v3": ("gate_proj", "up_proj", "down_proj")}
 
 
 def load_expert_weights(model_dir: str | Path, cfg: ModelConfig, expert_ids: Iterable[int],
@@ -242,10 +369,20 @@ def load_expert_weights(model_dir: str | Path, cfg: ModelConfig, expert_ids: Ite
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
+_MLA_SUFFIXES = {f"self_attn.{n}.weight" for n in (
+    "q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
+    "kv_b_proj", "o_proj")}
+
+
 def _known_layer_suffix(cfg: ModelConfig, layer: int, rest: str) -> bool:
-    attn = {"input_layernorm.weight", "post_attention_layernorm.weight"} | {
-        f"self_attn.{n}_proj.{w}" for n in "qkvo" for w in ("weight", "bias")} | {
-        "self_attn.q_norm.weight", "self_attn.k_norm.weight"}
+    if cfg.quantization is not None and rest.endswith(".weight" + quant.SCALE_SUFFIX):
+        rest = rest[:-len(quant.SCALE_SUFFIX)]
+    attn = {"input_layernorm.weight", "post_attention_layernorm.weight"}
+    if cfg.family in MLA_FAMILIES:
+        attn |= _MLA_SUFFIXES
+    else:
+        attn |= {f"self_attn.{n}_proj.{w}" for n in "qkvo" for w in ("weight", "bias")} | {
+            "self_attn.q_norm.weight", "self_attn.k_norm.weight"}
     if rest in attn:
         return True
     if not cfg.sparse_layers[layer]:
@@ -253,12 +390,18 @@ def _known_layer_suffix(cfg: ModelConfig, layer: int, rest: str) -> bool:
     moe = _moe_prefix(cfg, layer).split(".", 3)[3]
     if rest in (f"{moe}.gate.weight", f"{moe}.experts.gate_up_proj", f"{moe}.experts.down_proj"):
         return True
+    if cfg.family in MLA_FAMILIES and rest in (
+            {"mlp.gate.e_score_correction_bias"}
+            | {f"mlp.shared_experts.{n}_proj.weight" for n in ("gate", "up", "down")}):
+        return True
     m = re.fullmatch(rf"{re.escape(moe)}\.experts\.(\d+)\.(\w+)\.weight", rest)
     return bool(m) and int(m.group(1)) < cfg.num_experts and m.group(2) in _PER_EXPERT[cfg.family]
 
 
 def _check_no_unknown(idx: CheckpointIndex, cfg: ModelConfig) -> None:
-    """An unexpected tensor under a known prefix usually means a config/checkpoint mismatch."""
+    """An unexpected tensor under a known prefix usually means a config/checkpoint mismatch.
+    MTP modules are expected and skipped (this engine does not speculate)."""
+    mtp = 0
     for key in idx.key_to_file:
         if key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
             continue
@@ -268,6 +411,12 @@ def _check_no_unknown(idx: CheckpointIndex, cfg: ModelConfig) -> None:
                 raise CheckpointError(f"unexpected tensor {key!r} in checkpoint")
             continue
         layer = int(m.group(1))
+        if _is_mtp_key(cfg, layer):
+            mtp += 1
+            continue
         if layer >= cfg.num_layers or not _known_layer_suffix(cfg, layer, m.group(2)):
             raise CheckpointError(f"unexpected tensor {key!r} in checkpoint (config: "
                                   f"{cfg.num_layers} layers, {cfg.num_experts} experts)")
+    if mtp:
+        log.info("skipping %d multi-token-prediction (MTP) tensors of %d module(s) in %s: "
+                 "not used for serving", mtp, cfg.mtp_layers, idx.model_dir)

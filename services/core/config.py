@@ -16,14 +16,76 @@ from typing import Any
 
 import torch
 
+from services.core.quant import FP8BlockSpec, parse_quantization_config
+from services.core.routing import RouterSpec
 from services.errors import ConfigError
 
 # architecture name in config.json -> family
 ARCHITECTURES: dict[str, str] = {
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+}
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
+# Known architectures whose attention we do not implement: a one-line error, not a wrong answer.
+UNSUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "DeepseekV32ForCausalLM": "DeepSeek-V3.2's sparse attention indexer (index_topk)",
+    "DeepseekV4ForCausalLM": "DeepSeek-V4's compressed attention (compress_rates)",
+}
+# Keys that mark such a variant inside an otherwise supported config.
+UNSUPPORTED_KEYS: dict[str, str] = {
+    "index_topk": "DeepSeek-V3.2's sparse attention indexer",
+    "index_n_heads": "DeepSeek-V3.2's sparse attention indexer",
+    "compress_rates": "DeepSeek-V4's compressed attention",
+    "compress_ratios": "DeepSeek-V4's compressed attention",
+    "use_mtp": "multi-token-prediction (MTP) speculative decoding",
+    "speculative_config": "speculative decoding (MTP layers)",
 }
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """Multi-head latent attention (DeepSeek-V2/V3) shapes and score scale.
+
+    Per token the KV cache holds ``kv_lora_rank`` latent values (after ``kv_a_layernorm``) and
+    one ``qk_rope_head_dim`` rotated key shared by every head: ``cache_dim`` numbers per layer.
+    ``q_lora_rank`` None means a plain ``q_proj`` (V2-Lite). ``rope_interleave``: the rope dims
+    come as (even, odd) pairs (V2 always, V3 by default) rather than two halves.
+    """
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool
+    softmax_scale: float
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int)
+                                             or self.q_lora_rank < 1):
+            raise ConfigError(f"q_lora_rank must be a positive integer or null, got "
+                              f"{self.q_lora_rank!r}")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def cache_dim(self) -> int:
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+def _yarn_mscale(scale: float, m: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
 
 def _freeze(value: Any) -> Any:
@@ -69,6 +131,14 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     sliding_window: int | None = None
     attention_bias: bool = False
+    # DeepSeek family: MLA attention, the router variant, shared experts (their summed width,
+    # moe_intermediate_size * n_shared_experts; 0 = none), MTP modules whose weights are
+    # skipped, and the block-FP8 format of the checkpoint (dequantized at load).
+    mla: MLASpec | None = None
+    routing: RouterSpec | None = None
+    shared_expert_intermediate_size: int = 0
+    mtp_layers: int = 0
+    quantization: FP8BlockSpec | None = None
 
     def __post_init__(self) -> None:
         if self.family not in ARCHITECTURES.values():
@@ -101,6 +171,14 @@ class ModelConfig:
             raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window must be >= 1 or null, got {self.sliding_window}")
+        if self.routing is not None and (self.routing.num_experts, self.routing.top_k) != (
+                self.num_experts, self.top_k):
+            raise ConfigError("routing: num_experts/top_k differ from the model's")
+        if (self.mla is not None) != (self.family in MLA_FAMILIES):
+            raise ConfigError(f"mla: {self.family} {'has' if self.mla is None else 'has no'} "
+                              "multi-head latent attention")
+        if self.shared_expert_intermediate_size < 0:
+            raise ConfigError("n_shared_experts must be >= 0")
         params = self.rope_params()
         if params is not None:
             kind = params.get("rope_type", params.get("type", "default"))
@@ -127,8 +205,16 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Normalise a Hugging Face config dict (Mixtral / Qwen3-MoE spelling) to ModelConfig."""
+        """Normalise a Hugging Face config dict (Mixtral / Qwen3-MoE / DeepSeek-V2/V3 spelling)
+        to ModelConfig."""
         archs = d.get("architectures") or []
+        for a in archs:
+            if a in UNSUPPORTED_ARCHITECTURES:
+                raise ConfigError(f"architectures: {a} is not supported "
+                                  f"({UNSUPPORTED_ARCHITECTURES[a]})")
+        for key, what in UNSUPPORTED_KEYS.items():
+            if d.get(key) not in (None, False):
+                raise ConfigError(f"{key}: {what} is not supported")
         family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
         if family is None:
             raise ConfigError(f"architectures: unsupported {archs!r} (supported: "
@@ -151,11 +237,20 @@ class ModelConfig:
         num_layers = req("num_hidden_layers")
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ConfigError(f"num_hidden_layers must be a positive integer, got {num_layers!r}")
-        num_experts = d.get("num_local_experts", d.get("num_experts"))
+        num_experts = d.get("num_local_experts", d.get("num_experts", d.get("n_routed_experts")))
         if num_experts is None:
             raise ConfigError("config field 'num_local_experts' (or 'num_experts') is missing")
+        extra: dict[str, Any] = {"quantization": parse_quantization_config(d)}
+        kv_heads = d.get("num_key_value_heads") or heads
 
-        if family == "mixtral":
+        if family in MLA_FAMILIES:
+            sparse, expert_inter, dense_inter, ds = _deepseek_fields(d, family, num_layers,
+                                                                     num_experts)
+            extra |= ds
+            head_dim = extra["mla"].qk_rope_head_dim  # the RoPE dim, as transformers sets it
+            kv_heads = heads  # unused by MLA (one latent per token); keeps GQA checks trivial
+            norm_topk, qk_norm, bias, window = extra["routing"].norm_topk_prob, False, False, None
+        elif family == "mixtral":
             sparse = tuple(True for _ in range(num_layers))
             expert_inter, dense_inter = req("intermediate_size"), 0
             norm_topk, qk_norm, bias = True, False, False
@@ -193,7 +288,7 @@ class ModelConfig:
             hidden_size=hidden,
             num_layers=num_layers,
             num_heads=heads,
-            num_kv_heads=d.get("num_key_value_heads") or heads,
+            num_kv_heads=kv_heads,
             head_dim=head_dim,
             num_experts=num_experts,
             top_k=req("num_experts_per_tok"),
@@ -212,6 +307,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             sliding_window=window,
             attention_bias=bias,
+            **extra,
         )
 
     # ---------------------------------------------------------------- helpers
@@ -221,6 +317,15 @@ class ModelConfig:
     @property
     def sparse_layer_ids(self) -> tuple[int, ...]:
         return tuple(i for i, s in enumerate(self.sparse_layers) if s)
+
+    @property
+    def router_spec(self) -> RouterSpec:
+        """The routing rule (services/core/routing.py); Mixtral/Qwen3 derive theirs."""
+        if self.routing is not None:
+            return self.routing
+        return RouterSpec(num_experts=self.num_experts, top_k=self.top_k,
+                          norm_topk_prob=self.norm_topk_prob,
+                          weights_float32=self.router_weights_float32)
 
     def rope_inv_freq(self) -> tuple[torch.Tensor, float]:
         """RoPE inverse frequencies ``[head_dim // 2]`` (float32) and the cos/sin scale factor."""
@@ -236,7 +341,8 @@ def rope_inv_freq(dim: int, base: float, params: dict[str, Any] | None,
     engine never serves (prompts + generation are bounded by it), so in range it is ``default``.
     """
     exps = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-    inv_freq = 1.0 / (base ** exps)
+    pos_freqs = base ** exps
+    inv_freq = 1.0 / pos_freqs
     kind = "default" if params is None else params.get("rope_type", "default")
     if kind in ("default", "dynamic"):
         return inv_freq, 1.0
@@ -276,4 +382,69 @@ def rope_inv_freq(dim: int, base: float, params: dict[str, Any] | None,
         hi += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
     extrap = 1 - ramp
-    return (inv_freq / factor) * (1 - extrap) + inv_freq * extrap, float(attn)
+    # 1 / (factor * base^x), not inv_freq / factor: the rounding transformers does
+    return (1.0 / (factor * pos_freqs)) * (1 - extrap) + inv_freq * extrap, float(attn)
+
+
+def _deepseek_fields(d: dict[str, Any], family: str, num_layers: int, num_experts: int
+                     ) -> tuple[tuple[bool, ...], int, int, dict[str, Any]]:
+    """(sparse layers, expert width, dense width, extra ModelConfig fields) of a DeepSeek-V2/V3
+    config; every variant we do not implement is a one-line error naming its key."""
+    def req(name: str) -> Any:
+        if d.get(name) is None:
+            raise ConfigError(f"config field {name!r} is missing")
+        return d[name]
+
+    v3 = family == "deepseek_v3"
+    first_dense = d.get("first_k_dense_replace") or 0
+    if not isinstance(first_dense, int) or not 0 <= first_dense <= num_layers:
+        raise ConfigError(f"first_k_dense_replace must be in [0, {num_layers}], got "
+                          f"{first_dense!r}")
+    if (d.get("moe_layer_freq") or 1) != 1:
+        raise ConfigError(f"moe_layer_freq: {d['moe_layer_freq']} is not supported (only 1: "
+                          "every layer after first_k_dense_replace is MoE)")
+    if d.get("attention_bias") or d.get("mlp_bias"):
+        key = "attention_bias" if d.get("attention_bias") else "mlp_bias"
+        raise ConfigError(f"{key}: biases are not supported for {family}")
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"hidden_act: {act!r} is not supported (silu)")
+    sparse = tuple(i >= first_dense for i in range(num_layers))
+    expert_inter = req("moe_intermediate_size")
+    dense_inter = req("intermediate_size") if first_dense else (d.get("intermediate_size") or 0)
+    shared = expert_inter * (d.get("n_shared_experts") or 0)
+
+    scoring = d.get("scoring_func") or ("sigmoid" if v3 else "softmax")
+    if scoring != ("sigmoid" if v3 else "softmax"):
+        raise ConfigError(f"scoring_func: {scoring!r} is not supported for {family}")
+    method = d.get("topk_method") or ("noaux_tc" if v3 else "greedy")
+    if v3 and method != "noaux_tc":
+        raise ConfigError(f"topk_method: {method!r} is not supported for {family} (noaux_tc)")
+    if not v3 and method not in ("greedy", "group_limited_greedy"):
+        raise ConfigError(f"topk_method: {method!r} is not supported for {family} "
+                          "(greedy, group_limited_greedy)")
+    norm = bool(d.get("norm_topk_prob", v3))
+    if norm and not v3:
+        # transformers' V2 ignores it while DeepSeek's own code renormalises: no referee
+        raise ConfigError("norm_topk_prob: true is not supported for deepseek_v2")
+    routing = RouterSpec(
+        num_experts=num_experts, top_k=req("num_experts_per_tok"), scoring=scoring,
+        method=method, n_group=d.get("n_group") or 1, topk_group=d.get("topk_group") or 1,
+        norm_topk_prob=norm, routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+        score_bias=v3, logits_float32=True, weights_float32=True)
+
+    rope = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    nope, rope_dim = req("qk_nope_head_dim"), req("qk_rope_head_dim")
+    scale = float((nope + rope_dim) ** -0.5) if isinstance(nope, int) and isinstance(
+        rope_dim, int) else 1.0
+    if kind != "default" and rope.get("mscale_all_dim"):
+        m = _yarn_mscale(float(rope["factor"]), float(rope["mscale_all_dim"]))
+        scale = scale * m * m
+    mla = MLASpec(q_lora_rank=d.get("q_lora_rank"), kv_lora_rank=req("kv_lora_rank"),
+                  qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim, v_head_dim=req("v_head_dim"),
+                  rope_interleave=bool(d.get("rope_interleave", True)) if v3 else True,
+                  softmax_scale=scale)
+    mtp = d.get("num_nextn_predict_layers", d.get("num_mtp_layers")) or 0
+    return sparse, expert_inter, dense_inter, dict(
+        mla=mla, routing=routing, shared_expert_intermediate_size=shared, mtp_layers=int(mtp))

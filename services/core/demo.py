@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from services.core.demo_deepseek import DEEPSEEK_FAMILIES, write_deepseek_checkpoint
 from services.errors import UserError
 
-FAMILIES = ("mixtral", "qwen3_moe")
+FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 
 
 def _hf_config(family: str, *, layers: int, hidden: int, intermediate: int, experts: int,
@@ -73,7 +74,25 @@ def write_random_checkpoint(out_dir: str | Path, family: str = "mixtral", *, lay
                             norm_topk_prob: bool = True, tie_word_embeddings: bool = False,
                             rope_theta: float = 10000.0, rope_scaling: dict | None = None,
                             seed: int = 0, shards: int = 1, tokenizer: bool = True) -> Path:
-    """Write a random checkpoint to ``out_dir`` and return it. Deterministic for a given seed."""
+    """Write a random checkpoint to ``out_dir`` and return it. Deterministic for a given seed.
+
+    DeepSeek families go to :func:`demo_deepseek.write_deepseek_checkpoint` (transformers
+    writes them); ``dense_layers`` must then be ``range(k)`` (first_k_dense_replace = k)."""
+    if family in DEEPSEEK_FAMILIES:
+        k = len(dense_layers)
+        if list(dense_layers) != list(range(k)):
+            raise UserError(f"--dense-layers for {family} must be the first layers 0..k-1 "
+                            "(first_k_dense_replace)")
+        if heads != kv_heads or head_dim is not None or tie_word_embeddings:
+            raise UserError(f"{family} has MLA attention: --kv-heads, --head-dim and "
+                            "--tie-embeddings do not apply")
+        return write_deepseek_checkpoint(
+            out_dir, family, layers=layers, hidden=hidden, intermediate=intermediate,
+            experts=experts, top_k=top_k, heads=heads, vocab=vocab, dense_layers=k,
+            dense_intermediate=dense_intermediate, max_position=max_position,
+            rope_scaling=rope_scaling, seed=seed, shards=shards, tokenizer=tokenizer,
+            n_group=_groups(experts), topk_group=max(1, _groups(experts) // 2),
+            topk_method="group_limited_greedy" if family == "deepseek_v2" else None)
     if family not in FAMILIES:
         raise UserError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     if family == "mixtral" and dense_layers:
@@ -156,6 +175,11 @@ def write_random_checkpoint(out_dir: str | Path, family: str = "mixtral", *, lay
     return out
 
 
+def _groups(experts: int) -> int:
+    """Expert groups for a DeepSeek demo: 4 when they divide into groups of 2 or more."""
+    return 4 if experts % 4 == 0 and experts >= 8 else 1
+
+
 def _save(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
     for old in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]:
         old.unlink(missing_ok=True)
@@ -198,7 +222,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--max-position", type=int, default=4096)
     p.add_argument("--dense-layers", type=_int_list, default=[],
-                   help="qwen3_moe: comma-separated dense (mlp_only) layer indices")
+                   help="qwen3_moe: comma-separated dense (mlp_only) layer indices; "
+                        "deepseek: the first k layers 0,..,k-1")
     p.add_argument("--dense-intermediate", type=int, default=None)
     p.add_argument("--tie-embeddings", action="store_true")
     p.add_argument("--shards", type=int, default=1)
@@ -207,10 +232,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    heads = args.heads
+    kv_heads = heads if args.family in DEEPSEEK_FAMILIES else args.kv_heads
     out = write_random_checkpoint(
         args.out, args.family, layers=args.layers, hidden=args.hidden,
-        intermediate=args.intermediate, experts=args.experts, top_k=args.top_k, heads=args.heads,
-        kv_heads=args.kv_heads, head_dim=args.head_dim, vocab=args.vocab,
+        intermediate=args.intermediate, experts=args.experts, top_k=args.top_k, heads=heads,
+        kv_heads=kv_heads, head_dim=args.head_dim, vocab=args.vocab,
         max_position=args.max_position, dense_layers=args.dense_layers,
         dense_intermediate=args.dense_intermediate, tie_word_embeddings=args.tie_embeddings,
         shards=args.shards, seed=args.seed)

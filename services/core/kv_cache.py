@@ -111,24 +111,39 @@ class PagedKVCache:
 
     Head-major: one (head, block) is a contiguous ``[block_size, head_dim]`` run, so gathering
     a sequence's blocks yields per-head contiguous context (see ``layers.paged_attention``).
+
+    MLA models (``cfg.mla``) keep one latent entry per token instead (services/core/mla.py):
+    ``k`` is ``[num_layers, 1, num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]`` and
+    ``v`` is None.
     """
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
-        shape = (cfg.num_layers, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
+        heads, dim = self.entry_shape(cfg)
+        shape = (cfg.num_layers, heads, num_blocks, block_size, dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = None if cfg.mla is not None else torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views ``[num_kv_heads, num_blocks, block_size, head_dim]`` of layer i's K and V."""
-        return self.k[i], self.v[i]
+    @staticmethod
+    def entry_shape(cfg: ModelConfig) -> tuple[int, int]:
+        """(heads, dim) of one token's cache entry per layer and tensor."""
+        if cfg.mla is not None:
+            return 1, cfg.mla.cache_dim
+        return cfg.num_kv_heads, cfg.head_dim
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Views ``[num_kv_heads, num_blocks, block_size, head_dim]`` of layer i's K and V
+        (MLA: the latent cache and None)."""
+        return self.k[i], None if self.v is None else self.v[i]
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+        heads, dim = PagedKVCache.entry_shape(cfg)
+        tensors = 1 if cfg.mla is not None else 2
+        return tensors * cfg.num_layers * block_size * heads * dim * elem
 
     @staticmethod
     def blocks_for_memory(cfg: ModelConfig, block_size: int, dtype: torch.dtype,

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from services.core import cpu_gemm
+from services.core import cpu_gemm, routing
 from services.core.batch import BatchMeta
+from services.core.routing import RouterSpec
 
 # Stacked expert weights: input-major [n, K, N] tensors, or packed for the CPU kernel.
 ExpertStack = torch.Tensor | cpu_gemm.PackedWeight
@@ -92,16 +93,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renormalize: bool,
           keep_float32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax (float32) over experts -> top-k -> optional renormalisation.
+    """Softmax (float32) over experts -> top-k -> optional renormalisation (Mixtral/Qwen3
+    spelling of :func:`services.core.routing.route`, which every family goes through).
 
     x [T, H], router_weight [E, H] -> (topk_ids [T, K] int64, topk_weights [T, K]: float32
     when ``keep_float32``, else rounded to x.dtype, as the family does in transformers).
     """
-    probs = torch.softmax(F.linear(x, router_weight).float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return ids, weights if keep_float32 else weights.to(x.dtype)
+    spec = RouterSpec(num_experts=router_weight.shape[0], top_k=top_k,
+                      norm_topk_prob=renormalize, weights_float32=keep_float32)
+    return routing.route(x, router_weight, spec)
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ contribute zero, so partials over a partition of the experts add up to the full 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from services.core import cpu_gemm
+from services.core import cpu_gemm, mla, routing
 from services.core import layers as L
 from services.core.batch import BatchMeta, build_batch_meta
 from services.core.checkpoint import (
@@ -58,6 +59,9 @@ class MoEInput:
     topk_weights: torch.Tensor
     routed: bool
     dense_out: torch.Tensor | None = None
+    # Shared experts' output [T, H] (DeepSeek), computed on the attention side: by
+    # AttentionSide.shared_experts while the routed rows are at the experts, or in finish_layer.
+    shared_out: torch.Tensor | None = None
 
 
 _ROPE_CACHE_ENTRIES = 8  # > the largest micro-batch count (the planner searches m <= 4)
@@ -74,12 +78,18 @@ class AttentionSide:
         inv_freq, self.rope_scale = cfg.rope_inv_freq()
         self.inv_freq = inv_freq.to(self.device)
         self.scale = cfg.head_dim ** -0.5
+        self.router = cfg.router_spec
+        # MLA decode steps in the weight-absorbed form (services/core/mla.py); False: expanded
+        self.mla_absorb = True
         # id(positions) -> (positions, cos, signed sin); see _rope.
         self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # Fused QKV projection per layer ([(NH + 2 KVH) * D, H], one GEMM instead of three);
         # the layer's q/k/v become views into it, so the weights are not held twice.
-        self._qkv: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._qkv: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
         for lw in weights.layers:
+            if lw.mla is not None:  # MLA: projections stay separate (services/core/mla.py)
+                self._qkv.append(None)
+                continue
             w = torch.cat((lw.q, lw.k, lw.v))
             nq, nk = lw.q.shape[0], lw.k.shape[0]
             lw.q, lw.k, lw.v = w[:nq], w[nq:nq + nk], w[nq + nk:]
@@ -91,7 +101,8 @@ class AttentionSide:
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, signed sin) ``[T, 1, D]`` for :func:`layers.apply_rope_signed`."""
+        """(cos, signed sin) ``[T, 1, D]`` for :func:`layers.apply_rope_signed`; MLA models:
+        the (cos, sin) of :func:`mla.rope_tables`."""
         # Every layer of a micro-batch uses the same positions tensor: compute the tables once
         # per micro-batch and step. The ping-pong loop interleaves m micro-batches layer by
         # layer, so the cache holds several (a single entry would be recomputed on every
@@ -100,8 +111,13 @@ class AttentionSide:
         if cached is None or cached[0] is not positions or cached[1].dtype != dtype:
             if len(self._rope_cache) >= _ROPE_CACHE_ENTRIES:
                 self._rope_cache.clear()  # a new step: the old micro-batches are done
-            cos, sin = L.rope_cos_sin(positions, self.inv_freq, self.rope_scale, dtype)
-            cached = (positions, cos, L.signed_sin(sin))
+            if self.cfg.mla is not None:
+                cos, sin = mla.rope_tables(positions, self.inv_freq, self.rope_scale, dtype,
+                                           self.cfg.mla.rope_interleave)
+                cached = (positions, cos, sin)
+            else:
+                cos, sin = L.rope_cos_sin(positions, self.inv_freq, self.rope_scale, dtype)
+                cached = (positions, cos, L.signed_sin(sin))
             self._rope_cache[id(positions)] = cached
         return cached[1], cached[2]
 
@@ -127,6 +143,11 @@ class AttentionSide:
         T = hidden.shape[0]
         NH, KVH = cfg.num_heads, cfg.num_kv_heads
         x = L.rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)
+        if lw.mla is not None:
+            attn = mla.mla_attention(x, lw.mla, cfg.mla, NH, cfg.rms_norm_eps,
+                                     self._rope(meta.positions, x.dtype), kv.layer(layer)[0],
+                                     meta, self.mla_absorb)
+            return self._mlp_input(layer, hidden + F.linear(attn, lw.o))
         qkv = F.linear(x, *self._qkv[layer]).view(T, NH + 2 * KVH, cfg.head_dim)
         q, k, v = qkv[:, :NH], qkv[:, NH:NH + KVH], qkv[:, NH + KVH:]
         cos, sin = self._rope(meta.positions, qkv.dtype)
@@ -138,22 +159,39 @@ class AttentionSide:
             q, k = qk[:, :NH], qk[:, NH:]
         k_cache, v_cache = kv.layer(layer)
         attn = L.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
-        residual = hidden + F.linear(attn, lw.o, lw.o_bias)
-        normed = L.rms_norm(residual, lw.post_norm, cfg.rms_norm_eps)
+        return self._mlp_input(layer, hidden + F.linear(attn, lw.o, lw.o_bias))
+
+    def _mlp_input(self, layer: int, residual: torch.Tensor) -> MoEInput:
+        """post-attention norm -> router (sparse layer) or dense MLP (dense layer)."""
+        lw = self.w.layers[layer]
+        normed = L.rms_norm(residual, lw.post_norm, self.cfg.rms_norm_eps)
         if lw.router is None:
-            empty = torch.empty(T, 0, dtype=torch.int64, device=hidden.device)
-            return MoEInput(layer, residual, normed, empty, empty.to(hidden.dtype), routed=False,
+            empty = torch.empty(residual.shape[0], 0, dtype=torch.int64, device=residual.device)
+            return MoEInput(layer, residual, normed, empty, empty.to(residual.dtype),
+                            routed=False,
                             dense_out=L.swiglu(normed, lw.dense_gate_up, lw.dense_down))
-        ids, weights = L.route(normed, lw.router, cfg.top_k, cfg.norm_topk_prob,
-                               cfg.router_weights_float32)
+        ids, weights = routing.route(normed, lw.router, self.router, lw.router_bias)
         return MoEInput(layer, residual, normed, ids, weights, routed=True)
 
+    def shared_experts(self, moe_input: MoEInput) -> MoEInput:
+        """Run the layer's shared experts (if any) on the routed rows: the engine calls this
+        after dispatching them, so it overlaps with the expert nodes' work."""
+        lw = self.w.layers[moe_input.layer]
+        if lw.shared_gate_up is None or moe_input.shared_out is not None:
+            return moe_input
+        return dataclasses.replace(
+            moe_input, shared_out=L.swiglu(moe_input.normed, lw.shared_gate_up, lw.shared_down))
+
     def finish_layer(self, moe_input: MoEInput, expert_out: torch.Tensor | None) -> torch.Tensor:
-        """residual + (summed expert output | dense MLP output) -> next layer's hidden [T, H]."""
+        """residual + (summed expert output [+ shared experts] | dense MLP output) -> next
+        layer's hidden [T, H]."""
         if not moe_input.routed:
             return moe_input.residual + moe_input.dense_out
         if expert_out is None:
             raise ValueError(f"layer {moe_input.layer} is routed: expert_out is required")
+        if self.w.layers[moe_input.layer].shared_gate_up is not None:
+            # (routed + shared) first, then the residual: transformers' order of the sums
+            expert_out = expert_out + self.shared_experts(moe_input).shared_out
         return moe_input.residual + expert_out
 
     def logits(self, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
@@ -253,6 +291,7 @@ class MonolithicModel:
             mi = attn.attention_block(layer, h, meta, kv)
             out = None
             if mi.routed:
+                mi = attn.shared_experts(mi)
                 for side in self.experts:  # partials over a partition of experts add up
                     part = side.forward(layer, mi.normed, mi.topk_ids, mi.topk_weights)
                     out = part if out is None else out + part

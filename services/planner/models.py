@@ -43,7 +43,7 @@ class MoEShape:
     vocab: int = 32000
     shared_intermediate: int = 0
     attention: str = "gqa"
-    # MLA only (DeepSeek-V3 values by default)
+    # MLA only (DeepSeek-V3 values by default); q_lora_rank 0 = a plain q_proj (V2-Lite)
     q_lora_rank: int = 1536
     kv_lora_rank: int = 512
     rope_dim: int = 64
@@ -81,8 +81,9 @@ class MoEShape:
             proj = q + kv + o
         else:  # MLA: q down/up, kv down (+rope key), kv up (k_nope and v), output
             qk_dim = self.nope_dim + self.rope_dim
-            proj = (h * self.q_lora_rank + self.q_lora_rank * self.heads * qk_dim
-                    + h * (self.kv_lora_rank + self.rope_dim)
+            q = (h * self.q_lora_rank + self.q_lora_rank * self.heads * qk_dim
+                 if self.q_lora_rank else h * self.heads * qk_dim)
+            proj = (q + h * (self.kv_lora_rank + self.rope_dim)
                     + self.kv_lora_rank * self.heads * (self.nope_dim + self.v_head_dim)
                     + self.heads * self.v_head_dim * h)
         router = h * self.experts
@@ -152,7 +153,8 @@ PRESETS: dict[str, MoEShape] = {
         # A small Mixtral-like shape a CPU profiles in seconds (`plan --profile` default).
         MoEShape("local-tiny-moe", layers=4, hidden=256, heads=8, kv_heads=4, head_dim=32,
                  experts=8, top_k=2, expert_intermediate=512, vocab=1024),
-        # DeepSeek-V3: the first 3 dense layers are treated as MoE layers (approximation).
+        # DeepSeek-V3 (also Kimi-K2's shape class): MLA, one shared expert on the attention
+        # side; the first 3 dense layers are treated as MoE layers (approximation, 3 of 61).
         MoEShape("DeepSeek-V3", layers=61, hidden=7168, heads=128, kv_heads=128, head_dim=128,
                  experts=256, top_k=8, expert_intermediate=2048, vocab=129280,
                  shared_intermediate=2048, attention="mla"),
@@ -211,7 +213,8 @@ def from_hf_config(cfg: dict, name: str = "model") -> MoEShape:
         attention="mla" if mla else "gqa",
     )
     if mla:
-        shape = replace(shape, q_lora_rank=_int(cfg, "q_lora_rank", default=1536),
+        q_lora = cfg.get("q_lora_rank", 1536)  # null: no q compression (V2-Lite)
+        shape = replace(shape, q_lora_rank=0 if q_lora is None else _int(cfg, "q_lora_rank"),
                         kv_lora_rank=_int(cfg, "kv_lora_rank"),
                         rope_dim=_int(cfg, "qk_rope_head_dim", default=64),
                         nope_dim=_int(cfg, "qk_nope_head_dim", default=128),

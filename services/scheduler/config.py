@@ -115,8 +115,11 @@ def num_experts_from_model(model_dir: str | Path) -> tuple[int, str]:
         raise ConfigError(f"model directory {model_dir} has no config.json") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
-    n = data.get("num_local_experts", data.get("num_experts")) if isinstance(data, dict) else None
+    n = None
+    if isinstance(data, dict):  # Mixtral, Qwen3-MoE, DeepSeek spellings
+        n = data.get("num_local_experts", data.get("num_experts", data.get("n_routed_experts")))
     if not isinstance(n, int) or n < 1:
-        raise ConfigError(f"{path}: 'num_local_experts' (or 'num_experts') must be an integer "
+        raise ConfigError(f"{path}: 'num_local_experts' (or 'num_experts', 'n_routed_experts') "
+                          "must be an integer "
                           f">= 1, got {n!r}")
     return n, model_id(model_dir)

@@ -12,9 +12,11 @@ from test_engine_equivalence import NEW_TOKENS, PROMPTS, run_concurrently
 
 from services.launch.procs import LocalMesh, partition_experts
 
-# (checkpoint, attention replicas, expert nodes, m, transport); one mesh keeps the suite short
+# (checkpoint, attention replicas, expert nodes (0 = colocated), m, transport); few meshes
+# keep the suite short
 CASES = {
     "v3_2a2e_m2": ("v3", 2, 2, 2, "shm"),
+    "v3_colocated": ("v3", 1, 0, 1, "tcp"),
 }
 
 
@@ -22,7 +24,8 @@ CASES = {
 def test_disaggregated_deepseek_equals_transformers(deepseek_ckpt, hf_greedy, tmp_path, case):
     name, n_attn, n_exp, m, transport = CASES[case]
     path = deepseek_ckpt(name)
-    with LocalMesh.start(path, partition_experts(8, n_exp, ()), attention_replicas=n_attn,
+    experts = partition_experts(8, n_exp, ()) if n_exp else []  # [] = --local-experts
+    with LocalMesh.start(path, experts, attention_replicas=n_attn,
                          micro_batches=m,
                          attention_args=["--block-size", "4", "--max-batch-tokens", "64"],
                          workdir=tmp_path, transport=transport) as mesh:

@@ -17,8 +17,9 @@ __all__ = ["add_arguments", "build", "serve"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_server_flags(p)
     add_compute_flags(p)
-    add_flag(p, "--expert-nodes", required=True,
-             help="comma list of the expert nodes' gRPC addresses")
+    add_flag(p, "--expert-nodes", default=None,
+             help="comma list of the expert nodes' gRPC addresses; without it (needs "
+                  "--scheduler) the nodes come from the scheduler's placement")
     add_flag(p, "--m2n-sender-id", type=int, default=0,
              help="this replica's id on libm2n links (unique among attention replicas)")
     add_flag(p, "--micro-batches", type=int, default=2, help="m, micro-batches per step")
@@ -39,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--expert-timeout", type=float, default=10.0,
              help="seconds to wait for an expert node's replies before marking it down (its "
                   "rows go to other replicas; requests fail when an expert has none left)")
+    add_flag(p, "--expert-wait", type=float, default=30.0,
+             help="seconds requests pause (and then resume) while an expert they need has no "
+                  "live replica, waiting for a placement that serves it; then they fail")
     add_flag(p, "--expert-readmit", type=float, default=30.0,
              help="seconds after which a node marked down is tried again if its link is "
                   "healthy (a hang that ended); 0 = only a new placement epoch re-admits")
@@ -58,6 +62,7 @@ def build(args: argparse.Namespace) -> AttentionConfig:
                                   max_batch_tokens=args.max_batch_tokens,
                                   max_model_len=args.max_model_len),
         expert_timeout_s=args.expert_timeout, expert_readmit_s=args.expert_readmit,
+        expert_wait_s=args.expert_wait,
         scheduler=args.scheduler,
         threads=threads_from(args),
         device=pick_device(args.device), dtype=args.dtype)

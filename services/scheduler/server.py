@@ -66,8 +66,9 @@ def validate_node_info(info: common_pb2.NodeInfo, num_experts: int) -> None:
     if info.role == common_pb2.NODE_ROLE_EXPERT:
         if not info.m2n_url:
             raise BadRequest("m2n_url is required for an expert node")
-        if not info.expert_ids:
-            raise BadRequest("expert_ids must name at least one expert for an expert node")
+        if not info.expert_ids and not info.elastic:
+            raise BadRequest("expert_ids must name at least one expert for an expert node "
+                             "(or elastic be set: --experts auto)")
         bad = [e for e in info.expert_ids if e >= num_experts]
         if bad:
             raise BadRequest(f"expert_ids {bad} out of range: the model has {num_experts} "

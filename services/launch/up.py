@@ -49,6 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(p, "--attention", type=int, default=1, help="attention replicas")
     add_flag(p, "--experts", type=int, default=2, help="expert nodes")
     add_flag(p, "--replicate", default="", help="expert ids to host twice, e.g. 0,3")
+    add_flag(p, "--expert-replicas", type=int, default=1,
+             help="copies of every expert on distinct expert nodes (the scheduler's flag); "
+                  "above 1 the expert nodes are elastic, as with --elastic-experts")
+    add_flag(p, "--elastic-experts", action="store_true",
+             help="start the expert nodes with --experts auto: the scheduler assigns their "
+                  "experts and moves a lost node's experts to the others")
     add_flag(p, "--micro-batches", type=int, default=2, help="m, micro-batches per step")
     add_flag(p, "--port", type=int, default=8000, help="gateway HTTP port (0 = pick)")
     add_flag(p, "--host", default="127.0.0.1", help="gateway bind address")
@@ -288,6 +294,10 @@ def run(args: argparse.Namespace) -> int:
     if args.attention < 1:
         raise UserError(f"--attention must be >= 1, got {args.attention}")
     replicate = [int(x) for x in args.replicate.split(",") if x.strip()]
+    if not 1 <= args.expert_replicas <= args.experts:
+        raise UserError(f"--expert-replicas must be in 1..--experts ({args.experts}), got "
+                        f"{args.expert_replicas}")
+    elastic = args.elastic_experts or args.expert_replicas > 1
     api_key = secret_from(args.api_key, args.api_key_file, "--api-key")
     _check_port_free(args.host, args.port)
     attention_devices = _devices(args.attention_devices, args.device)
@@ -313,22 +323,26 @@ def run(args: argparse.Namespace) -> int:
         sched = mesh.start_role("scheduler", ["--redis-url", redis_url, "--model", str(model),
                                               "--micro-batches", str(args.micro_batches),
                                               "--max-batch-tokens", str(args.max_batch_tokens),
+                                              "--expert-replicas", str(args.expert_replicas),
                                               "--metrics-port", "0"], "scheduler")
         tag = f"{os.getpid()}"  # unique shm names per launcher
         experts = []
         for i, ids in enumerate(partition_experts(cfg.num_experts, args.experts, replicate)):
             url = f"shm://m2n-up{tag}-e{i}" if args.transport == "shm" else "tcp://127.0.0.1:0"
+            hosted = "auto" if elastic else ",".join(map(str, ids))
             experts.append(mesh.start_role("expert", [
-                "--model", str(model), "--experts", ",".join(map(str, ids)), "--m2n-url", url,
+                "--model", str(model), "--experts", hosted, "--m2n-url", url,
                 "--m2n-sender-id", str(1000 + i), "--scheduler", sched.grpc,
                 "--metrics-port", "0", "--device", expert_devices[i % len(expert_devices)],
                 *compute], f"expert-{i}"))
         replicas = []
         for i in range(args.attention):
             url = f"shm://m2n-up{tag}-a{i}" if args.transport == "shm" else "tcp://127.0.0.1:0"
+            # elastic: the nodes and what they host come from the scheduler's placement
+            nodes = [] if elastic else ["--expert-nodes", ",".join(e.grpc for e in experts)]
             replicas.append(mesh.start_role("attention", [
-                "--model", str(model), "--expert-nodes", ",".join(e.grpc for e in experts),
-                "--m2n-url", url, "--m2n-sender-id", str(i), "--scheduler", sched.grpc,
+                "--model", str(model), *nodes, "--m2n-url", url,
+                "--m2n-sender-id", str(i), "--scheduler", sched.grpc,
                 "--micro-batches", str(args.micro_batches), "--metrics-port", "0",
                 "--device", attention_devices[i % len(attention_devices)],
                 "--gpu-memory-utilization", str(args.gpu_memory_utilization),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ MODEL_SHAPE = dict(layers=2, hidden=64, intermediate=96, experts=8, top_k=2, hea
                    kv_heads=2, vocab=512, max_position=256, seed=25)
 PROMPTS = [f"fault matrix prompt {i}" for i in range(6)]
 MAX_TOKENS = 12
+_POOLS: list[ThreadPoolExecutor] = []
 NODE_TTL = "2"          # scheduler lease: a dead node is planned out within ~2.5 s
 EXPERT_TIMEOUT = "2"    # a silent expert node is marked down after this
 EXPERT_WAIT = "25"      # requests pause this long for lost experts
@@ -168,17 +170,24 @@ def _start_mesh(root: Path) -> FaultMesh:
         sched = mesh.start_role("scheduler", [
             "--redis-url", redis_url, "--model", str(model_dir), "--node-ttl", NODE_TTL,
             "--expert-replicas", "1", "--max-batch-tokens", "256"], "scheduler")
-        for i in range(2):
-            start_expert(mesh, model_dir, sched.grpc, i)
-        replicas = [mesh.start_role("attention", [
+        # Started side by side (each waits for its ready file): the replicas wait for the
+        # scheduler's first placement, which needs the expert nodes. The pool's threads live
+        # as long as the mesh: children die with the thread that forked them (PDEATHSIG).
+        pool = ThreadPoolExecutor(4)
+        _POOLS.append(pool)
+        experts = [pool.submit(start_expert, mesh, model_dir, sched.grpc, i) for i in range(2)]
+        replicas = [pool.submit(mesh.start_role, "attention", [
             "--model", str(model_dir), "--m2n-url", "tcp://127.0.0.1:0", "--m2n-sender-id",
             str(i), "--scheduler", sched.grpc, "--expert-timeout", EXPERT_TIMEOUT,
             "--expert-wait", EXPERT_WAIT, "--max-batch-tokens", "256", "--max-model-len", "128",
             "--num-blocks", "64"], f"attention-{i}") for i in range(2)]
-        gateways = [mesh.start_role("gateway", [
+        addresses = ",".join(r.result().grpc for r in replicas)
+        gateways = [pool.submit(mesh.start_role, "gateway", [
             "--model", str(model_dir), "--port", "0", "--scheduler", sched.grpc,
-            "--attention", ",".join(r.grpc for r in replicas)], f"gateway-{i}")
-            for i in range(2)]
+            "--attention", addresses], f"gateway-{i}") for i in range(2)]
+        gateways = [g.result() for g in gateways]
+        for e in experts:
+            e.result()
     except BaseException:
         mesh.stop()
         raise
@@ -217,6 +226,8 @@ def fault_mesh(tmp_path_factory: pytest.TempPathFactory):
         fm._stop.set()
         supervisor.join(5)
         fm.mesh.stop()
+        while _POOLS:
+            _POOLS.pop().shutdown()
 
 
 def _supervise(fm: FaultMesh) -> None:

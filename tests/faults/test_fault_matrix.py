@@ -80,9 +80,18 @@ def wait_epoch_after(fm: FaultMesh, epoch: int, timeout_s: float = 30) -> int:
     return fm.placement_epoch()
 
 
-def settle(fm: FaultMesh, seconds: float = 1.0) -> None:
-    """Let restarts and re-placements finish before the next case."""
+def settle(fm: FaultMesh, seconds: float = 1.0, quiet_s: float = 2.5,
+           timeout_s: float = 30) -> None:
+    """Let restarts and re-placements finish before the next case: every child alive and
+    no new placement epoch for ``quiet_s`` (nodes re-register within a lease)."""
     time.sleep(seconds)
+    deadline = time.monotonic() + timeout_s
+    epoch, since = fm.placement_epoch(), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < deadline, "the mesh did not settle"
+        if fm.placement_epoch() != epoch or not all(c.alive() for c in fm.mesh.children):
+            epoch, since = fm.placement_epoch(), time.monotonic()
+        time.sleep(0.1)
 
 
 # ---- expert nodes, one copy of each expert (elastic: the survivors load the lost ones) ----

@@ -107,6 +107,7 @@ class Load:
     def __init__(self, fm: FaultMesh, threads: int = 2) -> None:
         self.fm = fm
         self.outcomes: list[Outcome] = []
+        self.started: dict[int, float] = {}  # client thread -> start of its request in flight
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
@@ -135,6 +136,7 @@ class Load:
                 gw = i % len(self.fm.gateways)
                 i += len(self._threads)
                 start, retries, out = time.monotonic(), 0, None
+                self.started[k] = start
                 for attempt in range(4):
                     try:
                         text = self.fm.complete(client, prompt, (gw + attempt) % 2)
@@ -154,6 +156,12 @@ class Load:
                     break
                 with self._lock:
                     self.outcomes.append(out)
+                    self.started.pop(k, None)
+
+    def oldest_in_flight(self) -> float | None:
+        """Start of the oldest request still in flight (None: none is)."""
+        with self._lock:
+            return min(self.started.values(), default=None)
 
     def completed_since(self, t: float) -> int:
         with self._lock:

@@ -2,10 +2,13 @@
 request completes with the output the undisturbed mesh gave, and the recovery time is printed
 (``pytest -s tests/faults``).
 
-Recovery time: from the fault until every request that was in flight at that moment has
-completed (for a SIGSTOP healed by SIGCONT, the SIGCONT comes only after that, unless the
-case says otherwise). The mesh and the load are in conftest.py; the cases share one mesh and
-run in file order.
+Recovered: every request that was in flight at the fault has completed, fresh ones complete
+again, and no request in flight is older than ``STALL_S`` (none is held by the faulty
+process). Recovery time: from the fault until every request in flight at that moment has
+completed. A SIGSTOP is healed by SIGCONT only once recovered (the mesh routed around the
+frozen process), unless the case says otherwise. The longest request latency around the fault
+is printed too. The mesh and the load are in conftest.py; the cases share one mesh and run in
+file order.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable
 
 from conftest import EXPERT_TIMEOUT, FaultMesh, Load
 
+STALL_S = 3.0  # a request in flight longer than this is held by the fault
 RESULTS: list[tuple[str, float, int, int]] = []  # (case, recovery s, requests, lost)
 
 
@@ -40,8 +44,10 @@ def run_fault(fm: FaultMesh, case: str, inject: Callable[[], None],
         while True:
             now = time.monotonic()
             with load._lock:
-                inflight = [o for o in load.outcomes if o.start <= t0]
-            recovered = len(inflight) >= 2 and load.completed_since(t0) >= fresh
+                before = [o for o in load.outcomes if o.start <= t0]
+            oldest = load.oldest_in_flight()
+            recovered = (len(before) >= 2 and load.completed_since(t0) >= fresh
+                         and (oldest is None or oldest > t0 and now - oldest < STALL_S))
             if not healed and (heal_when == "after" and now - t0 >= heal_after_s
                                or heal_when == "recovered" and recovered):
                 heal()
@@ -53,11 +59,13 @@ def run_fault(fm: FaultMesh, case: str, inject: Callable[[], None],
         outcomes = load.stop()
     before = [o for o in outcomes if o.start <= t0]
     recovery = max(o.end for o in before) - t0
+    worst = max(o.end - o.start for o in outcomes if o.end >= t0)
     lost = [o for o in outcomes if not o.ok]
     retries = sum(o.retries for o in outcomes)
     RESULTS.append((case, recovery, len(outcomes), len(lost)))
-    print(f"\nFAULT {case}: recovery {recovery:.2f} s, {len(outcomes)} requests, "
-          f"{len(lost)} lost, {retries} client retries on the other gateway")
+    print(f"\nFAULT {case}: recovery {recovery:.2f} s, longest request {worst:.2f} s, "
+          f"{len(outcomes)} requests, {len(lost)} lost, {retries} client retries on the "
+          "other gateway")
     assert not lost, f"{case}: lost requests: {[(o.prompt, o.detail) for o in lost[:3]]}"
     assert retries <= max_retries, f"{case}: {retries} client retries"
     return recovery
@@ -134,6 +142,16 @@ def test_attention_replica_sigkill(fault_mesh):
     settle(fault_mesh, 3)
 
 
+def test_attention_replica_sigstop(fault_mesh):
+    """A frozen replica: new requests go to the other one once its lease lapses, but the ones
+    it holds wait for it (nothing breaks their stream): SIGCONT after 4 s, and they complete.
+    """
+    stop, cont = stop_cont(fault_mesh, "attention-1")
+    run_fault(fault_mesh, "SIGSTOP attention replica (1 of 2, SIGCONT after 4 s)", stop, cont,
+              heal_when="after", heal_after_s=4)
+    settle(fault_mesh, 2)
+
+
 def test_scheduler_sigkill_and_sigstop(fault_mesh):
     fm = fault_mesh
     run_fault(fm, "SIGKILL scheduler", kill(fm, "scheduler"))
@@ -160,6 +178,15 @@ def test_gateway_sigkill_clients_retry_on_the_other(fault_mesh):
     run_fault(fault_mesh, "SIGKILL gateway (1 of 2)", kill(fault_mesh, "gateway-0"),
               max_retries=4)
     settle(fault_mesh, 2)
+
+
+def test_gateway_sigstop(fault_mesh):
+    """A frozen gateway holds its clients' requests until it resumes (SIGCONT after 3 s); the
+    other gateway serves on meanwhile."""
+    stop, cont = stop_cont(fault_mesh, "gateway-1")
+    run_fault(fault_mesh, "SIGSTOP gateway (1 of 2, SIGCONT after 3 s)", stop, cont,
+              heal_when="after", heal_after_s=3)
+    settle(fault_mesh, 1)
 
 
 # ---- expert nodes with two copies of every expert (the scheduler restarted with them) ------

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from transformers import AutoTokenizer
 
 from services.core.demo import write_random_checkpoint
 from services.launch.procs import RoleProcess
@@ -211,7 +212,7 @@ def start_expert(mesh: Mesh, model_dir: Path, scheduler: str, i: int) -> RolePro
 
 
 @pytest.fixture(scope="package")
-def fault_mesh(tmp_path_factory: pytest.TempPathFactory):
+def fault_mesh(tmp_path_factory: pytest.TempPathFactory, hf_greedy):
     fm = _start_mesh(tmp_path_factory.mktemp("faults"))
     supervisor = threading.Thread(target=_supervise, args=(fm,), daemon=True)
     supervisor.start()
@@ -226,6 +227,10 @@ def fault_mesh(tmp_path_factory: pytest.TempPathFactory):
                     except (RuntimeError, httpx.TransportError):
                         assert time.monotonic() < deadline, "the fault mesh never served"
                         time.sleep(0.5)
+            tok = AutoTokenizer.from_pretrained(fm.model_dir)
+            for p in PROMPTS[:2]:  # the elastic mesh computes what transformers does
+                want = hf_greedy(fm.model_dir, [tok.encode(p)], MAX_TOKENS)[0]
+                assert fm.reference[p] == tok.decode(want, skip_special_tokens=True)
             for gw in (0, 1):
                 for p in PROMPTS:  # same output through either gateway and either replica
                     assert fm.complete(client, p, gw) == fm.reference[p]

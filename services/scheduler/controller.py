@@ -4,12 +4,11 @@ Every ``sweep_interval_s`` (lease/4) :meth:`Controller.tick`:
 1. re-seeds Redis after a restart (epochs never go backwards, the last placement is put back);
 2. removes nodes whose lease expired (membership epoch bump);
 3. refreshes the autoscaling metrics from the load reports;
-4. re-plans the expert placement (not within one lease of its start while a placement from
-   Redis is in force: nodes are registering again) when the set of expert nodes changed, or
-   the set of nodes in
-   quarantine (services/scheduler/quarantine.py: planned out while most attention replicas
-   route around them though their lease holds; its state is stored in Redis when it changes
-   and taken over at start); a complete plan that
+4. re-plans the expert placement (not within one lease of its start while nodes named by
+   the placement it resumed from Redis are still registering again) when the set of expert
+   nodes changed, or the set of nodes in quarantine (services/scheduler/quarantine.py:
+   planned out while most attention replicas route around them though their lease holds;
+   its state is stored in Redis when it changes and taken over at start); a complete plan that
    differs from the current one gets a new placement epoch, is stored in Redis, woken to
    WatchPlacement streams and pushed to every attention and expert node;
 5. re-pushes to nodes that have not acknowledged the current epoch (new or unreachable ones).
@@ -99,6 +98,7 @@ class Controller:
         self._lock = asyncio.Lock()  # one tick / re-plan at a time
         self._redis_down = False
         self._started = time.monotonic()
+        self._resumed = False  # the placement in force was taken over from Redis at start
         self.quarantine = Quarantine(config.num_experts, config.quarantine_after_s,
                                      config.quarantine_hold_s, config.quarantine_max_hold_s)
         self._quarantine_saved = 0  # quarantine.changes last stored in Redis (-1: store again)
@@ -128,6 +128,7 @@ class Controller:
             stored = await self.state.load_placement()
             if stored is not None and stored.num_experts == self.config.num_experts:
                 await self._install(stored)
+                self._resumed = True
                 self.missing = ()
                 log.info("resuming placement epoch %d from Redis", stored.epoch)
             self.membership_epoch = await self.state.epoch()
@@ -204,18 +205,21 @@ class Controller:
             experts = [n for n in _expert_nodes(records) if n.node_id not in out]
             fp = tuple(sorted((n.node_id, n.m2n_url, n.expert_ids, n.started_at, n.elastic)
                               for n in experts))
-            if fp != self._fingerprint and not self._settling():
+            if fp != self._fingerprint and not self._settling(records):
                 self._fingerprint = fp
                 await self._replan(experts, force=True)
             await self._push(records)
             await self._close_unused({r.info.grpc_address for r in records})
 
-    def _settling(self) -> bool:
-        """Within one lease of this scheduler's start, with a placement in force: the nodes
-        whose leases lapsed while no scheduler ran are registering again, and a plan over
-        the ones back so far would move experts for nothing."""
-        return bool(self.current.epoch) and (time.monotonic() - self._started
-                                             < self.config.node_ttl_s)
+    def _settling(self, records: list[NodeRecord]) -> bool:
+        """Within one lease of this scheduler's start, while a node named by the placement
+        it resumed from Redis has not registered again: the nodes whose leases lapsed while
+        no scheduler ran are coming back, and a plan over the ones back so far would move
+        experts for nothing."""
+        if not self._resumed or time.monotonic() - self._started >= self.config.node_ttl_s:
+            return False
+        named = {h.node_id for rep in self.current.experts for h in rep.hosts}
+        return not named <= {r.info.node_id for r in records}
 
     # ------------------------------------------------ the node view PickReplica reads
     async def read_nodes(self) -> list[NodeRecord]:
@@ -435,7 +439,7 @@ class Controller:
                     old = prev[1].get(e, 0)
                     delta = v - old if v >= old else v  # counter reset: the node restarted
                     window[e] = window.get(e, 0.0) + delta / dt
-            if sum(window.values()) <= 0 or self._settling():
+            if sum(window.values()) <= 0 or self._settling(records):
                 return  # no traffic in this window: nothing new to learn
             for e in range(self.config.num_experts):
                 rate = window.get(e, 0.0)

@@ -1,10 +1,11 @@
 """The expert placement algorithm: which expert node serves which expert id.
 
-Capacity model. An expert node loads a fixed set of experts at start (``--experts``; sent as
+Capacity model. A fixed expert node loads its set of experts at start (``--experts``; sent as
 ``NodeInfo.expert_ids``), so the placement can only *choose among the nodes that already hold
-an expert*: a node's capacity is the set of expert ids it holds, and a replica of expert ``e``
-can only be placed on a node holding ``e``. Moving weights between nodes is future work; with
-it, capacity becomes a count and the same greedy applies with every node as a candidate.
+an expert*: a replica of expert ``e`` can only be placed on a node holding ``e``
+(:func:`plan_placement`, below). An elastic node (``--experts auto``) may be given any expert
+and loads it on demand; with elastic nodes, or ``--expert-replicas`` above 1,
+:func:`plan_copies` places a fixed number of copies of every expert instead.
 
 Load model. ``expert_load[e]`` is the rows expert ``e`` computes per unit time (from
 ``Expert.GetStats`` deltas; uniform when unknown). Senders balance an expert's rows evenly over

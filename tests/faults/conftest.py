@@ -213,6 +213,7 @@ def start_expert(mesh: Mesh, model_dir: Path, scheduler: str, i: int) -> RolePro
 
 @pytest.fixture(scope="package")
 def fault_mesh(tmp_path_factory: pytest.TempPathFactory, hf_greedy):
+    t0 = time.monotonic()
     fm = _start_mesh(tmp_path_factory.mktemp("faults"))
     supervisor = threading.Thread(target=_supervise, args=(fm,), daemon=True)
     supervisor.start()
@@ -234,6 +235,7 @@ def fault_mesh(tmp_path_factory: pytest.TempPathFactory, hf_greedy):
             for gw in (0, 1):
                 for p in PROMPTS:  # same output through either gateway and either replica
                     assert fm.complete(client, p, gw) == fm.reference[p]
+        print(f"\nfault mesh up and checked in {time.monotonic() - t0:.1f} s")
         yield fm
     finally:
         fm._stop.set()

@@ -27,7 +27,7 @@ RESULTS: list[tuple[str, float, int, int]] = []  # (case, recovery s, requests, 
 
 def run_fault(fm: FaultMesh, case: str, inject: Callable[[], None],
               heal: Callable[[], None] | None = None, heal_when: str = "recovered",
-              heal_after_s: float = 0.0, fresh: int = 4, bound_s: float = 40.0,
+              heal_after_s: float = 0.0, fresh: int = 3, bound_s: float = 40.0,
               max_retries: int = 0) -> float:
     """Inject a fault under load, wait for recovery, heal, check every request.
 
@@ -36,7 +36,7 @@ def run_fault(fm: FaultMesh, case: str, inject: Callable[[], None],
     ``max_retries``: client retries on the other gateway allowed (a dead gateway's
     connections)."""
     with Load(fm) as load:
-        time.sleep(1.0)  # steady state
+        time.sleep(0.5)  # steady state
         t0 = time.monotonic()
         inject()
         healed = heal is None
@@ -88,7 +88,7 @@ def wait_epoch_after(fm: FaultMesh, epoch: int, timeout_s: float = 30) -> int:
     return fm.placement_epoch()
 
 
-def settle(fm: FaultMesh, seconds: float = 1.0, quiet_s: float = 2.5,
+def settle(fm: FaultMesh, seconds: float = 0.5, quiet_s: float = 1.5,
            timeout_s: float = 30) -> None:
     """Let restarts and re-placements finish before the next case: every child alive and
     no new placement epoch for ``quiet_s`` (nodes re-register within a lease)."""
@@ -112,14 +112,14 @@ def test_expert_node_sigkill_one_copy_survivors_load_its_experts(fault_mesh):
     assert re.search(r"expert node expert-1 serves experts \[0, 1, 2, 3, 4, 5, 6, 7\]", log), \
         "the survivor never took every expert"
     fm.wait_restarted("expert-0", old)
-    settle(fm, 3)
+    settle(fm)
 
 
 def test_expert_node_sigstop_one_copy(fault_mesh):
     fm = fault_mesh
     stop, cont = stop_cont(fm, "expert-1")
     run_fault(fm, "SIGSTOP expert node (1 copy, elastic reload)", stop, cont)
-    settle(fm, 3)
+    settle(fm)
 
 
 def test_elastic_pool_add_a_node_then_remove_one(fault_mesh):
@@ -132,44 +132,44 @@ def test_elastic_pool_add_a_node_then_remove_one(fault_mesh):
     assert re.search(r"expert node expert-2 serves experts \[\d", fm.scheduler_log())
     removed = fm.remove("expert-0")
     run_fault(fm, "elastic: expert node removed (SIGTERM)", lambda: removed.stop(10))
-    settle(fm, 2)
+    settle(fm)
 
 
 # ---- attention replicas (2), scheduler, Redis ----------------------------------------------
 
 def test_attention_replica_sigkill(fault_mesh):
     run_fault(fault_mesh, "SIGKILL attention replica (1 of 2)", kill(fault_mesh, "attention-0"))
-    settle(fault_mesh, 3)
+    settle(fault_mesh)
 
 
 def test_attention_replica_sigstop(fault_mesh):
     """A frozen replica: new requests go to the other one once its lease lapses, but the ones
-    it holds wait for it (nothing breaks their stream): SIGCONT after 4 s, and they complete.
+    it holds wait for it (nothing breaks their stream): SIGCONT after 3 s, and they complete.
     """
     stop, cont = stop_cont(fault_mesh, "attention-1")
-    run_fault(fault_mesh, "SIGSTOP attention replica (1 of 2, SIGCONT after 4 s)", stop, cont,
-              heal_when="after", heal_after_s=4)
-    settle(fault_mesh, 2)
+    run_fault(fault_mesh, "SIGSTOP attention replica (1 of 2, SIGCONT after 3 s)", stop, cont,
+              heal_when="after", heal_after_s=3)
+    settle(fault_mesh)
 
 
 def test_scheduler_sigkill_and_sigstop(fault_mesh):
     fm = fault_mesh
     run_fault(fm, "SIGKILL scheduler", kill(fm, "scheduler"))
-    settle(fm, 2)
+    settle(fm)
     stop, cont = stop_cont(fm, "scheduler")
-    run_fault(fm, "SIGSTOP scheduler (SIGCONT after 4 s)", stop, cont, heal_when="after",
-              heal_after_s=4)
-    settle(fm, 2)
+    run_fault(fm, "SIGSTOP scheduler (SIGCONT after 3 s)", stop, cont, heal_when="after",
+              heal_after_s=3)
+    settle(fm)
 
 
 def test_redis_sigkill_and_sigstop(fault_mesh):
     fm = fault_mesh
     run_fault(fm, "SIGKILL Redis", kill(fm, "redis"))
-    settle(fm, 2)
+    settle(fm)
     stop, cont = stop_cont(fm, "redis")
-    run_fault(fm, "SIGSTOP Redis (SIGCONT after 4 s)", stop, cont, heal_when="after",
-              heal_after_s=4)
-    settle(fm, 2)
+    run_fault(fm, "SIGSTOP Redis (SIGCONT after 3 s)", stop, cont, heal_when="after",
+              heal_after_s=3)
+    settle(fm)
 
 
 # ---- gateways (2) --------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_redis_sigkill_and_sigstop(fault_mesh):
 def test_gateway_sigkill_clients_retry_on_the_other(fault_mesh):
     run_fault(fault_mesh, "SIGKILL gateway (1 of 2)", kill(fault_mesh, "gateway-0"),
               max_retries=4)
-    settle(fault_mesh, 2)
+    settle(fault_mesh)
 
 
 def test_gateway_sigstop(fault_mesh):
@@ -186,7 +186,7 @@ def test_gateway_sigstop(fault_mesh):
     stop, cont = stop_cont(fault_mesh, "gateway-1")
     run_fault(fault_mesh, "SIGSTOP gateway (1 of 2, SIGCONT after 3 s)", stop, cont,
               heal_when="after", heal_after_s=3)
-    settle(fault_mesh, 1)
+    settle(fault_mesh)
 
 
 # ---- expert nodes with two copies of every expert (the scheduler restarted with them) ------
@@ -199,9 +199,9 @@ def test_expert_node_sigkill_and_sigstop_with_copies(fault_mesh):
     epoch = fm.placement_epoch()
     os.kill(fm.pid("scheduler"), signal.SIGKILL)  # comes back with --expert-replicas 2
     wait_epoch_after(fm, epoch, 60)
-    settle(fm, 2)
+    settle(fm)
     run_fault(fm, "SIGKILL expert node (2 copies)", kill(fm, "expert-1"))
-    settle(fm, 4)
+    settle(fm)
     stop, cont = stop_cont(fm, "expert-2")
     recovery = run_fault(fm, "SIGSTOP expert node (2 copies)", stop, cont)
     assert recovery < float(EXPERT_TIMEOUT) + 8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import zlib
 
 from services.common.flags import add_compute_flags, add_flag, add_server_flags, threads_from
@@ -47,7 +48,10 @@ def build(args: argparse.Namespace) -> ExpertConfig:
     elastic = args.experts.strip() == "auto"
     if elastic and not args.scheduler:
         raise ConfigError("--experts auto needs --scheduler: the scheduler assigns the experts")
-    node_id = args.node_id or f"expert-{os.getpid()}"
+    # An elastic pool's nodes are alike (a Deployment's pods, all pid 1): the host name tells
+    # them apart when no --node-id is given.
+    node_id = args.node_id or (f"expert-{socket.gethostname()}-{os.getpid()}" if elastic
+                               else f"expert-{os.getpid()}")
     return ExpertConfig(
         model_dir=args.model, expert_ids=() if elastic else resolve_experts(args.experts,
                                                                               args.model),

@@ -163,6 +163,11 @@ class Controller:
             await ch.close()
         self._channels.clear()
 
+    @property
+    def redis_down(self) -> bool:
+        """The last Redis operation failed (cleared by the next tick that reaches it)."""
+        return self._redis_down
+
     def _on_redis_error(self, exc: BaseException) -> None:
         self.metrics.redis_errors.inc()
         self._quarantine_saved = -1  # Redis may come back empty: store the state again

@@ -28,13 +28,13 @@ RESULTS: list[tuple[str, float, int, int]] = []  # (case, recovery s, requests, 
 def run_fault(fm: FaultMesh, case: str, inject: Callable[[], None],
               heal: Callable[[], None] | None = None, heal_when: str = "recovered",
               heal_after_s: float = 0.0, fresh: int = 3, bound_s: float = 40.0,
-              max_retries: int = 0) -> float:
+              max_retries: int = 0, min_fault_s: float = 0.0) -> float:
     """Inject a fault under load, wait for recovery, heal, check every request.
 
     ``heal_when``: "recovered" (after the in-flight requests completed) or "after" (at
     ``heal_after_s``, whatever happened: a frozen process nobody can route around).
     ``max_retries``: client retries on the other gateway allowed (a dead gateway's
-    connections)."""
+    connections). ``min_fault_s``: the fault lasts at least this long (recovered or not)."""
     with Load(fm) as load:
         time.sleep(0.5)  # steady state
         t0 = time.monotonic()
@@ -47,7 +47,8 @@ def run_fault(fm: FaultMesh, case: str, inject: Callable[[], None],
                 before = [o for o in load.outcomes if o.start <= t0]
             oldest = load.oldest_in_flight()
             recovered = (len(before) >= 2 and load.completed_since(t0) >= fresh
-                         and (oldest is None or oldest > t0 and now - oldest < STALL_S))
+                         and (oldest is None or oldest > t0 and now - oldest < STALL_S)
+                         and now - t0 >= min_fault_s)
             if not healed and (heal_when == "after" and now - t0 >= heal_after_s
                                or heal_when == "recovered" and recovered):
                 heal()
@@ -147,7 +148,9 @@ def test_attention_replica_sigstop(fault_mesh):
     gateways' watchdog ends their streams to it (no GetLoad answer), so the requests it held
     resume on the other replica; SIGCONT only once they completed."""
     stop, cont = stop_cont(fault_mesh, "attention-1")
-    run_fault(fault_mesh, "SIGSTOP attention replica (1 of 2)", stop, cont)
+    # frozen for 8 s: requests that reach it before its lease lapses must be taken off it
+    run_fault(fault_mesh, "SIGSTOP attention replica (1 of 2, 8 s at least)", stop, cont,
+              min_fault_s=8)
     settle(fault_mesh)
 
 

@@ -319,6 +319,13 @@ class Batcher:
         req.num_computed = start + n
         return ScheduledChunk(req, start, n, start + n == req.num_tokens)
 
+    def requeue(self, req: Request) -> None:
+        """Put a running request back at the head of the queue, its KV freed: it resumes by
+        recompute (its output so far kept), as a preempted one does. Call only while its
+        lane is between steps."""
+        if req.status is Status.RUNNING:
+            self._preempt(req)
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         if self.prefix is not None:  # between its steps: what it computed can be shared

@@ -16,7 +16,11 @@ class AttentionConfig:
 
     ``expert_nodes`` are the gRPC addresses of the expert nodes; at start the replica attaches to
     each (``Expert.Attach``), learns its libm2n dispatch URL and hosted experts, and builds the
-    placement from them (the scheduler replaces it later through ``UpdatePlacement``).
+    placement from them (the scheduler replaces it later through ``UpdatePlacement``). Empty
+    with a ``scheduler``: the replica waits for the scheduler's first placement and attaches
+    to the nodes it names (an elastic expert pool). ``expert_wait_s``: how long a step whose
+    experts have no live replica waits, its requests paused (re-queued, resumed by
+    recompute), for a placement that serves them again before they fail.
     ``m2n_url`` is where this replica receives combines (``tcp://127.0.0.1:0`` picks a port;
     ``shm://NAME`` for same-host expert nodes). ``local_experts`` (colocated mode,
     services/attention/local_experts.py) computes every expert in this process instead: then
@@ -42,6 +46,7 @@ class AttentionConfig:
     served_model_name: str = ""       # the model_name label of its metrics; "" = model id
     expert_timeout_s: float = 10.0    # bound on a node's replies before it is marked down
     expert_readmit_s: float = 30.0    # retry a down node with a healthy link after this; 0 = no
+    expert_wait_s: float = 30.0       # pause requests this long for lost experts to come back
     scheduler: str | None = None      # the scheduler service's gRPC address; None = none
     threads: int = 1
     device: str = "cpu"
@@ -54,9 +59,10 @@ class AttentionConfig:
             raise ConfigError(f"model_dir {self.model_dir} has no config.json")
         if self.local_experts and self.expert_nodes:
             raise ConfigError("local_experts computes every expert here: give no expert_nodes")
-        if not self.local_experts and not self.expert_nodes:
-            raise ConfigError("expert_nodes must name at least one expert node address "
-                              "(or set local_experts)")
+        if not self.local_experts and not self.expert_nodes and not self.scheduler:
+            raise ConfigError("expert_nodes must name at least one expert node address (or "
+                              "give a scheduler to learn them from its placement, or set "
+                              "local_experts)")
         if not 1 <= self.micro_batches <= 16:
             raise ConfigError(f"micro_batches must be in 1..16, got {self.micro_batches}")
         if not 1 <= self.stream_interval <= 1024:
@@ -71,6 +77,8 @@ class AttentionConfig:
             raise ConfigError(f"m2n_sender_id must be in 0..2**32-1, got {self.m2n_sender_id}")
         if not self.expert_timeout_s > 0:
             raise ConfigError(f"expert_timeout_s must be > 0, got {self.expert_timeout_s}")
+        if not self.expert_wait_s >= 0:
+            raise ConfigError(f"expert_wait_s must be >= 0, got {self.expert_wait_s}")
         if not self.expert_readmit_s >= 0:
             raise ConfigError(f"expert_readmit_s must be >= 0, got {self.expert_readmit_s}")
         if self.threads < 1:

@@ -126,6 +126,10 @@ class ExpertClient:
                 s = old.get(n.dispatch_url)
                 renew = n.node_id in self.reattached
                 if s is None or renew or (new_epoch and not _link_ok(s)):
+                    if s is not None:
+                        # The node's receiver refuses our sender id while the old link holds
+                        # it (a node that froze and resumed still has it): close it first.
+                        s.close()
                     try:
                         fresh = libm2n.connect(n.dispatch_url, libm2n.SenderConfig(
                             sender_id=self.sender_id, epoch=placement.epoch,

@@ -43,6 +43,7 @@ from services.attention.batching import (
 )
 from services.attention.config import AttentionConfig
 from services.attention.dispatch import ExpertClient
+from services.attention.expert_pause import ExpertPause
 from services.attention.local_experts import LocalExperts
 from services.attention.pingpong import (
     LaneStep,
@@ -120,6 +121,7 @@ class Engine:
         self._outbox: list[tuple[Listener, TokenEvent]] = []
         self._observed: list[tuple[StepPlan, StepTimings]] = []
         self.runner.on_wait = self._deliver
+        self.pause = ExpertPause(config.expert_wait_s)  # steps wait for lost experts (lock)
 
     # ------------------------------------------------------------------ called by handlers
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
@@ -279,14 +281,21 @@ class Engine:
     def _start(self, lane: int) -> LaneStep | None:
         """Schedule lane ``lane``'s next step and run it to its first dispatch."""
         with self._lock:
-            if self._new_placement is not None:
+            placement = self._new_placement
+            if placement is not None:
                 if any(ls is not None for i, ls in enumerate(self._lanes) if i != lane):
                     return None  # drain: the placement switches with no dispatch in flight
-                placement, self._new_placement = self._new_placement, None
-                try:
-                    self.client.set_placement(placement)
-                except Exception:  # noqa: BLE001 - keep the old placement; the next push retries
-                    log.exception("could not switch to placement epoch %d", placement.epoch)
+                self._new_placement = None
+        if placement is not None:
+            # Not under the lock: switching may connect to nodes (network waits), and
+            # submit/abort/load must not wait for that (heartbeats read load()).
+            try:
+                self.client.set_placement(placement)
+            except Exception:  # noqa: BLE001 - keep the old placement; the next push retries
+                log.exception("could not switch to placement epoch %d", placement.epoch)
+        with self._lock:
+            if self.pause.holding(self.client.routes_complete(), self._fail_paused_locked):
+                return None
             for rid, why in list(self._abort_requested.items()):
                 req = self.batcher.get(rid)
                 if req is None:
@@ -348,6 +357,13 @@ class Engine:
     def _fail(self, plan: StepPlan, step: int, exc: Exception) -> None:
         """Finish a failed step's requests with the error (the others keep running)."""
         if isinstance(exc, ExpertUnavailable):
+            with self._lock:
+                if self.pause.pause(self.client.routes_complete(), str(exc)):
+                    # lost experts: its requests wait (re-queued) for a placement serving them
+                    log.warning("step %d paused: %s", step, exc)
+                    for c in plan.chunks:
+                        self.batcher.requeue(c.request)
+                    return
             log.error("step %d failed: %s", step, exc)
             message = str(exc)
         else:
@@ -356,6 +372,11 @@ class Engine:
         with self._lock:
             for c in plan.chunks:
                 self._finish_locked(c.request, FinishReason.ERROR, message)
+
+    def _fail_paused_locked(self, message: str) -> None:
+        for req in list(self.batcher.waiting):
+            self._finish_locked(req, FinishReason.ERROR, message)
+        self._deliver_locked()
 
     # ------------------------------------------------------------------ helpers (lock held)
     def _accept_locked(self, req: Request, token: int) -> None:

@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_server_flags(p)
     add_compute_flags(p)
     add_flag(p, "--expert-nodes", default=None,
-             help="comma list of the expert nodes' gRPC addresses")
+             help="comma list of the expert nodes' gRPC addresses; without it (needs "
+                  "--scheduler) the nodes come from the scheduler's placement")
     add_flag(p, "--local-experts", action="store_true",
              help="colocated mode: compute every expert in this process (no expert nodes)")
     add_flag(p, "--m2n-sender-id", type=int, default=0,
@@ -48,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--expert-timeout", type=float, default=10.0,
              help="seconds to wait for an expert node's replies before marking it down (its "
                   "rows go to other replicas; requests fail when an expert has none left)")
+    add_flag(p, "--expert-wait", type=float, default=30.0,
+             help="seconds requests pause (and then resume) while an expert they need has no "
+                  "live replica, waiting for a placement that serves it; then they fail")
     add_flag(p, "--expert-readmit", type=float, default=30.0,
              help="seconds after which a node marked down is tried again if its link is "
                   "healthy (a hang that ended); 0 = only a new placement epoch re-admits")
@@ -69,6 +73,7 @@ def build(args: argparse.Namespace) -> AttentionConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         served_model_name=args.served_model_name,
         expert_timeout_s=args.expert_timeout, expert_readmit_s=args.expert_readmit,
+        expert_wait_s=args.expert_wait,
         scheduler=args.scheduler,
         threads=threads_from(args),
         device=pick_device(args.device), dtype=args.dtype, local_experts=args.local_experts)

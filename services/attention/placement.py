@@ -2,7 +2,9 @@
 build the routing table from it, and install it in the engine.
 
 At start the replica attaches (``Expert.Attach``) to every ``--expert-nodes`` address and
-builds the first placement from what they report (:func:`attach_experts`). Later the scheduler
+builds the first placement from what they report (:func:`attach_experts`); without
+``--expert-nodes`` it takes the scheduler's placement and attaches to the nodes it names
+(:func:`placement_from_scheduler`: an elastic expert pool). Later the scheduler
 pushes newer epochs (``Attention.UpdatePlacement``, and the registration's poll):
 :func:`adopt_placement` attaches first to nodes that joined since (expert scale-out) or
 restarted, then hands the table to :meth:`Engine.set_placement`, which installs it when no lane
@@ -18,7 +20,13 @@ import logging
 
 import grpc
 
-from megascale.v1 import common_pb2, expert_pb2, expert_pb2_grpc
+from megascale.v1 import (
+    common_pb2,
+    expert_pb2,
+    expert_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
 from services.attention.config import AttentionConfig
 from services.attention.engine import Engine
 from services.attention.routing import ExpertNodeRoute, Placement
@@ -63,16 +71,18 @@ async def _adopt_locked(engine: Engine, p: common_pb2.ExpertPlacement,
         return current.epoch
     placement = placement_from_proto(p, current)
     down = engine.nodes_down()
+    in_force = {n.node_id for n in current.nodes}
     addresses = {h.node_id: h.grpc_address for rep in p.experts for h in rep.hosts}
     for node in placement.nodes:
         new = node.node_id not in known
         seen = attacher.started.get(node.node_id, 0.0)
         restarted = bool(seen and started[node.node_id]) and seen != started[node.node_id]
         # A known node is attached again when it restarted (a new process, maybe on the same
-        # addresses), moved (a new dispatch URL) or this replica routes around it: a
-        # restarted node has no reply link to us until then.
+        # addresses), moved (a new dispatch URL), comes back into the placement (its reply
+        # link may have lapsed meanwhile) or this replica routes around it: a restarted node
+        # has no reply link to us until then.
         if (not new and not restarted and known[node.node_id] == node.dispatch_url
-                and node.node_id not in down):
+                and node.node_id not in down and node.node_id in in_force):
             attacher.started.setdefault(node.node_id, started[node.node_id])
             continue
         try:
@@ -162,6 +172,54 @@ class ExpertAttacher:
             raise ConfigError(f"expert node {address} serves a model with {resp.num_experts} "
                               f"experts, this replica's model has {self.num_experts}")
         return resp
+
+
+async def placement_from_scheduler(config: AttentionConfig, attacher: ExpertAttacher,
+                                   timeout_s: float = 600.0, poll_s: float = 0.5
+                                   ) -> tuple[Placement, common_pb2.ExpertPlacement]:
+    """The first placement when no ``--expert-nodes`` are given: poll the scheduler's
+    ``GetPlacement`` until it has a complete one (epoch > 0), and attach to every node it
+    names. A node that cannot be attached (it died meanwhile) means asking again (a newer
+    epoch leaves it out). ConfigError after ``timeout_s``."""
+    assert config.scheduler
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    last = ""
+    async with auth.channel(config.scheduler) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        while True:
+            try:
+                p = await stub.GetPlacement(scheduler_pb2.GetPlacementRequest(), timeout=5)
+                if p.epoch > 0:
+                    placement = await _attach_all(p, attacher)
+                    return placement, p
+                last = f"no complete placement yet (epoch {p.epoch})"
+            except grpc.aio.AioRpcError as exc:
+                last = f"scheduler {config.scheduler}: {exc.code().name} {exc.details()}"
+            except ValueError as exc:
+                last = str(exc)
+            if asyncio.get_running_loop().time() > deadline:
+                raise ConfigError(f"no expert placement from the scheduler within "
+                                  f"{timeout_s:g} s: {last}")
+            log.info("waiting for the scheduler's expert placement: %s", last)
+            await asyncio.sleep(poll_s)
+
+
+async def _attach_all(p: common_pb2.ExpertPlacement, attacher: ExpertAttacher) -> Placement:
+    """Attach to every node of ``p``; its routes (ValueError when one cannot be)."""
+    if p.num_experts != attacher.num_experts:
+        raise ValueError(f"the scheduler's placement has num_experts {p.num_experts}, this "
+                         f"replica's model has {attacher.num_experts}")
+    nodes: dict[str, tuple[str, float, list[int]]] = {}
+    for rep in p.experts:
+        for h in rep.hosts:
+            nodes.setdefault(h.node_id, (h.grpc_address, h.started_at_unix_s, []))[2].append(
+                rep.expert_id)
+    routes = []
+    for node_id, (address, started, ids) in sorted(nodes.items()):
+        resp = await _attach_node(attacher, p.epoch, node_id, address)
+        attacher.started[node_id] = started
+        routes.append(ExpertNodeRoute(node_id, resp.dispatch_url, tuple(sorted(ids))))
+    return Placement(p.epoch, tuple(routes), p.num_experts)
 
 
 async def attach_experts(config: AttentionConfig, attacher: ExpertAttacher) -> Placement:

@@ -25,6 +25,7 @@ from services.attention.placement import (
     adopt_logged,
     adopt_placement,
     attach_experts,
+    placement_from_scheduler,
 )
 from services.attention.requests import (
     EventRelay,
@@ -170,7 +171,10 @@ async def _remote_client(config: AttentionConfig, cfg: ModelConfig, attention: A
     life.defer(reply_rx.close)
     reply_url = advertised_url(reply_rx.url, life.advertised)
     attacher = ExpertAttacher(config.node_id, config.m2n_sender_id, reply_url, cfg.num_experts)
-    placement = await attach_experts(config, attacher)
+    if config.expert_nodes:
+        placement = await attach_experts(config, attacher)
+    else:  # an elastic pool: the nodes come from the scheduler's placement
+        placement, _ = await placement_from_scheduler(config, attacher)
     client = ExpertClient(placement, reply_rx, config.m2n_sender_id, cfg.hidden_size,
                           cfg.top_k, reply_timeout_s=config.expert_timeout_s,
                           peer_timeout_s=config.expert_timeout_s,

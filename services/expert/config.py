@@ -20,6 +20,8 @@ class ExpertConfig:
     attention replica: ``max_batch_tokens`` rows in the wire layout of ``dtype``
     (services/core/moe_wire.py). ``slot_bytes`` 0 derives the slot size from that and the
     model's shape; a positive value sets it (it then caps the replicas' step tokens).
+    ``elastic`` (``--experts auto``): ``expert_ids`` is empty at start and the node loads what
+    the scheduler assigns it (``Expert.LoadExperts``).
     """
 
     model_dir: Path
@@ -39,15 +41,18 @@ class ExpertConfig:
     threads: int = 1
     device: str = "cpu"
     dtype: str = "float32"
+    elastic: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
         object.__setattr__(self, "expert_ids", tuple(sorted(set(self.expert_ids))))
         if not (self.model_dir / "config.json").is_file():
             raise ConfigError(f"model_dir {self.model_dir} has no config.json")
-        if not self.expert_ids:
+        if self.elastic and self.expert_ids:
+            raise ConfigError("an elastic expert node (--experts auto) starts with no experts")
+        if not self.expert_ids and not self.elastic:
             raise ConfigError("expert_ids must name at least one expert")
-        if min(self.expert_ids) < 0:
+        if self.expert_ids and min(self.expert_ids) < 0:
             raise ConfigError(f"expert_ids must be >= 0, got {min(self.expert_ids)}")
         if not 0 <= self.m2n_sender_id <= 2**32 - 1:
             raise ConfigError(f"m2n_sender_id must be in 0..2**32-1, got {self.m2n_sender_id}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
+import zlib
 
 from services.common.flags import add_compute_flags, add_flag, add_server_flags, threads_from
 from services.core.runtime import pick_device
@@ -26,10 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_compute_flags(p)
     add_flag(p, "--experts", required=True,
              help="expert ids hosted, e.g. 0,1,4-7; or shard:I/N for the I-th of N even "
-                  "shards (a StatefulSet passes its pod index)")
+                  "shards (a StatefulSet passes its pod index); or auto: host what the "
+                  "scheduler assigns (needs --scheduler; loaded from --model on demand)")
     add_flag(p, "--m2n-sender-id", type=int, default=None,
              help="this node's id on its reply links (default 65536 + I for --experts "
-                  "shard:I/N, else 65536); unique among expert nodes")
+                  "shard:I/N, 65536 + a hash of --node-id for auto, else 65536); unique "
+                  "among expert nodes")
     add_flag(p, "--max-batch-tokens", type=int, default=512,
              help="the attention replicas' --max-batch-tokens: one dispatch slot holds that "
                   "many rows of this model in --dtype")
@@ -41,18 +45,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build(args: argparse.Namespace) -> ExpertConfig:
+    elastic = args.experts.strip() == "auto"
+    if elastic and not args.scheduler:
+        raise ConfigError("--experts auto needs --scheduler: the scheduler assigns the experts")
+    # An elastic pool's nodes are alike (a Deployment's pods, all pid 1): the host name tells
+    # them apart when no --node-id is given.
+    node_id = args.node_id or (f"expert-{socket.gethostname()}-{os.getpid()}" if elastic
+                               else f"expert-{os.getpid()}")
     return ExpertConfig(
-        model_dir=args.model, expert_ids=resolve_experts(args.experts, args.model),
-        node_id=args.node_id or f"expert-{os.getpid()}",
+        model_dir=args.model, expert_ids=() if elastic else resolve_experts(args.experts,
+                                                                              args.model),
+        node_id=node_id, elastic=elastic,
         m2n_sender_id=args.m2n_sender_id if args.m2n_sender_id is not None
-        else SENDER_ID_BASE + (parse_shard(args.experts)[0]
-                               if args.experts.startswith("shard:") else 0),
+        else default_sender_id(args.experts, node_id),
         host=args.host, advertise_host=args.advertise_host, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         m2n_url=args.m2n_url, max_batch_tokens=args.max_batch_tokens,
         slot_bytes=args.slot_bytes, epoch=args.epoch,
         scheduler=args.scheduler,
         threads=threads_from(args), device=pick_device(args.device), dtype=args.dtype)
+
+
+def default_sender_id(spec: str, node_id: str) -> int:
+    """The reply-link sender id when ``--m2n-sender-id`` is not given: distinct per shard,
+    and per node id for elastic nodes (their node ids are unique; a hash keeps it stable
+    across restarts)."""
+    if spec.startswith("shard:"):
+        return SENDER_ID_BASE + parse_shard(spec)[0]
+    if spec.strip() == "auto":
+        return SENDER_ID_BASE + zlib.crc32(node_id.encode()) % (1 << 31)
+    return SENDER_ID_BASE
 
 
 def resolve_experts(spec: str, model_dir: str) -> tuple[int, ...]:

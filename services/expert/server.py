@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 import grpc
 
@@ -39,6 +40,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         self.cfg = cfg
         self.worker = worker
         self.dispatch_url = dispatch_url
+        self._load_lock = asyncio.Lock()  # one LoadExperts at a time
+        self._requested: tuple[int, ...] = ()  # what the last LoadExperts asked for
 
     async def Attach(self, request: expert_pb2.AttachRequest, context: grpc.aio.ServicerContext
                      ) -> expert_pb2.AttachResponse:
@@ -57,7 +60,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                  request.reply_url)
         return expert_pb2.AttachResponse(
             node_id=self.config.node_id, dispatch_url=self.dispatch_url,
-            expert_ids=list(self.config.expert_ids), num_experts=self.cfg.num_experts,
+            expert_ids=sorted(self.worker.hosted), num_experts=self.cfg.num_experts,
             epoch=self.worker.epoch, m2n_sender_id=self.config.m2n_sender_id)
 
     async def GetStats(self, request: expert_pb2.GetStatsRequest,
@@ -66,7 +69,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         s = self.worker.stats
         rx = self.worker.rx.stats()
         return expert_pb2.ExpertStats(
-            node_id=self.config.node_id, expert_ids=list(self.config.expert_ids),
+            node_id=self.config.node_id, expert_ids=sorted(self.worker.hosted),
             rows_by_expert={int(k): int(v) for k, v in s.rows_by_expert.items()},
             messages_received=s.messages, bad_frames=int(rx.get("errors", 0)) + s.refused,
             mean_group_rows=(s.group_rows / s.groups) if s.groups else 0.0)
@@ -83,6 +86,33 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             self.worker.set_epoch(request.epoch)
         return common_pb2.UpdatePlacementResponse(applied_epoch=self.worker.epoch)
 
+    async def LoadExperts(self, request: expert_pb2.LoadExpertsRequest,
+                          context: grpc.aio.ServicerContext) -> expert_pb2.LoadExpertsResponse:
+        """Serve ``request.expert_ids`` (an elastic node; expert.proto): the previous
+        request's experts are kept until the next call, since replicas route by the old
+        placement until they switch to the one naming the new set."""
+        if not self.config.elastic:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"expert node {self.config.node_id} hosts fixed experts "
+                                f"{list(self.config.expert_ids)} (not --experts auto)")
+        ids = tuple(sorted(set(request.expert_ids)))
+        bad = [e for e in ids if e >= self.cfg.num_experts]
+        if bad:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"expert_ids {bad} are out of range: the model has "
+                                f"{self.cfg.num_experts} experts")
+        async with self._load_lock:
+            keep = sorted(set(ids) | set(self._requested))
+            t0 = time.perf_counter()
+            if set(keep) != self.worker.hosted:
+                side = await asyncio.to_thread(load_expert_side, self.config, self.cfg, keep)
+                self.worker.set_experts(side)
+                log.info("now serving experts %s (loaded in %.2f s)", keep,
+                         time.perf_counter() - t0)
+            self._requested = ids
+            return expert_pb2.LoadExpertsResponse(expert_ids=sorted(self.worker.hosted),
+                                                  load_seconds=time.perf_counter() - t0)
+
     async def Drain(self, request: expert_pb2.DrainRequest, context: grpc.aio.ServicerContext
                     ) -> expert_pb2.DrainResponse:
         """Wait up to ``timeout_ms`` for in-flight messages to be answered."""
@@ -94,16 +124,21 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
 
 
 def load_experts(config: ExpertConfig) -> tuple[ModelConfig, ExpertSide]:
-    import torch
-
     cfg = ModelConfig.from_pretrained(config.model_dir)
     bad = [e for e in config.expert_ids if e >= cfg.num_experts]
     if bad:
         raise ConfigError(f"expert_ids {bad} are out of range: the model has "
                           f"{cfg.num_experts} experts")
-    side = ExpertSide.from_pretrained(config.model_dir, config.expert_ids,
+    return cfg, load_expert_side(config, cfg, config.expert_ids)
+
+
+def load_expert_side(config: ExpertConfig, cfg: ModelConfig, expert_ids: Sequence[int]
+                     ) -> ExpertSide:
+    """The weights of ``expert_ids`` (every sparse layer) from the checkpoint."""
+    import torch
+
+    return ExpertSide.from_pretrained(config.model_dir, expert_ids,
                                       getattr(torch, config.dtype), config.device, cfg)
-    return cfg, side
 
 
 async def serve(config: ExpertConfig, ready_file: str | None = None,
@@ -148,8 +183,10 @@ async def serve(config: ExpertConfig, ready_file: str | None = None,
                          "dtype": config.dtype},
             config.scheduler, common_pb2.NodeInfo(
                 role=common_pb2.NODE_ROLE_EXPERT, m2n_url=m2n_url,
-                model=model_id(config.model_dir), expert_ids=list(config.expert_ids)),
+                model=model_id(config.model_dir), expert_ids=list(config.expert_ids),
+                elastic=config.elastic),
             on_placement=lambda p: worker.set_epoch(max(worker.epoch, p.epoch)))
         log.info("expert node %s serving experts %s on %s (m2n %s, expert GEMM %s)",
-                 config.node_id, list(config.expert_ids), life.grpc_address, m2n_url, gemm)
+                 config.node_id, "auto" if config.elastic else list(config.expert_ids),
+                 life.grpc_address, m2n_url, gemm)
         await life.wait(stop)

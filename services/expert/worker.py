@@ -75,6 +75,22 @@ def _compute_span(layer: int, headers: list, rows: int):  # noqa: ANN202 - OpenT
                     "megascale.messages": len(headers)})
 
 
+@dataclass(frozen=True)
+class _Hosting:
+    """The experts a node serves, swapped whole (an elastic node loads new sets)."""
+
+    experts: ExpertSide
+    hosted: frozenset[int]
+    foreign: torch.Tensor | None  # [E] True for experts hosted elsewhere; None: none are
+
+    @classmethod
+    def of(cls, experts: ExpertSide) -> _Hosting:
+        hosted = frozenset(experts.expert_ids)
+        foreign = torch.ones(experts.cfg.num_experts, dtype=torch.bool)
+        foreign[list(hosted)] = False
+        return cls(experts, hosted, foreign if bool(foreign.any()) else None)
+
+
 class ExpertWorker:
     """Owns the dispatch receiver and one reply sender per attached attention replica."""
 
@@ -82,18 +98,13 @@ class ExpertWorker:
                  epoch: int = 0, peer_timeout_s: float = 10.0,
                  on_compute: Callable[[ComputeEvent], None] | None = None,
                  auth_token: bytes | None = None) -> None:
-        self.experts = experts
         self.cfg = experts.cfg
         self.rx = rx
         self.m2n_sender_id = m2n_sender_id
         self.epoch = epoch
         self.peer_timeout_s = peer_timeout_s
         self.auth_token = auth_token  # the cluster token its reply links present
-        self.hosted = frozenset(experts.expert_ids)
-        # [E] True for experts hosted elsewhere; None when this node hosts every expert
-        foreign = torch.ones(self.cfg.num_experts, dtype=torch.bool)
-        foreign[list(self.hosted)] = False
-        self._foreign = foreign if bool(foreign.any()) else None
+        self._hosting = _Hosting.of(experts)
         self.sparse_layers = frozenset(i for i, s in enumerate(self.cfg.sparse_layers) if s)
         self.stats = WorkerStats()
         self.on_compute = on_compute
@@ -104,6 +115,20 @@ class ExpertWorker:
         self._deferred: list[tuple[torch.Tensor, float, float, int, int]] = []
 
     # ------------------------------------------------------------------ control
+    @property
+    def experts(self) -> ExpertSide:
+        return self._hosting.experts
+
+    @property
+    def hosted(self) -> frozenset[int]:
+        """The expert ids served now."""
+        return self._hosting.hosted
+
+    def set_experts(self, experts: ExpertSide) -> None:
+        """Serve ``experts`` from the next drain round on (an elastic node's new set; any
+        thread). A round in progress finishes with the set it started with."""
+        self._hosting = _Hosting.of(experts)
+
     def attach(self, sender_id: int, reply_url: str) -> None:
         """Connect the reply link to an attention replica (idempotent per sender id)."""
         with self._lock:
@@ -159,10 +184,11 @@ class ExpertWorker:
         """Validate, group by layer, compute, reply; releases every message."""
         by_layer: dict[int, list[tuple[libm2n.Message, torch.Tensor, torch.Tensor,
                                        torch.Tensor]]] = defaultdict(list)
+        hosting = self._hosting  # one set of experts for the whole round (set_experts)
         for msg in msgs:
             self.stats.messages += 1
             try:
-                rows, ids, weights = self._validate(msg)
+                rows, ids, weights = self._validate(msg, hosting)
             except ValueError as exc:
                 self.stats.refused += 1
                 self._reply_to(msg.header, moe_wire.pack_error(str(exc)))
@@ -170,7 +196,7 @@ class ExpertWorker:
                 continue
             by_layer[msg.header.layer].append((msg, rows, ids, weights))
 
-        device = self.experts.device
+        device = hosting.experts.device
         for layer, items in by_layer.items():
             msgs_here = [m for m, _, _, _ in items]
             headers = [m.header for m in msgs_here]
@@ -196,7 +222,7 @@ class ExpertWorker:
             # router's very values, whether it kept them in float32 or rounded them.
             try:
                 t0 = time.perf_counter()
-                out = self.experts.forward(layer, rows, ids, weights)
+                out = hosting.experts.forward(layer, rows, ids, weights)
                 # the reply leaves from host memory: this copy waits for the GPU's compute
                 out = out.cpu()
                 dt = time.perf_counter() - t0
@@ -224,7 +250,8 @@ class ExpertWorker:
                 self._settle()
 
     # ------------------------------------------------------------------ helpers
-    def _validate(self, msg: libm2n.Message) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _validate(self, msg: libm2n.Message, hosting: _Hosting
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = msg.header
         # One epoch of grace: replicas switch placement at their next step boundary, so
         # dispatches of the previous epoch are still in flight for a moment. Older ones are
@@ -236,9 +263,9 @@ class ExpertWorker:
             raise ValueError(f"layer {h.layer} is not a sparse layer of this model")
         rows, ids, weights = moe_wire.unpack_dispatch(msg.tensor(), self.cfg.hidden_size,
                                                       self.cfg.top_k, self.cfg.num_experts,
-                                                      self.experts.dtype)
-        if self._foreign is not None:  # some experts live elsewhere: refuse rows for them
-            bad = self._foreign[ids.clamp(min=0)] & (ids >= 0)
+                                                      hosting.experts.dtype)
+        if hosting.foreign is not None:  # some experts live elsewhere: refuse rows for them
+            bad = hosting.foreign[ids.clamp(min=0)] & (ids >= 0)
             if bool(bad.any()):
                 foreign = sorted(set(ids[bad].tolist()))
                 raise ValueError(f"experts {foreign} are not hosted on this node")

@@ -146,21 +146,28 @@ class SchedulerPicker:
 
     When the scheduler cannot be reached (it or its Redis is down), requests go on to the
     replicas this gateway knows, the way :class:`StaticPicker` picks: the ``--attention`` list
-    and every replica the scheduler has handed out. The scheduler is asked again for every
-    request, so its answers take over as soon as it is back.
+    and every replica the scheduler has handed out. For ``retry_s`` after such a failure
+    requests go straight to those replicas (a frozen scheduler would cost each one the whole
+    ``timeout_s``); then the next request asks the scheduler again, so its answers take over
+    within ``retry_s`` of it being back.
     """
 
     def __init__(self, address: str, model: str, known: Sequence[str] = (),
-                 timeout_s: float = 2.0) -> None:
+                 timeout_s: float = 2.0, retry_s: float = 1.0) -> None:
         self.address = address
         self.model = model
         self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self._skip_until = 0.0  # time.monotonic() before which the scheduler is not asked
         self.fallback = StaticPicker(known)
         self.fallbacks = 0  # requests placed without the scheduler
         self._channel: grpc.aio.Channel | None = None
 
     async def pick(self, prompt_tokens: int, exclude: Sequence[str],
                    prefix: Sequence[int] = ()) -> Replica:
+        if time.monotonic() < self._skip_until and self.fallback.replicas:
+            self.fallbacks += 1
+            return await self.fallback.pick(prompt_tokens, exclude, prefix)
         if self._channel is None:
             self._channel = auth.channel(self.address)
         stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
@@ -176,6 +183,7 @@ class SchedulerPicker:
             unreachable = exc.code() in (grpc.StatusCode.UNAVAILABLE,
                                          grpc.StatusCode.DEADLINE_EXCEEDED)
             if unreachable and self.fallback.replicas:
+                self._skip_until = time.monotonic() + self.retry_s
                 if not self.fallbacks:
                     log.warning("scheduler %s unreachable (%s): picking among %d known "
                                 "replicas until it answers again", self.address,

@@ -8,7 +8,12 @@ sends each delivery burst (all requests' new tokens of a step) as one message.
 
 The call opens with the first request and stays open. When it breaks (the replica died or
 restarted), every request on it gets a :class:`ReplicaFailure` and the next request opens a
-new call. Per-request deadlines are the caller's (:class:`services.gateway.backend.Backend`):
+new call. A replica that stops answering without breaking the call (frozen, or its host gone
+without a reset) is found by a watchdog: when requests wait and nothing has arrived for
+:data:`STALL_S`, it probes the replica with ``GetLoad``; no answer within
+:data:`PROBE_TIMEOUT_S` ends the call (UNAVAILABLE), so its requests resume elsewhere. A live
+replica answers the probe even while its requests wait (queued, or paused for lost experts).
+Per-request deadlines are the caller's (:class:`services.gateway.backend.Backend`):
 it stops waiting and calls :meth:`ReplicaStream.abort`.
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -26,6 +32,8 @@ from services.core.request import FinishReason
 log = logging.getLogger("megascale.gateway")
 
 STATUS_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+STALL_S = 3.0          # requests waiting and nothing read for this long: probe the replica
+PROBE_TIMEOUT_S = 2.0  # a replica that does not answer GetLoad within this is given up
 
 
 class ReplicaFailure(Exception):
@@ -46,6 +54,9 @@ class _Call:
     subs: dict[str, asyncio.Queue] = field(default_factory=dict)
     dead: bool = False
     reader: asyncio.Task | None = None
+    watchdog: asyncio.Task | None = None
+    last_read: float = field(default_factory=time.monotonic)
+    stalled: bool = False  # the watchdog ended it: the replica stopped answering
 
 
 class ReplicaStream:
@@ -65,6 +76,7 @@ class ReplicaStream:
         if c is None or c.dead:
             c = self._current = _Call(self._stub.GenerateStream())
             c.reader = asyncio.create_task(self._read(c))
+            c.watchdog = asyncio.create_task(self._watch(c))
         rid = submit.request.request_id
         events: asyncio.Queue = asyncio.Queue()
         c.subs[rid] = events  # before the write: the answer may come before it returns
@@ -99,11 +111,35 @@ class ReplicaStream:
         except Exception as exc:  # noqa: BLE001 - the call broke: the replica aborted it
             log.debug("abort of %s not sent: %s", request_id, exc)
 
+    async def _watch(self, c: _Call) -> None:
+        """End ``c`` when its replica stops answering (module docstring)."""
+        while not c.dead:
+            await asyncio.sleep(STALL_S / 3)
+            if c.dead or not c.subs or time.monotonic() - c.last_read < STALL_S:
+                continue
+            try:
+                await self._stub.GetLoad(attention_pb2.GetLoadRequest(),
+                                         timeout=PROBE_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                if c.dead:
+                    return
+                log.warning("replica stopped answering (%d requests waiting, nothing for %.1f "
+                            "s, GetLoad: %s): ending its stream, the requests resume elsewhere",
+                            len(c.subs), time.monotonic() - c.last_read, exc.code().name)
+                c.stalled = True
+                c.call.cancel()
+                return
+            c.last_read = time.monotonic()  # alive: probe again after another STALL_S
+
     async def _read(self, c: _Call) -> None:
         failure = ReplicaFailure(grpc.StatusCode.UNAVAILABLE, "the replica ended the stream")
+        stalled = ReplicaFailure(grpc.StatusCode.UNAVAILABLE,
+                                 f"the replica stopped answering (no GetLoad answer within "
+                                 f"{PROBE_TIMEOUT_S:g} s)")
         try:
             while True:
                 msg = await c.call.read()
+                c.last_read = time.monotonic()
                 if msg is grpc.aio.EOF:
                     break
                 for se in msg.events:
@@ -114,10 +150,15 @@ class ReplicaStream:
                     if se.rejected_code or se.event.finish_reason:
                         del c.subs[se.request_id]
         except grpc.aio.AioRpcError as exc:
-            failure = ReplicaFailure(exc.code(), exc.details() or exc.code().name)
+            failure = stalled if c.stalled else ReplicaFailure(
+                exc.code(), exc.details() or exc.code().name)
         except asyncio.CancelledError:
-            failure = ReplicaFailure(grpc.StatusCode.CANCELLED, "the gateway is shutting down")
-            raise
+            if c.stalled:  # the watchdog cancelled the call, not this task
+                failure = stalled
+            else:
+                failure = ReplicaFailure(grpc.StatusCode.CANCELLED,
+                                         "the gateway is shutting down")
+                raise
         finally:
             c.dead = True
             for events in c.subs.values():
@@ -127,6 +168,8 @@ class ReplicaStream:
     async def close(self) -> None:
         c, self._current = self._current, None
         if c is not None:
+            if c.watchdog is not None:
+                c.watchdog.cancel()
             c.call.cancel()
             if c.reader is not None:
                 await asyncio.gather(c.reader, return_exceptions=True)

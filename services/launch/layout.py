@@ -10,8 +10,10 @@ computes its own experts (services/attention/local_experts.py) with every core i
 
 The rule (``--layout auto``):
 
-- expert nodes asked for (``--experts N``) or given devices of their own that attention does
-  not use (``--expert-devices`` disjoint from ``--attention-devices``): **disaggregated**;
+- expert nodes asked for (``--experts N``, or a flag that places experts on nodes:
+  ``--expert-replicas``, ``--elastic-experts``, ``--replicate``) or given devices of their own
+  that attention does not use (``--expert-devices`` disjoint from ``--attention-devices``):
+  **disaggregated**;
 - otherwise (one CPU host, or every role on the same GPUs): **colocated**.
 
 ``--layout colocated|disaggregated`` forces either; every layout stays available by flag.
@@ -71,9 +73,12 @@ def _threads(cpus: int, processes: int, on_cpu: bool, forced: int | None) -> int
 def choose_layout(layout: str, attention: int, experts: int | None, micro_batches: int | None,
                   attention_devices: list[str], expert_devices: list[str],
                   num_experts: int, threads: int | None = None,
-                  cpus: int | None = None) -> Layout:
+                  cpus: int | None = None, node_flag: str | None = None,
+                  min_nodes: int = 1) -> Layout:
     """Resolve ``--layout`` (module docstring). ``experts`` / ``micro_batches`` None: not given
-    on the command line. Raises UserError for a combination that cannot be honoured."""
+    on the command line. ``node_flag``: a flag given that only expert nodes can honour (it
+    implies them under auto); ``min_nodes``: the fewest nodes it needs (expert copies).
+    Raises UserError for a combination that cannot be honoured."""
     if layout not in LAYOUTS:
         raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if threads is not None and threads < 1:
@@ -84,6 +89,8 @@ def choose_layout(layout: str, attention: int, experts: int | None, micro_batche
     if layout == "auto":
         if experts is not None:
             kind, why = "disaggregated", "expert nodes were asked for (--experts)"
+        elif node_flag:
+            kind, why = "disaggregated", f"{node_flag} places experts on expert nodes"
         elif not shared:
             kind, why = "disaggregated", ("the expert nodes have devices of their own "
                                           f"({','.join(expert_devices)})")
@@ -96,13 +103,14 @@ def choose_layout(layout: str, attention: int, experts: int | None, micro_batche
     else:
         kind, why = layout, "forced by --layout"
     if kind == "colocated":
-        if experts:
-            raise UserError("--layout colocated runs no expert nodes: drop --experts")
+        if experts or node_flag:
+            raise UserError(f"--layout colocated runs no expert nodes: drop "
+                            f"{node_flag or '--experts'}")
         if micro_batches not in (None, 1):
             raise UserError("--layout colocated runs one lane per replica: drop --micro-batches")
         return Layout("colocated", attention, 0, 1,
                       _threads(cpus, attention, on_cpu, threads), 0, why)
-    nodes = DEFAULT_EXPERT_NODES if experts is None else experts
+    nodes = max(DEFAULT_EXPERT_NODES, min_nodes) if experts is None else experts
     if not 1 <= nodes <= num_experts:
         raise UserError(f"--experts must be in 1..{num_experts} (the model has {num_experts} "
                         f"experts), got {nodes}")

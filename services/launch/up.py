@@ -56,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              help=f"expert nodes (implies --layout disaggregated under auto; default "
                   f"{DEFAULT_EXPERT_NODES})")
     add_flag(p, "--replicate", default="", help="expert ids to host twice, e.g. 0,3")
+    add_flag(p, "--expert-replicas", type=int, default=1,
+             help="copies of every expert on distinct expert nodes (the scheduler's flag); "
+                  "above 1 the expert nodes are elastic, as with --elastic-experts")
+    add_flag(p, "--elastic-experts", action="store_true",
+             help="start the expert nodes with --experts auto: the scheduler assigns their "
+                  "experts and moves a lost node's experts to the others")
     add_flag(p, "--micro-batches", type=int, default=None,
              help="m, micro-batches per step (disaggregated; default 2)")
     add_flag(p, "--threads", type=int, default=None,
@@ -302,11 +308,15 @@ def run(args: argparse.Namespace) -> int:
     _check_port_free(args.host, args.port)
     attention_devices = _devices(args.attention_devices, args.device)
     expert_devices = _devices(args.expert_devices, args.device)
+    node_flag = ("--expert-replicas" if args.expert_replicas > 1 else "--elastic-experts"
+                 if args.elastic_experts else "--replicate" if replicate else None)
     layout = choose_layout(args.layout, args.attention, args.experts, args.micro_batches,
-                           attention_devices, expert_devices, cfg.num_experts, args.threads)
-    if replicate and layout.kind == "colocated":
-        raise UserError("--replicate places expert copies on expert nodes: it needs "
-                        "--layout disaggregated")
+                           attention_devices, expert_devices, cfg.num_experts, args.threads,
+                           node_flag=node_flag, min_nodes=args.expert_replicas)
+    if not 1 <= args.expert_replicas <= max(layout.experts, 1):
+        raise UserError(f"--expert-replicas must be in 1..--experts ({layout.experts}), got "
+                        f"{args.expert_replicas}")
+    elastic = args.elastic_experts or args.expert_replicas > 1
     dtype = args.dtype
     if dtype == "auto":
         on_gpu = any(d.startswith("cuda") for d in (*attention_devices, *expert_devices))
@@ -332,6 +342,7 @@ def run(args: argparse.Namespace) -> int:
         sched = mesh.start_role("scheduler", ["--redis-url", redis_url, "--model", str(model),
                                               "--micro-batches", str(layout.micro_batches),
                                               "--max-batch-tokens", str(args.max_batch_tokens),
+                                              "--expert-replicas", str(args.expert_replicas),
                                               "--metrics-port", "0"], "scheduler")
         tag = f"{os.getpid()}"  # unique shm names per launcher
         experts = []
@@ -339,15 +350,18 @@ def run(args: argparse.Namespace) -> int:
             if layout.experts else []
         for i, ids in enumerate(shards):
             url = f"shm://m2n-up{tag}-e{i}" if args.transport == "shm" else "tcp://127.0.0.1:0"
+            hosted = "auto" if elastic else ",".join(map(str, ids))
             experts.append(mesh.start_role("expert", [
-                "--model", str(model), "--experts", ",".join(map(str, ids)), "--m2n-url", url,
+                "--model", str(model), "--experts", hosted, "--m2n-url", url,
                 "--m2n-sender-id", str(1000 + i), "--scheduler", sched.grpc,
                 "--metrics-port", "0", "--device", expert_devices[i % len(expert_devices)],
                 "--threads", str(layout.expert_threads), *compute], f"expert-{i}"))
         replicas = []
         for i in range(args.attention):
             url = f"shm://m2n-up{tag}-a{i}" if args.transport == "shm" else "tcp://127.0.0.1:0"
-            where = ["--expert-nodes", ",".join(e.grpc for e in experts)] if experts \
+            # elastic: the nodes and what they host come from the scheduler's placement
+            where = [] if elastic else \
+                ["--expert-nodes", ",".join(e.grpc for e in experts)] if experts \
                 else ["--local-experts"]
             replicas.append(mesh.start_role("attention", [
                 "--model", str(model), *where,

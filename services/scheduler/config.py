@@ -45,6 +45,10 @@ class SchedulerConfig:
     replicas route around for ``quarantine_after_s`` while its lease holds is planned out for
     ``quarantine_hold_s``, doubling per repeat up to ``quarantine_max_hold_s``
     (services/scheduler/quarantine.py; ``quarantine_after_s`` 0 turns it off).
+    ``expert_replicas`` copies of every expert are placed on distinct expert nodes (as many
+    as hold it, for fixed nodes; elastic nodes hold what they are assigned); above 1, or with
+    elastic nodes, the placement is :func:`~services.scheduler.placement.plan_copies`.
+    ``load_timeout_s`` bounds an elastic node's ``Expert.LoadExperts``.
     """
 
     redis_url: str
@@ -64,6 +68,8 @@ class SchedulerConfig:
     quarantine_after_s: float = 10.0
     quarantine_hold_s: float = 30.0
     quarantine_max_hold_s: float = 600.0
+    expert_replicas: int = 1
+    load_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -82,6 +88,10 @@ class SchedulerConfig:
             raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.replicate_hot < 0:
             raise ConfigError(f"replicate_hot must be >= 0, got {self.replicate_hot}")
+        if not 1 <= self.expert_replicas <= 64:
+            raise ConfigError(f"expert_replicas must be in 1..64, got {self.expert_replicas}")
+        if self.load_timeout_s <= 0:
+            raise ConfigError(f"load_timeout_s must be > 0, got {self.load_timeout_s}")
         if self.stats_interval_s <= 0:
             raise ConfigError(f"stats_interval_s must be > 0, got {self.stats_interval_s}")
         if not 0 <= self.rebalance_threshold < 1:

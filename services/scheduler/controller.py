@@ -4,10 +4,11 @@ Every ``sweep_interval_s`` (lease/4) :meth:`Controller.tick`:
 1. re-seeds Redis after a restart (epochs never go backwards, the last placement is put back);
 2. removes nodes whose lease expired (membership epoch bump);
 3. refreshes the autoscaling metrics from the load reports;
-4. re-plans the expert placement when the set of expert nodes changed, or the set of nodes in
-   quarantine (services/scheduler/quarantine.py: planned out while most attention replicas
-   route around them though their lease holds; its state is stored in Redis when it changes
-   and taken over at start); a complete plan that
+4. re-plans the expert placement (not within one lease of its start while nodes named by
+   the placement it resumed from Redis are still registering again) when the set of expert
+   nodes changed, or the set of nodes in quarantine (services/scheduler/quarantine.py:
+   planned out while most attention replicas route around them though their lease holds;
+   its state is stored in Redis when it changes and taken over at start); a complete plan that
    differs from the current one gets a new placement epoch, is stored in Redis, woken to
    WatchPlacement streams and pushed to every attention and expert node;
 5. re-pushes to nodes that have not acknowledged the current epoch (new or unreachable ones).
@@ -36,7 +37,9 @@ from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.placement import (
     ExpertNode,
     PlacementPlan,
+    assigned,
     hosts_from_proto,
+    plan_copies,
     plan_load,
     plan_placement,
     to_proto,
@@ -53,7 +56,7 @@ _EMA = 0.5  # weight of the newest window in the per-expert load
 
 def _expert_nodes(records: list[NodeRecord]) -> list[ExpertNode]:
     return [ExpertNode(r.info.node_id, r.info.m2n_url, tuple(sorted(set(r.info.expert_ids))),
-                       r.info.grpc_address, r.info.started_at_unix_s)
+                       r.info.grpc_address, r.info.started_at_unix_s, r.info.elastic)
             for r in records if r.info.role == common_pb2.NODE_ROLE_EXPERT]
 
 
@@ -87,11 +90,15 @@ class Controller:
         self._records_at = float("-inf")
         self._noted: dict[str, float] = {}  # node id -> when a handler last changed its entry
         self._rows: dict[str, tuple[float, dict[int, int]]] = {}  # node -> (t, rows_by_expert)
+        # elastic node id -> (its process start, the experts it last loaded for a plan)
+        self._loaded: dict[str, tuple[float, tuple[int, ...]]] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._cond = asyncio.Condition()
         self._kick = asyncio.Event()
         self._lock = asyncio.Lock()  # one tick / re-plan at a time
         self._redis_down = False
+        self._started = time.monotonic()
+        self._resumed = False  # the placement in force was taken over from Redis at start
         self.quarantine = Quarantine(config.num_experts, config.quarantine_after_s,
                                      config.quarantine_hold_s, config.quarantine_max_hold_s)
         self._quarantine_saved = 0  # quarantine.changes last stored in Redis (-1: store again)
@@ -121,6 +128,7 @@ class Controller:
             stored = await self.state.load_placement()
             if stored is not None and stored.num_experts == self.config.num_experts:
                 await self._install(stored)
+                self._resumed = True
                 self.missing = ()
                 log.info("resuming placement epoch %d from Redis", stored.epoch)
             self.membership_epoch = await self.state.epoch()
@@ -155,6 +163,11 @@ class Controller:
             await ch.close()
         self._channels.clear()
 
+    @property
+    def redis_down(self) -> bool:
+        """The last Redis operation failed (cleared by the next tick that reaches it)."""
+        return self._redis_down
+
     def _on_redis_error(self, exc: BaseException) -> None:
         self.metrics.redis_errors.inc()
         self._quarantine_saved = -1  # Redis may come back empty: store the state again
@@ -182,7 +195,7 @@ class Controller:
             self.metrics.epoch.set(self.membership_epoch)
             self.metrics.observe_nodes(records)
             live = {r.info.node_id for r in records}
-            for d in (self.acked, self._rejected, self._rows):
+            for d in (self.acked, self._rejected, self._rows, self._loaded):
                 for n in [n for n in d if n not in live]:
                     del d[n]
             out = self.quarantine.update(records, time.monotonic())
@@ -195,13 +208,23 @@ class Controller:
                 except REDIS_ERRORS as exc:
                     self._on_redis_error(exc)
             experts = [n for n in _expert_nodes(records) if n.node_id not in out]
-            fp = tuple(sorted((n.node_id, n.m2n_url, n.expert_ids, n.started_at)
+            fp = tuple(sorted((n.node_id, n.m2n_url, n.expert_ids, n.started_at, n.elastic)
                               for n in experts))
-            if fp != self._fingerprint:
+            if fp != self._fingerprint and not self._settling(records):
                 self._fingerprint = fp
                 await self._replan(experts, force=True)
             await self._push(records)
             await self._close_unused({r.info.grpc_address for r in records})
+
+    def _settling(self, records: list[NodeRecord]) -> bool:
+        """Within one lease of this scheduler's start, while a node named by the placement
+        it resumed from Redis has not registered again: the nodes whose leases lapsed while
+        no scheduler ran are coming back, and a plan over the ones back so far would move
+        experts for nothing."""
+        if not self._resumed or time.monotonic() - self._started >= self.config.node_ttl_s:
+            return False
+        named = {h.node_id for rep in self.current.experts for h in rep.hosts}
+        return not named <= {r.info.node_id for r in records}
 
     # ------------------------------------------------ the node view PickReplica reads
     async def read_nodes(self) -> list[NodeRecord]:
@@ -244,8 +267,12 @@ class Controller:
 
     async def _replan(self, experts: list[ExpertNode], force: bool) -> None:
         cfg = self.config
-        plan = plan_placement(cfg.num_experts, experts, self.expert_load or None,
-                              cfg.replicate_hot)
+        if cfg.expert_replicas > 1 or any(n.elastic for n in experts):
+            plan = plan_copies(cfg.num_experts, experts, cfg.expert_replicas,
+                               hosts_from_proto(self.current))
+        else:
+            plan = plan_placement(cfg.num_experts, experts, self.expert_load or None,
+                                  cfg.replicate_hot)
         if not plan.complete:
             if not experts and plan.missing != self.missing:
                 log.info("no expert node registered yet: no placement")
@@ -277,7 +304,39 @@ class Controller:
                             [n.node_id for n in experts])
             if plan.max_load >= (1 - cfg.rebalance_threshold) * old:
                 return  # not worth a new epoch
+        if not await self._load_assigned(plan, experts):
+            self._fingerprint = None  # plan again at the next tick
+            return
         await self._publish(plan, urls, addresses, floor=self.current.epoch, started=started)
+
+    async def _load_assigned(self, plan: PlacementPlan, experts: list[ExpertNode]) -> bool:
+        """Make every elastic node of ``plan`` load what it is assigned (``Expert.LoadExperts``)
+        before any replica routes to it; False when one could not (the plan is not
+        published; the next tick plans again, without a node whose lease has expired)."""
+        todo = []
+        for n in experts:
+            ids = assigned(plan, n.node_id)
+            if n.elastic and self._loaded.get(n.node_id) != (n.started_at, ids):
+                todo.append((n, ids))
+        if not todo:
+            return True
+        results = await asyncio.gather(*(self._load_one(n, ids) for n, ids in todo))
+        return all(results)
+
+    async def _load_one(self, node: ExpertNode, ids: tuple[int, ...]) -> bool:
+        stub = expert_pb2_grpc.ExpertStub(self._channel(node.grpc_address))
+        try:
+            resp = await stub.LoadExperts(expert_pb2.LoadExpertsRequest(expert_ids=ids),
+                                          timeout=self.config.load_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("expert node %s (%s) could not load experts %s: %s %s", node.node_id,
+                        node.grpc_address, list(ids), exc.code().name, exc.details())
+            self._loaded.pop(node.node_id, None)
+            return False
+        self._loaded[node.node_id] = (node.started_at, ids)
+        log.info("expert node %s serves experts %s (loaded in %.2f s)", node.node_id,
+                 list(resp.expert_ids), resp.load_seconds)
+        return True
 
     async def _publish(self, plan: PlacementPlan, urls: dict[str, str],
                        addresses: dict[str, str], floor: int,
@@ -385,7 +444,7 @@ class Controller:
                     old = prev[1].get(e, 0)
                     delta = v - old if v >= old else v  # counter reset: the node restarted
                     window[e] = window.get(e, 0.0) + delta / dt
-            if sum(window.values()) <= 0:
+            if sum(window.values()) <= 0 or self._settling(records):
                 return  # no traffic in this window: nothing new to learn
             for e in range(self.config.num_experts):
                 rate = window.get(e, 0.0)

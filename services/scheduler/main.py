@@ -35,6 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
              help="re-send a dispatch with no reply after this long (ms)")
     add_flag(p, "--replicate-hot", type=int, default=2,
              help="extra replicas of hot experts the placement may add (total)")
+    add_flag(p, "--expert-replicas", type=int, default=1,
+             help="copies of every expert, each on a different expert node (at most the "
+                  "number of nodes holding it); attention replicas spread rows over the "
+                  "copies and fail over to a surviving one")
+    add_flag(p, "--load-timeout", type=float, default=120.0,
+             help="seconds an elastic expert node (--experts auto) may take to load the "
+                  "experts it is assigned")
     add_flag(p, "--stats-interval", type=float, default=2.0,
              help="seconds between Expert.GetStats polls (expert load)")
     add_flag(p, "--quarantine-after", type=float, default=10.0,
@@ -68,4 +75,5 @@ def build(args: argparse.Namespace) -> SchedulerConfig:
                           dispatch_timeout_ms=args.dispatch_timeout_ms),
         replicate_hot=args.replicate_hot, stats_interval_s=args.stats_interval,
         quarantine_after_s=args.quarantine_after, quarantine_hold_s=args.quarantine_hold,
-        quarantine_max_hold_s=args.quarantine_max_hold)
+        quarantine_max_hold_s=args.quarantine_max_hold,
+        expert_replicas=args.expert_replicas, load_timeout_s=args.load_timeout)

@@ -1,10 +1,11 @@
 """The expert placement algorithm: which expert node serves which expert id.
 
-Capacity model. An expert node loads a fixed set of experts at start (``--experts``; sent as
+Capacity model. A fixed expert node loads its set of experts at start (``--experts``; sent as
 ``NodeInfo.expert_ids``), so the placement can only *choose among the nodes that already hold
-an expert*: a node's capacity is the set of expert ids it holds, and a replica of expert ``e``
-can only be placed on a node holding ``e``. Moving weights between nodes is future work; with
-it, capacity becomes a count and the same greedy applies with every node as a candidate.
+an expert*: a replica of expert ``e`` can only be placed on a node holding ``e``
+(:func:`plan_placement`, below). An elastic node (``--experts auto``) may be given any expert
+and loads it on demand; with elastic nodes, or ``--expert-replicas`` above 1,
+:func:`plan_copies` places a fixed number of copies of every expert instead.
 
 Load model. ``expert_load[e]`` is the rows expert ``e`` computes per unit time (from
 ``Expert.GetStats`` deltas; uniform when unknown). Senders balance an expert's rows evenly over
@@ -37,6 +38,10 @@ class ExpertNode:
     expert_ids: tuple[int, ...]
     grpc_address: str = ""  # where replicas that have not attached yet call Expert.Attach
     started_at: float = 0.0  # its process's start (NodeInfo.started_at_unix_s): a restart
+    elastic: bool = False    # --experts auto: may be assigned any expert (loads it on demand)
+
+    def can_host(self, expert: int) -> bool:
+        return self.elastic or expert in self.expert_ids
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,48 @@ def plan_placement(num_experts: int, nodes: Sequence[ExpertNode],
     final = node_loads(hosts, load, node_ids)  # recomputed: no float drift from the updates
     return PlacementPlan(num_experts, tuple(tuple(sorted(h)) for h in hosts),
                          tuple(sorted(final.items())), missing)
+
+
+def plan_copies(num_experts: int, nodes: Sequence[ExpertNode], copies: int,
+                previous: Sequence[Sequence[str]] = ()) -> PlacementPlan:
+    """``copies`` hosts per expert on distinct nodes (fewer where fewer nodes can host it),
+    spread evenly, moving as little as possible from ``previous`` (hosts per expert of the
+    placement in force). Deterministic for the same input.
+
+    1. Keep each expert's previous hosts that can still host it, while the host stays under
+       the even share ``ceil(sum(copies per expert) / nodes)`` (a node that joined gets the
+       excess of the others).
+    2. Give each expert its missing copies on the nodes that host the fewest experts so far
+       (ties: node id). Elastic nodes can host any expert, fixed nodes their own.
+    """
+    ordered = sorted(nodes, key=lambda n: n.node_id)
+    node_ids = [n.node_id for n in ordered]
+    candidates = [[n.node_id for n in ordered if n.can_host(e)] for e in range(num_experts)]
+    want = [min(copies, len(c)) for c in candidates]
+    share = -(-sum(want) // len(node_ids)) if node_ids else 0
+    count = dict.fromkeys(node_ids, 0)
+    hosts: list[list[str]] = [[] for _ in range(num_experts)]
+    for e in range(min(num_experts, len(previous))):
+        for n in previous[e]:
+            if n in candidates[e] and len(hosts[e]) < want[e] and count[n] < share:
+                hosts[e].append(n)
+                count[n] += 1
+    for e in range(num_experts):
+        while len(hosts[e]) < want[e]:
+            best = min((n for n in candidates[e] if n not in hosts[e]),
+                       key=lambda n: (count[n], n))
+            hosts[e].append(best)
+            count[best] += 1
+    load = normalise_load(num_experts, None)
+    final = node_loads(hosts, load, node_ids)
+    missing = tuple(e for e in range(num_experts) if not hosts[e])
+    return PlacementPlan(num_experts, tuple(tuple(sorted(h)) for h in hosts),
+                         tuple(sorted(final.items())), missing)
+
+
+def assigned(plan: PlacementPlan, node_id: str) -> tuple[int, ...]:
+    """The expert ids ``plan`` places on ``node_id``."""
+    return tuple(e for e, hs in enumerate(plan.hosts) if node_id in hs)
 
 
 def naive_placement(num_experts: int, nodes: Sequence[ExpertNode]) -> list[tuple[str, ...]]:

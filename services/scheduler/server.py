@@ -66,8 +66,9 @@ def validate_node_info(info: common_pb2.NodeInfo, num_experts: int) -> None:
     if info.role == common_pb2.NODE_ROLE_EXPERT:
         if not info.m2n_url:
             raise BadRequest("m2n_url is required for an expert node")
-        if not info.expert_ids:
-            raise BadRequest("expert_ids must name at least one expert for an expert node")
+        if not info.expert_ids and not info.elastic:
+            raise BadRequest("expert_ids must name at least one expert for an expert node "
+                             "(or elastic be set: --experts auto)")
         bad = [e for e in info.expert_ids if e >= num_experts]
         if bad:
             raise BadRequest(f"expert_ids {bad} out of range: the model has {num_experts} "
@@ -189,13 +190,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
         Chosen from the controller's view of the nodes (refreshed every sweep, updated by
         every Register/Heartbeat/Deregister), not a Redis read per request; only a view
-        older than two sweeps is read afresh, and while Redis is down the last view serves.
+        older than two sweeps is read afresh, and while Redis is down the last view serves
+        (without trying Redis per request: the sweep finds out when it is back).
         """
         records = self.controller.records(2 * self.config.sweep_interval_s)
         read_now = records is None
         if records is None:
             stale = self.controller.records(float("inf"))
-            if stale:  # Redis may be down: the last view beats refusing every request
+            if stale and self.controller.redis_down:
+                records, read_now = stale, False
+            elif stale:  # Redis may be down: the last view beats refusing every request
                 try:
                     records = await self.controller.read_nodes()
                 except REDIS_ERRORS:
@@ -208,7 +212,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except (NoReplica, AllFull) as exc:
             refusal: Exception = exc
             rec = None
-            if not read_now:  # a refusal is decided on what Redis holds now, not the view
+            if not read_now and not self.controller.redis_down:
+                # a refusal is decided on what Redis holds now, not the view
                 try:
                     records = await self.controller.read_nodes()
                     rec = self._pick(records, request)

@@ -226,7 +226,8 @@ def test_expert_reattach_to_the_same_replica_replaces_its_reply_link(expert_node
 
 def test_dead_expert_node_fails_requests_with_clear_error(engine_ckpt, tmp_path):
     with LocalMesh.start(engine_ckpt("mixtral"), [[0, 1, 2, 3], [4, 5, 6, 7]],
-                         attention_args=["--expert-timeout", "3"], workdir=tmp_path) as mesh:
+                         attention_args=["--expert-timeout", "3", "--expert-wait", "1"],
+                         workdir=tmp_path) as mesh:
         address = mesh.attention[0].grpc
         with grpc.insecure_channel(address) as ch:
             stream = attention_pb2_grpc.AttentionStub(ch).Generate(

@@ -62,7 +62,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "role", "grpc_address", "m2n_url", "model", "kv_blocks", "kv_block_size", "max_running_requests", "expert_ids", "started_at_unix_s", "labels")
+    __slots__ = ("node_id", "role", "grpc_address", "m2n_url", "model", "kv_blocks", "kv_block_size", "max_running_requests", "expert_ids", "started_at_unix_s", "labels", "elastic")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class NodeInfo(_message.Message):
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    ELASTIC_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: NodeRole
     grpc_address: str
@@ -92,7 +93,8 @@ class NodeInfo(_message.Message):
     expert_ids: _containers.RepeatedScalarFieldContainer[int]
     started_at_unix_s: float
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[NodeRole, str]] = ..., grpc_address: _Optional[str] = ..., m2n_url: _Optional[str] = ..., model: _Optional[str] = ..., kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., started_at_unix_s: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    elastic: bool
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[NodeRole, str]] = ..., grpc_address: _Optional[str] = ..., m2n_url: _Optional[str] = ..., model: _Optional[str] = ..., kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., started_at_unix_s: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., elastic: _Optional[bool] = ...) -> None: ...
 
 class LoadReport(_message.Message):
     __slots__ = ("running", "waiting", "kv_usage", "free_kv_blocks", "step_time_ms", "attention_time_ms", "expert_wait_ms", "tokens_per_s", "expert_queue_rows", "reported_at_unix_s", "expert_nodes_down", "experts_complete")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from megascale.v1 import common_pb2 as megascale_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19megascale/v1/expert.proto\x12\x0cmegascale.v1\x1a\x19megascale/v1/common.proto\"\x11\n\x0fGetStatsRequest\"\x9c\x02\n\x0b\x45xpertStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nexpert_ids\x18\x02 \x03(\r\x12&\n\x04load\x18\x03 \x01(\x0b\x32\x18.megascale.v1.LoadReport\x12\x43\n\x0erows_by_expert\x18\x04 \x03(\x0b\x32+.megascale.v1.ExpertStats.RowsByExpertEntry\x12\x19\n\x11messages_received\x18\x05 \x01(\x04\x12\x12\n\nbad_frames\x18\x06 \x01(\x04\x12\x17\n\x0fmean_group_rows\x18\x07 \x01(\x02\x1a\x33\n\x11RowsByExpertEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\"\n\x0c\x44rainRequest\x12\x12\n\ntimeout_ms\x18\x01 \x01(\r\":\n\rDrainResponse\x12\x0f\n\x07\x64rained\x18\x01 \x01(\x08\x12\x18\n\x10pending_messages\x18\x02 \x01(\r\"J\n\rAttachRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rm2n_sender_id\x18\x02 \x01(\r\x12\x11\n\treply_url\x18\x03 \x01(\t\"\x86\x01\n\x0e\x41ttachResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64ispatch_url\x18\x02 \x01(\t\x12\x12\n\nexpert_ids\x18\x03 \x03(\r\x12\x13\n\x0bnum_experts\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x15\n\rm2n_sender_id\x18\x06 \x01(\r2\xae\x02\n\x06\x45xpert\x12\x43\n\x06\x41ttach\x12\x1b.megascale.v1.AttachRequest\x1a\x1c.megascale.v1.AttachResponse\x12\x44\n\x08GetStats\x12\x1d.megascale.v1.GetStatsRequest\x1a\x19.megascale.v1.ExpertStats\x12W\n\x0fUpdatePlacement\x12\x1d.megascale.v1.ExpertPlacement\x1a%.megascale.v1.UpdatePlacementResponse\x12@\n\x05\x44rain\x12\x1a.megascale.v1.DrainRequest\x1a\x1b.megascale.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19megascale/v1/expert.proto\x12\x0cmegascale.v1\x1a\x19megascale/v1/common.proto\"(\n\x12LoadExpertsRequest\x12\x12\n\nexpert_ids\x18\x01 \x03(\r\"?\n\x13LoadExpertsResponse\x12\x12\n\nexpert_ids\x18\x01 \x03(\r\x12\x14\n\x0cload_seconds\x18\x02 \x01(\x02\"\x11\n\x0fGetStatsRequest\"\x9c\x02\n\x0b\x45xpertStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nexpert_ids\x18\x02 \x03(\r\x12&\n\x04load\x18\x03 \x01(\x0b\x32\x18.megascale.v1.LoadReport\x12\x43\n\x0erows_by_expert\x18\x04 \x03(\x0b\x32+.megascale.v1.ExpertStats.RowsByExpertEntry\x12\x19\n\x11messages_received\x18\x05 \x01(\x04\x12\x12\n\nbad_frames\x18\x06 \x01(\x04\x12\x17\n\x0fmean_group_rows\x18\x07 \x01(\x02\x1a\x33\n\x11RowsByExpertEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\"\n\x0c\x44rainRequest\x12\x12\n\ntimeout_ms\x18\x01 \x01(\r\":\n\rDrainResponse\x12\x0f\n\x07\x64rained\x18\x01 \x01(\x08\x12\x18\n\x10pending_messages\x18\x02 \x01(\r\"J\n\rAttachRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rm2n_sender_id\x18\x02 \x01(\r\x12\x11\n\treply_url\x18\x03 \x01(\t\"\x86\x01\n\x0e\x41ttachResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64ispatch_url\x18\x02 \x01(\t\x12\x12\n\nexpert_ids\x18\x03 \x03(\r\x12\x13\n\x0bnum_experts\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x15\n\rm2n_sender_id\x18\x06 \x01(\r2\x82\x03\n\x06\x45xpert\x12\x43\n\x06\x41ttach\x12\x1b.megascale.v1.AttachRequest\x1a\x1c.megascale.v1.AttachResponse\x12\x44\n\x08GetStats\x12\x1d.megascale.v1.GetStatsRequest\x1a\x19.megascale.v1.ExpertStats\x12W\n\x0fUpdatePlacement\x12\x1d.megascale.v1.ExpertPlacement\x1a%.megascale.v1.UpdatePlacementResponse\x12@\n\x05\x44rain\x12\x1a.megascale.v1.DrainRequest\x1a\x1b.megascale.v1.DrainResponse\x12R\n\x0bLoadExperts\x12 .megascale.v1.LoadExpertsRequest\x1a!.megascale.v1.LoadExpertsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,20 +34,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXPERTSTATS_ROWSBYEXPERTENTRY']._loaded_options = None
   _globals['_EXPERTSTATS_ROWSBYEXPERTENTRY']._serialized_options = b'8\001'
-  _globals['_GETSTATSREQUEST']._serialized_start=70
-  _globals['_GETSTATSREQUEST']._serialized_end=87
-  _globals['_EXPERTSTATS']._serialized_start=90
-  _globals['_EXPERTSTATS']._serialized_end=374
-  _globals['_EXPERTSTATS_ROWSBYEXPERTENTRY']._serialized_start=323
-  _globals['_EXPERTSTATS_ROWSBYEXPERTENTRY']._serialized_end=374
-  _globals['_DRAINREQUEST']._serialized_start=376
-  _globals['_DRAINREQUEST']._serialized_end=410
-  _globals['_DRAINRESPONSE']._serialized_start=412
-  _globals['_DRAINRESPONSE']._serialized_end=470
-  _globals['_ATTACHREQUEST']._serialized_start=472
-  _globals['_ATTACHREQUEST']._serialized_end=546
-  _globals['_ATTACHRESPONSE']._serialized_start=549
-  _globals['_ATTACHRESPONSE']._serialized_end=683
-  _globals['_EXPERT']._serialized_start=686
-  _globals['_EXPERT']._serialized_end=988
+  _globals['_LOADEXPERTSREQUEST']._serialized_start=70
+  _globals['_LOADEXPERTSREQUEST']._serialized_end=110
+  _globals['_LOADEXPERTSRESPONSE']._serialized_start=112
+  _globals['_LOADEXPERTSRESPONSE']._serialized_end=175
+  _globals['_GETSTATSREQUEST']._serialized_start=177
+  _globals['_GETSTATSREQUEST']._serialized_end=194
+  _globals['_EXPERTSTATS']._serialized_start=197
+  _globals['_EXPERTSTATS']._serialized_end=481
+  _globals['_EXPERTSTATS_ROWSBYEXPERTENTRY']._serialized_start=430
+  _globals['_EXPERTSTATS_ROWSBYEXPERTENTRY']._serialized_end=481
+  _globals['_DRAINREQUEST']._serialized_start=483
+  _globals['_DRAINREQUEST']._serialized_end=517
+  _globals['_DRAINRESPONSE']._serialized_start=519
+  _globals['_DRAINRESPONSE']._serialized_end=577
+  _globals['_ATTACHREQUEST']._serialized_start=579
+  _globals['_ATTACHREQUEST']._serialized_end=653
+  _globals['_ATTACHRESPONSE']._serialized_start=656
+  _globals['_ATTACHRESPONSE']._serialized_end=790
+  _globals['_EXPERT']._serialized_start=793
+  _globals['_EXPERT']._serialized_end=1179
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class LoadExpertsRequest(_message.Message):
+    __slots__ = ("expert_ids",)
+    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    expert_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, expert_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LoadExpertsResponse(_message.Message):
+    __slots__ = ("expert_ids", "load_seconds")
+    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    expert_ids: _containers.RepeatedScalarFieldContainer[int]
+    load_seconds: float
+    def __init__(self, expert_ids: _Optional[_Iterable[int]] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+
 class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

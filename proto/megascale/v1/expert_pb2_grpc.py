@@ -63,6 +63,11 @@ class ExpertStub:
                 request_serializer=megascale_dot_v1_dot_expert__pb2.DrainRequest.SerializeToString,
                 response_deserializer=megascale_dot_v1_dot_expert__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.LoadExperts = channel.unary_unary(
+                '/megascale.v1.Expert/LoadExperts',
+                request_serializer=megascale_dot_v1_dot_expert__pb2.LoadExpertsRequest.SerializeToString,
+                response_deserializer=megascale_dot_v1_dot_expert__pb2.LoadExpertsResponse.FromString,
+                _registered_method=True)
 
 
 class ExpertServicer:
@@ -108,6 +113,17 @@ class ExpertServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadExperts(self, request, context):
+        """Elastic nodes (`--experts auto`) only: load the weights of `expert_ids` from the
+        checkpoint and serve them (with the ones of the previous call, until the next call: the
+        replicas still route by the old placement for a moment). Returns once they are served.
+        The scheduler calls it before it publishes a placement naming them. FAILED_PRECONDITION on
+        a node with fixed --experts; INVALID_ARGUMENT for ids out of range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +146,11 @@ def add_ExpertServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=megascale_dot_v1_dot_expert__pb2.DrainRequest.FromString,
                     response_serializer=megascale_dot_v1_dot_expert__pb2.DrainResponse.SerializeToString,
+            ),
+            'LoadExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadExperts,
+                    request_deserializer=megascale_dot_v1_dot_expert__pb2.LoadExpertsRequest.FromString,
+                    response_serializer=megascale_dot_v1_dot_expert__pb2.LoadExpertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -248,6 +269,33 @@ class Expert:
             '/megascale.v1.Expert/Drain',
             megascale_dot_v1_dot_expert__pb2.DrainRequest.SerializeToString,
             megascale_dot_v1_dot_expert__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/megascale.v1.Expert/LoadExperts',
+            megascale_dot_v1_dot_expert__pb2.LoadExpertsRequest.SerializeToString,
+            megascale_dot_v1_dot_expert__pb2.LoadExpertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

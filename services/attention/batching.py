@@ -68,6 +68,10 @@ class Request:
     trace: tuple[bytes, bytes] | None = None  # (trace id, span id) carried in M2N headers
     num_streamed: int = 0  # output tokens already sent to the client (resumed ones count)
     lane: int = 0  # the engine lane (micro-batch) it runs in, set at admission
+    # per output token with params.logprobs (None for resumed ones); the grammar's matcher
+    # (services/attention/sampler.py)
+    logprobs: list = field(default_factory=list)
+    grammar: object | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -57,6 +57,13 @@ def event_to_proto(ev: TokenEvent) -> attention_pb2.GenerateEvent:
         out.error_message = ev.error
     if ev.stop_token_id is not None:
         out.stop_token_id = ev.stop_token_id
+    if ev.logprobs is not None:
+        for lp in ev.logprobs:  # a resumed token's (None) never reaches an event
+            entry = out.logprobs.add()
+            if lp is not None:
+                entry.logprob = lp.logprob
+                entry.top_token_ids.extend(lp.top_ids)
+                entry.top_logprobs.extend(lp.top_logprobs)
     return out
 
 

@@ -26,6 +26,7 @@ import grpc
 from megascale.v1 import attention_pb2, attention_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.common import auth
 from services.common.grpcserver import MAX_MESSAGE_BYTES
+from services.core.logits_processors import TokenLogprobs
 from services.core.request import (
     FinishReason,
     SamplingParams,
@@ -66,6 +67,7 @@ class GenRequest:
     # Why the gateway ends it before the replica does, if it does: STOP once it matched a
     # stop string (set by Generation.run; the replica counts the abort as that).
     ended_as: FinishReason = FinishReason.ABORT
+    include_stop_str: bool = False  # vLLM's include_stop_str_in_output
 
 
 @dataclass
@@ -77,6 +79,7 @@ class ReplicaEvent:
     prompt_tokens: int
     completion_tokens: int
     error: str = ""
+    logprobs: list[TokenLogprobs] | None = None  # per token_ids entry, when asked for
 
 
 class ReplicaPicker(Protocol):
@@ -295,8 +298,12 @@ class Backend:
                         ev = item.event
                         ids = list(ev.token_ids)
                         skip = len(output) - ev.index  # > 0: duplicates of tokens already sent
+                        lps = ([TokenLogprobs(e.logprob, tuple(e.top_token_ids),
+                                              tuple(e.top_logprobs)) for e in ev.logprobs]
+                               if req.sampling.logprobs is not None else None)
                         if skip > 0:
                             ids = ids[skip:]
+                            lps = lps[skip:] if lps is not None else None
                         output.extend(ids)
                         reason = FinishReason.from_proto(ev.finish_reason)
                         finished = reason is not None
@@ -308,7 +315,7 @@ class Backend:
                             break
                         yield ReplicaEvent(ids, reason, ev.usage.prompt_tokens,
                                            max(ev.usage.completion_tokens, len(output)),
-                                           ev.error_message)
+                                           ev.error_message, lps)
                         if finished:
                             return
                         continue

@@ -65,6 +65,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             async for d in self.generation.run(gen):
                 ev = gateway_pb2.GatewayGenerateEvent(text=d.text, token_ids=d.token_ids,
                                                       request_id=gen.request_id)
+                for lp in d.logprobs or ():
+                    ev.logprobs.add(logprob=lp.logprob, top_token_ids=lp.top_ids,
+                                    top_logprobs=lp.top_logprobs)
                 if d.finish_reason is not None:
                     ev.finish_reason = d.finish_reason.proto
                     if request.include_usage:
@@ -127,6 +130,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             ids, param = list(r.token_ids.ids), "token_ids"
         stop = tuple(r.stop)
         check_request(self.text, ids, sp, stop, param)
+        for word in sp.bad_words_ids:
+            self.text.check_ids(list(word), "sampling.bad_words")
+        if sp.grammar is not None:
+            try:
+                self.text.grammars().check(sp.grammar)
+            except InvalidField as exc:
+                raise invalid_field(exc, "sampling.") from None
         return GenRequest(ids, sp, stop, request_id=rid,
                           deadline=time.monotonic() + remaining if remaining else None)
 
@@ -145,7 +155,8 @@ async def serve(config: GatewayConfig, ready_file: str | None = None,
         backend = Backend(picker, metrics, config.request_timeout_s, config.max_attempts)
         life.defer(backend.close)
         generation = Generation(text, backend, metrics)
-        app = create_app(text, generation, metrics, config.api_key, config.max_body_bytes)
+        app = create_app(text, generation, metrics, config.api_key, config.max_body_bytes,
+                         config.tool_call_parser)
         servicer = GatewayServicer(text, generation, config.api_key)
         await life.start_grpc(
             config.grpc_port,

@@ -1,0 +1,77 @@
+"""The replica's sampling step: one lane step's logits rows -> tokens (and log-probabilities),
+with each request's grammar, logits processors and ``min_tokens`` (docs/ARCHITECTURE.md §3
+step 8).
+
+The engine calls :meth:`StepSampler.sample` with the requests that sample this step and
+:meth:`StepSampler.accept` for each token it keeps. A step where no request uses a grammar,
+a processor or logprobs costs what plain sampling costs: each extra is gated by one test per
+row. Grammar matchers (llguidance) live on the request; the grammar compiler (tokenizer index)
+is built the first time a request brings a grammar.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.attention.batching import Request
+from services.core.logits_processors import TokenLogprobs, logprobs
+from services.core.request import SamplingParams
+from services.core.sampling import sample
+from services.core.structured import GrammarCompiler, advance
+
+
+class StepSampler:
+    """Sampling with grammars, processors and logprobs for one replica (module docstring)."""
+
+    def __init__(self, model_dir: Path, vocab_size: int, eos_ids: Collection[int]) -> None:
+        self.model_dir = model_dir
+        self.vocab_size = vocab_size
+        self.eos_ids = sorted(eos_ids)
+        self._compiler: GrammarCompiler | None = None
+        self._lock = threading.Lock()
+
+    def compiler(self) -> GrammarCompiler:
+        with self._lock:
+            if self._compiler is None:
+                self._compiler = GrammarCompiler.from_model_dir(
+                    str(self.model_dir), self.vocab_size, self.eos_ids)
+            return self._compiler
+
+    def matcher(self, params: SamplingParams, resumed: Sequence[int]) -> Any:
+        """The request's grammar matcher (None without a grammar), advanced past ``resumed``;
+        InvalidField when the grammar does not compile."""
+        if params.grammar is None:
+            return None
+        return self.compiler().matcher(params.grammar, resumed)
+
+    def sample(self, logits: torch.Tensor, reqs: Sequence[Request]
+               ) -> tuple[list[int], list[TokenLogprobs | None] | None]:
+        """One token per row of ``logits`` [len(reqs), V], and the rows' logprobs (None when
+        no request asked for any)."""
+        params = [r.params for r in reqs]
+        allowed = None
+        if any(r.grammar is not None for r in reqs):
+            allowed = self.compiler().allowed([r.grammar for r in reqs], logits.device)
+        history = any(p.penalized for p in params)
+        tokens = sample(logits, params, [r.generator for r in reqs],
+                        [len(r.output) for r in reqs], self.eos_ids,
+                        prompts=[r.prompt for r in reqs] if history else None,
+                        outputs=[r.output for r in reqs] if history else None,
+                        allowed=allowed)
+        lps = None
+        if any(p.logprobs is not None for p in params):
+            lps = logprobs(logits, tokens, [p.logprobs for p in params])
+        return tokens.tolist(), lps
+
+    @staticmethod
+    def accept(req: Request, token: int, lp: TokenLogprobs | None) -> None:
+        """Record a kept token's logprobs and advance the request's grammar."""
+        if req.params.logprobs is not None:
+            req.logprobs.append(lp)
+        if req.grammar is not None:
+            advance(req.grammar, token)

@@ -1,0 +1,129 @@
+"""Structured outputs: grammars (llguidance) and the token masks they put on sampling.
+
+One grammar format travels: an llguidance grammar (``SamplingParams.grammar``, the JSON string
+:func:`compile_grammar` returns). The gateway compiles the OpenAI / vLLM spellings
+(``response_format`` json_object / json_schema, ``structured_outputs`` / ``guided_json`` /
+``guided_regex`` / ``guided_choice`` / ``guided_grammar``) into it and validates it against the
+tokenizer (:meth:`GrammarCompiler.check`); the attention replica, which samples, keeps one
+:class:`llguidance.LLMatcher` per request and turns the matchers of a step into one boolean mask
+(:meth:`GrammarCompiler.allowed`), computed by llguidance's thread pool for the whole batch.
+
+Why llguidance (not xgrammar): its wheel has no Python dependencies (xgrammar pulls triton and
+a CUDA-capable torch), it builds a tokenizer index in milliseconds, and computes a mask without
+precompiling the grammar (~tens of µs per row), so a new schema costs no start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import llguidance.torch
+import torch
+
+from services.core.request import InvalidField
+
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+def compile_grammar(kind: str, spec: Any, field: str) -> str:
+    """An OpenAI / vLLM structured-output spec -> an llguidance grammar (InvalidField names
+    ``field`` when the spec is not of the kind's shape).
+
+    ``json_schema``: a schema (dict, or its JSON text); ``json_object``: any JSON object;
+    ``regex``: a regular expression; ``choice``: a list of strings (the output is one of
+    them); ``grammar``: a Lark (or GBNF) grammar.
+    """
+    try:
+        if kind == "json_object":
+            return llguidance.grammar_from("json_schema", '{"type": "object"}')
+        if kind == "json_schema":
+            if isinstance(spec, str):
+                spec = json.loads(spec)
+            if not isinstance(spec, dict):
+                raise InvalidField(field, f"{field} must be a JSON schema object")
+            return llguidance.grammar_from("json_schema", json.dumps(spec))
+        if kind == "choice":
+            if (not isinstance(spec, list) or not spec
+                    or not all(isinstance(c, str) and c for c in spec)):
+                raise InvalidField(field, f"{field} must be a non-empty list of non-empty "
+                                   "strings")
+            return llguidance.grammar_from("choice", json.dumps(spec))
+        if kind in ("regex", "grammar"):
+            if not isinstance(spec, str) or not spec:
+                raise InvalidField(field, f"{field} must be a non-empty string")
+            return llguidance.grammar_from("regex" if kind == "regex" else "grammar", spec)
+    except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise InvalidField(field, f"{field}: {_one_line(exc)}") from None
+    raise InvalidField(field, f"{field}: unknown structured output kind {kind!r}")
+
+
+def _one_line(exc: Exception | str) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class GrammarCompiler:
+    """The tokenizer-side half of llguidance for one model: validates grammars and makes
+    per-request matchers and batch masks. Thread-safe; build it once per process.
+
+    ``tokenizer`` is the checkpoint's fast Hugging Face tokenizer; ``vocab_size`` the model's
+    logits width (it may exceed the tokenizer's: padded ids are never allowed); ``eos_ids``
+    the ids that end a request once the grammar is complete.
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]) -> None:
+        self.vocab_size = vocab_size
+        eos = [t for t in eos_ids if 0 <= t < vocab_size]
+        self._tok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
+                                                 eos_token=eos or None)
+        self._executor = llguidance.LLExecutor()
+        self._lock = threading.Lock()
+        self._bits = torch.arange(32, dtype=torch.int32)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str, vocab_size: int, eos_ids: Sequence[int]
+                       ) -> GrammarCompiler:
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(model_dir), vocab_size, eos_ids)
+
+    def check(self, grammar: str, field: str = "grammar") -> None:
+        """InvalidField naming ``field`` unless ``grammar`` compiles for this tokenizer."""
+        error = llguidance.LLMatcher.validate_grammar(grammar, self._tok)
+        if error:
+            raise InvalidField(field, f"{field}: {_one_line(error)}")
+
+    def matcher(self, grammar: str, consumed: Sequence[int] = ()) -> llguidance.LLMatcher:
+        """A fresh matcher for one request, advanced past ``consumed`` (resumed output)."""
+        self.check(grammar)
+        m = llguidance.LLMatcher(self._tok, grammar)
+        for t in consumed:
+            if not m.consume_token(t):
+                raise InvalidField("output_token_ids", "output_token_ids do not follow the "
+                                   f"grammar: {_one_line(m.get_error())}")
+        return m
+
+    def allowed(self, matchers: Sequence[llguidance.LLMatcher | None],
+                device: torch.device | str) -> torch.Tensor:
+        """The tokens each row may sample next, bool [B, vocab_size] on ``device`` (a row
+        without a matcher allows everything). Masks are filled in parallel by llguidance."""
+        rows = [(m, i) for i, m in enumerate(matchers) if m is not None]
+        bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), self.vocab_size)
+        if rows:
+            with self._lock:  # one executor call at a time
+                llguidance.torch.fill_next_token_bitmask_par(self._executor, rows, bitmask)
+        # [B, W] int32 words -> [B, W * 32] bits, little-endian within a word
+        bits = (bitmask.unsqueeze(-1) >> self._bits) & 1
+        return bits.reshape(len(matchers), -1)[:, : self.vocab_size].bool().to(device)
+
+
+def advance(matcher: llguidance.LLMatcher, token: int) -> None:
+    """Feed a sampled token to its request's matcher. A token the mask allowed always
+    passes; a finished grammar ignores what follows (the request stops on its eos)."""
+    if not matcher.is_stopped():
+        matcher.consume_token(token)

@@ -34,18 +34,22 @@ def compile_grammar(kind: str, spec: Any, field: str) -> str:
     """An OpenAI / vLLM structured-output spec -> an llguidance grammar (InvalidField names
     ``field`` when the spec is not of the kind's shape).
 
-    ``json_schema``: a schema (dict, or its JSON text); ``json_object``: any JSON object;
+    ``json_schema``: a schema (dict, or its JSON text), compact JSON unless the schema's
+    ``x-guidance`` says ``whitespace_flexible``; ``json_object``: any JSON object;
     ``regex``: a regular expression; ``choice``: a list of strings (the output is one of
     them); ``grammar``: a Lark (or GBNF) grammar.
     """
     try:
         if kind == "json_object":
-            return llguidance.grammar_from("json_schema", '{"type": "object"}')
+            spec, kind = {"type": "object"}, "json_schema"
         if kind == "json_schema":
             if isinstance(spec, str):
                 spec = json.loads(spec)
             if not isinstance(spec, dict):
                 raise InvalidField(field, f"{field} must be a JSON schema object")
+            # Compact JSON (no free whitespace between tokens) unless the schema says
+            # otherwise: a weak model can otherwise pad with whitespace up to max_tokens.
+            spec = {"x-guidance": {"whitespace_flexible": False}, **spec}
             return llguidance.grammar_from("json_schema", json.dumps(spec))
         if kind == "choice":
             if (not isinstance(spec, list) or not spec

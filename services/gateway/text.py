@@ -97,10 +97,13 @@ class ModelText:
                               "messages")
         self.check_text_length([c for m in messages if isinstance(c := m.get("content"), str)],
                                "messages")
+        reserved = sorted(set(kwargs or {}) & {"tokenize", "add_generation_prompt", "tools",
+                                               "messages", "conversation", "chat_template"})
+        if reserved:
+            raise bad_request(f"chat_template_kwargs: {reserved[0]} is set by the request "
+                              "itself", "chat_template_kwargs")
         try:
-            extra = {k: v for k, v in (kwargs or {}).items()
-                     if k not in ("tokenize", "add_generation_prompt", "tools", "messages",
-                                  "conversation")}
+            extra = dict(kwargs or {})
             rendered = self.tokenizer.apply_chat_template(
                 messages, tools=tools or None, tokenize=False,
                 add_generation_prompt=add_generation_prompt, **extra)

@@ -239,7 +239,8 @@ def to_plan(req: _Common, text: ModelText, request_id: str, tool_parser: str = "
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         if req.logprobs:
             logprobs = req.top_logprobs or 0
-    tools = tool_plan(req.tools, req.tool_choice, tool_parser) if chat else None
+    tools = (tool_plan(req.tools, req.tool_choice, tool_parser,
+                       req.parallel_tool_calls is not False) if chat else None)
     grammar = _grammar(req, text, tools)
     max_tokens, mt_param = req.max_tokens, "max_tokens"
     if chat and req.max_completion_tokens is not None:

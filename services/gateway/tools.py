@@ -4,7 +4,8 @@ forces a call, and the parser that finds calls in generated text.
 - ``tool_choice`` ``{"type": "function", "function": {"name": N}}``: the output is constrained
   (a grammar from N's ``parameters`` schema) to N's arguments; the answer is one call of N.
 - ``"required"``: constrained to a JSON list of ``{"name": ..., "parameters": {...}}`` over
-  the given tools (vLLM's shape); the answer is those calls.
+  the given tools (vLLM's shape; one item when ``parallel_tool_calls`` is false); the answer
+  is those calls.
 - ``"auto"`` (the default with tools): free text, parsed by the gateway's
   ``--tool-call-parser``; ``hermes``: ``<tool_call>{"name": ..., "arguments": {...}}
   </tool_call>`` blocks become calls and the rest stays content.
@@ -54,8 +55,10 @@ class ToolPlan:
     schema: dict[str, Any] | None = None  # what the output must match (required / named)
 
 
-def plan(tools: list[Any] | None, tool_choice: Any, parser: str) -> ToolPlan | None:
-    """Validate ``tools`` and ``tool_choice`` (400 naming the field); None without tools."""
+def plan(tools: list[Any] | None, tool_choice: Any, parser: str, parallel: bool = True
+         ) -> ToolPlan | None:
+    """Validate ``tools`` and ``tool_choice`` (400 naming the field); None without tools.
+    ``parallel`` False (``parallel_tool_calls``) allows one call only."""
     if tool_choice is not None and not tools and tool_choice != "none":
         raise bad_request("tool_choice needs tools", "tool_choice")
     if not tools:
@@ -87,8 +90,10 @@ def plan(tools: list[Any] | None, tool_choice: Any, parser: str) -> ToolPlan | N
         items = [{"type": "object", "properties": {"name": {"enum": [n]}, "parameters": s},
                   "required": ["name", "parameters"], "additionalProperties": False}
                  for n, s in schemas.items()]
-        return ToolPlan(tools, "required", schema={"type": "array", "minItems": 1,
-                                                   "items": {"anyOf": items}})
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+        if not parallel:
+            schema["maxItems"] = 1
+        return ToolPlan(tools, "required", schema=schema)
     if choice == "auto":
         if parser == "none":
             raise bad_request("tool_choice \"auto\" needs a tool-call parser: start the gateway "

@@ -58,11 +58,11 @@ def test_completion_logprobs_match_transformers(client, hf):
         top = c.logprobs.top_logprobs[i]
         assert len(top) <= 3
         best = ref.topk(3)
-        want = {tok.decode([j], skip_special_tokens=False): v
-                for j, v in zip(best.indices.tolist(), best.values.tolist(), strict=True)}
-        for s, v in top.items():
-            assert abs(want[s] - v) < 1e-4
-        assert max(top.values()) == pytest.approx(c.logprobs.token_logprobs[i], abs=1e-6)
+        # (two byte-level tokens may show as the same string: the dict keeps one of them)
+        assert set(top) == {tok.decode([j], skip_special_tokens=False)
+                            for j in best.indices.tolist()}
+        assert all(min(abs(v - w) for w in best.values.tolist()) < 1e-4 for v in top.values())
+        assert c.logprobs.token_logprobs[i] == pytest.approx(best.values[0].item(), abs=1e-4)
     assert c.logprobs.text_offset[0] == 0
 
 
@@ -102,8 +102,9 @@ def test_logit_bias_forces_and_bans(client, hf):
 def test_penalised_greedy_matches_the_vllm_formula_on_transformers_logits(client, hf):
     tok, _ = hf
     rep, freq, pres = 1.5, 0.75, 0.5  # exact in float32 (the wire width)
-    prompt = tok.encode(PROMPT)
-    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0,
+    text = "hello hello hello"  # on this checkpoint the penalties change its greedy output
+    prompt = tok.encode(text)
+    r = client.completions.create(model=MODEL, prompt=text, max_tokens=8, temperature=0,
                                   frequency_penalty=freq, presence_penalty=pres,
                                   extra_body={"repetition_penalty": rep, "ignore_eos": True,
                                               "return_token_ids": True})
@@ -118,7 +119,7 @@ def test_penalised_greedy_matches_the_vllm_formula_on_transformers_logits(client
         logits = logits - freq * counts - pres * (counts > 0).float()
         out.append(int(logits.argmax()))
     assert r.choices[0].token_ids == out
-    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0,
+    plain = client.completions.create(model=MODEL, prompt=text, max_tokens=8, temperature=0,
                                       extra_body={"ignore_eos": True, "return_token_ids": True})
     assert plain.choices[0].token_ids != out  # the penalties changed something
 
@@ -131,19 +132,33 @@ def test_min_p_one_sampling_is_greedy(client):
         assert r.choices[0].text == greedy.choices[0].text
 
 
+def vllm_bad_words(tok, word: str) -> list[list[int]]:
+    """vLLM's tokenization of one bad word: as is and, when it makes a new first token of the
+    same length, with a leading space."""
+    out: list[list[int]] = []
+    for space in (False, True):
+        ids = tok.encode((" " if space else "") + word.lstrip(), add_special_tokens=False)
+        if not space or (ids[0] != out[-1][0] and len(ids) == len(out[-1])):
+            out.append(ids)
+    return out
+
+
 def test_bad_words_are_never_generated(client, hf):
     tok, _ = hf
-    greedy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
-                                       extra_body={"return_token_ids": True})
-    first = greedy.choices[0].token_ids[0]
-    word = tok.decode([first])
-    banned = {tuple(tok.encode(w, add_special_tokens=False)) for w in (word.lstrip(),
-                                                                        " " + word.lstrip())}
-    singles = {ids[0] for ids in banned if len(ids) == 1}
-    assert singles, "the greedy first token is a one-token word"
-    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
-                                  extra_body={"bad_words": [word], "return_token_ids": True})
-    assert not singles & set(r.choices[0].token_ids)
+    greedy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0,
+                                       extra_body={"return_token_ids": True, "ignore_eos": True})
+    ids = greedy.choices[0].token_ids
+    # the first greedy token that is a word vLLM's rule bans as itself
+    at = next(i for i, t in enumerate(ids) if tok.decode([t]).strip().isalpha()
+              and [t] in vllm_bad_words(tok, tok.decode([t])))
+    word = tok.decode([ids[at]])
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0,
+                                  extra_body={"bad_words": [word], "return_token_ids": True,
+                                              "ignore_eos": True})
+    got = r.choices[0].token_ids
+    assert got[:at] == ids[:at] and got[at] != ids[at]  # the same until the banned word
+    for seq in vllm_bad_words(tok, word):
+        assert not any(got[i:i + len(seq)] == seq for i in range(len(got)))
 
 
 def test_n_choices_and_best_of(client):
@@ -250,10 +265,11 @@ def test_tool_calls_named_required_and_streamed(client):
                         TOOLS[0]["function"]["parameters"])
     req = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS,
                                          tool_choice="required", max_tokens=60,
-                                         temperature=1.0, seed=2)
+                                         parallel_tool_calls=False, temperature=1.0, seed=2)
     assert req.choices[0].finish_reason == "tool_calls"
-    assert {c.function.name for c in req.choices[0].message.tool_calls} <= {"get_weather",
-                                                                           "noop"}
+    (only,) = req.choices[0].message.tool_calls  # parallel_tool_calls=False: one call
+    assert only.function.name in ("get_weather", "noop")
+    json.loads(only.function.arguments)
     args, names = "", []
     for ch in client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS,
                                              tool_choice=named, max_tokens=40, temperature=1.0,

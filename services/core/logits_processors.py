@@ -73,37 +73,43 @@ def _bad_words(logits: torch.Tensor, rows: list[int], params: Sequence[SamplingP
         logits[torch.tensor(r, device=dev), torch.tensor(c, device=dev)] = float("-inf")
 
 
-def _counts(seqs: list[Sequence[int]], V: int, device: torch.device) -> torch.Tensor:
-    """Occurrences of each token per sequence, [R, V] (one scatter over padded ids)."""
-    width = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), max(width, 1)), V, dtype=torch.long)
-    for j, s in enumerate(seqs):
-        if s:
-            ids[j, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-    ids = ids.clamp_(max=V).to(device)
-    counts = torch.zeros(len(seqs), V + 1, device=device)
-    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
-    return counts[:, :V]
+def _keys(seqs: list[Sequence[int]], V: int, device: torch.device
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct (row j, token) pairs of ``seqs`` as flat indices ``j * V + token`` into a
+    contiguous [R, V] tensor, and how often each occurs (one tensor built from one flat list).
+    """
+    flat = [t for s in seqs for t in s]
+    rows = torch.repeat_interleave(torch.arange(len(seqs)),
+                                   torch.tensor([len(s) for s in seqs], dtype=torch.long))
+    keys = rows * V + torch.tensor(flat, dtype=torch.long).clamp_(0, V - 1)
+    return torch.unique(keys.to(device), return_counts=True)
 
 
 def _penalties(logits: torch.Tensor, rows: list[int], params: Sequence[SamplingParams],
                prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]) -> None:
-    """vLLM's ``apply_penalties`` on ``rows`` of ``logits`` (in place)."""
+    """vLLM's ``apply_penalties`` on ``rows`` of ``logits`` (in place).
+
+    Sparse: only the logits of tokens in a row's history change, so the work is O(history)
+    gathers and scatters, not O(vocabulary) passes (the same result as vLLM's dense masks).
+    """
     V, dev = logits.shape[-1], logits.device
     idx = torch.tensor(rows, device=dev)
-    sub = logits.index_select(0, idx)
-    out_counts = _counts([outputs[i] for i in rows], V, dev)
+    sub = logits.index_select(0, idx).contiguous()  # [R, V]
+    flat = sub.view(-1)
+    out_keys, out_counts = _keys([outputs[i] for i in rows], V, dev)
     rep = torch.tensor([params[i].repetition_penalty for i in rows], device=dev,
-                       dtype=sub.dtype)[:, None]
+                       dtype=sub.dtype)
     if bool((rep != 1).any()):
-        seen = (_counts([prompts[i] for i in rows], V, dev) > 0) | (out_counts > 0)
-        penalised = torch.where(sub > 0, sub / rep, sub * rep)
-        sub = torch.where(seen, penalised, sub)
+        prompt_keys, _ = _keys([prompts[i] for i in rows], V, dev)
+        seen = torch.unique(torch.cat([prompt_keys, out_keys]))
+        vals, r = flat[seen], rep[seen // V]
+        flat[seen] = torch.where(vals > 0, vals / r, vals * r)
     freq = torch.tensor([params[i].frequency_penalty for i in rows], device=dev,
-                        dtype=sub.dtype)[:, None]
+                        dtype=sub.dtype)
     pres = torch.tensor([params[i].presence_penalty for i in rows], device=dev,
-                        dtype=sub.dtype)[:, None]
-    sub = sub - freq * out_counts.to(sub.dtype) - pres * (out_counts > 0).to(sub.dtype)
+                        dtype=sub.dtype)
+    row_of = out_keys // V
+    flat[out_keys] -= freq[row_of] * out_counts.to(sub.dtype) + pres[row_of]
     logits.index_copy_(0, idx, sub)
 
 
@@ -124,12 +130,14 @@ def logprobs(logits: torch.Tensor, tokens: torch.Tensor, ks: Sequence[int | None
     if not rows:
         return out
     idx = torch.tensor(rows, device=logits.device)
-    lp = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
-    picked = lp.gather(1, tokens.index_select(0, idx)[:, None]).squeeze(1).tolist()
+    sub = logits.index_select(0, idx).float()
+    lse = torch.logsumexp(sub, dim=-1, keepdim=True)  # log-softmax = x - lse, never built
+    picked = (sub.gather(1, tokens.index_select(0, idx)[:, None]) - lse).squeeze(1).tolist()
     kmax = max(ks[i] for i in rows)
-    top_v, top_i = (lp.topk(kmax, dim=-1) if kmax else (None, None))
-    tv = top_v.tolist() if top_v is not None else None
-    ti = top_i.tolist() if top_i is not None else None
+    tv = ti = None
+    if kmax:
+        top_v, top_i = sub.topk(kmax, dim=-1)
+        tv, ti = (top_v - lse).tolist(), top_i.tolist()
     for j, i in enumerate(rows):
         k = ks[i]
         out[i] = TokenLogprobs(picked[j], tuple(ti[j][:k]) if k else (),

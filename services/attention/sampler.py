@@ -5,8 +5,9 @@ step 8).
 The engine calls :meth:`StepSampler.sample` with the requests that sample this step and
 :meth:`StepSampler.accept` for each token it keeps. A step where no request uses a grammar,
 a processor or logprobs costs what plain sampling costs: each extra is gated by one test per
-row. Grammar matchers (llguidance) live on the request; the grammar compiler (tokenizer index)
-is built the first time a request brings a grammar.
+row. Grammar states (services/core/structured.py ``RequestGrammar``) live on the request and
+compute their next mask on a worker thread while the lane's forward pass runs; the grammar
+compiler (tokenizer index) is built the first time a request brings a grammar.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from services.attention.batching import Request
 from services.core.logits_processors import TokenLogprobs, logprobs
 from services.core.request import SamplingParams
 from services.core.sampling import sample
-from services.core.structured import GrammarCompiler, advance
+from services.core.structured import GrammarCompiler
 
 
 class StepSampler:
@@ -43,11 +44,11 @@ class StepSampler:
             return self._compiler
 
     def matcher(self, params: SamplingParams, resumed: Sequence[int]) -> Any:
-        """The request's grammar matcher (None without a grammar), advanced past ``resumed``;
-        InvalidField when the grammar does not compile."""
+        """The request's grammar state (None without a grammar), advanced past ``resumed``,
+        its first mask on the way; InvalidField when the grammar does not compile."""
         if params.grammar is None:
             return None
-        return self.compiler().matcher(params.grammar, resumed)
+        return self.compiler().request(params.grammar, resumed)
 
     def sample(self, logits: torch.Tensor, reqs: Sequence[Request]
                ) -> tuple[list[int], list[TokenLogprobs | None] | None]:
@@ -74,4 +75,4 @@ class StepSampler:
         if req.params.logprobs is not None:
             req.logprobs.append(lp)
         if req.grammar is not None:
-            advance(req.grammar, token)
+            req.grammar.advance(token)

@@ -5,8 +5,10 @@ One grammar format travels: an llguidance grammar (``SamplingParams.grammar``, t
 (``response_format`` json_object / json_schema, ``structured_outputs`` / ``guided_json`` /
 ``guided_regex`` / ``guided_choice`` / ``guided_grammar``) into it and validates it against the
 tokenizer (:meth:`GrammarCompiler.check`); the attention replica, which samples, keeps one
-:class:`llguidance.LLMatcher` per request and turns the matchers of a step into one boolean mask
-(:meth:`GrammarCompiler.allowed`), computed by llguidance's thread pool for the whole batch.
+:class:`RequestGrammar` per request. Its next-token mask is computed off the critical path: on a
+worker thread as soon as the request is admitted or its last token accepted, so it is ready
+while the lane runs its next forward pass (layers and expert round trips); sampling only
+stacks the ready masks (:meth:`GrammarCompiler.allowed`).
 
 Why llguidance (not xgrammar): its wheel has no Python dependencies (xgrammar pulls triton and
 a CUDA-capable torch), it builds a tokenizer index in milliseconds, and computes a mask without
@@ -16,8 +18,8 @@ precompiling the grammar (~tens of µs per row), so a new schema costs no start-
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import llguidance
@@ -85,8 +87,8 @@ class GrammarCompiler:
         eos = [t for t in eos_ids if 0 <= t < vocab_size]
         self._tok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
                                                  eos_token=eos or None)
-        self._executor = llguidance.LLExecutor()
-        self._lock = threading.Lock()
+        self._words = (vocab_size + 31) // 32
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         self._bits = torch.arange(32, dtype=torch.int32)
 
     @classmethod
@@ -112,22 +114,47 @@ class GrammarCompiler:
                                    f"grammar: {_one_line(m.get_error())}")
         return m
 
-    def allowed(self, matchers: Sequence[llguidance.LLMatcher | None],
+    def request(self, grammar: str, consumed: Sequence[int] = ()) -> RequestGrammar:
+        """A request's grammar state, its first mask already on the way."""
+        return RequestGrammar(self, self.matcher(grammar, consumed))
+
+    def mask_async(self, matcher: llguidance.LLMatcher) -> Future:
+        """The matcher's next-token bitmask (int32 [1, words]), computed on the worker."""
+        return self._pool.submit(self._mask, matcher)
+
+    def _mask(self, matcher: llguidance.LLMatcher) -> torch.Tensor:
+        bitmask = torch.full((1, self._words), -1, dtype=torch.int32)
+        llguidance.torch.fill_next_token_bitmask(matcher, bitmask)
+        return bitmask
+
+    def allowed(self, grammars: Sequence[RequestGrammar | None],
                 device: torch.device | str) -> torch.Tensor:
         """The tokens each row may sample next, bool [B, vocab_size] on ``device`` (a row
-        without a matcher allows everything). Masks are filled in parallel by llguidance."""
-        rows = [(m, i) for i, m in enumerate(matchers) if m is not None]
-        bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), self.vocab_size)
-        if rows:
-            with self._lock:  # one executor call at a time
-                llguidance.torch.fill_next_token_bitmask_par(self._executor, rows, bitmask)
+        without a grammar allows everything)."""
+        full = torch.full((1, self._words), -1, dtype=torch.int32)
+        bitmask = torch.cat([full if g is None else g.mask() for g in grammars])
         # [B, W] int32 words -> [B, W * 32] bits, little-endian within a word
         bits = (bitmask.unsqueeze(-1) >> self._bits) & 1
-        return bits.reshape(len(matchers), -1)[:, : self.vocab_size].bool().to(device)
+        return bits.reshape(len(grammars), -1)[:, : self.vocab_size].bool().to(device)
 
 
-def advance(matcher: llguidance.LLMatcher, token: int) -> None:
-    """Feed a sampled token to its request's matcher. A token the mask allowed always
-    passes; a finished grammar ignores what follows (the request stops on its eos)."""
-    if not matcher.is_stopped():
-        matcher.consume_token(token)
+class RequestGrammar:
+    """One request's grammar: its matcher and the mask for its next token (a future, started
+    when the previous token was accepted). Used by the engine thread only."""
+
+    def __init__(self, compiler: GrammarCompiler, matcher: llguidance.LLMatcher) -> None:
+        self.compiler = compiler
+        self.matcher = matcher
+        self._next = compiler.mask_async(matcher)
+
+    def mask(self) -> torch.Tensor:
+        """The next-token bitmask, int32 [1, words] (waits for the worker if needed)."""
+        return self._next.result()
+
+    def advance(self, token: int) -> None:
+        """Feed a sampled token and start computing the next mask. A token the mask allowed
+        always passes; a finished grammar ignores what follows (the request stops on eos)."""
+        self._next.result()  # the worker never reads the matcher while it changes
+        if not self.matcher.is_stopped():
+            self.matcher.consume_token(token)
+        self._next = self.compiler.mask_async(self.matcher)

@@ -121,7 +121,7 @@ def test_grammar_masks_drive_a_random_walk_to_a_match(compiler):
     tok, gc = compiler
     grammar = compile_grammar("regex", r"(yes|no)-[0-9]{2}", "guided_regex")
     for seed in range(3):
-        m = gc.matcher(grammar)
+        m = gc.request(grammar)
         g = torch.Generator().manual_seed(seed)
         out: list[int] = []
         while True:
@@ -133,7 +133,7 @@ def test_grammar_masks_drive_a_random_walk_to_a_match(compiler):
             if t == tok.eos_token_id:
                 break
             out.append(t)
-            m.consume_token(t)
+            m.advance(t)
         text = tok.decode(out)
         assert text[:-3] in ("yes", "no") and text[-3] == "-" and text[-2:].isdigit(), text
 

@@ -190,6 +190,12 @@ class SamplingParams:
         g = self.grammar
         if g is not None and (not isinstance(g, str) or not 1 <= len(g) <= MAX_GRAMMAR_CHARS):
             raise InvalidField("grammar", f"grammar must be 1..{MAX_GRAMMAR_CHARS} characters")
+        if g is not None and self.min_tokens:  # the grammar may allow only eos
+            raise InvalidField("min_tokens", "min_tokens cannot be combined with a grammar "
+                               "(structured outputs)")
+        if g is not None and self.ignore_eos:  # a complete grammar allows only eos
+            raise InvalidField("ignore_eos", "ignore_eos cannot be combined with a grammar "
+                               "(structured outputs)")
 
     def _check_logit_bias(self) -> None:
         pairs = tuple((t, float(b)) if _is_num(b) else (t, b) for t, b in self.logit_bias)

@@ -39,6 +39,8 @@ torch.set_num_threads(1)
     ({"logprobs": 21}, "logprobs"),
     ({"logprobs": -1}, "logprobs"),
     ({"grammar": ""}, "grammar"),
+    ({"grammar": "g", "min_tokens": 1}, "min_tokens"),
+    ({"grammar": "g", "ignore_eos": True}, "ignore_eos"),
 ])
 def test_new_fields_are_validated(kwargs, field):
     with pytest.raises(InvalidField) as err:

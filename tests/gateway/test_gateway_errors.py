@@ -66,6 +66,7 @@ CASES = [  # (path, body, status, param)
     ("/v1/completions", {**GOOD, "bad_words": [" "]}, 400, "bad_words"),
     ("/v1/completions", {**GOOD, "guided_regex": "[a"}, 400, "guided_regex"),
     ("/v1/completions", {**GOOD, "guided_choice": []}, 400, "guided_choice"),
+    ("/v1/completions", {**GOOD, "guided_choice": ["a"], "min_tokens": 1}, 400, "min_tokens"),
     ("/v1/completions", {**GOOD, "guided_json": "{not json"}, 400, "guided_json"),
     ("/v1/completions", {**GOOD, "guided_regex": "a", "guided_choice": ["b"]}, 400,
      "guided_choice"),

@@ -45,6 +45,7 @@ CASES = [  # (path, body, status, param)
     ("/v1/completions", {**GOOD, "n": 0}, 400, "n"),
     ("/v1/completions", {**GOOD, "n": 65}, 400, "n"),
     ("/v1/completions", {**GOOD, "n": 2, "best_of": 1}, 400, "best_of"),
+    ("/v1/completions", {**GOOD, "best_of": 2, "stream": True}, 400, "best_of"),
     ("/v1/completions", {**GOOD, "stop": [""]}, 400, "stop"),
     ("/v1/completions", {**GOOD, "stop": ["x"] * 17}, 400, "stop"),
     ("/v1/completions", {**GOOD, "stop_token_ids": [-1]}, 400, "stop_token_ids"),

@@ -241,6 +241,13 @@ def test_structured_outputs_follow_their_constraint(client, seed):
     js = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=1.0,
                                    seed=seed, extra_body={"guided_json": SCHEMA})
     jsonschema.validate(json.loads(js.choices[0].text), SCHEMA)
+    obj = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "json?"}], max_tokens=24,
+        temperature=1.0, seed=seed, response_format={"type": "json_object"})
+    out = obj.choices[0].message.content
+    assert out.startswith("{")
+    if obj.choices[0].finish_reason == "stop":  # else cut by max_tokens: a prefix of one
+        assert isinstance(json.loads(out), dict)
 
 
 TOOLS = [{"type": "function", "function": {
@@ -280,6 +287,21 @@ def test_tool_calls_named_required_and_streamed(client):
             args += (d.function.arguments or "") if d.function else ""
     assert names == ["get_weather"]
     assert json.loads(args) == json.loads(call.function.arguments)  # same seed, same call
+
+
+def test_tool_choice_auto_answers_with_text_when_no_call_is_made(client):
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=8,
+                                       temperature=0)
+    plain = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8,
+                                           temperature=0)
+    # this template does not show tools, and a random model writes no <tool_call>
+    assert r.choices[0].message.content == plain.choices[0].message.content
+    assert not r.choices[0].message.tool_calls
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+        model=MODEL, messages=msgs, tools=TOOLS, max_tokens=8, temperature=0, stream=True)
+        if ch.choices)
+    assert streamed == plain.choices[0].message.content
 
 
 def test_grpc_front_door_offers_the_same_options(stack, hf):

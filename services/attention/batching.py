@@ -72,6 +72,8 @@ class Request:
     # (services/attention/sampler.py)
     logprobs: list = field(default_factory=list)
     grammar: object | None = None
+    # with params.prompt_logprobs: entry p for prompt token p + 1; None once sent
+    prompt_logprobs: list | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -74,6 +74,7 @@ class TokenEvent:
     error: str | None = None
     stop_token_id: int | None = None
     logprobs: tuple[TokenLogprobs | None, ...] | None = None  # per token, with params.logprobs
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None  # on the first event only
     # time.monotonic() when the engine emitted it (after sampling); the server measures the
     # deferred-delivery delay from here (megascale:token_delivery_delay_seconds)
     emitted: float = field(default_factory=time.monotonic, compare=False)
@@ -147,7 +148,8 @@ class Engine:
                       num_resumed=len(resumed), num_streamed=len(resumed),
                       generator=make_generator(params, self.attention.device),
                       trace=trace, logprobs=[None] * len(resumed),
-                      grammar=self.sampler.matcher(params, resumed))
+                      grammar=self.sampler.matcher(params, resumed),
+                      prompt_logprobs=[] if params.prompt_logprobs is not None else None)
         with self._lock:
             self.batcher.add(req)
             self._listeners[request_id] = listener
@@ -334,6 +336,7 @@ class Engine:
         """Sample the chunks that reached their request's last token and hand the tokens on
         (one logits row per chunk; at decode every chunk samples: the rows as they are)."""
         chunks = ls.mb.chunks
+        self.sampler.prompt_logprobs(self.attention, ls.hidden, chunks)
         picked = [j for j, c in enumerate(chunks) if c.samples]
         if not picked:
             return
@@ -388,6 +391,7 @@ class Engine:
         index = len(req.output) - len(tokens)
         req.num_streamed = len(req.output)
         lps = tuple(req.logprobs[index:]) if req.params.logprobs is not None else None
+        plps, req.prompt_logprobs = req.prompt_logprobs, None  # sent once, with the first
         self._outbox.append((listener, TokenEvent(
             req.request_id, tokens, index, len(req.prompt), len(req.output), reason, error,
-            stop_token_id, lps)))
+            stop_token_id, lps, tuple(plps) if plps is not None else None)))

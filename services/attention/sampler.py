@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from services.attention.batching import Request
+from services.attention.batching import Request, ScheduledChunk
 from services.core.logits_processors import TokenLogprobs, logprobs
+from services.core.model import AttentionSide
 from services.core.request import SamplingParams
 from services.core.sampling import sample
 from services.core.structured import GrammarCompiler
@@ -68,6 +69,37 @@ class StepSampler:
         if any(p.logprobs is not None for p in params):
             lps = logprobs(logits, tokens, [p.logprobs for p in params])
         return tokens.tolist(), lps
+
+    @staticmethod
+    def prompt_logprobs(attention: AttentionSide, hidden: torch.Tensor,
+                        chunks: Sequence[ScheduledChunk]) -> None:
+        """Record prompt logprobs for the chunks (of a finished lane step, ``hidden`` [T, H]
+        its last layer's rows in chunk order) whose request asks for them: the row at
+        position p gives prompt token p + 1's. Positions already recorded (a recompute after
+        preemption) are skipped; a chunk that starts past the recorded ones (positions the
+        step did not compute, e.g. a prefix served from a cache) records nothing."""
+        if not any(c.request.prompt_logprobs is not None for c in chunks):
+            return
+        rows, targets, ks, owners = [], [], [], []
+        offset = 0
+        for c in chunks:
+            req = c.request
+            if req.prompt_logprobs is not None and c.start <= len(req.prompt_logprobs):
+                first = len(req.prompt_logprobs)
+                for p in range(first, min(c.start + c.num_tokens, len(req.prompt) - 1)):
+                    rows.append(offset + p - c.start)
+                    targets.append(req.prompt[p + 1])
+                    ks.append(req.params.prompt_logprobs)
+                    owners.append(req)
+            offset += c.num_tokens
+        if not rows:
+            return
+        dev = hidden.device
+        with torch.inference_mode():
+            logits = attention.logits(hidden, torch.tensor(rows, device=dev))
+        lps = logprobs(logits, torch.tensor(targets, device=dev), ks)
+        for req, lp in zip(owners, lps, strict=True):
+            req.prompt_logprobs.append(lp)
 
     @staticmethod
     def accept(req: Request, token: int, lp: TokenLogprobs | None) -> None:

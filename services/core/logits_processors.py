@@ -25,6 +25,7 @@ class TokenLogprobs:
     logprob: float
     top_ids: tuple[int, ...] = ()
     top_logprobs: tuple[float, ...] = ()
+    rank: int = 0  # 1 + the tokens more likely than it (0: unknown)
 
 
 def process(logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -132,7 +133,9 @@ def logprobs(logits: torch.Tensor, tokens: torch.Tensor, ks: Sequence[int | None
     idx = torch.tensor(rows, device=logits.device)
     sub = logits.index_select(0, idx).float()
     lse = torch.logsumexp(sub, dim=-1, keepdim=True)  # log-softmax = x - lse, never built
-    picked = (sub.gather(1, tokens.index_select(0, idx)[:, None]) - lse).squeeze(1).tolist()
+    raw = sub.gather(1, tokens.index_select(0, idx)[:, None])  # [R, 1]
+    picked = (raw - lse).squeeze(1).tolist()
+    ranks = ((sub > raw).sum(-1) + 1).tolist()
     kmax = max(ks[i] for i in rows)
     tv = ti = None
     if kmax:
@@ -141,5 +144,5 @@ def logprobs(logits: torch.Tensor, tokens: torch.Tensor, ks: Sequence[int | None
     for j, i in enumerate(rows):
         k = ks[i]
         out[i] = TokenLogprobs(picked[j], tuple(ti[j][:k]) if k else (),
-                               tuple(tv[j][:k]) if k else ())
+                               tuple(tv[j][:k]) if k else (), ranks[j])
     return out

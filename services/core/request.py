@@ -125,7 +125,8 @@ class SamplingParams:
     times themselves for tokens of the output; then temperature, ``min_p`` (drop tokens below
     ``min_p`` times the top probability), top-k, top-p. ``logprobs`` k returns each sampled
     token's log-probability and the k most likely alternatives (k = 0: the sampled one only),
-    from the raw logits (vLLM's default ``raw_logprobs``).
+    from the raw logits (vLLM's default ``raw_logprobs``); ``prompt_logprobs`` k the same for
+    every prompt token after the first (each given the tokens before it).
     """
 
     temperature: float = 1.0
@@ -144,6 +145,7 @@ class SamplingParams:
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
     logprobs: int | None = None
     grammar: str | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -183,10 +185,11 @@ class SamplingParams:
         _check_range("min_p", self.min_p, 0.0, 1.0)
         self._check_logit_bias()
         self._check_bad_words()
-        lp = self.logprobs
-        if lp is not None and (not _is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
-            raise InvalidField("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}]"
-                               f", got {lp!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            lp = getattr(self, name)
+            if lp is not None and (not _is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
+                raise InvalidField(name, f"{name} must be an integer in [0, {MAX_LOGPROBS}], "
+                                   f"got {lp!r}")
         g = self.grammar
         if g is not None and (not isinstance(g, str) or not 1 <= len(g) <= MAX_GRAMMAR_CHARS):
             raise InvalidField("grammar", f"grammar must be 1..{MAX_GRAMMAR_CHARS} characters")
@@ -266,7 +269,8 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         min_p=p.min_p, logit_bias=tuple(sorted(p.logit_bias.items())),
         bad_words_ids=tuple(tuple(w.ids) for w in p.bad_words),
         logprobs=p.logprobs if p.HasField("logprobs") else None,
-        grammar=p.grammar or None)
+        grammar=p.grammar or None,
+        prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None)
 
 
 def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
@@ -287,4 +291,6 @@ def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
         p.repetition_penalty = s.repetition_penalty
     if s.logprobs is not None:
         p.logprobs = s.logprobs
+    if s.prompt_logprobs is not None:
+        p.prompt_logprobs = s.prompt_logprobs
     return p

@@ -49,6 +49,7 @@ from services.gateway.openai_api import (
     detokenize,
     logprobs_json,
     parse,
+    prompt_logprobs_json,
     to_plan,
     tokenize,
     usage,
@@ -317,9 +318,14 @@ def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
             choice: dict[str, Any] = {"index": index, "logprobs": None,
                                       "finish_reason": r.last.finish_reason}
             if plan.logprobs is not None:
-                offset = len(plan.echo[pi]) if plan.echo else 0
-                choice["logprobs"] = logprobs_json(text, r.ids, _top(r.lps, plan.logprobs),
-                                                   chat, offset)
+                ids, lps = r.ids, _top(r.lps, plan.logprobs)
+                if plan.echo:  # the prompt's tokens first (its first one has no logprob)
+                    ids = plan.prompts[pi] + ids
+                    lps = [None, *_top(r.plps or [], plan.logprobs), *lps]
+                choice["logprobs"] = logprobs_json(text, ids, lps, chat)
+            if plan.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = prompt_logprobs_json(
+                    text, plan.prompts[pi], r.plps or [], plan.prompt_logprobs)
             if chat:
                 message: dict[str, Any] = {"role": "assistant", "content": r.text}
                 if plan.tools is not None:
@@ -369,7 +375,7 @@ def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
 
         n = len(streams)
         completion = [0] * n
-        offsets = [len(plan.echo[p]) if plan.echo else 0 for p in plan.prompt_of]
+        offsets = [0] * n
         started = [False] * n
         tool_streams = [ToolStream(plan.tools) if plan.tools is not None else None
                         for _ in range(n)]
@@ -398,8 +404,13 @@ def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
                 started[i] = True
                 lp = None
                 if plan.logprobs is not None and d.logprobs is not None:
-                    lp = logprobs_json(text, d.token_ids, _top(d.logprobs, plan.logprobs), chat,
-                                       offsets[i])
+                    ids, lps = d.token_ids, _top(d.logprobs, plan.logprobs)
+                    if plan.echo and d.prompt_logprobs is not None:
+                        ids = plan.prompts[plan.prompt_of[i]] + ids
+                        lps = [None, *_top(d.prompt_logprobs, plan.logprobs), *lps]
+                    elif plan.echo and offsets[i] == 0:
+                        offsets[i] = len(plan.echo[plan.prompt_of[i]])
+                    lp = logprobs_json(text, ids, lps, chat, offsets[i])
                     offsets[i] += sum(len(t) for t in lp.get("tokens", ()))
                 finish: str | None = d.finish_reason
                 calls = None
@@ -409,12 +420,16 @@ def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
                     if (finish is FinishReason.STOP and ts.count
                             and plan.tools.mode != "named"):
                         finish = "tool_calls"
-                yield _data(chunk(rid, card.id, created, chat, i, text=piece,
+                out = chunk(rid, card.id, created, chat, i, text=piece,
                                   finish_reason=finish,
                                   token_ids=d.token_ids if want_ids else None,
                                   include_usage=include_usage, logprobs=lp, tool_calls=calls,
-                                  usage_now=(usage(len(plan.gens[i].prompt_ids), completion[i])
-                                             if continuous else None)))
+                            usage_now=(usage(len(plan.gens[i].prompt_ids), completion[i])
+                                       if continuous else None))
+                if plan.prompt_logprobs is not None and d.prompt_logprobs is not None:
+                    out["choices"][0]["prompt_logprobs"] = prompt_logprobs_json(
+                        text, plan.gens[i].prompt_ids, d.prompt_logprobs, plan.prompt_logprobs)
+                yield _data(out)
             else:
                 if include_usage:
                     yield _data(usage_chunk(rid, card.id, created, chat, plan.prompt_tokens,
@@ -436,28 +451,32 @@ class _Result:
     ids: list[int]
     last: Delta
     lps: list[TokenLogprobs]
+    plps: list[TokenLogprobs] | None  # the prompt's, when asked for
 
 
 async def _collect(deltas: AsyncIterator[Delta]) -> _Result:
     parts: list[str] = []
     ids: list[int] = []
     lps: list[TokenLogprobs] = []
+    plps: list[TokenLogprobs] | None = None
     last: Delta | None = None
     try:
         async for d in deltas:
             parts.append(d.text)
             ids.extend(d.token_ids)
             lps.extend(d.logprobs or ())
+            plps = d.prompt_logprobs if d.prompt_logprobs is not None else plps
             last = d
     finally:
         await deltas.aclose()  # type: ignore[attr-defined]
     assert last is not None and last.finish_reason is not None
-    return _Result("".join(parts), ids, last, lps)
+    return _Result("".join(parts), ids, last, lps, plps)
 
 
 def _top(lps: list[TokenLogprobs], k: int) -> list[TokenLogprobs]:
-    """``lps`` with at most ``k`` alternatives each (best_of asks the replica for fewer)."""
-    return [TokenLogprobs(lp.logprob, lp.top_ids[:k], lp.top_logprobs[:k]) for lp in lps]
+    """``lps`` with at most ``k`` alternatives each (the replica may send more)."""
+    return [TokenLogprobs(lp.logprob, lp.top_ids[:k], lp.top_logprobs[:k], lp.rank)
+            for lp in lps]
 
 
 def _data(obj: dict[str, Any]) -> str:

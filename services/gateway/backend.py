@@ -80,6 +80,12 @@ class ReplicaEvent:
     completion_tokens: int
     error: str = ""
     logprobs: list[TokenLogprobs] | None = None  # per token_ids entry, when asked for
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens after the first
+
+
+def _lps(entries) -> list[TokenLogprobs]:  # noqa: ANN001 - repeated TokenLogprob
+    return [TokenLogprobs(e.logprob, tuple(e.top_token_ids), tuple(e.top_logprobs), e.rank)
+            for e in entries]
 
 
 class ReplicaPicker(Protocol):
@@ -298,9 +304,7 @@ class Backend:
                         ev = item.event
                         ids = list(ev.token_ids)
                         skip = len(output) - ev.index  # > 0: duplicates of tokens already sent
-                        lps = ([TokenLogprobs(e.logprob, tuple(e.top_token_ids),
-                                              tuple(e.top_logprobs)) for e in ev.logprobs]
-                               if req.sampling.logprobs is not None else None)
+                        lps = _lps(ev.logprobs) if req.sampling.logprobs is not None else None
                         if skip > 0:
                             ids = ids[skip:]
                             lps = lps[skip:] if lps is not None else None
@@ -315,7 +319,9 @@ class Backend:
                             break
                         yield ReplicaEvent(ids, reason, ev.usage.prompt_tokens,
                                            max(ev.usage.completion_tokens, len(output)),
-                                           ev.error_message, lps)
+                                           ev.error_message, lps,
+                                           _lps(ev.prompt_logprobs) if ev.prompt_logprobs
+                                           else None)
                         if finished:
                             return
                         continue

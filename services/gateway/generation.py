@@ -43,6 +43,7 @@ class Delta:
     completion_tokens: int = 0
     error: str = ""
     logprobs: list[TokenLogprobs] | None = None  # per token_ids entry, when asked for
+    prompt_logprobs: list[TokenLogprobs] | None = None  # on the first delta, when asked for
 
 
 def make_sampling(*, temperature: float | None = None, top_p: float | None = None,
@@ -55,7 +56,8 @@ def make_sampling(*, temperature: float | None = None, top_p: float | None = Non
                   logit_bias: tuple[tuple[int, float], ...] = (),
                   bad_words_ids: tuple[tuple[int, ...], ...] = (),
                   logprobs: int | None = None, grammar: str | None = None,
-                  logprobs_param: str = "logprobs") -> SamplingParams:
+                  logprobs_param: str = "logprobs", prompt_logprobs: int | None = None
+                  ) -> SamplingParams:
     """OpenAI request fields -> :class:`SamplingParams` (a 400 naming the field as the client
     spelled it; None = the default). A negative seed is taken as its 64-bit two's
     complement."""
@@ -71,7 +73,7 @@ def make_sampling(*, temperature: float | None = None, top_p: float | None = Non
             frequency_penalty=frequency_penalty or 0.0,
             repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
             logit_bias=logit_bias, bad_words_ids=bad_words_ids, logprobs=logprobs,
-            grammar=grammar)
+            grammar=grammar, prompt_logprobs=prompt_logprobs)
     except InvalidField as exc:
         raise invalid_field(exc, names={"max_tokens": max_tokens_param,
                                         "logprobs": logprobs_param}) from None
@@ -116,6 +118,7 @@ class Generation:
         stream = self.text.stream(req.prompt_ids, req.stop, req.include_stop_str)
         held: list[int] = []  # ids whose text is not released yet
         held_lps: list[TokenLogprobs] | None = [] if req.sampling.logprobs is not None else None
+        prompt_lps: list[TokenLogprobs] | None = None  # until the first delta takes them
         first = True
         prompt_tokens = len(req.prompt_ids)
         completion = 0
@@ -135,6 +138,8 @@ class Generation:
                 held.extend(ev.token_ids)
                 if held_lps is not None:
                     held_lps.extend(ev.logprobs or ())
+                if ev.prompt_logprobs is not None:
+                    prompt_lps = ev.prompt_logprobs
                 completion = ev.completion_tokens
                 if first and ev.token_ids:
                     self.metrics.ttft.observe(time.monotonic() - req.arrival_mono)
@@ -144,16 +149,18 @@ class Generation:
                 if stream.stopped:
                     down.ended_as = FinishReason.STOP  # the abort that follows is a stop
                     yield self._last(req, piece, held, FinishReason.STOP, prompt_tokens,
-                                     completion, logprobs=held_lps)
+                                     completion, logprobs=held_lps, prompt_logprobs=prompt_lps)
                     return
                 if ev.finish_reason is not None:
                     piece += stream.finish()
                     yield self._last(req, piece, held, ev.finish_reason, prompt_tokens,
-                                     completion, ev.error, held_lps)
+                                     completion, ev.error, held_lps, prompt_lps)
                     return
                 if piece:
                     yield Delta(piece, held, prompt_tokens=prompt_tokens,
-                                completion_tokens=completion, logprobs=held_lps)
+                                completion_tokens=completion, logprobs=held_lps,
+                                prompt_logprobs=prompt_lps)
+                    prompt_lps = None
                     held = []
                     held_lps = [] if held_lps is not None else None
             raise GatewayError(502, "the replica stream ended without a finish reason")
@@ -166,7 +173,8 @@ class Generation:
 
     def _last(self, req: GenRequest, piece: str, held: list[int], reason: FinishReason,
               prompt_tokens: int, completion: int, error: str = "",
-              logprobs: list[TokenLogprobs] | None = None) -> Delta:
+              logprobs: list[TokenLogprobs] | None = None,
+              prompt_logprobs: list[TokenLogprobs] | None = None) -> Delta:
         self.metrics.e2e.observe(time.monotonic() - req.arrival_mono)
         return Delta(piece, list(held), reason, prompt_tokens, completion, error,
-                     list(logprobs) if logprobs is not None else None)
+                     list(logprobs) if logprobs is not None else None, prompt_logprobs)

@@ -3,13 +3,14 @@
 Requests are parsed with pydantic in *strict* mode (``"5"`` is not an int, ``1`` is not a
 bool), so a wrong type is a 400 naming the field, never a silent coercion. Every field is
 either honoured or refused: an unknown field is a 400 naming it, and so are known-but-
-unsupported values (``prompt_logprobs``, ``echo`` with ``logprobs``, ``suffix``, non-text
-content parts). ``user`` is accepted: it only labels the request, as at OpenAI.
+unsupported values (``suffix``, non-text content parts). ``user`` is accepted: it only labels
+the request, as at OpenAI.
 
 Honoured beyond the OpenAI basics (vLLM spelling): ``top_k``, ``min_p``, ``ignore_eos``,
 ``stop_token_ids``, ``min_tokens``, ``repetition_penalty``, ``bad_words``,
-``include_stop_str_in_output``, ``return_token_ids`` (adds ``prompt_token_ids`` and each
-choice's ``token_ids``), ``stream_options.continuous_usage_stats``, ``chat_template_kwargs``,
+``include_stop_str_in_output``, ``prompt_logprobs``, ``return_token_ids`` (adds
+``prompt_token_ids`` and each choice's ``token_ids``),
+``stream_options.continuous_usage_stats``, ``chat_template_kwargs``,
 ``add_generation_prompt``, structured outputs (``response_format``, ``structured_outputs``,
 ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``), ``n`` and
 ``best_of`` (independent sequences), batched completion prompts, and tools
@@ -199,6 +200,7 @@ class ApiPlan:
     keep: int = 1                   # choices per prompt in the answer (n)
     best_of: int = 1                # sequences per prompt run (>= keep)
     tools: ToolPlan | None = None
+    prompt_logprobs: int | None = None  # vLLM's choices[].prompt_logprobs, top k
 
     @property
     def prompt_tokens(self) -> int:
@@ -210,9 +212,6 @@ def to_plan(req: _Common, text: ModelText, request_id: str, tool_parser: str = "
     """A validated OpenAI request -> the sequences to run (all 400s raised here)."""
     check_model(req, text)
     chat = isinstance(req, ChatRequest)
-    if req.prompt_logprobs is not None:
-        raise bad_request("prompt_logprobs is not supported (the replica computes logits for "
-                          "the sampled positions only)", "prompt_logprobs")
     n = 1 if req.n is None else req.n
     if not 1 <= n <= MAX_CHOICES:
         raise bad_request(f"n must be in [1, {MAX_CHOICES}], got {n}", "n")
@@ -231,9 +230,6 @@ def to_plan(req: _Common, text: ModelText, request_id: str, tool_parser: str = "
                 raise bad_request("best_of > n cannot stream", "best_of")
         logprobs = req.logprobs
         echo = bool(req.echo)
-        if echo and logprobs is not None:
-            raise bad_request("echo with logprobs needs prompt logprobs, which are not "
-                              "supported", "echo")
     else:
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
@@ -256,7 +252,10 @@ def to_plan(req: _Common, text: ModelText, request_id: str, tool_parser: str = "
                   bad_words_ids=_bad_words(req.bad_words, text), grammar=grammar,
                   logprobs_param="top_logprobs" if chat else "logprobs",
                   # best_of ranks by cumulative logprob: it needs the sampled tokens'
-                  logprobs=logprobs if best_of == n else (logprobs or 0))
+                  logprobs=logprobs if best_of == n else (logprobs or 0),
+                  # echo with logprobs shows the prompt tokens' too
+                  prompt_logprobs=(max(logprobs, req.prompt_logprobs or 0)
+                                   if echo and logprobs is not None else req.prompt_logprobs))
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     if isinstance(req, CompletionRequest):
         prompts, param = _completion_prompts(req.prompt, text), "prompt"
@@ -281,7 +280,8 @@ def to_plan(req: _Common, text: ModelText, request_id: str, tool_parser: str = "
                                    include_stop_str=bool(req.include_stop_str_in_output)))
             prompt_of.append(pi)
     return ApiPlan(gens, prompt_of, prompts, logprobs,
-                   [text.decode(p) for p in prompts] if echo else None, n, best_of, tools)
+                   [text.decode(p) for p in prompts] if echo else None, n, best_of, tools,
+                   req.prompt_logprobs)
 
 
 def _grammar(req: _Common, text: ModelText, tools: ToolPlan | None) -> str | None:
@@ -400,10 +400,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def logprobs_json(text: ModelText, ids: list[int], lps: list[TokenLogprobs], chat: bool,
-                  offset: int = 0) -> dict[str, Any]:
+def logprobs_json(text: ModelText, ids: list[int], lps: list[TokenLogprobs | None],
+                  chat: bool, offset: int = 0) -> dict[str, Any]:
     """OpenAI's ``logprobs`` object for ``ids`` (chat: ``content`` entries; completions:
-    ``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset`` from ``offset``)."""
+    ``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset`` from ``offset``; a
+    None entry, the echoed prompt's first token, has no log-probability)."""
     toks = [text.token_str(t) for t in ids]
     if chat:
         return {"content": [
@@ -416,11 +417,26 @@ def logprobs_json(text: ModelText, ids: list[int], lps: list[TokenLogprobs], cha
     for s in toks:
         offsets.append(offset)
         offset += len(s)
-    return {"tokens": toks, "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{text.token_str(t): v for t, v in zip(lp.top_ids, lp.top_logprobs,
-                                                                     strict=True)}
+    return {"tokens": toks, "token_logprobs": [lp and lp.logprob for lp in lps],
+            "top_logprobs": [lp and {text.token_str(t): v
+                                     for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)}
                              for lp in lps],
             "text_offset": offsets}
+
+
+def prompt_logprobs_json(text: ModelText, prompt: list[int], lps: list[TokenLogprobs],
+                         k: int) -> list[dict[str, Any] | None]:
+    """vLLM's ``prompt_logprobs``: None for the first token, then per prompt token a dict
+    token id -> ``{logprob, rank, decoded_token}`` of the token itself and the top ``k``."""
+    out: list[dict[str, Any] | None] = [None]
+    for tok, lp in zip(prompt[1:], lps, strict=False):
+        entry = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": text.token_str(t)}
+                 for r, (t, v) in enumerate(zip(lp.top_ids[:k], lp.top_logprobs[:k],
+                                                strict=True))}
+        entry[str(tok)] = {"logprob": lp.logprob, "rank": lp.rank,
+                           "decoded_token": text.token_str(tok)}
+        out.append(entry)
+    return out
 
 
 def chunk(rid: str, model: str, created: int, chat: bool, index: int = 0, *,

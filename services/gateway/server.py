@@ -67,7 +67,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                                       request_id=gen.request_id)
                 for lp in d.logprobs or ():
                     ev.logprobs.add(logprob=lp.logprob, top_token_ids=lp.top_ids,
-                                    top_logprobs=lp.top_logprobs)
+                                    top_logprobs=lp.top_logprobs, rank=lp.rank)
+                for lp in d.prompt_logprobs or ():
+                    ev.prompt_logprobs.add(logprob=lp.logprob, top_token_ids=lp.top_ids,
+                                           top_logprobs=lp.top_logprobs, rank=lp.rank)
                 if d.finish_reason is not None:
                     ev.finish_reason = d.finish_reason.proto
                     if request.include_usage:

@@ -38,6 +38,7 @@ torch.set_num_threads(1)
     ({"bad_words_ids": ((1, -2),)}, "bad_words"),
     ({"logprobs": 21}, "logprobs"),
     ({"logprobs": -1}, "logprobs"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
     ({"grammar": ""}, "grammar"),
     ({"grammar": "g", "min_tokens": 1}, "min_tokens"),
     ({"grammar": "g", "ignore_eos": True}, "ignore_eos"),
@@ -51,7 +52,8 @@ def test_new_fields_are_validated(kwargs, field):
 def test_new_fields_round_trip_the_wire():
     s = SamplingParams(presence_penalty=0.5, frequency_penalty=-0.25, repetition_penalty=1.5,
                        min_p=0.125, logit_bias=((3, 100.0), (9, -5.5)),
-                       bad_words_ids=((1, 2), (7,)), logprobs=0, grammar='{"grammars": []}')
+                       bad_words_ids=((1, 2), (7,)), logprobs=0, grammar='{"grammars": []}',
+                       prompt_logprobs=3)
     assert sampling_from_proto(sampling_to_proto(s)) == s
     assert s.penalized and not SamplingParams().penalized
     assert sampling_from_proto(sampling_to_proto(SamplingParams())) == SamplingParams()

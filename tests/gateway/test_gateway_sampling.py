@@ -66,6 +66,39 @@ def test_completion_logprobs_match_transformers(client, hf):
     assert c.logprobs.text_offset[0] == 0
 
 
+def test_prompt_logprobs_and_echo_match_transformers(client, hf):
+    tok, model = hf
+    ids = tok.encode(PROMPT)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)  # [P, V]
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0,
+                                  extra_body={"prompt_logprobs": 2})
+    plp = r.choices[0].model_extra["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(ids)
+    for p in range(1, len(ids)):
+        want = ref[p - 1]
+        entry = plp[p][str(ids[p])]
+        assert abs(entry["logprob"] - want[ids[p]].item()) < 1e-4
+        assert entry["rank"] == int((want > want[ids[p]]).sum()) + 1
+        top = want.topk(2)
+        for rank, (t, v) in enumerate(zip(top.indices.tolist(), top.values.tolist(),
+                                          strict=True), 1):
+            assert plp[p][str(t)]["rank"] == rank and abs(plp[p][str(t)]["logprob"] - v) < 1e-4
+    echo = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0,
+                                     echo=True, logprobs=1)
+    lp = echo.choices[0].logprobs
+    assert echo.choices[0].text.startswith(PROMPT)
+    assert len(lp.tokens) == len(ids) + echo.usage.completion_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(
+        [ref[p - 1, ids[p]].item() for p in range(1, len(ids))], abs=1e-4)
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=1,
+        stream=True) if c.choices and c.choices[0].logprobs]
+    assert sum((s.tokens for s in streamed), []) == lp.tokens
+    assert sum((s.text_offset for s in streamed), []) == lp.text_offset
+
+
 def test_chat_logprobs_stream_equals_non_stream(client):
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "Hello there"}],
               max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)

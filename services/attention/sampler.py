@@ -56,15 +56,16 @@ class StepSampler:
         """One token per row of ``logits`` [len(reqs), V], and the rows' logprobs (None when
         no request asked for any)."""
         params = [r.params for r in reqs]
-        allowed = None
+        allowed = rows = None
         if any(r.grammar is not None for r in reqs):
-            allowed = self.compiler().allowed([r.grammar for r in reqs], logits.device)
+            rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+            allowed = self.compiler().allowed([reqs[i].grammar for i in rows], logits.device)
         history = any(p.penalized for p in params)
         tokens = sample(logits, params, [r.generator for r in reqs],
                         [len(r.output) for r in reqs], self.eos_ids,
                         prompts=[r.prompt for r in reqs] if history else None,
                         outputs=[r.output for r in reqs] if history else None,
-                        allowed=allowed)
+                        allowed=allowed, allowed_rows=rows)
         lps = None
         if any(p.logprobs is not None for p in params):
             lps = logprobs(logits, tokens, [p.logprobs for p in params])
@@ -97,7 +98,7 @@ class StepSampler:
         dev = hidden.device
         with torch.inference_mode():
             logits = attention.logits(hidden, torch.tensor(rows, device=dev))
-        lps = logprobs(logits, torch.tensor(targets, device=dev), ks)
+        lps = logprobs(logits, torch.tensor(targets, device=dev), ks, ranks=True)
         for req, lp in zip(owners, lps, strict=True):
             req.prompt_logprobs.append(lp)
 

@@ -35,7 +35,7 @@ def process(logits: torch.Tensor, params: Sequence[SamplingParams],
     rows = [i for i, p in enumerate(params) if p.penalized]
     if not rows:
         return logits
-    logits = logits.clone()
+    logits = logits.clone(memory_format=torch.contiguous_format)  # _penalties views it flat
     V = logits.shape[-1]
     dev = logits.device
     _bad_words(logits, rows, params, outputs)
@@ -74,44 +74,45 @@ def _bad_words(logits: torch.Tensor, rows: list[int], params: Sequence[SamplingP
         logits[torch.tensor(r, device=dev), torch.tensor(c, device=dev)] = float("-inf")
 
 
-def _keys(seqs: list[Sequence[int]], V: int, device: torch.device
+def _keys(seqs: list[Sequence[int]], rows: list[int], V: int, device: torch.device
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distinct (row j, token) pairs of ``seqs`` as flat indices ``j * V + token`` into a
-    contiguous [R, V] tensor, and how often each occurs (one tensor built from one flat list).
-    """
+    """The distinct (row, token) pairs of ``seqs`` (``seqs[j]`` is row ``rows[j]``'s) as flat
+    indices ``row * V + token`` into a contiguous [B, V] tensor, and how often each occurs
+    (one tensor built from one flat list)."""
     flat = [t for s in seqs for t in s]
-    rows = torch.repeat_interleave(torch.arange(len(seqs)),
-                                   torch.tensor([len(s) for s in seqs], dtype=torch.long))
-    keys = rows * V + torch.tensor(flat, dtype=torch.long).clamp_(0, V - 1)
+    row_of = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long),
+                                     torch.tensor([len(s) for s in seqs], dtype=torch.long))
+    keys = row_of * V + torch.tensor(flat, dtype=torch.long).clamp_(0, V - 1)
     return torch.unique(keys.to(device), return_counts=True)
 
 
 def _penalties(logits: torch.Tensor, rows: list[int], params: Sequence[SamplingParams],
                prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]) -> None:
-    """vLLM's ``apply_penalties`` on ``rows`` of ``logits`` (in place).
+    """vLLM's ``apply_penalties`` on ``rows`` of ``logits`` (contiguous, in place).
 
     Sparse: only the logits of tokens in a row's history change, so the work is O(history)
     gathers and scatters, not O(vocabulary) passes (the same result as vLLM's dense masks).
     """
-    V, dev = logits.shape[-1], logits.device
-    idx = torch.tensor(rows, device=dev)
-    sub = logits.index_select(0, idx).contiguous()  # [R, V]
-    flat = sub.view(-1)
-    out_keys, out_counts = _keys([outputs[i] for i in rows], V, dev)
-    rep = torch.tensor([params[i].repetition_penalty for i in rows], device=dev,
-                       dtype=sub.dtype)
-    if bool((rep != 1).any()):
-        prompt_keys, _ = _keys([prompts[i] for i in rows], V, dev)
+    B, V = logits.shape
+    dev = logits.device
+    flat = logits.view(-1)
+
+    def per_row(name: str, default: float) -> torch.Tensor:  # [B], default off the rows
+        vals = [default] * B
+        for i in rows:
+            vals[i] = getattr(params[i], name)
+        return torch.tensor(vals, device=dev, dtype=logits.dtype)
+
+    out_keys, out_counts = _keys([outputs[i] for i in rows], rows, V, dev)
+    rep_rows = [i for i in rows if params[i].repetition_penalty != 1.0]
+    if rep_rows:
+        prompt_keys, _ = _keys([prompts[i] for i in rep_rows], rep_rows, V, dev)
         seen = torch.unique(torch.cat([prompt_keys, out_keys]))
-        vals, r = flat[seen], rep[seen // V]
+        vals, r = flat[seen], per_row("repetition_penalty", 1.0)[seen // V]
         flat[seen] = torch.where(vals > 0, vals / r, vals * r)
-    freq = torch.tensor([params[i].frequency_penalty for i in rows], device=dev,
-                        dtype=sub.dtype)
-    pres = torch.tensor([params[i].presence_penalty for i in rows], device=dev,
-                        dtype=sub.dtype)
     row_of = out_keys // V
-    flat[out_keys] -= freq[row_of] * out_counts.to(sub.dtype) + pres[row_of]
-    logits.index_copy_(0, idx, sub)
+    freq, pres = per_row("frequency_penalty", 0.0), per_row("presence_penalty", 0.0)
+    flat[out_keys] -= freq[row_of] * out_counts.to(logits.dtype) + pres[row_of]
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -122,20 +123,21 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~keep, float("-inf"))
 
 
-def logprobs(logits: torch.Tensor, tokens: torch.Tensor, ks: Sequence[int | None]
-             ) -> list[TokenLogprobs | None]:
+def logprobs(logits: torch.Tensor, tokens: torch.Tensor, ks: Sequence[int | None],
+             ranks: bool = False) -> list[TokenLogprobs | None]:
     """Each row's sampled-token log-probability and top ``ks[i]`` alternatives (None: the row
-    asked for none), from ``logits`` [B, V] (the raw ones: vLLM's ``raw_logprobs``)."""
+    asked for none), from ``logits`` [B, V] (the raw ones: vLLM's ``raw_logprobs``); with
+    ``ranks`` also each token's rank (one more pass over the rows)."""
     rows = [i for i, k in enumerate(ks) if k is not None]
     out: list[TokenLogprobs | None] = [None] * len(ks)
     if not rows:
         return out
     idx = torch.tensor(rows, device=logits.device)
-    sub = logits.index_select(0, idx).float()
+    sub = (logits if len(rows) == len(ks) else logits.index_select(0, idx)).float()
     lse = torch.logsumexp(sub, dim=-1, keepdim=True)  # log-softmax = x - lse, never built
     raw = sub.gather(1, tokens.index_select(0, idx)[:, None])  # [R, 1]
     picked = (raw - lse).squeeze(1).tolist()
-    ranks = ((sub > raw).sum(-1) + 1).tolist()
+    rank = ((sub > raw).sum(-1) + 1).tolist() if ranks else [0] * len(rows)
     kmax = max(ks[i] for i in rows)
     tv = ti = None
     if kmax:
@@ -144,5 +146,5 @@ def logprobs(logits: torch.Tensor, tokens: torch.Tensor, ks: Sequence[int | None
     for j, i in enumerate(rows):
         k = ks[i]
         out[i] = TokenLogprobs(picked[j], tuple(ti[j][:k]) if k else (),
-                               tuple(tv[j][:k]) if k else (), ranks[j])
+                               tuple(tv[j][:k]) if k else (), rank[j])
     return out

@@ -84,10 +84,12 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            output_lens: Sequence[int] | None = None, eos_ids: Collection[int] = (), *,
            prompts: Sequence[Sequence[int]] | None = None,
            outputs: Sequence[Sequence[int]] | None = None,
-           allowed: torch.Tensor | None = None) -> torch.Tensor:
+           allowed: torch.Tensor | None = None,
+           allowed_rows: Sequence[int] | None = None) -> torch.Tensor:
     """Pick one token per row of ``logits`` [B, V] -> [B] int64.
 
-    ``allowed`` (bool [B, V], a grammar's mask) masks what it does not allow. ``output_lens``
+    ``allowed`` (bool [B, V], a grammar's mask; or [R, V] for the rows ``allowed_rows``)
+    masks what it does not allow. ``output_lens``
     (tokens each row's request has generated so far) enables ``min_tokens``: rows short of it
     cannot pick a stop token id or, unless ``ignore_eos``, an ``eos_ids`` token. With
     ``prompts`` and ``outputs`` (each row's token history) the logits processors run
@@ -96,7 +98,11 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     pass, then draw with their own generator (one draw per row: that is what makes a
     request's tokens independent of its batch-mates).
     """
-    if allowed is not None:
+    if allowed is not None and allowed_rows is not None:
+        idx = torch.tensor(list(allowed_rows), device=logits.device)
+        logits = logits.index_copy(0, idx, logits.index_select(0, idx).masked_fill(
+            ~allowed, float("-inf")))
+    elif allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     if output_lens is not None:
         logits = _mask_stops(logits, params, output_lens, eos_ids)

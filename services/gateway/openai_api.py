@@ -249,7 +249,7 @@ def to_plan(req: _Common, text: ModelText, request_id: str, tool_parser: str = "
                   frequency_penalty=req.frequency_penalty,
                   repetition_penalty=req.repetition_penalty,
                   logit_bias=_logit_bias(req.logit_bias),
-                  bad_words_ids=_bad_words(req.bad_words, text), grammar=grammar,
+                  bad_words_ids=text.bad_words_ids(req.bad_words or []), grammar=grammar,
                   logprobs_param="top_logprobs" if chat else "logprobs",
                   # best_of ranks by cumulative logprob: it needs the sampled tokens'
                   logprobs=logprobs if best_of == n else (logprobs or 0),
@@ -331,21 +331,6 @@ def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
             raise bad_request(f"logit_bias keys must be token ids, got {k!r}", "logit_bias")
         out.append((int(k), v))
     return tuple(sorted(out))
-
-
-def _bad_words(words: list[str] | None, text: ModelText) -> tuple[tuple[int, ...], ...]:
-    """vLLM's tokenization of ``bad_words``: each word as is and, when that makes a different
-    first token of the same length, with a leading space."""
-    out: list[tuple[int, ...]] = []
-    for w in words or ():
-        if not w.strip():
-            raise bad_request("bad_words must not hold empty words", "bad_words")
-        for space in (False, True):
-            ids = tuple(text.tokenizer.encode((" " if space else "") + w.lstrip(),
-                                              add_special_tokens=False))
-            if ids and (not space or (ids[0] != out[-1][0] and len(ids) == len(out[-1]))):
-                out.append(ids)
-    return tuple(out)
 
 
 def tokenize(req: TokenizeRequest, text: ModelText) -> dict[str, Any]:

@@ -112,6 +112,21 @@ class ModelText:
             raise bad_request(f"messages: {msg}", "messages") from None
         return list(self.tokenizer.encode(rendered, add_special_tokens=False))
 
+    def bad_words_ids(self, words: list[str], param: str = "bad_words"
+                      ) -> tuple[tuple[int, ...], ...]:
+        """vLLM's tokenization of ``bad_words``: each word as is and, when that makes a
+        different first token of the same length, with a leading space."""
+        out: list[tuple[int, ...]] = []
+        for w in words:
+            if not w.strip():
+                raise bad_request(f"{param} must not hold empty words", param)
+            for space in (False, True):
+                ids = tuple(self.tokenizer.encode((" " if space else "") + w.lstrip(),
+                                                  add_special_tokens=False))
+                if ids and (not space or (ids[0] != out[-1][0] and len(ids) == len(out[-1]))):
+                    out.append(ids)
+        return tuple(out)
+
     def check_ids(self, ids: list[int], param: str) -> None:
         bad = next((t for t in ids if not 0 <= t < self.card.vocab_size), None)
         if bad is not None:

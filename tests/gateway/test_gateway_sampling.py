@@ -341,11 +341,12 @@ def test_grpc_front_door_offers_the_same_options(stack, hf):
     tok, _ = hf
     ids = tok.encode(PROMPT)
 
-    async def run(sampling: common_pb2.SamplingParams) -> list[gateway_pb2.GatewayGenerateEvent]:
+    async def run(sampling: common_pb2.SamplingParams, **kw
+                  ) -> list[gateway_pb2.GatewayGenerateEvent]:
         async with grpc.aio.insecure_channel(stack.grpc) as ch:
             stub = gateway_pb2_grpc.GatewayStub(ch)
             return [ev async for ev in stub.Generate(gateway_pb2.GatewayGenerateRequest(
-                model=MODEL, token_ids=gateway_pb2.TokenIds(ids=ids), sampling=sampling))]
+                model=MODEL, token_ids=gateway_pb2.TokenIds(ids=ids), sampling=sampling, **kw))]
 
     events = asyncio.run(run(common_pb2.SamplingParams(
         temperature=0, max_tokens=3, logprobs=2, logit_bias={77: 100.0})))
@@ -359,3 +360,20 @@ def test_grpc_front_door_offers_the_same_options(stack, hf):
         asyncio.run(run(common_pb2.SamplingParams(max_tokens=3, grammar="{not a grammar")))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "sampling.grammar" in err.value.details()
+    choices = ["red fox", "blue whale"]
+    events = asyncio.run(run(common_pb2.SamplingParams(temperature=1.0, seed=4, max_tokens=20),
+                             structured=gateway_pb2.StructuredOutput(
+                                 choice=gateway_pb2.ChoiceList(choices=choices))))
+    assert "".join(ev.text for ev in events) in choices
+    greedy = asyncio.run(run(common_pb2.SamplingParams(temperature=0, max_tokens=6,
+                                                       ignore_eos=True)))
+    text = "".join(ev.text for ev in greedy)
+    kept = asyncio.run(run(common_pb2.SamplingParams(temperature=0, max_tokens=6,
+                                                     ignore_eos=True),
+                           stop=[text[2:4]], include_stop_str_in_output=True))
+    assert "".join(ev.text for ev in kept) == text[: text.index(text[2:4])] + text[2:4]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        asyncio.run(run(common_pb2.SamplingParams(max_tokens=3),
+                        structured=gateway_pb2.StructuredOutput(regex="[a")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "structured" in err.value.details()

@@ -23,8 +23,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import llguidance
-import llguidance.hf
-import llguidance.torch
 import torch
 
 from services.core.request import InvalidField
@@ -84,6 +82,8 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]) -> None:
         self.vocab_size = vocab_size
+        import llguidance.hf  # imports transformers: only where grammars are used
+
         eos = [t for t in eos_ids if 0 <= t < vocab_size]
         self._tok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
                                                  eos_token=eos or None)
@@ -124,7 +124,9 @@ class GrammarCompiler:
 
     def _mask(self, matcher: llguidance.LLMatcher) -> torch.Tensor:
         bitmask = torch.full((1, self._words), -1, dtype=torch.int32)
-        llguidance.torch.fill_next_token_bitmask(matcher, bitmask)
+        # what llguidance.torch.fill_next_token_bitmask does (that module imports torch's
+        # compiler stack, seconds at start-up, for a kernel not used here)
+        matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * 4)
         return bitmask
 
     def allowed(self, grammars: Sequence[RequestGrammar | None],

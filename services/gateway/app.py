@@ -302,10 +302,10 @@ def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
         for r in results:
             if r.last.finish_reason is FinishReason.ERROR:
                 raise GatewayError(503, f"generation failed: {r.last.error or 'replica error'}")
-        return JSONResponse(_response(rid, chat, plan, results, want_ids, req))
+        return JSONResponse(_response(rid, chat, plan, results, want_ids))
 
-    def _response(rid: str, chat: bool, plan: ApiPlan, results: list[_Result], want_ids: bool,
-                  req: Any) -> dict[str, Any]:
+    def _response(rid: str, chat: bool, plan: ApiPlan, results: list[_Result], want_ids: bool
+                  ) -> dict[str, Any]:
         order: list[int] = []
         for pi in range(len(plan.prompts)):
             seqs = [i for i, p in enumerate(plan.prompt_of) if p == pi]
@@ -330,8 +330,6 @@ def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
                 message: dict[str, Any] = {"role": "assistant", "content": r.text}
                 if plan.tools is not None:
                     content, calls = calls_of(plan.tools, r.text)
-                    if req.parallel_tool_calls is False:
-                        calls = calls[:1]
                     message["content"] = content
                     if calls:
                         message["tool_calls"] = [c.to_openai() for c in calls]
@@ -420,10 +418,9 @@ def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
                     if (finish is FinishReason.STOP and ts.count
                             and plan.tools.mode != "named"):
                         finish = "tool_calls"
-                out = chunk(rid, card.id, created, chat, i, text=piece,
-                                  finish_reason=finish,
-                                  token_ids=d.token_ids if want_ids else None,
-                                  include_usage=include_usage, logprobs=lp, tool_calls=calls,
+                out = chunk(rid, card.id, created, chat, i, text=piece, finish_reason=finish,
+                            token_ids=d.token_ids if want_ids else None,
+                            include_usage=include_usage, logprobs=lp, tool_calls=calls,
                             usage_now=(usage(len(plan.gens[i].prompt_ids), completion[i])
                                        if continuous else None))
                 if plan.prompt_logprobs is not None and d.prompt_logprobs is not None:

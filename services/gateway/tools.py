@@ -53,6 +53,7 @@ class ToolPlan:
     mode: str                          # "none", "auto", "required" or "named"
     named: str | None = None           # the function of "named"
     schema: dict[str, Any] | None = None  # what the output must match (required / named)
+    parallel: bool = True              # parallel_tool_calls: False keeps the first call only
 
 
 def plan(tools: list[Any] | None, tool_choice: Any, parser: str, parallel: bool = True
@@ -85,7 +86,7 @@ def plan(tools: list[Any] | None, tool_choice: Any, parser: str, parallel: bool 
         if choice.get("type") != "function" or name not in schemas:
             raise bad_request("tool_choice must name one of the tools: {\"type\": \"function\","
                               " \"function\": {\"name\": ...}}", "tool_choice")
-        return ToolPlan(tools, "named", name, schemas[name])
+        return ToolPlan(tools, "named", name, schemas[name], parallel)
     if choice == "required":
         items = [{"type": "object", "properties": {"name": {"enum": [n]}, "parameters": s},
                   "required": ["name", "parameters"], "additionalProperties": False}
@@ -93,12 +94,12 @@ def plan(tools: list[Any] | None, tool_choice: Any, parser: str, parallel: bool 
         schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
         if not parallel:
             schema["maxItems"] = 1
-        return ToolPlan(tools, "required", schema=schema)
+        return ToolPlan(tools, "required", schema=schema, parallel=parallel)
     if choice == "auto":
         if parser == "none":
             raise bad_request("tool_choice \"auto\" needs a tool-call parser: start the gateway "
                               "with --tool-call-parser hermes", "tool_choice")
-        return ToolPlan(tools, "auto")
+        return ToolPlan(tools, "auto", parallel=parallel)
     if choice == "none":
         return ToolPlan(tools, "none")
     raise bad_request("tool_choice must be \"none\", \"auto\", \"required\" or a named function",
@@ -106,7 +107,13 @@ def plan(tools: list[Any] | None, tool_choice: Any, parser: str, parallel: bool 
 
 
 def calls_of(p: ToolPlan, text: str) -> tuple[str | None, list[ToolCall]]:
-    """The answer's ``(content, tool_calls)`` for generated ``text``."""
+    """The answer's ``(content, tool_calls)`` for generated ``text`` (the first call only
+    unless ``p.parallel``)."""
+    content, calls = _calls_of(p, text)
+    return content, calls if p.parallel else calls[:1]
+
+
+def _calls_of(p: ToolPlan, text: str) -> tuple[str | None, list[ToolCall]]:
     if p.mode == "named":
         return None, [ToolCall(p.named or "", text)]
     if p.mode == "required":
@@ -203,6 +210,8 @@ class ToolStream:
     def _emit(self, content: str, calls: list[ToolCall]) -> tuple[str, list[dict[str, Any]]]:
         deltas = []
         for c in calls:
+            if self.count and not self.plan.parallel:
+                break  # parallel_tool_calls false: the first call only
             deltas.append(c.to_openai(self.count))
             self.count += 1
         return content, deltas

@@ -59,6 +59,11 @@ def test_hermes_stream_holds_a_call_until_it_closes():
     assert out == ["Sure ", "", "", " done"]
     assert len(calls) == 1 and calls[0]["function"]["name"] == "get_weather"
     assert calls[0]["index"] == 0
+    one = ToolStream(plan([TOOL], "auto", "hermes", parallel=False))
+    block = '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'
+    assert len(one.push(block + block, True)[1]) == 1
+    assert len(calls_of(plan([TOOL], "auto", "hermes", parallel=False), block * 2)[1]) == 1
+    assert len(calls_of(plan([TOOL], "auto", "hermes"), block * 2)[1]) == 2
     tail = ToolStream(plan([TOOL], "auto", "hermes"))
     assert tail.push("a <tool_call>{", True) == ("a <tool_call>{", [])  # never closed: text
 

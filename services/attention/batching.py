@@ -72,6 +72,12 @@ class Request:
     lane: int = 0  # the engine lane (micro-batch) it runs in, set at admission
     # chained hashes of its full blocks (prefix caching), extended as they are needed
     block_hashes: list[bytes] = field(default_factory=list)
+    # per output token with params.logprobs (None for resumed ones); the grammar's matcher
+    # (services/attention/sampler.py)
+    logprobs: list = field(default_factory=list)
+    grammar: object | None = None
+    # with params.prompt_logprobs: entry p for prompt token p + 1; None once sent
+    prompt_logprobs: list | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -285,6 +291,8 @@ class Batcher:
         p = self.prefix
         bs = p.block_size
         usable = (req.num_tokens - 1) // bs  # leave its last token to compute: the logits
+        if req.prompt_logprobs is not None:  # owes prompt logprobs: every position computed
+            usable = 0
         hashes = req.block_hashes
         if len(hashes) < usable:
             extend_chain(hashes, req.token_slice(len(hashes) * bs, usable * bs), bs)

@@ -53,10 +53,12 @@ from services.attention.pingpong import (
 )
 from services.attention.prefix_cache import PrefixCachingBlockManager
 from services.attention.routing import ExpertUnavailable, Placement
+from services.attention.sampler import StepSampler
 from services.core.kv_cache import BlockManager
+from services.core.logits_processors import TokenLogprobs
 from services.core.model import AttentionSide
 from services.core.request import FinishReason, SamplingParams, check_request_id
-from services.core.sampling import finish_reason, make_generator, sample
+from services.core.sampling import finish_reason, make_generator
 from services.errors import UserError
 
 log = logging.getLogger("megascale.attention.engine")
@@ -74,6 +76,8 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     error: str | None = None
     stop_token_id: int | None = None
+    logprobs: tuple[TokenLogprobs | None, ...] | None = None  # per token, with params.logprobs
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None  # on the first event only
     # time.monotonic() when the engine emitted it (after sampling); the server measures the
     # deferred-delivery delay from here (megascale:token_delivery_delay_seconds)
     emitted: float = field(default_factory=time.monotonic, compare=False)
@@ -108,6 +112,7 @@ class Engine:
                             "--slot-bytes), or lower this replica's --max-batch-tokens")
         self.runner = PingPongRunner(attention, self.kv, client)
         self.eos_ids = frozenset(self.cfg.eos_token_ids)
+        self.sampler = StepSampler(config.model_dir, self.cfg.vocab_size, self.eos_ids)
         self.on_step = on_step
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -148,7 +153,9 @@ class Engine:
         req = Request(request_id, list(prompt), params, time.monotonic(), output=resumed,
                       num_resumed=len(resumed), num_streamed=len(resumed),
                       generator=make_generator(params, self.attention.device),
-                      trace=trace)
+                      trace=trace, logprobs=[None] * len(resumed),
+                      grammar=self.sampler.matcher(params, resumed),
+                      prompt_logprobs=[] if params.prompt_logprobs is not None else None)
         with self._lock:
             self.batcher.add(req)
             self._listeners[request_id] = listener
@@ -342,17 +349,17 @@ class Engine:
         """Sample the chunks that reached their request's last token and hand the tokens on
         (one logits row per chunk; at decode every chunk samples: the rows as they are)."""
         chunks = ls.mb.chunks
+        self.sampler.prompt_logprobs(self.attention, ls.hidden, chunks)
         picked = [j for j, c in enumerate(chunks) if c.samples]
         if not picked:
             return
         reqs = [chunks[j].request for j in picked]
         if len(picked) < len(chunks):
             logits = logits.index_select(0, torch.tensor(picked, device=logits.device))
-        tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs],
-                        [len(r.output) for r in reqs], self.eos_ids).tolist()
+        tokens, lps = self.sampler.sample(logits, reqs)
         with self._lock:
-            for req, tok in zip(reqs, tokens, strict=True):
-                self._accept_locked(req, tok)
+            for j, (req, tok) in enumerate(zip(reqs, tokens, strict=True)):
+                self._accept_locked(req, tok, lps[j] if lps else None)
 
     def _fail(self, plan: StepPlan, step: int, exc: Exception) -> None:
         """Finish a failed step's requests with the error (the others keep running)."""
@@ -379,10 +386,12 @@ class Engine:
         self._deliver_locked()
 
     # ------------------------------------------------------------------ helpers (lock held)
-    def _accept_locked(self, req: Request, token: int) -> None:
+    def _accept_locked(self, req: Request, token: int, lp: TokenLogprobs | None = None
+                       ) -> None:
         if req.request_id not in self._listeners:
             return  # finished meanwhile (abort)
         req.output.append(token)
+        self.sampler.accept(req, token, lp)
         reason = finish_reason(req.params, req.output, self.eos_ids)
         stop_id = token if reason is FinishReason.STOP else None
         unsent = len(req.output) - req.num_streamed
@@ -406,6 +415,8 @@ class Engine:
             return
         index = len(req.output) - len(tokens)
         req.num_streamed = len(req.output)
+        lps = tuple(req.logprobs[index:]) if req.params.logprobs is not None else None
+        plps, req.prompt_logprobs = req.prompt_logprobs, None  # sent once, with the first
         self._outbox.append((listener, TokenEvent(
             req.request_id, tokens, index, len(req.prompt), len(req.output), reason, error,
-            stop_token_id)))
+            stop_token_id, lps, tuple(plps) if plps is not None else None)))

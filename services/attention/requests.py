@@ -57,6 +57,16 @@ def event_to_proto(ev: TokenEvent) -> attention_pb2.GenerateEvent:
         out.error_message = ev.error
     if ev.stop_token_id is not None:
         out.stop_token_id = ev.stop_token_id
+    for lp in ev.logprobs or ():  # a resumed token's (None) never reaches an event
+        entry = out.logprobs.add()
+        if lp is not None:
+            entry.logprob = lp.logprob
+            entry.top_token_ids.extend(lp.top_ids)
+            entry.top_logprobs.extend(lp.top_logprobs)
+            entry.rank = lp.rank
+    for lp in ev.prompt_logprobs or ():
+        out.prompt_logprobs.add(logprob=lp.logprob, top_token_ids=lp.top_ids,
+                                top_logprobs=lp.top_logprobs, rank=lp.rank)
     return out
 
 

@@ -29,6 +29,14 @@ MAX_STOP_STRINGS = 16      # stop strings are matched by the gateway (it detoken
 MAX_STOP_CHARS = 256
 U32_MAX = (1 << 32) - 1    # the wire width of token ids, top_k, max_tokens, min_tokens
 U64_MAX = (1 << 64) - 1    # the wire width of seed
+MAX_PENALTY = 2.0          # |presence_penalty|, |frequency_penalty| (OpenAI's range)
+MAX_REPETITION_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0     # |bias| per token (OpenAI's range)
+MAX_LOGIT_BIAS_TOKENS = 300
+MAX_BAD_WORDS = 64         # token sequences
+MAX_BAD_WORD_TOKENS = 16   # tokens per sequence
+MAX_LOGPROBS = 20          # top alternatives per token (OpenAI's top_logprobs limit)
+MAX_GRAMMAR_CHARS = 1 << 20
 
 # ------------------------------------------------------------------------------ models
 def model_id(model_dir: str | Path) -> str:
@@ -107,6 +115,18 @@ class SamplingParams:
     ``stop_token_ids`` token (which is included in the output) unless ``ignore_eos``. Until
     ``min_tokens`` tokens exist, those stopping tokens cannot be sampled (their logits are
     masked; HF's ``min_new_tokens``).
+
+    Logits processing (vLLM's order and formulas, services/core/logits_processors.py):
+    ``grammar`` (an llguidance grammar, services/core/structured.py) masks what it does not
+    allow, ``bad_words_ids`` bans the last token of a sequence whose other tokens end the
+    output, ``logit_bias`` adds to the named tokens' logits, ``repetition_penalty`` (> 1
+    discourages) divides positive / multiplies negative logits of tokens seen in prompt or
+    output, ``frequency_penalty`` and ``presence_penalty`` subtract ``count`` and ``count > 0``
+    times themselves for tokens of the output; then temperature, ``min_p`` (drop tokens below
+    ``min_p`` times the top probability), top-k, top-p. ``logprobs`` k returns each sampled
+    token's log-probability and the k most likely alternatives (k = 0: the sampled one only),
+    from the raw logits (vLLM's default ``raw_logprobs``); ``prompt_logprobs`` k the same for
+    every prompt token after the first (each given the tokens before it).
     """
 
     temperature: float = 1.0
@@ -117,6 +137,15 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids unique
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    logprobs: int | None = None
+    grammar: str | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -147,6 +176,62 @@ class SamplingParams:
             raise InvalidField("stop_token_ids", "stop_token_ids must be non-negative token ids")
         object.__setattr__(self, "stop_token_ids", ids)
         object.__setattr__(self, "ignore_eos", bool(self.ignore_eos))
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_range(name, getattr(self, name), -MAX_PENALTY, MAX_PENALTY)
+        r = self.repetition_penalty
+        if not (_is_num(r) and 0 < r <= MAX_REPETITION_PENALTY):
+            raise InvalidField("repetition_penalty", f"repetition_penalty must be in (0, "
+                               f"{MAX_REPETITION_PENALTY:g}], got {r}")
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        self._check_logit_bias()
+        self._check_bad_words()
+        for name in ("logprobs", "prompt_logprobs"):
+            lp = getattr(self, name)
+            if lp is not None and (not _is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
+                raise InvalidField(name, f"{name} must be an integer in [0, {MAX_LOGPROBS}], "
+                                   f"got {lp!r}")
+        g = self.grammar
+        if g is not None and (not isinstance(g, str) or not 1 <= len(g) <= MAX_GRAMMAR_CHARS):
+            raise InvalidField("grammar", f"grammar must be 1..{MAX_GRAMMAR_CHARS} characters")
+        if g is not None and self.min_tokens:  # the grammar may allow only eos
+            raise InvalidField("min_tokens", "min_tokens cannot be combined with a grammar "
+                               "(structured outputs)")
+        if g is not None and self.ignore_eos:  # a complete grammar allows only eos
+            raise InvalidField("ignore_eos", "ignore_eos cannot be combined with a grammar "
+                               "(structured outputs)")
+
+    def _check_logit_bias(self) -> None:
+        pairs = tuple((t, float(b)) if _is_num(b) else (t, b) for t, b in self.logit_bias)
+        if len(pairs) > MAX_LOGIT_BIAS_TOKENS:
+            raise InvalidField("logit_bias", f"logit_bias holds more than "
+                               f"{MAX_LOGIT_BIAS_TOKENS} tokens")
+        for t, b in pairs:
+            if not _is_int(t) or not 0 <= t <= U32_MAX:
+                raise InvalidField("logit_bias", f"logit_bias: {t!r} is not a token id")
+            if not (_is_num(b) and math.isfinite(b) and abs(b) <= MAX_LOGIT_BIAS):
+                raise InvalidField("logit_bias", f"logit_bias: the bias of token {t} must be "
+                                   f"in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {b!r}")
+        if len({t for t, _ in pairs}) != len(pairs):
+            raise InvalidField("logit_bias", "logit_bias names a token twice")
+        object.__setattr__(self, "logit_bias", pairs)
+
+    def _check_bad_words(self) -> None:
+        seqs = tuple(tuple(s) for s in self.bad_words_ids)
+        if len(seqs) > MAX_BAD_WORDS:
+            raise InvalidField("bad_words", f"bad_words holds more than {MAX_BAD_WORDS} words")
+        for seq in seqs:
+            if not 1 <= len(seq) <= MAX_BAD_WORD_TOKENS:
+                raise InvalidField("bad_words", f"bad_words: each word must be 1.."
+                                   f"{MAX_BAD_WORD_TOKENS} tokens, got {len(seq)}")
+            if any(not _is_int(t) or not 0 <= t <= U32_MAX for t in seq):
+                raise InvalidField("bad_words", "bad_words must hold token ids")
+        object.__setattr__(self, "bad_words_ids", seqs)
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any logits processor (penalties, logit_bias, bad words) applies."""
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0 or self.logit_bias or self.bad_words_ids)
 
     @property
     def greedy(self) -> bool:
@@ -155,6 +240,15 @@ class SamplingParams:
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_range(name: str, v: object, lo: float, hi: float) -> None:
+    if not (_is_num(v) and math.isfinite(v) and lo <= v <= hi):
+        raise InvalidField(name, f"{name} must be in [{lo:g}, {hi:g}], got {v!r}")
 
 
 def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
@@ -168,7 +262,15 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         top_k=p.top_k or -1, max_tokens=p.max_tokens or None,
         seed=p.seed if p.HasField("seed") else None,
         stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos,
-        min_tokens=p.min_tokens)
+        min_tokens=p.min_tokens, presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=(p.repetition_penalty if p.HasField("repetition_penalty")
+                            else 1.0),
+        min_p=p.min_p, logit_bias=tuple(sorted(p.logit_bias.items())),
+        bad_words_ids=tuple(tuple(w.ids) for w in p.bad_words),
+        logprobs=p.logprobs if p.HasField("logprobs") else None,
+        grammar=p.grammar or None,
+        prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None)
 
 
 def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
@@ -176,7 +278,19 @@ def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
     p = common_pb2.SamplingParams(temperature=s.temperature, top_p=s.top_p,
                                   top_k=max(s.top_k, 0), max_tokens=s.max_tokens or 0,
                                   stop_token_ids=s.stop_token_ids, ignore_eos=s.ignore_eos,
-                                  min_tokens=s.min_tokens)
+                                  min_tokens=s.min_tokens,
+                                  presence_penalty=s.presence_penalty,
+                                  frequency_penalty=s.frequency_penalty, min_p=s.min_p,
+                                  logit_bias=dict(s.logit_bias),
+                                  bad_words=[common_pb2.TokenSequence(ids=w)
+                                             for w in s.bad_words_ids],
+                                  grammar=s.grammar or "")
     if s.seed is not None:
         p.seed = s.seed
+    if s.repetition_penalty != 1.0:
+        p.repetition_penalty = s.repetition_penalty
+    if s.logprobs is not None:
+        p.logprobs = s.logprobs
+    if s.prompt_logprobs is not None:
+        p.prompt_logprobs = s.prompt_logprobs
     return p

@@ -11,6 +11,7 @@ from collections.abc import Collection, Container, Sequence
 
 import torch
 
+from services.core.logits_processors import apply_min_p, process
 from services.core.request import FinishReason, SamplingParams
 
 
@@ -80,18 +81,33 @@ def _mask_stops(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None],
-           output_lens: Sequence[int] | None = None, eos_ids: Collection[int] = ()
-           ) -> torch.Tensor:
+           output_lens: Sequence[int] | None = None, eos_ids: Collection[int] = (), *,
+           prompts: Sequence[Sequence[int]] | None = None,
+           outputs: Sequence[Sequence[int]] | None = None,
+           allowed: torch.Tensor | None = None,
+           allowed_rows: Sequence[int] | None = None) -> torch.Tensor:
     """Pick one token per row of ``logits`` [B, V] -> [B] int64.
 
-    ``output_lens`` (tokens each row's request has generated so far) enables ``min_tokens``:
-    rows short of it cannot pick a stop token id or, unless ``ignore_eos``, an ``eos_ids``
-    token. Greedy rows take the argmax. Sampled rows are filtered (temperature, top-k, top-p)
-    in one batched pass, then draw with their own generator (one draw per row: that is what
-    makes a request's tokens independent of its batch-mates).
+    ``allowed`` (bool [B, V], a grammar's mask; or [R, V] for the rows ``allowed_rows``)
+    masks what it does not allow. ``output_lens``
+    (tokens each row's request has generated so far) enables ``min_tokens``: rows short of it
+    cannot pick a stop token id or, unless ``ignore_eos``, an ``eos_ids`` token. With
+    ``prompts`` and ``outputs`` (each row's token history) the logits processors run
+    (bad words, logit_bias, penalties: services/core/logits_processors.py). Greedy rows take
+    the argmax. Sampled rows are filtered (temperature, min-p, top-k, top-p) in one batched
+    pass, then draw with their own generator (one draw per row: that is what makes a
+    request's tokens independent of its batch-mates).
     """
+    if allowed is not None and allowed_rows is not None:
+        idx = torch.tensor(list(allowed_rows), device=logits.device)
+        logits = logits.index_copy(0, idx, logits.index_select(0, idx).masked_fill(
+            ~allowed, float("-inf")))
+    elif allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if output_lens is not None:
         logits = _mask_stops(logits, params, output_lens, eos_ids)
+    if prompts is not None and outputs is not None:
+        logits = process(logits, params, prompts, outputs)
     out = greedy_argmax(logits)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
@@ -100,6 +116,9 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     sub = logits.index_select(0, idx).float()
     temp = torch.tensor([params[i].temperature for i in rows], device=logits.device)
     sub = sub / temp[:, None]
+    min_p = [params[i].min_p for i in rows]
+    if any(min_p):
+        sub = apply_min_p(sub, torch.tensor(min_p, device=logits.device))
     top_k = torch.tensor([params[i].top_k for i in rows], device=logits.device)
     top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device)
     probs = torch.softmax(_filter_top_k_top_p(sub, top_k, top_p), dim=-1)

@@ -24,6 +24,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,24 +34,29 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.tracing import TRACE_HEADERS
+from services.core.logits_processors import TokenLogprobs
 from services.core.request import FinishReason
 from services.gateway.errors import GatewayError, bad_request
 from services.gateway.generation import Delta, Generation
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import (
+    ApiPlan,
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
     chunk,
-    completion_response,
     detokenize,
+    logprobs_json,
     parse,
-    to_gen_request,
+    prompt_logprobs_json,
+    to_plan,
     tokenize,
+    usage,
     usage_chunk,
 )
 from services.gateway.text import ModelText
+from services.gateway.tools import ToolStream, calls_of
 
 log = logging.getLogger("megascale.gateway")
 
@@ -180,7 +186,8 @@ def _check_text(body: Any) -> None:
 
 
 def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
-               api_key: str | None = None, max_body_bytes: int = 4 << 20) -> ASGIApp:
+               api_key: str | None = None, max_body_bytes: int = 4 << 20,
+               tool_call_parser: str = "hermes") -> ASGIApp:
     """The ASGI app: FastAPI routes wrapped in :class:`GatewayASGI`."""
     app = FastAPI(title="megascale-infer gateway", docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -263,80 +270,210 @@ def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
         body = await read_json(request, max_body_bytes)
         req = parse(model, body)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        # tokenizing (and the chat template) can take a while: not on the event loop
-        gen = await asyncio.to_thread(to_gen_request, req, text, rid)
-        gen.trace_headers = [(k, request.headers[k]) for k in TRACE_HEADERS
-                             if k in request.headers]
+        # tokenizing (and the chat template, grammars) can take a while: not on the event loop
+        plan = await asyncio.to_thread(to_plan, req, text, rid, tool_call_parser)
+        trace = [(k, request.headers[k]) for k in TRACE_HEADERS if k in request.headers]
+        for gen in plan.gens:
+            gen.trace_headers = list(trace)
         want_ids = bool(req.return_token_ids)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            deltas = generation.run(gen)
-            try:
-                first = await anext(deltas)  # replica errors before streaming -> HTTP status
+            opts = req.stream_options
+            streams = [generation.run(gen) for gen in plan.gens]
+            try:  # replica errors before streaming -> HTTP status
+                firsts = list(await asyncio.gather(*(anext(st) for st in streams)))
             except BaseException:
-                await deltas.aclose()
+                for st in streams:
+                    await st.aclose()
                 raise
-            return SSEResponse(_sse(rid, chat, first, deltas, want_ids, include_usage,
-                                    gen.prompt_ids), media_type="text/event-stream",
+            return SSEResponse(_sse(rid, chat, plan, streams, firsts, want_ids,
+                                    bool(opts and opts.include_usage),
+                                    bool(opts and opts.continuous_usage_stats)),
+                               media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache"})
-        task = asyncio.ensure_future(_collect(generation.run(gen)))
+        task = asyncio.ensure_future(asyncio.gather(*(_collect(generation.run(gen))
+                                                      for gen in plan.gens)))
         while not task.done():
             await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if not task.done() and await request.is_disconnected():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 return Response(status_code=499)
-        text_out, ids, last = task.result()
-        if last.finish_reason is FinishReason.ERROR:
-            raise GatewayError(503, f"generation failed: {last.error or 'replica error'}")
-        return JSONResponse(completion_response(
-            rid, card.id, text_out, last, ids, gen.prompt_ids if want_ids else None, chat))
+        results = task.result()
+        for r in results:
+            if r.last.finish_reason is FinishReason.ERROR:
+                raise GatewayError(503, f"generation failed: {r.last.error or 'replica error'}")
+        return JSONResponse(_response(rid, chat, plan, results, want_ids))
 
-    async def _sse(rid: str, chat: bool, first: Delta, deltas: AsyncIterator[Delta],
-                   want_ids: bool, include_usage: bool, prompt_ids: list[int]
+    def _response(rid: str, chat: bool, plan: ApiPlan, results: list[_Result], want_ids: bool
+                  ) -> dict[str, Any]:
+        order: list[int] = []
+        for pi in range(len(plan.prompts)):
+            seqs = [i for i, p in enumerate(plan.prompt_of) if p == pi]
+            if plan.best_of > plan.keep:  # the highest cumulative logprob first
+                seqs = sorted(seqs, key=lambda i: -sum(lp.logprob for lp in results[i].lps))
+            order += seqs[: plan.keep]
+        choices = []
+        for index, i in enumerate(order):
+            r, pi = results[i], plan.prompt_of[i]
+            choice: dict[str, Any] = {"index": index, "logprobs": None,
+                                      "finish_reason": r.last.finish_reason}
+            if plan.logprobs is not None:
+                ids, lps = r.ids, _top(r.lps, plan.logprobs)
+                if plan.echo:  # the prompt's tokens first (its first one has no logprob)
+                    ids = plan.prompts[pi] + ids
+                    lps = [None, *_top(r.plps or [], plan.logprobs), *lps]
+                choice["logprobs"] = logprobs_json(text, ids, lps, chat)
+            if plan.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = prompt_logprobs_json(
+                    text, plan.prompts[pi], r.plps or [], plan.prompt_logprobs)
+            if chat:
+                message: dict[str, Any] = {"role": "assistant", "content": r.text}
+                if plan.tools is not None:
+                    content, calls = calls_of(plan.tools, r.text)
+                    message["content"] = content
+                    if calls:
+                        message["tool_calls"] = [c.to_openai() for c in calls]
+                        if plan.tools.mode != "named":
+                            choice["finish_reason"] = "tool_calls"
+                choice["message"] = message
+            else:
+                choice["text"] = (plan.echo[pi] if plan.echo else "") + r.text
+            if want_ids:
+                choice["token_ids"] = r.ids
+                if len(plan.prompts) > 1:
+                    choice["prompt_token_ids"] = plan.prompts[pi]
+            choices.append(choice)
+        out: dict[str, Any] = {
+            "id": rid, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": card.id, "choices": choices,
+            "usage": usage(plan.prompt_tokens, sum(r.last.completion_tokens for r in results))}
+        if want_ids and len(plan.prompts) == 1:
+            out["prompt_token_ids"] = plan.prompts[0]
+        return out
+
+    async def _sse(rid: str, chat: bool, plan: ApiPlan, streams: list[AsyncIterator[Delta]],
+                   firsts: list[Delta], want_ids: bool, include_usage: bool, continuous: bool
                    ) -> AsyncIterator[str]:
         created = int(time.time())
-        last = first
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int) -> None:
+            try:
+                d: Delta | None = firsts[i]
+                while d is not None:
+                    await queue.put((i, d))
+                    if d.finish_reason is not None:
+                        break
+                    d = await anext(streams[i], None)
+            except GatewayError as exc:
+                await queue.put((i, exc))
+            finally:
+                await queue.put((i, done))
+
+        n = len(streams)
+        completion = [0] * n
+        offsets = [0] * n
+        started = [False] * n
+        tool_streams = [ToolStream(plan.tools) if plan.tools is not None else None
+                        for _ in range(n)]
+        tasks = [asyncio.ensure_future(pump(i)) for i in range(n)]
         try:
             if chat:  # the OpenAI stream opens with the assistant role
-                yield _data(chunk(rid, card.id, created, True, "", None, role=True,
-                                  include_usage=include_usage))
-            d: Delta | None = first
-            while d is not None:
-                last = d
+                for i in range(n):
+                    yield _data(chunk(rid, card.id, created, True, i, text="", role=True,
+                                      include_usage=include_usage))
+            remaining = n
+            while remaining:
+                i, d = await queue.get()
+                if d is done:
+                    remaining -= 1
+                    continue
+                if isinstance(d, GatewayError):
+                    yield _data(d.body())
+                    break
                 if d.finish_reason is FinishReason.ERROR:
                     yield _data(GatewayError(503, f"generation failed: {d.error}").body())
                     break
-                yield _data(chunk(rid, card.id, created, chat, d.text, d.finish_reason,
-                                  d.token_ids if want_ids else None,
-                                  include_usage=include_usage))
-                if d.finish_reason is not None:
-                    break
-                d = await anext(deltas, None)
-            if include_usage:
-                yield _data(usage_chunk(rid, card.id, created, chat, last))
-        except GatewayError as exc:
-            yield _data(exc.body())
+                completion[i] = d.completion_tokens
+                piece = d.text
+                if plan.echo and not started[i]:
+                    piece = plan.echo[plan.prompt_of[i]] + piece
+                started[i] = True
+                lp = None
+                if plan.logprobs is not None and d.logprobs is not None:
+                    ids, lps = d.token_ids, _top(d.logprobs, plan.logprobs)
+                    if plan.echo and d.prompt_logprobs is not None:
+                        ids = plan.prompts[plan.prompt_of[i]] + ids
+                        lps = [None, *_top(d.prompt_logprobs, plan.logprobs), *lps]
+                    elif plan.echo and offsets[i] == 0:
+                        offsets[i] = len(plan.echo[plan.prompt_of[i]])
+                    lp = logprobs_json(text, ids, lps, chat, offsets[i])
+                    offsets[i] += sum(len(t) for t in lp.get("tokens", ()))
+                finish: str | None = d.finish_reason
+                calls = None
+                ts = tool_streams[i]
+                if ts is not None:
+                    piece, calls = ts.push(piece, d.finish_reason is not None)
+                    if (finish is FinishReason.STOP and ts.count
+                            and plan.tools.mode != "named"):
+                        finish = "tool_calls"
+                out = chunk(rid, card.id, created, chat, i, text=piece, finish_reason=finish,
+                            token_ids=d.token_ids if want_ids else None,
+                            include_usage=include_usage, logprobs=lp, tool_calls=calls,
+                            usage_now=(usage(len(plan.gens[i].prompt_ids), completion[i])
+                                       if continuous else None))
+                if plan.prompt_logprobs is not None and d.prompt_logprobs is not None:
+                    out["choices"][0]["prompt_logprobs"] = prompt_logprobs_json(
+                        text, plan.gens[i].prompt_ids, d.prompt_logprobs, plan.prompt_logprobs)
+                yield _data(out)
+            else:
+                if include_usage:
+                    yield _data(usage_chunk(rid, card.id, created, chat, plan.prompt_tokens,
+                                            sum(completion)))
         finally:
-            await deltas.aclose()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for st in streams:
+                await st.aclose()
         yield "data: [DONE]\n\n"
 
     return GatewayASGI(app, metrics, api_key)
 
 
-async def _collect(deltas: AsyncIterator[Delta]) -> tuple[str, list[int], Delta]:
+@dataclass
+class _Result:
+    text: str
+    ids: list[int]
+    last: Delta
+    lps: list[TokenLogprobs]
+    plps: list[TokenLogprobs] | None  # the prompt's, when asked for
+
+
+async def _collect(deltas: AsyncIterator[Delta]) -> _Result:
     parts: list[str] = []
     ids: list[int] = []
+    lps: list[TokenLogprobs] = []
+    plps: list[TokenLogprobs] | None = None
     last: Delta | None = None
     try:
         async for d in deltas:
             parts.append(d.text)
             ids.extend(d.token_ids)
+            lps.extend(d.logprobs or ())
+            plps = d.prompt_logprobs if d.prompt_logprobs is not None else plps
             last = d
     finally:
         await deltas.aclose()  # type: ignore[attr-defined]
     assert last is not None and last.finish_reason is not None
-    return "".join(parts), ids, last
+    return _Result("".join(parts), ids, last, lps, plps)
+
+
+def _top(lps: list[TokenLogprobs], k: int) -> list[TokenLogprobs]:
+    """``lps`` with at most ``k`` alternatives each (the replica may send more)."""
+    return [TokenLogprobs(lp.logprob, lp.top_ids[:k], lp.top_logprobs[:k], lp.rank)
+            for lp in lps]
 
 
 def _data(obj: dict[str, Any]) -> str:

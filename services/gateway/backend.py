@@ -26,6 +26,7 @@ import grpc
 from megascale.v1 import attention_pb2, attention_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.common import auth
 from services.common.grpcserver import MAX_MESSAGE_BYTES
+from services.core.logits_processors import TokenLogprobs
 from services.core.prefix_hash import routing_keys
 from services.core.request import (
     FinishReason,
@@ -67,6 +68,7 @@ class GenRequest:
     # Why the gateway ends it before the replica does, if it does: STOP once it matched a
     # stop string (set by Generation.run; the replica counts the abort as that).
     ended_as: FinishReason = FinishReason.ABORT
+    include_stop_str: bool = False  # vLLM's include_stop_str_in_output
 
 
 @dataclass
@@ -78,6 +80,13 @@ class ReplicaEvent:
     prompt_tokens: int
     completion_tokens: int
     error: str = ""
+    logprobs: list[TokenLogprobs] | None = None  # per token_ids entry, when asked for
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens after the first
+
+
+def _lps(entries) -> list[TokenLogprobs]:  # noqa: ANN001 - repeated TokenLogprob
+    return [TokenLogprobs(e.logprob, tuple(e.top_token_ids), tuple(e.top_logprobs), e.rank)
+            for e in entries]
 
 
 class ReplicaPicker(Protocol):
@@ -311,8 +320,10 @@ class Backend:
                         ev = item.event
                         ids = list(ev.token_ids)
                         skip = len(output) - ev.index  # > 0: duplicates of tokens already sent
+                        lps = _lps(ev.logprobs) if req.sampling.logprobs is not None else None
                         if skip > 0:
                             ids = ids[skip:]
+                            lps = lps[skip:] if lps is not None else None
                         output.extend(ids)
                         reason = FinishReason.from_proto(ev.finish_reason)
                         finished = reason is not None
@@ -324,7 +335,9 @@ class Backend:
                             break
                         yield ReplicaEvent(ids, reason, ev.usage.prompt_tokens,
                                            max(ev.usage.completion_tokens, len(output)),
-                                           ev.error_message)
+                                           ev.error_message, lps,
+                                           _lps(ev.prompt_logprobs) if ev.prompt_logprobs
+                                           else None)
                         if finished:
                             return
                         continue

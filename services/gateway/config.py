@@ -8,6 +8,7 @@ from pathlib import Path
 
 from services.core.request import MAX_ATTEMPTS, model_id
 from services.errors import ConfigError
+from services.gateway.tools import TOOL_CALL_PARSERS
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
 
@@ -35,6 +36,7 @@ class GatewayConfig:
     max_model_len: int = 0
     request_timeout_s: float = 600.0
     max_attempts: int = 3  # replicas tried per request (failover and resume)
+    tool_call_parser: str = "hermes"  # finds tool calls in text (services/gateway/tools.py)
 
     def __post_init__(self) -> None:
         if not (Path(self.model_dir) / "config.json").is_file():
@@ -59,6 +61,9 @@ class GatewayConfig:
             raise ConfigError(f"--max-model-len must be >= 0, got {self.max_model_len}")
         if not self.request_timeout_s > 0:
             raise ConfigError(f"--request-timeout must be > 0, got {self.request_timeout_s}")
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ConfigError(f"--tool-call-parser must be one of {', '.join(TOOL_CALL_PARSERS)}"
+                              f", got {self.tool_call_parser!r}")
         if not 1 <= self.max_attempts <= MAX_ATTEMPTS:
             raise ConfigError(f"--max-attempts must be in 1..{MAX_ATTEMPTS}, got "
                               f"{self.max_attempts}")

@@ -16,6 +16,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from services.common import tracing
+from services.core.logits_processors import TokenLogprobs
 from services.core.request import (
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
@@ -40,15 +41,25 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str = ""
+    logprobs: list[TokenLogprobs] | None = None  # per token_ids entry, when asked for
+    prompt_logprobs: list[TokenLogprobs] | None = None  # on the first delta, when asked for
 
 
 def make_sampling(*, temperature: float | None = None, top_p: float | None = None,
                   top_k: int | None = None, seed: int | None = None,
                   max_tokens: int | None = None, stop_token_ids: list[int] | None = None,
                   ignore_eos: bool = False, max_tokens_param: str = "max_tokens",
-                  min_tokens: int | None = None) -> SamplingParams:
+                  min_tokens: int | None = None, min_p: float | None = None,
+                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                  repetition_penalty: float | None = None,
+                  logit_bias: tuple[tuple[int, float], ...] = (),
+                  bad_words_ids: tuple[tuple[int, ...], ...] = (),
+                  logprobs: int | None = None, grammar: str | None = None,
+                  logprobs_param: str = "logprobs", prompt_logprobs: int | None = None
+                  ) -> SamplingParams:
     """OpenAI request fields -> :class:`SamplingParams` (a 400 naming the field as the client
-    spelled it). A negative seed is taken as its 64-bit two's complement."""
+    spelled it; None = the default). A negative seed is taken as its 64-bit two's
+    complement."""
     if seed is not None and -(1 << 63) <= seed < 0:
         seed &= U64_MAX
     try:
@@ -56,9 +67,15 @@ def make_sampling(*, temperature: float | None = None, top_p: float | None = Non
             temperature=1.0 if temperature is None else temperature,
             top_p=1.0 if top_p is None else top_p, top_k=-1 if top_k is None else top_k,
             max_tokens=max_tokens, seed=seed, stop_token_ids=tuple(stop_token_ids or ()),
-            ignore_eos=ignore_eos, min_tokens=min_tokens or 0)
+            ignore_eos=ignore_eos, min_tokens=min_tokens or 0, min_p=min_p or 0.0,
+            presence_penalty=presence_penalty or 0.0,
+            frequency_penalty=frequency_penalty or 0.0,
+            repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+            logit_bias=logit_bias, bad_words_ids=bad_words_ids, logprobs=logprobs,
+            grammar=grammar, prompt_logprobs=prompt_logprobs)
     except InvalidField as exc:
-        raise invalid_field(exc, names={"max_tokens": max_tokens_param}) from None
+        raise invalid_field(exc, names={"max_tokens": max_tokens_param,
+                                        "logprobs": logprobs_param}) from None
 
 
 def check_request(text: ModelText, prompt_ids: list[int], sampling: SamplingParams,
@@ -69,6 +86,7 @@ def check_request(text: ModelText, prompt_ids: list[int], sampling: SamplingPara
         raise bad_request(f"{prompt_param} must not be empty", prompt_param)
     text.check_ids(prompt_ids, prompt_param)
     text.check_ids(list(sampling.stop_token_ids), "stop_token_ids")
+    text.check_ids([t for t, _ in sampling.logit_bias], "logit_bias")
     if sampling.top_k > card.vocab_size:
         raise bad_request(f"top_k must be <= vocab_size {card.vocab_size}, got "
                           f"{sampling.top_k}", "top_k")
@@ -96,8 +114,10 @@ class Generation:
 
     async def run(self, req: GenRequest) -> AsyncIterator[Delta]:
         """Stream deltas; raises :class:`GatewayError` (before or during the stream)."""
-        stream = self.text.stream(req.prompt_ids, req.stop)
+        stream = self.text.stream(req.prompt_ids, req.stop, req.include_stop_str)
         held: list[int] = []  # ids whose text is not released yet
+        held_lps: list[TokenLogprobs] | None = [] if req.sampling.logprobs is not None else None
+        prompt_lps: list[TokenLogprobs] | None = None  # until the first delta takes them
         prompt_tokens = len(req.prompt_ids)
         completion = 0
         self.metrics.in_flight.inc()
@@ -115,6 +135,10 @@ class Generation:
         try:
             async for ev in events:
                 held.extend(ev.token_ids)
+                if held_lps is not None:
+                    held_lps.extend(ev.logprobs or ())
+                if ev.prompt_logprobs is not None:
+                    prompt_lps = ev.prompt_logprobs
                 completion = ev.completion_tokens
                 clock.tokens_relayed(len(ev.token_ids))
                 piece = stream.push(ev.token_ids)
@@ -122,19 +146,22 @@ class Generation:
                     down.ended_as = ended = FinishReason.STOP  # the abort that follows is a stop
                     clock.finish(ended)
                     yield self._last(req, piece, held, FinishReason.STOP, prompt_tokens,
-                                     completion)
+                                     completion, logprobs=held_lps, prompt_logprobs=prompt_lps)
                     return
                 if ev.finish_reason is not None:
                     piece += stream.finish()
                     ended = ev.finish_reason
                     clock.finish(ended)
                     yield self._last(req, piece, held, ev.finish_reason, prompt_tokens,
-                                     completion, ev.error)
+                                     completion, ev.error, held_lps, prompt_lps)
                     return
                 if piece:
                     yield Delta(piece, held, prompt_tokens=prompt_tokens,
-                                completion_tokens=completion)
+                                completion_tokens=completion, logprobs=held_lps,
+                                prompt_logprobs=prompt_lps)
+                    prompt_lps = None
                     held = []
+                    held_lps = [] if held_lps is not None else None
             raise GatewayError(502, "the replica stream ended without a finish reason")
         except GatewayError:
             ended = FinishReason.ERROR
@@ -148,5 +175,8 @@ class Generation:
                 span.end()
 
     def _last(self, req: GenRequest, piece: str, held: list[int], reason: FinishReason,
-              prompt_tokens: int, completion: int, error: str = "") -> Delta:
-        return Delta(piece, list(held), reason, prompt_tokens, completion, error)
+              prompt_tokens: int, completion: int, error: str = "",
+              logprobs: list[TokenLogprobs] | None = None,
+              prompt_logprobs: list[TokenLogprobs] | None = None) -> Delta:
+        return Delta(piece, list(held), reason, prompt_tokens, completion, error,
+                     list(logprobs) if logprobs is not None else None, prompt_logprobs)

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
              help="seconds a request may run downstream")
     add_flag(p, "--max-attempts", type=int, default=3,
              help="replicas tried per request (failover before streaming, resume after)")
+    add_flag(p, "--tool-call-parser", default="hermes",
+             help="how tool calls are found in generated text with tool_choice \"auto\": "
+                  "hermes (<tool_call>{...}</tool_call>) or none (auto refused)")
 
 
 def build(args: argparse.Namespace) -> GatewayConfig:
@@ -46,4 +49,5 @@ def build(args: argparse.Namespace) -> GatewayConfig:
         scheduler=args.scheduler or None,
         api_key=secret_from(args.api_key, args.api_key_file, "--api-key"),
         max_body_bytes=args.max_body_bytes, max_model_len=args.max_model_len,
-        request_timeout_s=args.request_timeout, max_attempts=args.max_attempts)
+        request_timeout_s=args.request_timeout, max_attempts=args.max_attempts,
+        tool_call_parser=args.tool_call_parser)

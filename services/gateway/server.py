@@ -11,6 +11,7 @@ With an API key configured, calls must carry ``authorization: Bearer KEY`` metad
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import time
@@ -24,10 +25,12 @@ from services.common.tracing import TRACE_HEADERS
 from services.core.request import (
     CLIENT_REQUEST_ID_MAX_LEN,
     InvalidField,
+    SamplingParams,
     check_request_id,
     model_id,
     sampling_from_proto,
 )
+from services.core.structured import compile_grammar
 from services.gateway.app import create_app
 from services.gateway.backend import Backend, GenRequest, SchedulerPicker, StaticPicker
 from services.gateway.config import GatewayConfig
@@ -65,6 +68,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             async for d in self.generation.run(gen):
                 ev = gateway_pb2.GatewayGenerateEvent(text=d.text, token_ids=d.token_ids,
                                                       request_id=gen.request_id)
+                for lp in d.logprobs or ():
+                    ev.logprobs.add(logprob=lp.logprob, top_token_ids=lp.top_ids,
+                                    top_logprobs=lp.top_logprobs, rank=lp.rank)
+                for lp in d.prompt_logprobs or ():
+                    ev.prompt_logprobs.add(logprob=lp.logprob, top_token_ids=lp.top_ids,
+                                           top_logprobs=lp.top_logprobs, rank=lp.rank)
                 if d.finish_reason is not None:
                     ev.finish_reason = d.finish_reason.proto
                     if request.include_usage:
@@ -126,9 +135,47 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         else:
             ids, param = list(r.token_ids.ids), "token_ids"
         stop = tuple(r.stop)
+        sp = self._structured(r, sp)
         check_request(self.text, ids, sp, stop, param)
+        for word in sp.bad_words_ids:
+            self.text.check_ids(list(word), "sampling.bad_words")
+        if sp.grammar is not None:
+            try:
+                self.text.grammars().check(sp.grammar)
+            except InvalidField as exc:
+                raise invalid_field(exc, "sampling.") from None
         return GenRequest(ids, sp, stop, request_id=rid,
-                          deadline=time.monotonic() + remaining if remaining else None)
+                          deadline=time.monotonic() + remaining if remaining else None,
+                          include_stop_str=r.include_stop_str_in_output)
+
+    def _structured(self, r: gateway_pb2.GatewayGenerateRequest, sp: SamplingParams
+                    ) -> SamplingParams:
+        """``sp`` with the request's bad words and structured output (compiled) added."""
+        changes: dict = {}
+        if r.bad_words:
+            changes["bad_words_ids"] = (*sp.bad_words_ids,
+                                        *self.text.bad_words_ids(list(r.bad_words)))
+        kind = r.structured.WhichOneof("kind") if r.HasField("structured") else None
+        if kind is not None:
+            if sp.grammar is not None:
+                raise bad_request("give one of structured and sampling.grammar", "structured")
+            spec = getattr(r.structured, kind)
+            if kind == "choice":
+                spec = list(spec.choices)
+            elif kind == "json_object" and not spec:
+                raise bad_request("structured.json_object must be true", "structured")
+            try:
+                grammar = compile_grammar(kind, spec, "structured")
+                self.text.grammars().check(grammar, "structured")
+            except InvalidField as exc:
+                raise invalid_field(exc) from None
+            changes["grammar"] = grammar
+        if not changes:
+            return sp
+        try:
+            return dataclasses.replace(sp, **changes)
+        except InvalidField as exc:
+            raise invalid_field(exc, "sampling.") from None
 
 
 async def serve(config: GatewayConfig, ready_file: str | None = None,
@@ -145,7 +192,8 @@ async def serve(config: GatewayConfig, ready_file: str | None = None,
         backend = Backend(picker, metrics, config.request_timeout_s, config.max_attempts)
         life.defer(backend.close)
         generation = Generation(text, backend, metrics)
-        app = create_app(text, generation, metrics, config.api_key, config.max_body_bytes)
+        app = create_app(text, generation, metrics, config.api_key, config.max_body_bytes,
+                         config.tool_call_parser)
         servicer = GatewayServicer(text, generation, config.api_key)
         await life.start_grpc(
             config.grpc_port,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from services.core.detokenize import IncrementalDetokenizer
+from services.core.structured import GrammarCompiler
 from services.errors import ConfigError
 from services.gateway.errors import bad_request
 
@@ -61,6 +62,7 @@ class ModelText:
         # No token spans more UTF-8 bytes than its vocabulary entry has (byte-level BPE: one
         # char per byte; SentencePiece's U+2581 is 3 bytes for 1): so a text of more than
         # max_model_len * this many bytes cannot fit, and is refused before tokenizing.
+        self._grammars: GrammarCompiler | None = None
         self.max_token_bytes = max((len(t.encode("utf-8", "replace"))
                                     for t in self.tokenizer.get_vocab()), default=1) or 1
 
@@ -80,8 +82,12 @@ class ModelText:
         self.check_text_length([text], param)
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Render the checkpoint's chat template (with the generation prompt) and tokenize.
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None = None,
+                    add_generation_prompt: bool = True,
+                    kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Render the checkpoint's chat template and tokenize: ``tools`` and ``kwargs``
+        (vLLM's ``chat_template_kwargs``) are handed to the template, and the generation
+        prompt is added unless ``add_generation_prompt`` is False.
 
         The template already writes bos where the family wants it, so no special tokens are
         added on top (that would double bos).
@@ -91,13 +97,35 @@ class ModelText:
                               "messages")
         self.check_text_length([c for m in messages if isinstance(c := m.get("content"), str)],
                                "messages")
+        reserved = sorted(set(kwargs or {}) & {"tokenize", "add_generation_prompt", "tools",
+                                               "messages", "conversation", "chat_template"})
+        if reserved:
+            raise bad_request(f"chat_template_kwargs: {reserved[0]} is set by the request "
+                              "itself", "chat_template_kwargs")
         try:
-            rendered = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                          add_generation_prompt=True)
+            extra = dict(kwargs or {})
+            rendered = self.tokenizer.apply_chat_template(
+                messages, tools=tools or None, tokenize=False,
+                add_generation_prompt=add_generation_prompt, **extra)
         except Exception as exc:  # jinja2 TemplateError (raise_exception) and type errors
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise bad_request(f"messages: {msg}", "messages") from None
         return list(self.tokenizer.encode(rendered, add_special_tokens=False))
+
+    def bad_words_ids(self, words: list[str], param: str = "bad_words"
+                      ) -> tuple[tuple[int, ...], ...]:
+        """vLLM's tokenization of ``bad_words``: each word as is and, when that makes a
+        different first token of the same length, with a leading space."""
+        out: list[tuple[int, ...]] = []
+        for w in words:
+            if not w.strip():
+                raise bad_request(f"{param} must not hold empty words", param)
+            for space in (False, True):
+                ids = tuple(self.tokenizer.encode((" " if space else "") + w.lstrip(),
+                                                  add_special_tokens=False))
+                if ids and (not space or (ids[0] != out[-1][0] and len(ids) == len(out[-1]))):
+                    out.append(ids)
+        return tuple(out)
 
     def check_ids(self, ids: list[int], param: str) -> None:
         bad = next((t for t in ids if not 0 <= t < self.card.vocab_size), None)
@@ -105,11 +133,24 @@ class ModelText:
             raise bad_request(f"{param}: token id {bad} is outside the vocabulary "
                               f"[0, {self.card.vocab_size})", param)
 
+    def grammars(self) -> GrammarCompiler:
+        """The structured-output compiler for this tokenizer (built on first use)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.card.vocab_size,
+                                             [self.tokenizer.eos_token_id or 0])
+        return self._grammars
+
     def decode(self, ids: list[int]) -> str:
         return self._decoder.decode(ids, skip_special_tokens=True)
 
-    def stream(self, prompt_ids: list[int], stop: tuple[str, ...]) -> TextStream:
-        return TextStream(IncrementalDetokenizer(self._decoder, prompt_ids=prompt_ids), stop)
+    def stream(self, prompt_ids: list[int], stop: tuple[str, ...],
+               include_stop: bool = False) -> TextStream:
+        return TextStream(IncrementalDetokenizer(self._decoder, prompt_ids=prompt_ids), stop,
+                          include_stop)
+
+    def token_str(self, token_id: int) -> str:
+        """One token's text as logprobs show it (special tokens included)."""
+        return self._decoder.decode([token_id], skip_special_tokens=False)
 
 
 class TextStream:
@@ -117,11 +158,14 @@ class TextStream:
 
     Text that could be the start of a stop string is held back until the next tokens show it
     is not (or the stream ends). After :meth:`push` returns ``stopped=True`` the request is
-    over: the stop string and everything after it are dropped.
+    over: everything after the stop string is dropped, and the stop string too unless
+    ``include_stop`` (vLLM's ``include_stop_str_in_output``).
     """
 
-    def __init__(self, detok: IncrementalDetokenizer, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, detok: IncrementalDetokenizer, stop: tuple[str, ...] = (),
+                 include_stop: bool = False) -> None:
         self._detok = detok
+        self._include_stop = include_stop
         self._stop = tuple(s for s in stop if s)
         self._longest = max((len(s) for s in self._stop), default=0)
         self._full = ""  # all generated text so far
@@ -152,9 +196,10 @@ class TextStream:
         if self._stop:
             # A stop string may straddle released and new text (only its tail was held back).
             start = max(0, self._sent - self._longest + 1)
-            hits = [i for i in (self._full.find(s, start) for s in self._stop) if i >= 0]
+            hits = [(i, len(s)) for s in self._stop if (i := self._full.find(s, start)) >= 0]
             if hits:
-                end = min(hits)
+                at, size = min(hits)
+                end = at + size if self._include_stop else at
                 self.stopped = True
             elif not final:
                 end -= self._held_back()

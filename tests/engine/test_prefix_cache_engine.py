@@ -103,3 +103,19 @@ def test_no_enable_prefix_caching_turns_it_off(engine_ckpt, hf_greedy, tmp_path)
         got = scrape_metrics(m.attention[0].info["metrics_port"])
     assert not any(k.startswith("megascale:prefix_cache") for k in got)
     assert runs == hf_greedy(engine_ckpt("mixtral"), [LONG, LONG], NEW)
+
+
+def test_a_request_owing_prompt_logprobs_bypasses_the_cache(mesh):
+    """Prompt logprobs need every prompt position computed: such a request is not served from
+    cached blocks (no hit), and gets one entry per prompt token after the first."""
+    addr = mesh.attention[0].grpc
+    grpc_generate(addr, "plp-warm", LONG, 2)  # its blocks are cached now
+    q0, h0 = _counts(mesh)
+    seen: list = []
+    grpc_generate(addr, "plp", LONG, 2, prompt_logprobs=1,
+                  on_event=lambda ev: seen.extend(ev.prompt_logprobs))
+    q1, h1 = _counts(mesh)
+    assert q1 - q0 == len(LONG) and h1 == h0
+    assert len(seen) == len(LONG) - 1
+    grpc_generate(addr, "plp-after", LONG, 2)  # and the cache still serves the others
+    assert _counts(mesh)[1] - h1 == 40

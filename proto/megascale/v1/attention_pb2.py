@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from megascale.v1 import common_pb2 as megascale_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmegascale/v1/attention.proto\x12\x0cmegascale.v1\x1a\x19megascale/v1/common.proto\"\x89\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.megascale.v1.SamplingParams\x12\x18\n\x10output_token_ids\x18\x04 \x03(\r\"\xd3\x01\n\rGenerateEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05index\x18\x02 \x01(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.megascale.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.megascale.v1.Usage\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x1a\n\rstop_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_stop_token_idJ\x04\x08\n\x10\x14\"z\n\x15GenerateStreamRequest\x12,\n\x06submit\x18\x01 \x01(\x0b\x32\x1a.megascale.v1.StreamSubmitH\x00\x12+\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1a.megascale.v1.AbortRequestH\x00\x42\x06\n\x04kind\"\x80\x01\n\x0cStreamSubmit\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.megascale.v1.GenerateRequest\x12\x17\n\x0f\x61rrival_unix_ns\x18\x02 \x01(\x04\x12\x13\n\x0btraceparent\x18\x03 \x01(\t\x12\x12\n\ntracestate\x18\x04 \x01(\t\"A\n\x14GenerateStreamEvents\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.megascale.v1.StreamEvent\"~\n\x0bStreamEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1b.megascale.v1.GenerateEvent\x12\x15\n\rrejected_code\x18\x03 \x01(\x05\x12\x18\n\x10rejected_message\x18\x04 \x01(\t\"N\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06reason\x18\x02 \x01(\x0e\x32\x1a.megascale.v1.FinishReason\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest2\x92\x03\n\tAttention\x12H\n\x08Generate\x12\x1d.megascale.v1.GenerateRequest\x1a\x1b.megascale.v1.GenerateEvent0\x01\x12]\n\x0eGenerateStream\x12#.megascale.v1.GenerateStreamRequest\x1a\".megascale.v1.GenerateStreamEvents(\x01\x30\x01\x12@\n\x05\x41\x62ort\x12\x1a.megascale.v1.AbortRequest\x1a\x1b.megascale.v1.AbortResponse\x12\x41\n\x07GetLoad\x12\x1c.megascale.v1.GetLoadRequest\x1a\x18.megascale.v1.LoadReport\x12W\n\x0fUpdatePlacement\x12\x1d.megascale.v1.ExpertPlacement\x1a%.megascale.v1.UpdatePlacementResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmegascale/v1/attention.proto\x12\x0cmegascale.v1\x1a\x19megascale/v1/common.proto\"\x89\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.megascale.v1.SamplingParams\x12\x18\n\x10output_token_ids\x18\x04 \x03(\r\"\xb6\x02\n\rGenerateEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05index\x18\x02 \x01(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.megascale.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.megascale.v1.Usage\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x1a\n\rstop_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12,\n\x08logprobs\x18\n \x03(\x0b\x32\x1a.megascale.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x1a.megascale.v1.TokenLogprobB\x10\n\x0e_stop_token_idJ\x04\x08\x0c\x10\x14\"z\n\x15GenerateStreamRequest\x12,\n\x06submit\x18\x01 \x01(\x0b\x32\x1a.megascale.v1.StreamSubmitH\x00\x12+\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1a.megascale.v1.AbortRequestH\x00\x42\x06\n\x04kind\"\x80\x01\n\x0cStreamSubmit\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.megascale.v1.GenerateRequest\x12\x17\n\x0f\x61rrival_unix_ns\x18\x02 \x01(\x04\x12\x13\n\x0btraceparent\x18\x03 \x01(\t\x12\x12\n\ntracestate\x18\x04 \x01(\t\"A\n\x14GenerateStreamEvents\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.megascale.v1.StreamEvent\"~\n\x0bStreamEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1b.megascale.v1.GenerateEvent\x12\x15\n\rrejected_code\x18\x03 \x01(\x05\x12\x18\n\x10rejected_message\x18\x04 \x01(\t\"N\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06reason\x18\x02 \x01(\x0e\x32\x1a.megascale.v1.FinishReason\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest2\x92\x03\n\tAttention\x12H\n\x08Generate\x12\x1d.megascale.v1.GenerateRequest\x1a\x1b.megascale.v1.GenerateEvent0\x01\x12]\n\x0eGenerateStream\x12#.megascale.v1.GenerateStreamRequest\x1a\".megascale.v1.GenerateStreamEvents(\x01\x30\x01\x12@\n\x05\x41\x62ort\x12\x1a.megascale.v1.AbortRequest\x1a\x1b.megascale.v1.AbortResponse\x12\x41\n\x07GetLoad\x12\x1c.megascale.v1.GetLoadRequest\x1a\x18.megascale.v1.LoadReport\x12W\n\x0fUpdatePlacement\x12\x1d.megascale.v1.ExpertPlacement\x1a%.megascale.v1.UpdatePlacementResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=74
   _globals['_GENERATEREQUEST']._serialized_end=211
   _globals['_GENERATEEVENT']._serialized_start=214
-  _globals['_GENERATEEVENT']._serialized_end=425
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=427
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=549
-  _globals['_STREAMSUBMIT']._serialized_start=552
-  _globals['_STREAMSUBMIT']._serialized_end=680
-  _globals['_GENERATESTREAMEVENTS']._serialized_start=682
-  _globals['_GENERATESTREAMEVENTS']._serialized_end=747
-  _globals['_STREAMEVENT']._serialized_start=749
-  _globals['_STREAMEVENT']._serialized_end=875
-  _globals['_ABORTREQUEST']._serialized_start=877
-  _globals['_ABORTREQUEST']._serialized_end=955
-  _globals['_ABORTRESPONSE']._serialized_start=957
-  _globals['_ABORTRESPONSE']._serialized_end=987
-  _globals['_GETLOADREQUEST']._serialized_start=989
-  _globals['_GETLOADREQUEST']._serialized_end=1005
-  _globals['_ATTENTION']._serialized_start=1008
-  _globals['_ATTENTION']._serialized_end=1410
+  _globals['_GENERATEEVENT']._serialized_end=524
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=526
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=648
+  _globals['_STREAMSUBMIT']._serialized_start=651
+  _globals['_STREAMSUBMIT']._serialized_end=779
+  _globals['_GENERATESTREAMEVENTS']._serialized_start=781
+  _globals['_GENERATESTREAMEVENTS']._serialized_end=846
+  _globals['_STREAMEVENT']._serialized_start=848
+  _globals['_STREAMEVENT']._serialized_end=974
+  _globals['_ABORTREQUEST']._serialized_start=976
+  _globals['_ABORTREQUEST']._serialized_end=1054
+  _globals['_ABORTRESPONSE']._serialized_start=1056
+  _globals['_ABORTRESPONSE']._serialized_end=1086
+  _globals['_GETLOADREQUEST']._serialized_start=1088
+  _globals['_GETLOADREQUEST']._serialized_end=1104
+  _globals['_ATTENTION']._serialized_start=1107
+  _globals['_ATTENTION']._serialized_end=1509
 # @@protoc_insertion_point(module_scope)

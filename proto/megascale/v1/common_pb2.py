@@ -24,37 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19megascale/v1/common.proto\x12\x0cmegascale.v1\"\xd7\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x12\n\nmin_tokens\x18\x08 \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xe2\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.megascale.v1.NodeRole\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x0f\n\x07m2n_url\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x11\n\tkv_blocks\x18\x06 \x01(\r\x12\x15\n\rkv_block_size\x18\x07 \x01(\r\x12\x1c\n\x14max_running_requests\x18\x08 \x01(\r\x12\x12\n\nexpert_ids\x18\t \x03(\r\x12\x19\n\x11started_at_unix_s\x18\n \x01(\x01\x12\x32\n\x06labels\x18\x0b \x03(\x0b\x32\".megascale.v1.NodeInfo.LabelsEntry\x12\x0f\n\x07\x65lastic\x18\x0c \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa3\x02\n\nLoadReport\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x10\n\x08kv_usage\x18\x03 \x01(\x02\x12\x16\n\x0e\x66ree_kv_blocks\x18\x04 \x01(\r\x12\x14\n\x0cstep_time_ms\x18\x05 \x01(\x02\x12\x19\n\x11\x61ttention_time_ms\x18\x06 \x01(\x02\x12\x16\n\x0e\x65xpert_wait_ms\x18\x07 \x01(\x02\x12\x14\n\x0ctokens_per_s\x18\x08 \x01(\x02\x12\x19\n\x11\x65xpert_queue_rows\x18\t \x01(\r\x12\x1a\n\x12reported_at_unix_s\x18\n \x01(\x01\x12\x19\n\x11\x65xpert_nodes_down\x18\x0b \x03(\t\x12\x18\n\x10\x65xperts_complete\x18\x0c \x01(\x08\"_\n\nExpertHost\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07m2n_url\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x19\n\x11started_at_unix_s\x18\x04 \x01(\x01\"L\n\x0e\x45xpertReplicas\x12\x11\n\texpert_id\x18\x01 \x01(\r\x12\'\n\x05hosts\x18\x02 \x03(\x0b\x32\x18.megascale.v1.ExpertHost\"d\n\x0f\x45xpertPlacement\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0bnum_experts\x18\x02 \x01(\r\x12-\n\x07\x65xperts\x18\x03 \x03(\x0b\x32\x1c.megascale.v1.ExpertReplicas\"\x80\x01\n\x12\x44\x65ploymentSettings\x12\x15\n\rmicro_batches\x18\x01 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x02 \x01(\r\x12\x1c\n\x14max_running_requests\x18\x03 \x01(\r\x12\x1b\n\x13\x64ispatch_timeout_ms\x18\x04 \x01(\r\"0\n\x17UpdatePlacementResponse\x12\x15\n\rapplied_epoch\x18\x01 \x01(\x04*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\x84\x01\n\x08NodeRole\x12\x19\n\x15NODE_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_ROLE_ATTENTION\x10\x01\x12\x14\n\x10NODE_ROLE_EXPERT\x10\x02\x12\x15\n\x11NODE_ROLE_GATEWAY\x10\x03\x12\x17\n\x13NODE_ROLE_SCHEDULER\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19megascale/v1/common.proto\x12\x0cmegascale.v1\"\xdd\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x12\n\nmin_tokens\x18\x08 \x01(\r\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x03\x88\x01\x01\x12\r\n\x05min_p\x18\x0c \x01(\x02\x12?\n\nlogit_bias\x18\r \x03(\x0b\x32+.megascale.v1.SamplingParams.LogitBiasEntry\x12.\n\tbad_words\x18\x0e \x03(\x0b\x32\x1b.megascale.v1.TokenSequence\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x04\x88\x01\x01\x12\x0f\n\x07grammar\x18\x10 \x01(\t\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x05\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x1c\n\rTokenSequence\x12\x0b\n\x03ids\x18\x01 \x03(\r\"Z\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\r\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xe2\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.megascale.v1.NodeRole\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x0f\n\x07m2n_url\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x11\n\tkv_blocks\x18\x06 \x01(\r\x12\x15\n\rkv_block_size\x18\x07 \x01(\r\x12\x1c\n\x14max_running_requests\x18\x08 \x01(\r\x12\x12\n\nexpert_ids\x18\t \x03(\r\x12\x19\n\x11started_at_unix_s\x18\n \x01(\x01\x12\x32\n\x06labels\x18\x0b \x03(\x0b\x32\".megascale.v1.NodeInfo.LabelsEntry\x12\x0f\n\x07\x65lastic\x18\x0c \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa3\x02\n\nLoadReport\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x10\n\x08kv_usage\x18\x03 \x01(\x02\x12\x16\n\x0e\x66ree_kv_blocks\x18\x04 \x01(\r\x12\x14\n\x0cstep_time_ms\x18\x05 \x01(\x02\x12\x19\n\x11\x61ttention_time_ms\x18\x06 \x01(\x02\x12\x16\n\x0e\x65xpert_wait_ms\x18\x07 \x01(\x02\x12\x14\n\x0ctokens_per_s\x18\x08 \x01(\x02\x12\x19\n\x11\x65xpert_queue_rows\x18\t \x01(\r\x12\x1a\n\x12reported_at_unix_s\x18\n \x01(\x01\x12\x19\n\x11\x65xpert_nodes_down\x18\x0b \x03(\t\x12\x18\n\x10\x65xperts_complete\x18\x0c \x01(\x08\"_\n\nExpertHost\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07m2n_url\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x19\n\x11started_at_unix_s\x18\x04 \x01(\x01\"L\n\x0e\x45xpertReplicas\x12\x11\n\texpert_id\x18\x01 \x01(\r\x12\'\n\x05hosts\x18\x02 \x03(\x0b\x32\x18.megascale.v1.ExpertHost\"d\n\x0f\x45xpertPlacement\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0bnum_experts\x18\x02 \x01(\r\x12-\n\x07\x65xperts\x18\x03 \x03(\x0b\x32\x1c.megascale.v1.ExpertReplicas\"\x80\x01\n\x12\x44\x65ploymentSettings\x12\x15\n\rmicro_batches\x18\x01 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x02 \x01(\r\x12\x1c\n\x14max_running_requests\x18\x03 \x01(\r\x12\x1b\n\x13\x64ispatch_timeout_ms\x18\x04 \x01(\r\"0\n\x17UpdatePlacementResponse\x12\x15\n\rapplied_epoch\x18\x01 \x01(\x04*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\x84\x01\n\x08NodeRole\x12\x19\n\x15NODE_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_ROLE_ATTENTION\x10\x01\x12\x14\n\x10NODE_ROLE_EXPERT\x10\x02\x12\x15\n\x11NODE_ROLE_GATEWAY\x10\x03\x12\x17\n\x13NODE_ROLE_SCHEDULER\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'megascale.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_NODEINFO_LABELSENTRY']._loaded_options = None
   _globals['_NODEINFO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1430
-  _globals['_FINISHREASON']._serialized_end=1575
-  _globals['_NODEROLE']._serialized_start=1578
-  _globals['_NODEROLE']._serialized_end=1710
+  _globals['_FINISHREASON']._serialized_start=1942
+  _globals['_FINISHREASON']._serialized_end=2087
+  _globals['_NODEROLE']._serialized_start=2090
+  _globals['_NODEROLE']._serialized_end=2222
   _globals['_SAMPLINGPARAMS']._serialized_start=44
-  _globals['_SAMPLINGPARAMS']._serialized_end=259
-  _globals['_USAGE']._serialized_start=261
-  _globals['_USAGE']._serialized_end=318
-  _globals['_NODEINFO']._serialized_start=321
-  _globals['_NODEINFO']._serialized_end=675
-  _globals['_NODEINFO_LABELSENTRY']._serialized_start=630
-  _globals['_NODEINFO_LABELSENTRY']._serialized_end=675
-  _globals['_LOADREPORT']._serialized_start=678
-  _globals['_LOADREPORT']._serialized_end=969
-  _globals['_EXPERTHOST']._serialized_start=971
-  _globals['_EXPERTHOST']._serialized_end=1066
-  _globals['_EXPERTREPLICAS']._serialized_start=1068
-  _globals['_EXPERTREPLICAS']._serialized_end=1144
-  _globals['_EXPERTPLACEMENT']._serialized_start=1146
-  _globals['_EXPERTPLACEMENT']._serialized_end=1246
-  _globals['_DEPLOYMENTSETTINGS']._serialized_start=1249
-  _globals['_DEPLOYMENTSETTINGS']._serialized_end=1377
-  _globals['_UPDATEPLACEMENTRESPONSE']._serialized_start=1379
-  _globals['_UPDATEPLACEMENTRESPONSE']._serialized_end=1427
+  _globals['_SAMPLINGPARAMS']._serialized_end=649
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=510
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=558
+  _globals['_TOKENSEQUENCE']._serialized_start=651
+  _globals['_TOKENSEQUENCE']._serialized_end=679
+  _globals['_TOKENLOGPROB']._serialized_start=681
+  _globals['_TOKENLOGPROB']._serialized_end=771
+  _globals['_USAGE']._serialized_start=773
+  _globals['_USAGE']._serialized_end=830
+  _globals['_NODEINFO']._serialized_start=833
+  _globals['_NODEINFO']._serialized_end=1187
+  _globals['_NODEINFO_LABELSENTRY']._serialized_start=1142
+  _globals['_NODEINFO_LABELSENTRY']._serialized_end=1187
+  _globals['_LOADREPORT']._serialized_start=1190
+  _globals['_LOADREPORT']._serialized_end=1481
+  _globals['_EXPERTHOST']._serialized_start=1483
+  _globals['_EXPERTHOST']._serialized_end=1578
+  _globals['_EXPERTREPLICAS']._serialized_start=1580
+  _globals['_EXPERTREPLICAS']._serialized_end=1656
+  _globals['_EXPERTPLACEMENT']._serialized_start=1658
+  _globals['_EXPERTPLACEMENT']._serialized_end=1758
+  _globals['_DEPLOYMENTSETTINGS']._serialized_start=1761
+  _globals['_DEPLOYMENTSETTINGS']._serialized_end=1889
+  _globals['_UPDATEPLACEMENTRESPONSE']._serialized_start=1891
+  _globals['_UPDATEPLACEMENTRESPONSE']._serialized_end=1939
 # @@protoc_insertion_point(module_scope)

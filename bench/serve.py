@@ -23,8 +23,9 @@ vLLM is never a dependency: make its venv once (it pins its own torch)::
 and it runs with ``VLLM_CPU_KVCACHE_SPACE`` (GiB) and ``VLLM_CPU_OMP_THREADS_BIND`` set
 (``--vllm-env`` overrides them).
 
-Metric definitions (as ``vllm bench serve``): TTFT = request sent -> first streamed token;
-ITL = gap between consecutive streamed chunks; TPOT = (E2E - TTFT) / (output tokens - 1) per
+Metric definitions (as ``vllm bench serve``): TTFT = request sent -> first streamed chunk with
+a choice (its text may be empty while a character's bytes are incomplete); ITL = gap between
+consecutive such chunks; TPOT = (E2E - TTFT) / (output tokens - 1) per
 request; output tokens come from the stream's final usage chunk.
 """
 
@@ -133,8 +134,10 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
                 if msg.get("usage"):
                     res.prompt_tokens = msg["usage"].get("prompt_tokens", 0)
                     res.output_tokens = msg["usage"].get("completion_tokens", 0)
-                if not msg.get("choices") or not msg["choices"][0].get("text"):
-                    continue
+                if not msg.get("choices"):
+                    continue  # the usage chunk
+                # every chunk with a choice is a token arrival, as vllm bench serve counts them
+                # (its text may be empty: bytes of a character still incomplete)
                 now = time.perf_counter()
                 if chunks == 0:
                     res.ttft_s = now - start
@@ -147,7 +150,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
         return res
     res.e2e_s = time.perf_counter() - start
     res.output_tokens = res.output_tokens or chunks
-    res.ok = chunks > 0
+    res.ok = chunks > 0 and res.output_tokens > 0
     if not res.ok:
         res.error = "no tokens streamed"
     return res

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from services.errors import UserError
@@ -44,6 +45,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Before torch (and its OpenMP runtime) loads: OpenMP workers that spin after each parallel
+    # region keep the cores from the expert kernel's own threads (services/core/cpu_gemm.py)
+    # and from the role's other threads; a colocated replica's decode step with 2 threads took
+    # 1.2 s spinning against 0.17 s sleeping (docs/BENCHMARKS.md §9). A user's setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)

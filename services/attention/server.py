@@ -36,6 +36,7 @@ from services.attention.requests import (
     start_span,
 )
 from services.common import auth
+from services.common.epochs import check_pushed_epoch
 from services.common.lifecycle import RoleLifecycle
 from services.common.net import advertised_url
 from services.common.timeline import timeline_for
@@ -117,8 +118,10 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
                               ) -> common_pb2.UpdatePlacementResponse:
         """Adopt a newer placement at the next step boundary (older epochs are ignored),
         attaching first to expert nodes it names that this replica has not attached to.
-        INVALID_ARGUMENT: malformed, or a new node cannot be attached."""
+        INVALID_ARGUMENT: malformed, a jump past the epoch bound (services/common/epochs.py),
+        or a new node cannot be attached."""
         try:
+            check_pushed_epoch(self.engine.placement.epoch, request.epoch)
             applied = await adopt_placement(self.engine, request, self.attacher)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -75,6 +75,18 @@ def _compute_span(layer: int, headers: list, rows: int):  # noqa: ANN202 - OpenT
                     "megascale.messages": len(headers)})
 
 
+class SenderIdTaken(Exception):
+    """An Attach named the sender id of a live replica with another reply URL."""
+
+
+def _alive(sender: libm2n.Sender) -> bool:
+    try:
+        sender.check()
+    except libm2n.M2NError:
+        return False
+    return True
+
+
 class ExpertWorker:
     """Owns the dispatch receiver and one reply sender per attached attention replica."""
 
@@ -105,9 +117,16 @@ class ExpertWorker:
 
     # ------------------------------------------------------------------ control
     def attach(self, sender_id: int, reply_url: str) -> None:
-        """Connect the reply link to an attention replica (idempotent per sender id)."""
+        """Connect the reply link to an attention replica (idempotent per sender id).
+
+        Raises :class:`SenderIdTaken` when ``sender_id`` has a live reply link to another
+        URL: an Attach must not steal a live replica's replies. A replica that restarted on a
+        new address is attached once its old link has failed (the drain loop drops it)."""
         with self._lock:
             same = self._replies.get(sender_id)
+            if same is not None and same.url != reply_url and _alive(same):
+                raise SenderIdTaken(f"m2n sender id {sender_id} is attached to a live replica "
+                                    f"at {same.url}; refusing a second one at {reply_url}")
             if same is not None and same.url == reply_url:
                 # The same receiver would refuse a second link with our sender id while the
                 # first is open: close it first (a reply in between fails like a lost link).

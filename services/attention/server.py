@@ -179,7 +179,7 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
                               peer_timeout_s=config.expert_timeout_s,
                               readmit_after_s=config.expert_readmit_s,
                               dtype=attention.dtype, device=attention.device,
-                              auth_token=auth.m2n_token())
+                              auth_token=auth.m2n_token(), reply_senders=attacher.reply_senders)
         life.defer(client.close)
         metrics = AttentionMetrics()
         timeline = timeline_for(config.node_id)

@@ -129,10 +129,10 @@ def load_credential(path: str | Path | None) -> Credential:
         raise ConfigError(f"cannot read the cluster token file {path}: {exc}") from None
     if text.startswith(_ROLE_FILE_MAGIC.encode()):
         parts = text.decode(errors="replace").split()
-        if len(parts) != 5 or parts[3] not in rights.ROLES or len(parts[4]) != 64:
+        if len(parts) != 4 or parts[2] not in rights.ROLES or len(parts[3]) != 64:
             raise ConfigError(f"the role credential in {path} is malformed (expected "
                               f"'{_ROLE_FILE_MAGIC} ROLE HEX')")
-        return Credential(role=parts[3], role_credential=parts[4])
+        return Credential(role=parts[2], role_credential=parts[3])
     if len(text) < MIN_TOKEN_BYTES:
         raise ConfigError(f"the cluster token in {path} is shorter than {MIN_TOKEN_BYTES} bytes")
     return Credential(token=text)

@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from services.common import auth
 from services.common.flags import add_flag, secret_from
 from services.core.runtime import COMPUTE_DTYPES, pick_device
 from services.errors import UserError
@@ -92,8 +93,13 @@ class Mesh:
         self.quiet = quiet
         # One secret per launch, in a file only this user can read: every internal gRPC call
         # and libm2n link of the mesh must present it (services/common/auth.py).
-        token_file = _secret_file(workdir / "cluster.token", secrets.token_hex(32))
+        token = secrets.token_hex(32)
+        token_file = _secret_file(workdir / "cluster.token", token)
         self.env = {"MEGASCALE_CLUSTER_TOKEN_FILE": str(token_file)}
+        # The gateway faces clients: it gets only its role's credential, not the token.
+        gateway_file = auth.write_role_credential(workdir / "gateway.credential",
+                                                  token.encode(), "gateway")
+        self.gateway_env = {"MEGASCALE_CLUSTER_TOKEN_FILE": str(gateway_file)}
         self.children: list[RoleProcess] = []
         self._specs: dict[str, tuple[str, list[str]]] = {}  # name -> (role, args) as started
         self._restarts: dict[str, list[float]] = {}  # name -> times it was restarted
@@ -101,9 +107,13 @@ class Mesh:
         self._stop_tail = threading.Event()
         self._tails: list[threading.Thread] = []
 
+    def _env(self, role: str) -> dict[str, str]:
+        return self.gateway_env if role == "gateway" else self.env
+
     def start_role(self, role: str, args: list[str], name: str) -> RoleProcess:
         log = self.workdir / f"{name}.log"
-        proc = spawn_role(role, args, name, self.workdir, env=self.env, log=log,
+        proc = spawn_role(role, args, name, self.workdir,
+                          env=self._env(role), log=log,
                           preexec_fn=_die_with_parent)
         self.children.append(proc)
         self._specs[name] = (role, list(args))
@@ -137,7 +147,7 @@ class Mesh:
     def _respawn(self, child: RoleProcess) -> RoleProcess:
         role, args = self._specs[child.name]
         return spawn_role(role, _pinned(args, child.info), child.name, self.workdir,
-                          env=self.env, log=self.workdir / f"{child.name}.log",
+                          env=self._env(role), log=self.workdir / f"{child.name}.log",
                           preexec_fn=_die_with_parent)
 
     def _respawn_redis(self) -> RoleProcess:

@@ -162,14 +162,14 @@ def test_scheduler_uses_the_chart_redis_or_the_external_one(default_render: Rend
 
 
 @pytest.mark.parametrize("role", ("expert", "attention"))
-def test_data_plane_roles_bind_all_and_advertise_the_pod_ip(rendered: Rendered,
-                                                            role: str) -> None:
+def test_data_plane_roles_bind_and_advertise_the_pod_ip(rendered: Rendered,
+                                                        role: str) -> None:
     container = main_container(rendered.workload(role))
     for pod, ns, _ in _pods(rendered, role)[:2]:
-        assert ns.host == "0.0.0.0" and ns.advertise_host == pod.ip
+        assert ns.host == pod.ip and ns.advertise_host == pod.ip
         assert ns.node_id == pod.name
         ep = parse_url(ns.m2n_url)
-        assert (ep.scheme, ep.host) == ("tcp", "0.0.0.0")
+        assert (ep.scheme, ep.host) == ("tcp", pod.ip)
         assert named_ports(container)["m2n"] == ep.port
         assert ns.model == "/model"
 

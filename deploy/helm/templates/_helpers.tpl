@@ -98,7 +98,9 @@ headless Service (stable DNS names, so the list is known before the pods exist).
 {{- end }}
 {{- end }}
 
-{{/* Downward-API env every role gets first, so later values can use $(POD_NAME) etc. */}}
+{{/* Downward-API env every role gets first, so later values can use $(POD_NAME) etc. The
+internal roles bind the pod IP (what Services, probes and peers dial), never 0.0.0.0; the
+gateway, the public front, binds every address so that `kubectl port-forward` reaches it. */}}
 {{- define "megascale.podEnv" -}}
 - name: POD_NAME
   valueFrom:
@@ -111,7 +113,7 @@ headless Service (stable DNS names, so the list is known before the pods exist).
 - name: MEGASCALE_NODE_ID
   value: "$(POD_NAME)"
 - name: MEGASCALE_HOST
-  value: "0.0.0.0"
+  value: {{ if .public }}"0.0.0.0"{{ else }}"$(POD_IP)"{{ end }}
 {{- end }}
 
 {{/* Env after the role's own: log level, common env, the role's extra env. (dict "root" $ "role" "expert") */}}

@@ -93,6 +93,14 @@ headless Service (stable DNS names, so the list is known before the pods exist).
 {{- if lt (int $v.attention.replicas) 1 }}
 {{- fail (printf "attention.replicas must be >= 1, got %v" $v.attention.replicas) }}
 {{- end }}
+{{- $tls := $v.security.tlsSecrets }}
+{{- $named := 0 }}
+{{- range $role := list "scheduler" "attention" "expert" "gateway" }}
+{{- if index $tls $role }}{{ $named = add1 $named }}{{ end }}
+{{- end }}
+{{- if and (gt $named 0) (lt $named 4) }}
+{{- fail "security.tlsSecrets must name a Secret for all four roles (scheduler, attention, expert, gateway) or for none" }}
+{{- end }}
 {{- if lt (int $v.attention.microBatches) 1 }}
 {{- fail (printf "attention.microBatches must be >= 1, got %v" $v.attention.microBatches) }}
 {{- end }}
@@ -294,5 +302,52 @@ spec:
     {{- if and (not $a.targetCPUUtilizationPercentage) (not $a.podsMetrics) }}
     {{- fail (printf "%s.autoscaling is enabled but has no metric: set targetCPUUtilizationPercentage or podsMetrics" .role) }}
     {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The role's credentials as env, mounts and volumes: (dict "root" $ "role" "expert") */}}
+{{- define "megascale.securityEnv" -}}
+{{- $s := .root.Values.security }}
+{{- if $s.clusterTokenSecret }}
+- name: MEGASCALE_CLUSTER_TOKEN_FILE
+  value: /etc/megascale/token/token
+{{- end }}
+{{- if index $s.tlsSecrets .role }}
+- name: MEGASCALE_TLS_CERT_FILE
+  value: /etc/megascale/tls/tls.crt
+- name: MEGASCALE_TLS_KEY_FILE
+  value: /etc/megascale/tls/tls.key
+- name: MEGASCALE_TLS_CA_FILE
+  value: /etc/megascale/tls/ca.crt
+{{- end }}
+{{- end }}
+
+{{- define "megascale.securityMounts" -}}
+{{- $s := .root.Values.security }}
+{{- if $s.clusterTokenSecret }}
+- name: cluster-token
+  mountPath: /etc/megascale/token
+  readOnly: true
+{{- end }}
+{{- if index $s.tlsSecrets .role }}
+- name: tls
+  mountPath: /etc/megascale/tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "megascale.securityVolumes" -}}
+{{- $s := .root.Values.security }}
+{{- if $s.clusterTokenSecret }}
+- name: cluster-token
+  secret:
+    secretName: {{ $s.clusterTokenSecret }}
+    defaultMode: 0400
+{{- end }}
+{{- with index $s.tlsSecrets .role }}
+- name: tls
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0400
 {{- end }}
 {{- end }}

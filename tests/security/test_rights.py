@@ -85,6 +85,11 @@ def test_token_roles_on_the_scheduler(redis_url: str, token: bytes) -> None:
                     assert await _code(stub.Deregister(
                         scheduler_pb2.DeregisterRequest(node_id="a-0"),
                         metadata=_as(token, role))) == grpc.StatusCode.PERMISSION_DENIED, role
+                # Heartbeat for an attention node: not with an expert's credential
+                beat = scheduler_pb2.HeartbeatRequest(node_id="a-0")
+                assert await _code(stub.Heartbeat(beat, metadata=_as(token, "expert"))) == \
+                    grpc.StatusCode.PERMISSION_DENIED
+                await stub.Heartbeat(beat, metadata=_as(token, "attention"))
                 picked = await stub.PickReplica(scheduler_pb2.PickReplicaRequest(),
                                                 metadata=_as(token, "gateway"))
                 assert picked.node_id == "a-0"

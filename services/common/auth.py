@@ -143,13 +143,20 @@ def load_token(path: str | Path | None) -> bytes | None:
     return load_credential(path).token
 
 
-def write_role_credential(path: Path, token: bytes, role: str) -> Path:
-    """Write ``role``'s credential under ``token`` to ``path`` (mode 0600)."""
+def role_credential_file(token: bytes, role: str) -> str:
+    """The text of ``role``'s credential file under ``token`` (:func:`load_credential` reads
+    it)."""
     if role not in rights.ROLES:
         raise ValueError(f"unknown role {role!r}")
+    return f"{_ROLE_FILE_MAGIC} {role} {role_credential(token, role)}\n"
+
+
+def write_role_credential(path: Path, token: bytes, role: str) -> Path:
+    """Write ``role``'s credential file under ``token`` to ``path`` (mode 0600)."""
+    text = role_credential_file(token, role)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(f"{_ROLE_FILE_MAGIC} {role} {role_credential(token, role)}\n")
+        f.write(text)
     return path
 
 

@@ -45,6 +45,19 @@ def test_every_role_reads_the_token_and_its_certificate_from_secrets(secured, ro
     assert not any("token" in a or "tls" in a for a in container.get("args", []))
 
 
+def test_the_gateway_can_get_only_its_role_credential(helm) -> None:  # noqa: ANN001
+    r = render({"security": {"clusterTokenSecret": "ms-token",
+                             "gatewayCredentialSecret": "ms-gateway-credential"}})
+    for role in ROLES:
+        wl = r.workload(role)
+        container = main_container(wl)
+        ns, _ = parse_role(container, container_env(container, pod_identity(wl), {}))
+        want = ("ms-gateway-credential", "credential") if role == "gateway" else \
+            ("ms-token", "token")
+        assert (_mounted_from(wl, ns.cluster_token_file),
+                PurePosixPath(ns.cluster_token_file).name) == want, role
+
+
 def test_no_credentials_by_default(default_render) -> None:  # noqa: ANN001
     for role in ROLES:
         wl = default_render.workload(role)

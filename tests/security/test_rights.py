@@ -188,3 +188,21 @@ def test_tls_files_config_errors(tmp_path) -> None:  # noqa: ANN001
     (tmp_path / "a").write_text("not pem")
     with pytest.raises(Exception, match="--tls-cert-file .* not a PEM"):
         auth.TlsFiles.load(str(tmp_path / "a"), str(tmp_path / "a"), str(tmp_path / "a"))
+
+
+def test_credential_command_prints_a_role_credential_file(tmp_path, token: bytes) -> None:
+    import subprocess
+    import sys
+    (tmp_path / "token").write_bytes(token)
+    out = subprocess.run([sys.executable, "-m", "services.cli", "credential", "gateway",
+                          "--token-file", str(tmp_path / "token")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (tmp_path / "credential").write_text(out.stdout)
+    cred = auth.load_credential(tmp_path / "credential")
+    assert cred.role == "gateway" and cred.token is None
+    assert cred.role_credential == auth.role_credential(token, "gateway")
+    again = subprocess.run([sys.executable, "-m", "services.cli", "credential", "admin",
+                            "--token-file", str(tmp_path / "credential")],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "holds a role credential" in again.stderr

@@ -308,7 +308,10 @@ spec:
 {{/* The role's credentials as env, mounts and volumes: (dict "root" $ "role" "expert") */}}
 {{- define "megascale.securityEnv" -}}
 {{- $s := .root.Values.security }}
-{{- if $s.clusterTokenSecret }}
+{{- if and (eq .role "gateway") $s.gatewayCredentialSecret }}
+- name: MEGASCALE_CLUSTER_TOKEN_FILE
+  value: /etc/megascale/token/credential
+{{- else if $s.clusterTokenSecret }}
 - name: MEGASCALE_CLUSTER_TOKEN_FILE
   value: /etc/megascale/token/token
 {{- end }}
@@ -324,7 +327,7 @@ spec:
 
 {{- define "megascale.securityMounts" -}}
 {{- $s := .root.Values.security }}
-{{- if $s.clusterTokenSecret }}
+{{- if or $s.clusterTokenSecret (and (eq .role "gateway") $s.gatewayCredentialSecret) }}
 - name: cluster-token
   mountPath: /etc/megascale/token
   readOnly: true
@@ -338,10 +341,14 @@ spec:
 
 {{- define "megascale.securityVolumes" -}}
 {{- $s := .root.Values.security }}
-{{- if $s.clusterTokenSecret }}
+{{- $secret := $s.clusterTokenSecret }}
+{{- if and (eq .role "gateway") $s.gatewayCredentialSecret }}
+{{- $secret = $s.gatewayCredentialSecret }}
+{{- end }}
+{{- if $secret }}
 - name: cluster-token
   secret:
-    secretName: {{ $s.clusterTokenSecret }}
+    secretName: {{ $secret }}
     defaultMode: 0400
 {{- end }}
 {{- with index $s.tlsSecrets .role }}

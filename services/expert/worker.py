@@ -123,10 +123,13 @@ class ExpertWorker:
         URL: an Attach must not steal a live replica's replies. A replica that restarted on a
         new address is attached once its old link has failed (the drain loop drops it)."""
         with self._lock:
+            live = self._replies.get(sender_id)
+        # (the link's own check, outside our lock: the drain loop's callbacks take it)
+        if live is not None and live.url != reply_url and _alive(live):
+            raise SenderIdTaken(f"m2n sender id {sender_id} is attached to a live replica "
+                                f"at {live.url}; refusing a second one at {reply_url}")
+        with self._lock:
             same = self._replies.get(sender_id)
-            if same is not None and same.url != reply_url and _alive(same):
-                raise SenderIdTaken(f"m2n sender id {sender_id} is attached to a live replica "
-                                    f"at {same.url}; refusing a second one at {reply_url}")
             if same is not None and same.url == reply_url:
                 # The same receiver would refuse a second link with our sender id while the
                 # first is open: close it first (a reply in between fails like a lost link).

@@ -75,3 +75,8 @@ class CA:
 @pytest.fixture
 def ca(tmp_path: Path) -> CA:
     return CA(tmp_path)
+
+
+@pytest.fixture
+def make_ca():  # noqa: ANN201 - the CA class (test modules cannot import a conftest reliably)
+    return CA

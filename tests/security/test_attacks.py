@@ -178,8 +178,8 @@ def test_forged_replies_on_the_reply_port_are_dropped(expert, ckpt) -> None:  # 
         reply_rx.close()
 
 
-def _threads_named(prefix: str) -> int:
-    return sum(t.name.startswith(prefix) for t in threading.enumerate())
+def _threads_named(name: str) -> int:
+    return sum(t.name == name for t in threading.enumerate())
 
 
 def test_idle_connections_do_not_take_a_thread_each() -> None:
@@ -188,6 +188,7 @@ def test_idle_connections_do_not_take_a_thread_each() -> None:
     host, port = rx.url.removeprefix("tcp://").rsplit(":", 1)
     socks: list[socket.socket] = []
     try:
+        name = f"m2n-handshake-{rx.url}"
         peak = 0
         for _ in range(3000):
             try:
@@ -195,10 +196,11 @@ def test_idle_connections_do_not_take_a_thread_each() -> None:
             except OSError:
                 pass  # the backlog is full: refused by the kernel, no thread either
             if len(socks) % 100 == 0:
-                peak = max(peak, _threads_named("m2n-handshake"))
-        peak = max(peak, _threads_named("m2n-handshake"))
-        assert peak <= rx.config.max_handshakes_per_host, peak
-        assert rx.stats()["refused_busy"] > 0
+                peak = max(peak, _threads_named(name))
+        peak = max(peak, _threads_named(name))
+        # + 2: a handshake thread that has given its slot back may not have exited yet
+        assert peak <= rx.config.max_handshakes_per_host + 2, (peak, rx.stats())
+        assert rx.stats()["refused_busy"] > 0, rx.stats()
         # a real sender still gets in once the idle ones are gone
         for s in socks:
             s.close()

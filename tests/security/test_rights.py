@@ -136,9 +136,7 @@ def _tls_channel(address: str, files: tuple[str, str, str] | None, ca_file: str
                                    [("grpc.ssl_target_name_override", auth.TLS_SERVER_NAME)])
 
 
-def test_mtls_roles_on_the_scheduler(redis_url: str, ca, tmp_path) -> None:  # noqa: ANN001
-    from conftest import CA
-
+def test_mtls_roles_on_the_scheduler(redis_url: str, ca, make_ca, tmp_path) -> None:  # noqa: ANN001
     async def body() -> None:
         auth.configure(None, "scheduler", auth.TlsFiles.load(*ca.issue("scheduler")))
         sched = Scheduler(_config(redis_url))
@@ -154,7 +152,7 @@ def test_mtls_roles_on_the_scheduler(redis_url: str, ca, tmp_path) -> None:  # n
                     scheduler_pb2.GetSettingsRequest(), timeout=3)) == \
                     grpc.StatusCode.UNAVAILABLE
             (tmp_path / "other").mkdir()
-            other = CA(tmp_path / "other", "other CA")
+            other = make_ca(tmp_path / "other", "other CA")
             async with _tls_channel(sched.address, other.issue("attention"), ca.ca_file) as ch:
                 assert await _code(scheduler_pb2_grpc.SchedulerStub(ch).GetSettings(
                     scheduler_pb2.GetSettingsRequest(), timeout=3)) == \

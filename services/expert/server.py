@@ -43,7 +43,14 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
 
     async def Attach(self, request: expert_pb2.AttachRequest, context: grpc.aio.ServicerContext
                      ) -> expert_pb2.AttachResponse:
-        """Open the combine link to ``request.reply_url``; reply with the dispatch URL."""
+        """Open the combine link to ``request.reply_url``; reply with the dispatch URL.
+        PERMISSION_DENIED when the caller's credential names another node; ALREADY_EXISTS when
+        the sender id has a live link to another replica."""
+        who = auth.caller()
+        if who is not None and who.node_id is not None and who.node_id != request.node_id:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"the credential of node {who.node_id!r} may not attach as "
+                                f"{request.node_id!r}")
         try:
             libm2n.parse_url(request.reply_url)
         except libm2n.InvalidArgument as exc:

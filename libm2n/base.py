@@ -130,9 +130,24 @@ class ReceiverConfig:
     # When set, a sender must prove it holds this shared token in its HELLO (libm2n.auth);
     # others are refused before any slot memory is allocated for them.
     auth_token: bytes | None = field(default=None, repr=False)
+    # What any set of peers can take. Connections in their handshake at once: each holds one
+    # short-lived thread; more wait in the listen backlog, and one address's connections past
+    # max_handshakes_per_host are closed at once (tcp). Slot memory over all admitted
+    # senders: a sender past it is refused before its slots are allocated (0 = no bound but
+    # max_senders times the per-sender size).
+    max_handshakes: int = 64
+    max_handshakes_per_host: int = 16
+    max_slot_memory_bytes: int = 0
 
     def __post_init__(self) -> None:
         _check_token(self.auth_token)
+        if not 1 <= self.max_handshakes_per_host <= self.max_handshakes <= 4096:
+            raise InvalidArgument(
+                f"need 1 <= max_handshakes_per_host <= max_handshakes <= 4096, got "
+                f"{self.max_handshakes_per_host} and {self.max_handshakes}")
+        if self.max_slot_memory_bytes < 0:
+            raise InvalidArgument(
+                f"max_slot_memory_bytes must be >= 0, got {self.max_slot_memory_bytes}")
         if not 1 <= self.slots_per_sender <= 4096:
             raise InvalidArgument(
                 f"slots_per_sender must be in 1..4096, got {self.slots_per_sender}")

@@ -53,6 +53,15 @@ _HEADER_BATCH = _MAX_FRAMES_PER_WAKEUP * HEADER_SIZE  # shm: bytes read per recv
 _DATA = int(Kind.DATA)  # a plain int compares faster than the enum member
 
 
+def _peer_host(sock: socket.socket) -> str:
+    """The peer's address ("" for a unix socket: every shm sender is local)."""
+    try:
+        addr = sock.getpeername()
+    except OSError:
+        return ""
+    return addr[0] if isinstance(addr, tuple) else ""
+
+
 class _Peer:
     """Receiver-side state of one connected sender, including its read state machine."""
 
@@ -125,7 +134,12 @@ class StreamReceiver(Receiver):
         self._spin_s = config.spin_us * 1e-6
         self._closed = False
         self._stats = dict(messages=0, bytes=0, errors=0, peers_connected=0, peers_lost=0,
-                           peers_closed=0, credits_sent=0, refused_unauthenticated=0)
+                           peers_closed=0, credits_sent=0, refused_unauthenticated=0,
+                           refused_busy=0, refused_memory=0)
+        # Connections in their handshake, per peer address (each holds a handshake thread).
+        self._handshaking: dict[str, int] = {}
+        self._slot_memory = 0  # bytes of slot memory held by admitted and admitting senders
+        self._handshake_slots = threading.BoundedSemaphore(config.max_handshakes)
         self._listener, self.url = self._listen(ep)
         self._listener.settimeout(0.2)
         self._epoll = select.epoll()
@@ -254,28 +268,65 @@ class StreamReceiver(Receiver):
                 self._rlock.release()
 
     # -- internals -----------------------------------------------------------------------------
+    def _peer_bytes(self) -> int:
+        """Slot memory of one sender."""
+        return self.config.slots_per_sender * (self.slot_header + self.config.slot_bytes)
+
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
             self._stats[key] += n
 
     def _accept_loop(self) -> None:
         while not self._closed:
+            # Bounded threads: past max_handshakes connections wait in the listen backlog
+            # until a handshake ends (each ends within handshake_timeout_s).
+            if not self._handshake_slots.acquire(timeout=0.2):
+                continue
             try:
                 sock, _ = self._listener.accept()
             except TimeoutError:
+                self._handshake_slots.release()
                 continue
             except OSError:
+                self._handshake_slots.release()
                 if self._closed:
                     return
                 time.sleep(0.01)
                 continue
-            t = threading.Thread(target=self._admit, args=(sock,), daemon=True,
+            host = _peer_host(sock)
+            with self._lock:
+                # One address may not hold every handshake slot with idle connections: past
+                # its share, its new connections are closed at once. (Unix sockets: local.)
+                busy = bool(host) and (self._handshaking.get(host, 0)
+                                       >= self.config.max_handshakes_per_host)
+                if busy:
+                    self._stats["refused_busy"] += 1
+                else:
+                    self._handshaking[host] = self._handshaking.get(host, 0) + 1
+            if busy:
+                self._handshake_slots.release()
+                shutdown_quietly(sock)
+                sock.close()
+                continue
+            t = threading.Thread(target=self._admit, args=(sock, host), daemon=True,
                                  name=f"m2n-handshake-{self.url}")
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
             t.start()
 
-    def _admit(self, sock: socket.socket) -> None:
+    def _admit(self, sock: socket.socket, host: str) -> None:
         """Handshake one connection (in its own short-lived thread), then join the epoll set."""
+        try:
+            self._admit_handshaken(sock)
+        finally:
+            self._handshake_slots.release()
+            with self._lock:
+                left = self._handshaking.get(host, 1) - 1
+                if left:
+                    self._handshaking[host] = left
+                else:
+                    self._handshaking.pop(host, None)
+
+    def _admit_handshaken(self, sock: socket.socket) -> None:
         try:
             peer = self._handshake(sock)
         except (Eof, PeerLost, OSError):
@@ -296,6 +347,7 @@ class StreamReceiver(Receiver):
         with self._lock:
             if self._closed:
                 self._peers.pop(peer.sender_id, None)
+                self._slot_memory -= self._peer_bytes()
                 shutdown_quietly(sock)
                 sock.close()
                 return
@@ -328,6 +380,7 @@ class StreamReceiver(Receiver):
         # until a reader has processed the old connection's CLOSE/EOF: wait for that (reading
         # ourselves when no one else is) a little before refusing the id as a duplicate.
         grace_end = time.monotonic() + min(cfg.handshake_timeout_s, _REUSE_GRACE_S)
+        size = self._peer_bytes()
         while True:
             with self._lock:
                 if self._closed:
@@ -335,7 +388,13 @@ class StreamReceiver(Receiver):
                 if h.sender_id not in self._peers:
                     if len(self._peers) >= cfg.max_senders:
                         raise Refused(f"{self.url} is full ({cfg.max_senders} senders)")
+                    if cfg.max_slot_memory_bytes and (self._slot_memory + size
+                                                      > cfg.max_slot_memory_bytes):
+                        self._stats["refused_memory"] += 1
+                        raise Refused(f"{self.url} is full (slot memory "
+                                      f"{cfg.max_slot_memory_bytes} bytes)")
                     self._peers[h.sender_id] = None  # reserve the id until the WELCOME is out
+                    self._slot_memory += size
                     break
             if time.monotonic() >= grace_end:
                 raise Refused(f"sender id {h.sender_id} is already connected to {self.url}")
@@ -349,8 +408,7 @@ class StreamReceiver(Receiver):
                     self._rlock.release()
             time.sleep(0.005)
         try:
-            mem, fds = self._make_memory(
-                h.sender_id, cfg.slots_per_sender * (self.slot_header + cfg.slot_bytes))
+            mem, fds = self._make_memory(h.sender_id, size)
             peer = _Peer(sock, h.sender_id, mem, cfg.slots_per_sender, cfg.slot_bytes, self)
             welcome = pack(Header(kind=Kind.WELCOME, sender_id=h.sender_id,
                                   rows=cfg.slots_per_sender, cols=cfg.slot_bytes))
@@ -363,6 +421,7 @@ class StreamReceiver(Receiver):
         except BaseException:
             with self._lock:
                 self._peers.pop(h.sender_id, None)
+                self._slot_memory -= size
             raise
         return peer
 
@@ -489,6 +548,7 @@ class StreamReceiver(Receiver):
                         pass
             if self._peers.get(peer.sender_id) is peer:
                 del self._peers[peer.sender_id]
+                self._slot_memory -= self._peer_bytes()
             if count:
                 self._stats["peers_closed" if graceful else "peers_lost"] += 1
         with peer.lock:

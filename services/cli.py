@@ -20,6 +20,7 @@ from services.errors import UserError
 
 # name -> (module that defines register(subparsers), one-line help). Order of `--help`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "credential": ("services.launch.credential", "print one role's credential file"),
     "demo-model": ("services.core.demo", "write a small random MoE checkpoint + tokenizer"),
     "generate": ("services.core.generate", "offline generation (the monolithic reference)"),
     "plan": ("services.planner.cli", "search a deployment plan (or --profile)"),

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -75,7 +77,8 @@ class ExpertClient:
                  hidden: int, top_k: int, reply_timeout_s: float = 10.0,
                  peer_timeout_s: float = 10.0, readmit_after_s: float = 30.0,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 auth_token: bytes | None = None) -> None:
+                 auth_token: bytes | None = None,
+                 reply_senders: Mapping[str, int] | None = None) -> None:
         self.reply_rx = reply_rx
         self.sender_id = sender_id
         self.hidden = hidden
@@ -89,14 +92,22 @@ class ExpertClient:
         self._down_at: dict[str, float] = {}  # node id -> time.monotonic() it went down
         self.failovers = 0  # parts re-sent to another replica because their node went down
         self.dropped_replies = 0  # late replies to re-sent parts or failed steps
+        # node id -> libm2n sender id its replies come from (filled as nodes are attached).
+        # A reply carrying an outstanding tag from any other sender is dropped and counted:
+        # a peer on the reply port cannot answer for a node it is not.
+        self.reply_senders: Mapping[str, int] = reply_senders if reply_senders is not None \
+            else {}
+        self.forged_replies = 0
         self.down: dict[str, str] = {}  # node id -> why it is considered down
         self._round_trips: list[float] = []  # per dispatch: sent -> last reply, seconds
-        self._tags = itertools.count(1)
+        # Tags start at a random point, so a peer cannot guess the ones in flight.
+        self._tags = itertools.count(secrets.randbits(62))
         self._arrived: dict[int, libm2n.Message] = {}  # tag -> reply that nobody waited for yet
-        # Tags sent and not yet combined. A reply whose tag is not here belongs to a part that
-        # was re-sent elsewhere or to a failed step: it is dropped, never held (a held reply
-        # keeps a receive slot of its node busy).
-        self._outstanding: set[int] = set()
+        # Tags sent and not yet combined -> the sender id their reply must come from (None:
+        # unknown). A reply whose tag is not here belongs to a part that was re-sent
+        # elsewhere or to a failed step: it is dropped, never held (a held reply keeps a
+        # receive slot of its node busy).
+        self._outstanding: dict[int, int | None] = {}
         self._senders: list[libm2n.Sender] = []
         self.placement: Placement | None = None
         # Expert nodes this replica attached to (they hold its reply link); a placement may
@@ -241,7 +252,7 @@ class ExpertClient:
                 self._resend(pending, (ni, row_ids, ids, weights))
                 continue
             pending.waiting[tag] = (ni, row_ids, ids, weights)
-            self._outstanding.add(tag)
+            self._outstanding[tag] = self.reply_senders.get(self.placement.nodes[ni].node_id)
 
     def _resend(self, pending: PendingCombine, part: Part) -> None:
         """Route a part owed by a node now marked down to the other replicas of its experts
@@ -266,9 +277,25 @@ class ExpertClient:
             self._keep(msg)
         return all(tag in self._arrived for tag in pending.waiting)
 
+    def _forged(self, msg: libm2n.Message) -> bool:
+        """True (and ``msg`` released, counted) for a reply to an outstanding tag that comes
+        from another sender than the node the dispatch went to."""
+        want = self._outstanding.get(msg.header.tag)
+        if want is None or msg.header.sender_id == want:
+            return False
+        self.forged_replies += 1
+        if self.forged_replies == 1 or self.forged_replies % 1000 == 0:
+            log.warning("dropped %d reply(ies) from a sender that was not sent the dispatch "
+                        "(latest: sender %d, expected %d)", self.forged_replies,
+                        msg.header.sender_id, want)
+        msg.release()
+        return True
+
     def _keep(self, msg: libm2n.Message) -> None:
         """Hold a reply until its combine takes it (a late one is dropped)."""
         tag = msg.header.tag
+        if self._forged(msg):
+            return
         if tag in self._outstanding:
             self._arrived[tag] = msg
         else:  # late reply of a re-sent part or of a failed step
@@ -290,7 +317,7 @@ class ExpertClient:
                 deadline = time.monotonic() + self.reply_timeout_s
                 continue
             ni, row_ids, _, _ = pending.waiting.pop(msg.header.tag)
-            self._outstanding.discard(msg.header.tag)
+            self._outstanding.pop(msg.header.tag, None)
             with msg:
                 part = msg.tensor()
                 if moe_wire.is_error(part):
@@ -328,7 +355,7 @@ class ExpertClient:
         down = self._routes.down
         for tag in [t for t, p in pending.waiting.items() if p[0] in down]:
             if tag not in self._arrived:
-                self._outstanding.discard(tag)
+                self._outstanding.pop(tag, None)
                 self._resend(pending, pending.waiting.pop(tag))
 
     def _next_reply(self, pending: PendingCombine, deadline: float) -> libm2n.Message | None:
@@ -351,7 +378,9 @@ class ExpertClient:
                     return None
                 continue
             if msg.header.tag in pending.waiting:
-                return msg
+                if not self._forged(msg):
+                    return msg
+                continue
             self._keep(msg)  # another micro-batch's (kept until combined), or a late one
 
     def _check_senders(self) -> bool:
@@ -377,7 +406,7 @@ class ExpertClient:
             msg = self._arrived.pop(tag, None)
             if msg is not None:
                 msg.release()
-            self._outstanding.discard(tag)
+            self._outstanding.pop(tag, None)
         pending.waiting.clear()
 
     def close(self) -> None:

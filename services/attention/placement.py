@@ -155,6 +155,9 @@ class ExpertAttacher:
         # node id -> the start time of the process this replica attached to (0 = unknown:
         # attached from --expert-nodes, before any placement named it)
         self.started: dict[str, float] = {}
+        # node id -> the libm2n sender id its replies come from (AttachResponse): a reply is
+        # accepted only from the node its dispatch went to (attention/dispatch.py)
+        self.reply_senders: dict[str, int] = {}
 
     async def attach(self, address: str, timeout_s: float = 30.0) -> expert_pb2.AttachResponse:
         """Raises ConfigError (one line) when the node cannot be reached or serves another
@@ -171,6 +174,7 @@ class ExpertAttacher:
         if resp.num_experts != self.num_experts:
             raise ConfigError(f"expert node {address} serves a model with {resp.num_experts} "
                               f"experts, this replica's model has {self.num_experts}")
+        self.reply_senders[resp.node_id] = resp.m2n_sender_id
         return resp
 
 

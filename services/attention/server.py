@@ -38,6 +38,7 @@ from services.attention.requests import (
     start_span,
 )
 from services.common import auth
+from services.common.epochs import check_pushed_epoch
 from services.common.lifecycle import RoleLifecycle
 from services.common.net import advertised_url
 from services.common.timeline import timeline_for
@@ -120,8 +121,10 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
                               ) -> common_pb2.UpdatePlacementResponse:
         """Adopt a newer placement at the next step boundary (older epochs are ignored),
         attaching first to expert nodes it names that this replica has not attached to.
-        INVALID_ARGUMENT: malformed, or a new node cannot be attached."""
+        INVALID_ARGUMENT: malformed, a jump past the epoch bound (services/common/epochs.py),
+        or a new node cannot be attached."""
         try:
+            check_pushed_epoch(self.engine.placement.epoch, request.epoch)
             applied = await adopt_placement(self.engine, request, self.attacher)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -180,7 +183,7 @@ async def _remote_client(config: AttentionConfig, cfg: ModelConfig, attention: A
                           peer_timeout_s=config.expert_timeout_s,
                           readmit_after_s=config.expert_readmit_s,
                           dtype=attention.dtype, device=attention.device,
-                          auth_token=auth.m2n_token())
+                          auth_token=auth.m2n_token(), reply_senders=attacher.reply_senders)
     return client, attacher, reply_url
 
 

@@ -53,8 +53,15 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
              help="write a JSON with the bound addresses here once serving")
     add_flag(p, "--log-level", default="INFO")
     add_flag(p, "--cluster-token-file", default=None,
-             help="file holding the deployment's shared secret: internal gRPC calls and "
-                  "libm2n links must present it (services/common/auth.py); unset = no checks")
+             help="file holding the deployment's shared secret (or this role's credential): "
+                  "internal gRPC calls and libm2n links must prove it "
+                  "(services/common/auth.py); unset = no checks")
+    add_flag(p, "--tls-cert-file", default=None,
+             help="PEM certificate of this process (common name ROLE or ROLE/NODE_ID, DNS "
+                  "name megascale-internal): internal gRPC links use mTLS")
+    add_flag(p, "--tls-key-file", default=None, help="PEM private key of --tls-cert-file")
+    add_flag(p, "--tls-ca-file", default=None,
+             help="PEM CA that signs every internal certificate (peers must present one)")
 
 
 def add_compute_flags(p: argparse.ArgumentParser) -> None:

@@ -16,9 +16,11 @@ MAX_MESSAGE_BYTES = 64 << 20
 
 async def start_server(host: str, port: int, add_servicers: Callable[[grpc.aio.Server], None],
                        service_names: Iterable[str],
-                       interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+                       interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                       credentials: grpc.ServerCredentials | None = None
                        ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Bind ``host:port`` (0 picks a free port), register servicers + health + reflection.
+    With ``credentials`` the port speaks TLS (services/common/auth.py: mTLS).
 
     Returns ``(server, bound_port, health_servicer)``; every service starts as SERVING.
     """
@@ -34,7 +36,8 @@ async def start_server(host: str, port: int, add_servicers: Callable[[grpc.aio.S
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = (server.add_insecure_port(f"{host}:{port}") if credentials is None
+             else server.add_secure_port(f"{host}:{port}", credentials))
     if bound == 0:
         raise ConfigError(f"cannot bind gRPC server to {host}:{port}")
     await server.start()

@@ -92,11 +92,13 @@ class RoleLifecycle:
     async def start_grpc(self, port: int, add_servicers: Callable[[grpc.aio.Server], None],
                          service_names: Iterable[str], internal: bool = True) -> int:
         """Bind and start the role's gRPC server (health and reflection included); returns the
-        bound port. An ``internal`` service requires the cluster token when one is configured
-        (services/common/auth.py); the gateway's public one has its API key instead."""
+        bound port. An ``internal`` service requires a proven role with the method's right, and
+        speaks mTLS, when configured (services/common/auth.py); the gateway's public one has
+        its API key instead."""
         server, bound, _health = await start_server(
             self.host, port, add_servicers, service_names,
-            auth.server_interceptors() if internal else ())
+            auth.server_interceptors() if internal else (),
+            auth.server_credentials() if internal else None)
         self._stack.push_async_callback(server.stop, GRPC_GRACE_S)
         self.grpc_port = bound
         self.grpc_address = f"{self.advertised}:{bound}"

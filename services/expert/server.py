@@ -16,6 +16,7 @@ import grpc
 import libm2n
 from megascale.v1 import common_pb2, expert_pb2, expert_pb2_grpc
 from services.common import auth
+from services.common.epochs import check_pushed_epoch
 from services.common.lifecycle import RoleLifecycle
 from services.common.net import advertised_url
 from services.common.timeline import timeline_for
@@ -27,7 +28,7 @@ from services.core.runtime import configure_threads
 from services.errors import ConfigError
 from services.expert.config import ExpertConfig
 from services.expert.metrics import ExpertMetrics
-from services.expert.worker import ComputeEvent, ExpertWorker
+from services.expert.worker import ComputeEvent, ExpertWorker, SenderIdTaken
 
 log = logging.getLogger("megascale.expert")
 
@@ -45,7 +46,14 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
 
     async def Attach(self, request: expert_pb2.AttachRequest, context: grpc.aio.ServicerContext
                      ) -> expert_pb2.AttachResponse:
-        """Open the combine link to ``request.reply_url``; reply with the dispatch URL."""
+        """Open the combine link to ``request.reply_url``; reply with the dispatch URL.
+        PERMISSION_DENIED when the caller's credential names another node; ALREADY_EXISTS when
+        the sender id has a live link to another replica."""
+        who = auth.caller()
+        if who is not None and who.node_id is not None and who.node_id != request.node_id:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"the credential of node {who.node_id!r} may not attach as "
+                                f"{request.node_id!r}")
         try:
             libm2n.parse_url(request.reply_url)
         except libm2n.InvalidArgument as exc:
@@ -53,6 +61,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         try:
             await asyncio.to_thread(self.worker.attach, request.m2n_sender_id,
                                     request.reply_url)
+        except SenderIdTaken as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except libm2n.M2NError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"cannot open reply link to {request.reply_url}: {exc}")
@@ -77,11 +87,16 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
     async def UpdatePlacement(self, request: common_pb2.ExpertPlacement,
                               context: grpc.aio.ServicerContext
                               ) -> common_pb2.UpdatePlacementResponse:
-        """Adopt a newer placement epoch (older ones are ignored)."""
+        """Adopt a newer placement epoch (older ones are ignored; a jump past the bound of
+        services/common/epochs.py is INVALID_ARGUMENT)."""
         if request.num_experts and request.num_experts != self.cfg.num_experts:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"placement has num_experts {request.num_experts}, the model "
                                 f"has {self.cfg.num_experts}")
+        try:
+            check_pushed_epoch(self.worker.epoch, request.epoch)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request.epoch > self.worker.epoch:
             self.worker.set_epoch(request.epoch)
         return common_pb2.UpdatePlacementResponse(applied_epoch=self.worker.epoch)

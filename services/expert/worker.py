@@ -91,6 +91,18 @@ class _Hosting:
         return cls(experts, hosted, foreign if bool(foreign.any()) else None)
 
 
+class SenderIdTaken(Exception):
+    """An Attach named the sender id of a live replica with another reply URL."""
+
+
+def _alive(sender: libm2n.Sender) -> bool:
+    try:
+        sender.check()
+    except libm2n.M2NError:
+        return False
+    return True
+
+
 class ExpertWorker:
     """Owns the dispatch receiver and one reply sender per attached attention replica."""
 
@@ -130,7 +142,17 @@ class ExpertWorker:
         self._hosting = _Hosting.of(experts)
 
     def attach(self, sender_id: int, reply_url: str) -> None:
-        """Connect the reply link to an attention replica (idempotent per sender id)."""
+        """Connect the reply link to an attention replica (idempotent per sender id).
+
+        Raises :class:`SenderIdTaken` when ``sender_id`` has a live reply link to another
+        URL: an Attach must not steal a live replica's replies. A replica that restarted on a
+        new address is attached once its old link has failed (the drain loop drops it)."""
+        with self._lock:
+            live = self._replies.get(sender_id)
+        # (the link's own check, outside our lock: the drain loop's callbacks take it)
+        if live is not None and live.url != reply_url and _alive(live):
+            raise SenderIdTaken(f"m2n sender id {sender_id} is attached to a live replica "
+                                f"at {live.url}; refusing a second one at {reply_url}")
         with self._lock:
             same = self._replies.get(sender_id)
             if same is not None and same.url == reply_url:

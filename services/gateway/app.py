@@ -176,8 +176,11 @@ def _check_text(body: Any) -> None:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
-                raise bad_request(f"{field or 'body'}: a string holds a lone surrogate (not "
-                                  "valid Unicode text)", field) from None
+                # the field name is the client's too: shown escaped unless plain printable ASCII
+                name = "body" if field is None else field if (
+                    field.isascii() and field.isprintable()) else json.dumps(field)
+                raise bad_request(f"{name}: a string holds a lone surrogate (not valid "
+                                  "Unicode text)", name) from None
         elif isinstance(value, dict):
             stack.extend((field, v) for k, v in value.items())
             stack.extend((field, k) for k in value)

@@ -380,8 +380,13 @@ def _failure_of(item: attention_pb2.StreamEvent | ReplicaFailure | None
 
 async def _next_event(events: asyncio.Queue, deadline: float
                       ) -> attention_pb2.StreamEvent | ReplicaFailure | None:
-    """The request's next item; None once ``deadline`` (time.monotonic()) has passed."""
+    """The request's next item; None once ``deadline`` (time.monotonic()) has passed.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it returns the item and drops a cancellation
+    that arrives as the item does, and then a request whose client went away runs on to its
+    end. ``asyncio.timeout`` never loses a cancellation."""
     try:
-        return await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await events.get()
     except TimeoutError:
         return None

@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s {args.role} %(levelname)s %(name)s: %(message)s")
     main = importlib.import_module(ROLES[args.role][0])
-    auth.configure(auth.load_token(args.cluster_token_file))
+    auth.configure(auth.load_credential(args.cluster_token_file), args.role,
+                   auth.TlsFiles.load(args.tls_cert_file, args.tls_key_file, args.tls_ca_file))
     config = main.build(args)
     return asyncio.run(_run(main.serve, config, args.ready_file))
 

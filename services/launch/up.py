@@ -25,11 +25,13 @@ import threading
 import time
 from pathlib import Path
 
+from services.common import auth
 from services.common.flags import add_flag, secret_from
 from services.core.runtime import COMPUTE_DTYPES, pick_device
 from services.errors import UserError
 from services.launch.layout import DEFAULT_EXPERT_NODES, LAYOUTS, choose_layout
 from services.launch.procs import RoleProcess, partition_experts, spawn_role
+from services.launch.tls import make_role_certificates
 
 _PR_SET_PDEATHSIG = 1
 RESTART_BACKOFF_S = 1.0  # a child that dies is restarted after this, doubling per restart
@@ -78,6 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                   "or --api-key-file (argv is visible in ps)")
     add_flag(p, "--api-key-file", default=None, help="file holding the gateway's API key")
     add_flag(p, "--quiet", action="store_true", help="do not stream the children's logs")
+    add_flag(p, "--tls", action="store_true",
+             help="mTLS between the roles with a throwaway CA in WORKDIR/tls (the cluster "
+                  "token is used either way)")
     add_flag(p, "--device", default="auto",
              help="cpu | cuda[:N] | auto (cuda when a GPU is visible): every compute role")
     add_flag(p, "--attention-devices", default=None,
@@ -103,16 +108,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+_TLS_ROLES = ["scheduler", "attention", "expert", "gateway"]
+
+
 class Mesh:
     """The children of one ``megascale up`` and how to stop them."""
 
-    def __init__(self, workdir: Path, quiet: bool) -> None:
+    def __init__(self, workdir: Path, quiet: bool, tls: bool = False) -> None:
         self.workdir = workdir
         self.quiet = quiet
         # One secret per launch, in a file only this user can read: every internal gRPC call
         # and libm2n link of the mesh must present it (services/common/auth.py).
-        token_file = _secret_file(workdir / "cluster.token", secrets.token_hex(32))
+        token = secrets.token_hex(32)
+        token_file = _secret_file(workdir / "cluster.token", token)
         self.env = {"MEGASCALE_CLUSTER_TOKEN_FILE": str(token_file)}
+        # The gateway faces clients: it gets only its role's credential, not the token.
+        gateway_file = auth.write_role_credential(workdir / "gateway.credential",
+                                                  token.encode(), "gateway")
+        self.gateway_env = {"MEGASCALE_CLUSTER_TOKEN_FILE": str(gateway_file)}
+        # --tls: a throwaway CA and one certificate per role; internal gRPC is then mTLS.
+        self.tls_env = (make_role_certificates(workdir / "tls", _TLS_ROLES) if tls else {})
         self.children: list[RoleProcess] = []
         self._specs: dict[str, tuple[str, list[str]]] = {}  # name -> (role, args) as started
         self._restarts: dict[str, list[float]] = {}  # name -> times it was restarted
@@ -120,9 +135,14 @@ class Mesh:
         self._stop_tail = threading.Event()
         self._tails: list[threading.Thread] = []
 
+    def _env(self, role: str) -> dict[str, str]:
+        return {**(self.gateway_env if role == "gateway" else self.env),
+                **self.tls_env.get(role, {})}
+
     def start_role(self, role: str, args: list[str], name: str) -> RoleProcess:
         log = self.workdir / f"{name}.log"
-        proc = spawn_role(role, args, name, self.workdir, env=self.env, log=log,
+        proc = spawn_role(role, args, name, self.workdir,
+                          env=self._env(role), log=log,
                           preexec_fn=_die_with_parent)
         self.children.append(proc)
         self._specs[name] = (role, list(args))
@@ -156,7 +176,7 @@ class Mesh:
     def _respawn(self, child: RoleProcess) -> RoleProcess:
         role, args = self._specs[child.name]
         return spawn_role(role, _pinned(args, child.info), child.name, self.workdir,
-                          env=self.env, log=self.workdir / f"{child.name}.log",
+                          env=self._env(role), log=self.workdir / f"{child.name}.log",
                           preexec_fn=_die_with_parent)
 
     def _respawn_redis(self) -> RoleProcess:
@@ -329,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
     print(layout.describe(), flush=True)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="megascale-up-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh = Mesh(workdir, args.quiet)
+    mesh = Mesh(workdir, args.quiet, tls=args.tls)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -251,6 +251,11 @@ class Controller:
             return None
         return list(self._records.values())
 
+    def role_of(self, node_id: str) -> int | None:
+        """The role the node registered with, as the view holds it (None: not in the view)."""
+        rec = self._records.get(node_id)
+        return None if rec is None else rec.info.role
+
     def note_register(self, info: common_pb2.NodeInfo) -> None:
         self._records[info.node_id] = NodeRecord(info, None)
         self._noted[info.node_id] = time.monotonic()

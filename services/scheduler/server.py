@@ -21,6 +21,7 @@ from typing import TypeVar
 import grpc
 
 from megascale.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.common import auth
 from services.common.lifecycle import RoleLifecycle
 from services.errors import ConfigError
 from services.scheduler.balancer import AllFull, Balancer, NoReplica
@@ -125,13 +126,32 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def _bad(self, context: grpc.aio.ServicerContext, exc: BadRequest) -> None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
+    async def _check_speaks_for(self, context: grpc.aio.ServicerContext, role: int,
+                                node_id: str) -> None:
+        """PERMISSION_DENIED unless the proven caller (services/common/auth.py) may act for
+        node ``node_id`` of ``role``: a node speaks for itself, in its own role; the
+        scheduler and an operator for any node. Nothing is checked on an unchecked server."""
+        who = auth.caller()
+        if who is None or who.role in ("scheduler", "admin"):
+            return
+        if who.role != role_name(role):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"a {who.role} may not act for {role_name(role)} node "
+                                f"{node_id!r}")
+        if who.node_id is not None and who.node_id != node_id:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"the {who.role} credential of node {who.node_id!r} may not "
+                                f"act for node {node_id!r}")
+
     async def Register(self, request: common_pb2.NodeInfo, context: grpc.aio.ServicerContext
                        ) -> scheduler_pb2.RegisterResponse:
-        """Start a lease for the node; the membership epoch moves when it (re)joins."""
+        """Start a lease for the node; the membership epoch moves when it (re)joins.
+        PERMISSION_DENIED when the caller's role is not ``request.role``."""
         try:
             validate_node_info(request, self.config.num_experts)
         except BadRequest as exc:
             await self._bad(context, exc)
+        await self._check_speaks_for(context, request.role, request.node_id)
         try:
             epoch = await self._redis(context, self.state.register(request))
         except AlreadyRegistered:
@@ -156,6 +176,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             validate_load(request.load)
         except BadRequest as exc:
             await self._bad(context, exc)
+        if auth.caller() is not None:
+            role = self.controller.role_of(request.node_id)  # the view: no Redis read here
+            if role is not None:
+                await self._check_speaks_for(context, role, request.node_id)
         found, changed, epoch = await self._redis(context, self.state.heartbeat(
             request.node_id, request.load, self.controller.current.epoch))
         if not found:
@@ -168,11 +192,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def Deregister(self, request: scheduler_pb2.DeregisterRequest,
                          context: grpc.aio.ServicerContext) -> scheduler_pb2.DeregisterResponse:
-        """Leave now; NOT_FOUND when the node was not registered."""
+        """Leave now; NOT_FOUND when the node was not registered, PERMISSION_DENIED when the
+        caller is not the node (its role) or the scheduler/an operator."""
         try:
             check_node_id(request.node_id)
         except BadRequest as exc:
             await self._bad(context, exc)
+        who = auth.caller()
+        if who is not None and who.role not in ("scheduler", "admin"):
+            records = await self._redis(context, self.state.nodes())
+            rec = next((r for r in records if r.info.node_id == request.node_id), None)
+            if rec is not None:
+                await self._check_speaks_for(context, rec.info.role, request.node_id)
         epoch = await self._redis(context, self.state.deregister(request.node_id))
         if epoch is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,

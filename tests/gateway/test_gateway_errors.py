@@ -111,6 +111,9 @@ CASES = [  # (path, body, status, param)
                  id="surrogate-message"),
     pytest.param("/v1/completions", b'{"model": "mixtral-gw", "prompt": "x", "max_tokens": 2, '
                  b'"stop": ["\\ud800"]}', 400, "stop", id="surrogate-stop"),
+    # a field name that is no plain text is named escaped (one line, encodable)
+    pytest.param("/v1/completions", b'{"model": "mixtral-gw", "prompt": "x", "max_tokens": 2, '
+                 b'"\\n\\ud800": "\\ud800"}', 400, '"\\n\\ud800"', id="surrogate-odd-key"),
     # more text than any max_model_len tokens can hold: refused before tokenizing
     pytest.param("/v1/completions", {**GOOD, "prompt": "x" * 60_000}, 400, "prompt",
                  id="text-past-the-context"),

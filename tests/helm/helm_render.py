@@ -204,45 +204,6 @@ def flag_env_name(flag: str) -> str:
     return "MEGASCALE_" + flag.lstrip("-").upper().replace("-", "_")
 
 
-# The interface of work merged in parallel that the chart already uses: flags another branch
-# adds. While a flag is missing from the real parser, parse_role declares it (as a plain
-# string flag read from its MEGASCALE_ variable) so the rest of the pod is still checked; once
-# the real flag exists this is a no-op. test_pending_cli_interface reports which are missing.
-PENDING_FLAGS: dict[str, tuple[str, ...]] = {
-    "scheduler": ("--expert-replicas", "--tls-cert-file", "--tls-key-file", "--tls-ca-file"),
-    "expert": ("--tls-cert-file", "--tls-key-file", "--tls-ca-file"),
-    "attention": ("--tls-cert-file", "--tls-key-file", "--tls-ca-file"),
-    "gateway": ("--tls-cert-file", "--tls-key-file", "--tls-ca-file"),
-}
-
-
-def missing_cli_interface() -> list[str]:
-    """The pending flags (and the optional --expert-nodes) the real parser lacks."""
-    from services.cli import build_parser
-
-    missing = []
-    with environment({}):
-        for role, flags in PENDING_FLAGS.items():
-            sub = _subparser(build_parser(["serve", role]), ["serve", role])
-            known = {o for a in sub._actions for o in a.option_strings}
-            missing += [f"serve {role} {f}" for f in flags if f not in known]
-        att = _subparser(build_parser(["serve", "attention"]), ["serve", "attention"])
-        if any(a.required for a in att._actions if "--expert-nodes" in a.option_strings):
-            missing.append("serve attention without --expert-nodes")
-    return missing
-
-
-def _declare_pending(sub: argparse.ArgumentParser, role: str) -> None:
-    known = {o for a in sub._actions for o in a.option_strings}
-    for flag in PENDING_FLAGS.get(role, ()):
-        if flag not in known:
-            sub.add_argument(flag, default=os.environ.get(flag_env_name(flag)))
-    if role == "attention":  # elastic mode: the replica learns expert nodes from the scheduler
-        for action in sub._actions:
-            if "--expert-nodes" in action.option_strings:
-                action.required = False
-
-
 def parse_role(container: dict[str, Any], env: dict[str, str]
                ) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     """Parse the container's command line with the real ``megascale`` CLI parser under ``env``.
@@ -255,8 +216,6 @@ def parse_role(container: dict[str, Any], env: dict[str, str]
     argv = list(container.get("args", []))
     with environment(env):
         parser = build_parser(argv)
-        if argv[:1] == ["serve"] and len(argv) > 1:
-            _declare_pending(_subparser(parser, argv), argv[1])
         try:
             ns = parser.parse_args(argv)
         except SystemExit as exc:  # argparse already printed the reason to stderr

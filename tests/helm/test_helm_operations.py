@@ -22,7 +22,6 @@ from helm_render import (
     container_env,
     load_values,
     main_container,
-    missing_cli_interface,
     named_ports,
     parse_role,
     pod_identity,
@@ -495,13 +494,3 @@ def test_graceful_drain_fits_the_grace_period(combo: tuple[str, dict, Rendered],
         assert sleep > 0
         ns = _parsed(rendered, role)
         assert sleep <= ns.request_timeout
-
-
-# -- The interface other branches add ------------------------------------------------------
-
-def test_pending_cli_interface() -> None:
-    """The chart uses flags merged from parallel work (helm_render.PENDING_FLAGS); until they
-    are in this tree the semantic tests declare them, and this test says so."""
-    missing = missing_cli_interface()
-    if missing:
-        pytest.xfail("flags the chart uses that this tree's CLI lacks: " + "; ".join(missing))

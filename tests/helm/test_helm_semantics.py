@@ -124,7 +124,7 @@ def test_elastic_expert_pods_wait_for_the_scheduler_and_attention_learns_them(
     expert_pods = _pods(rendered, "expert")
     if not elastic:
         assert {ns.experts.split(":")[0] for _, ns, _ in expert_pods} == {"shard"}
-        assert sched.expert_replicas is None
+        assert sched.expert_replicas == 1  # the scheduler's default: one copy per shard
         return
     assert {ns.experts for _, ns, _ in expert_pods} == {"auto"}
     expected_r = values.get("scheduler", {}).get("expertReplicas", 2)
@@ -235,14 +235,15 @@ def test_scheduler_uses_the_chart_redis_or_the_external_one(default_render: Rend
 
 
 @pytest.mark.parametrize("role", ("expert", "attention"))
-def test_data_plane_roles_bind_all_and_advertise_the_pod_ip(rendered: Rendered,
-                                                            role: str) -> None:
+def test_data_plane_roles_bind_and_advertise_the_pod_ip(rendered: Rendered,
+                                                        role: str) -> None:
+    """Internal ports (gRPC and libm2n) listen on the pod IP only, never on every address."""
     container = main_container(rendered.workload(role))
     for pod, ns, _ in _pods(rendered, role)[:2]:
-        assert ns.host == "0.0.0.0" and ns.advertise_host == pod.ip
+        assert ns.host == pod.ip and ns.advertise_host == pod.ip
         assert ns.node_id == pod.name
         ep = parse_url(ns.m2n_url)
-        assert (ep.scheme, ep.host) == ("tcp", "0.0.0.0")
+        assert (ep.scheme, ep.host) == ("tcp", pod.ip)
         assert named_ports(container)["m2n"] == ep.port
         assert ns.model == "/model"
 

@@ -217,8 +217,14 @@ def test_internal_links_require_the_launchs_cluster_token(up):
             list(stub.Generate(attention_pb2.GenerateRequest(request_id="x",
                                                              prompt_token_ids=[1]), timeout=10))
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        from services.common import auth
         stub.GetLoad(attention_pb2.GetLoadRequest(), timeout=10,
-                     metadata=[("x-megascale-cluster-token", token)])
+                     metadata=[(auth.ROLE_KEY, "admin"), (auth.CREDENTIAL_KEY,
+                                                         auth.role_credential(token.encode(),
+                                                                              "admin"))])
+        # the gateway holds only its own role's credential, not the token
+        gateway = auth.load_credential(up.workdir / "gateway.credential")
+        assert gateway.token is None and gateway.role == "gateway"
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
     with grpc.insecure_channel(ready["scheduler"]["grpc"]) as ch:

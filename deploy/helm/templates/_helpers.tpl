@@ -270,7 +270,8 @@ headless Service (stable DNS names, so the list is known before the pods exist).
 {{- end }}
 {{- end }}
 
-{{/* Downward-API env every role gets first, so later values can use $(POD_NAME) etc. */}}
+{{/* Downward-API env every role gets first, so later values can use $(POD_NAME) etc.
+(dict "role" "gateway") */}}
 {{- define "megascale.podEnv" -}}
 - name: POD_NAME
   valueFrom:
@@ -282,8 +283,10 @@ headless Service (stable DNS names, so the list is known before the pods exist).
       fieldPath: status.podIP
 - name: MEGASCALE_NODE_ID
   value: "$(POD_NAME)"
+# Internal roles listen on the pod IP only; the gateway, which faces clients, on every address
+# (kubectl port-forward dials the pod's loopback).
 - name: MEGASCALE_HOST
-  value: "0.0.0.0"
+  value: {{ if eq (default "" .role) "gateway" }}"0.0.0.0"{{ else }}"$(POD_IP)"{{ end }}
 # The root filesystem is read-only: caches (torch, Triton, FlashInfer) go to the /tmp emptyDir.
 - name: HOME
   value: /tmp

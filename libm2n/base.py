@@ -47,7 +47,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from libm2n import fastpath
-from libm2n.errors import InvalidArgument
+from libm2n.errors import InvalidArgument, M2NError
 from libm2n.header import F_COLS, F_DTYPE, F_PAYLOAD_BYTES, F_ROWS, Header, fields_of
 from libm2n.payload import CODE_NAMES
 from libm2n.registry import SCHEMES, TRANSPORTS
@@ -328,6 +328,14 @@ class Sender:
     def check(self) -> None:
         """Raise the error that broke this link, if any (never blocks)."""
         raise NotImplementedError
+
+    def healthy(self) -> bool:
+        """Whether the link is unbroken: :meth:`check` as a bool (never blocks)."""
+        try:
+            self.check()
+        except M2NError:
+            return False
+        return True
 
     def set_epoch(self, epoch: int) -> None:
         """Stamp ``epoch`` (a placement epoch) into every later message's header."""

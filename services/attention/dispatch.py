@@ -62,14 +62,6 @@ class PendingCombine:
         return int(self.rows.shape[0])
 
 
-def _link_ok(sender: libm2n.Sender) -> bool:
-    try:
-        sender.check()
-    except libm2n.M2NError:
-        return False
-    return True
-
-
 class ExpertClient:
     """libm2n senders to every expert node plus the combine receiver (module docstring)."""
 
@@ -136,7 +128,7 @@ class ExpertClient:
             for n in placement.nodes:
                 s = old.get(n.dispatch_url)
                 renew = n.node_id in self.reattached
-                if s is None or renew or (new_epoch and not _link_ok(s)):
+                if s is None or renew or (new_epoch and not s.healthy()):
                     if s is not None:
                         # The node's receiver refuses our sender id while the old link holds
                         # it (a node that froze and resumed still has it): close it first.
@@ -196,7 +188,7 @@ class ExpertClient:
         back = []
         for ni, n in enumerate(self.placement.nodes):
             if n.node_id in self.down and now - self._down_at[n.node_id] >= self.readmit_after_s:
-                if _link_ok(self._senders[ni]):
+                if self._senders[ni].healthy():
                     back.append(ni)
                 else:  # still broken: probe again one interval later
                     self._down_at[n.node_id] = now

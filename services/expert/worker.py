@@ -95,14 +95,6 @@ class SenderIdTaken(Exception):
     """An Attach named the sender id of a live replica with another reply URL."""
 
 
-def _alive(sender: libm2n.Sender) -> bool:
-    try:
-        sender.check()
-    except libm2n.M2NError:
-        return False
-    return True
-
-
 class ExpertWorker:
     """Owns the dispatch receiver and one reply sender per attached attention replica."""
 
@@ -150,7 +142,7 @@ class ExpertWorker:
         with self._lock:
             live = self._replies.get(sender_id)
         # (the link's own check, outside our lock: the drain loop's callbacks take it)
-        if live is not None and live.url != reply_url and _alive(live):
+        if live is not None and live.url != reply_url and live.healthy():
             raise SenderIdTaken(f"m2n sender id {sender_id} is attached to a live replica "
                                 f"at {live.url}; refusing a second one at {reply_url}")
         with self._lock:

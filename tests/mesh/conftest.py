@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from otlp_receiver import OtlpReceiver
+from up_launch import start_up, stop_up
 
 from services.core.demo import write_random_checkpoint
 
@@ -52,32 +49,16 @@ def up(tmp_path_factory: pytest.TempPathFactory):
     workdir = root / "work"
     key_file = root / "api.key"
     key_file.write_text(API_KEY + "\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", "--model", str(model_dir), "--port", "0",
-         "--attention", "2", "--experts", "2", "--micro-batches", "2", "--workdir",
-         str(workdir), "--quiet", "--device", "auto", "--dtype", "auto",
-         "--served-model-name", SERVED_NAME, "--max-model-len", str(MAX_MODEL_LEN),
-         "--max-batch-tokens", "256", "--api-key-file", str(key_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-        text=True)
-    url = None
-    deadline = time.monotonic() + 180
-    lines = []
-    while time.monotonic() < deadline and proc.poll() is None:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if m := re.search(r"megascale is up: (http://\S+/v1)", line):
-            url = m.group(1)
-        if url and "Ctrl-C stops everything" in line:  # the end of the banner
-            break
-    if url is None:
-        proc.kill()
+    try:
+        proc, url, banner = start_up(
+            ["--model", str(model_dir), "--port", "0", "--attention", "2", "--experts", "2",
+             "--micro-batches", "2", "--workdir", str(workdir), "--quiet", "--device", "auto",
+             "--dtype", "auto", "--served-model-name", SERVED_NAME, "--max-model-len",
+             str(MAX_MODEL_LEN), "--max-batch-tokens", "256", "--api-key-file", str(key_file)],
+            env=env)
+    except BaseException:
         otlp.stop()
-        pytest.fail("megascale up did not come up:\n" + "".join(lines[-40:]))
-    handle = Up(proc, url, API_KEY, SERVED_NAME, MAX_MODEL_LEN, model_dir, workdir, otlp,
-                "".join(lines))
-    yield handle
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        raise
+    yield Up(proc, url, API_KEY, SERVED_NAME, MAX_MODEL_LEN, model_dir, workdir, otlp, banner)
+    stop_up(proc)
     otlp.stop()

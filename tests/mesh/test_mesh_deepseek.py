@@ -6,15 +6,10 @@ tests/engine/test_engine_deepseek.py.)"""
 
 from __future__ import annotations
 
-import re
-import signal
-import subprocess
-import sys
-import time
-
 import openai
 import pytest
 from transformers import AutoTokenizer
+from up_launch import start_up, stop_up
 
 from services.core.demo_deepseek import write_deepseek_checkpoint
 
@@ -30,26 +25,11 @@ def ds_up(tmp_path_factory):
         routed_scaling_factor=1.0, seed=22,
         rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64,
                           mscale=0.707, mscale_all_dim=0.707))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", "--model", str(model_dir), "--port", "0",
-         "--attention", "1", "--experts", "2", "--micro-batches", "1", "--workdir",
-         str(root / "work"), "--quiet", "--max-batch-tokens", "128"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url, lines = None, []
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if m := re.search(r"megascale is up: (http://\S+/v1)", line):
-            url = m.group(1)
-        if url and "Ctrl-C stops everything" in line:
-            break
-    if url is None:
-        proc.kill()
-        pytest.fail("megascale up did not come up:\n" + "".join(lines[-40:]))
+    proc, url, _ = start_up(["--model", str(model_dir), "--port", "0", "--attention", "1",
+                             "--experts", "2", "--micro-batches", "1", "--workdir",
+                             str(root / "work"), "--quiet", "--max-batch-tokens", "128"])
     yield model_dir, openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
+    stop_up(proc)
 
 
 def test_openai_completion_equals_transformers(ds_up, hf_greedy):

@@ -4,14 +4,9 @@ openai client, and no expert node started."""
 
 from __future__ import annotations
 
-import re
-import signal
-import subprocess
-import sys
-import time
-
 import openai
 from transformers import AutoTokenizer
+from up_launch import start_up, stop_up
 
 from services.core.demo import write_random_checkpoint
 
@@ -23,22 +18,9 @@ def test_up_picks_colocated_here_and_stays_token_exact(tmp_path, hf_greedy):
                                     intermediate=96, experts=8, top_k=2, heads=4, kv_heads=2,
                                     vocab=512, max_position=256, seed=5)
     workdir = tmp_path / "work"
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--model", str(model),
-                             "--port", "0", "--workdir", str(workdir), "--quiet",
-                             "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, url, banner = start_up(["--model", str(model), "--port", "0", "--workdir",
+                                  str(workdir), "--quiet", "--device", "cpu"])
     try:
-        lines, url = [], None
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if m := re.search(r"megascale is up: (http://\S+/v1)", line):
-                url = m.group(1)
-            if url and "Ctrl-C stops everything" in line:
-                break
-        banner = "".join(lines)
-        assert url, banner
         assert "layout: colocated" in banner and "--layout disaggregated" in banner, banner
         roles = sorted(p.name.removesuffix(".ready.json") for p in workdir.glob("*.ready.json"))
         assert roles == ["attention-0", "gateway", "scheduler"], roles
@@ -54,6 +36,5 @@ def test_up_picks_colocated_here_and_stays_token_exact(tmp_path, hf_greedy):
                                             extra_body={"ignore_eos": True})
             assert got.choices[0].text == want
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-    assert proc.returncode == 0
+        code = stop_up(proc)
+    assert code == 0

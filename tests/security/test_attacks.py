@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from rpc_helpers import as_role, status_of
 
 import libm2n
 from megascale.v1 import common_pb2, expert_pb2, expert_pb2_grpc
@@ -56,33 +57,21 @@ def expert(ckpt, tmp_path_factory):  # noqa: ANN001, ANN201
     node.stop()
 
 
-def _as(role: str) -> list[tuple[str, str]]:
-    return [(auth.ROLE_KEY, role), (auth.CREDENTIAL_KEY, auth.role_credential(TOKEN, role))]
-
-
-async def _code(call) -> grpc.StatusCode:  # noqa: ANN001
-    try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
-
-
 def test_unauthenticated_and_wrong_role_calls_are_refused(expert) -> None:  # noqa: ANN001
     async def body() -> None:
         async with grpc.aio.insecure_channel(expert.grpc) as ch:
             stub = expert_pb2_grpc.ExpertStub(ch)
             p = common_pb2.ExpertPlacement(epoch=3)
-            assert await _code(stub.UpdatePlacement(p)) == grpc.StatusCode.UNAUTHENTICATED
-            assert await _code(stub.GetStats(expert_pb2.GetStatsRequest())) == \
+            assert await status_of(stub.UpdatePlacement(p)) == grpc.StatusCode.UNAUTHENTICATED
+            assert await status_of(stub.GetStats(expert_pb2.GetStatsRequest())) == \
                 grpc.StatusCode.UNAUTHENTICATED
             for role in ("attention", "gateway", "expert", "admin"):
-                assert await _code(stub.UpdatePlacement(p, metadata=_as(role))) == \
+                assert await status_of(stub.UpdatePlacement(p, metadata=as_role(TOKEN, role))) == \
                     grpc.StatusCode.PERMISSION_DENIED, role
             attach = expert_pb2.AttachRequest(node_id="x", m2n_sender_id=9,
                                               reply_url="tcp://127.0.0.1:1")
             for role in ("gateway", "scheduler", "expert"):
-                assert await _code(stub.Attach(attach, metadata=_as(role))) == \
+                assert await status_of(stub.Attach(attach, metadata=as_role(TOKEN, role))) == \
                     grpc.StatusCode.PERMISSION_DENIED, role
 
     asyncio.run(asyncio.wait_for(body(), 30))
@@ -92,13 +81,13 @@ def test_placement_epoch_jumps_are_bounded(expert) -> None:  # noqa: ANN001
     async def body() -> None:
         async with grpc.aio.insecure_channel(expert.grpc) as ch:
             stub = expert_pb2_grpc.ExpertStub(ch)
-            sched = _as("scheduler")
+            sched = as_role(TOKEN, "scheduler")
             up = common_pb2.ExpertPlacement
-            assert await _code(stub.UpdatePlacement(up(epoch=2**62), metadata=sched)) == \
+            assert await status_of(stub.UpdatePlacement(up(epoch=2**62), metadata=sched)) == \
                 grpc.StatusCode.INVALID_ARGUMENT
             first = await stub.UpdatePlacement(up(epoch=7), metadata=sched)
             assert first.applied_epoch == 7
-            assert await _code(stub.UpdatePlacement(up(epoch=8 + MAX_EPOCH_STEP),
+            assert await status_of(stub.UpdatePlacement(up(epoch=8 + MAX_EPOCH_STEP),
                                                     metadata=sched)) == \
                 grpc.StatusCode.INVALID_ARGUMENT
             ok = await stub.UpdatePlacement(up(epoch=7 + MAX_EPOCH_STEP), metadata=sched)
@@ -118,12 +107,13 @@ def test_attach_cannot_take_a_live_sender_id(expert) -> None:  # noqa: ANN001
                 stub = expert_pb2_grpc.ExpertStub(ch)
                 req = expert_pb2.AttachRequest(node_id="a-0", m2n_sender_id=41,
                                                reply_url=mine.url)
-                await stub.Attach(req, metadata=_as("attention"))
-                await stub.Attach(req, metadata=_as("attention"))  # the same replica: fine
+                await stub.Attach(req, metadata=as_role(TOKEN, "attention"))
+                # the same replica again: fine
+                await stub.Attach(req, metadata=as_role(TOKEN, "attention"))
                 stolen = expert_pb2.AttachRequest(node_id="a-0", m2n_sender_id=41,
                                                   reply_url=thief.url)
                 try:
-                    await stub.Attach(stolen, metadata=_as("attention"))
+                    await stub.Attach(stolen, metadata=as_role(TOKEN, "attention"))
                 except grpc.aio.AioRpcError as exc:
                     assert exc.code() == grpc.StatusCode.ALREADY_EXISTS
                     assert "live replica" in exc.details()

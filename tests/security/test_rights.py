@@ -10,6 +10,7 @@ import uuid
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rpc_helpers import as_role, status_of
 
 from megascale.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.common import auth, rights
@@ -32,18 +33,6 @@ def _attention(node_id: str) -> common_pb2.NodeInfo:
                                max_running_requests=8)
 
 
-def _as(token: bytes, role: str) -> list[tuple[str, str]]:
-    return [(auth.ROLE_KEY, role), (auth.CREDENTIAL_KEY, auth.role_credential(token, role))]
-
-
-async def _code(call) -> grpc.StatusCode:  # noqa: ANN001
-    try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
-
-
 def test_every_internal_rpc_has_rights() -> None:
     from megascale.v1 import attention_pb2, expert_pb2
     methods = {f"/{s.full_name}/{m.name}"
@@ -62,12 +51,12 @@ def test_token_roles_on_the_scheduler(redis_url: str, token: bytes) -> None:
             async with grpc.aio.insecure_channel(sched.address) as ch:
                 stub = scheduler_pb2_grpc.SchedulerStub(ch)
                 # no credential, a wrong one, a forged role: UNAUTHENTICATED
-                assert await _code(stub.Register(_attention("a-0"))) == \
+                assert await status_of(stub.Register(_attention("a-0"))) == \
                     grpc.StatusCode.UNAUTHENTICATED
-                wrong = _as(b"another cluster's token!", "attention")
-                assert await _code(stub.Register(_attention("a-0"), metadata=wrong)) == \
+                wrong = as_role(b"another cluster's token!", "attention")
+                assert await status_of(stub.Register(_attention("a-0"), metadata=wrong)) == \
                     grpc.StatusCode.UNAUTHENTICATED
-                assert await _code(stub.PickReplica(scheduler_pb2.PickReplicaRequest())) == \
+                assert await status_of(stub.PickReplica(scheduler_pb2.PickReplicaRequest())) == \
                     grpc.StatusCode.UNAUTHENTICATED
                 # probes stay open
                 health = health_pb2_grpc.HealthStub(ch)
@@ -75,33 +64,33 @@ def test_token_roles_on_the_scheduler(redis_url: str, token: bytes) -> None:
                 assert resp.status == health_pb2.HealthCheckResponse.SERVING
                 # a gateway may not join, an expert may not join as attention
                 for role in ("gateway", "expert", "admin"):
-                    assert await _code(stub.Register(_attention("a-0"),
-                                                     metadata=_as(token, role))) == \
+                    assert await status_of(stub.Register(_attention("a-0"),
+                                                     metadata=as_role(token, role))) == \
                         grpc.StatusCode.PERMISSION_DENIED, role
                 # the attention credential may
-                await stub.Register(_attention("a-0"), metadata=_as(token, "attention"))
+                await stub.Register(_attention("a-0"), metadata=as_role(token, "attention"))
                 # Deregister: not by a gateway or an expert; by the scheduler or the owner role
                 for role in ("gateway", "expert"):
-                    assert await _code(stub.Deregister(
+                    assert await status_of(stub.Deregister(
                         scheduler_pb2.DeregisterRequest(node_id="a-0"),
-                        metadata=_as(token, role))) == grpc.StatusCode.PERMISSION_DENIED, role
+                        metadata=as_role(token, role))) == grpc.StatusCode.PERMISSION_DENIED, role
                 # Heartbeat for an attention node: not with an expert's credential
                 beat = scheduler_pb2.HeartbeatRequest(node_id="a-0")
-                assert await _code(stub.Heartbeat(beat, metadata=_as(token, "expert"))) == \
+                assert await status_of(stub.Heartbeat(beat, metadata=as_role(token, "expert"))) == \
                     grpc.StatusCode.PERMISSION_DENIED
-                await stub.Heartbeat(beat, metadata=_as(token, "attention"))
+                await stub.Heartbeat(beat, metadata=as_role(token, "attention"))
                 picked = await stub.PickReplica(scheduler_pb2.PickReplicaRequest(),
-                                                metadata=_as(token, "gateway"))
+                                                metadata=as_role(token, "gateway"))
                 assert picked.node_id == "a-0"
-                assert await _code(stub.PickReplica(scheduler_pb2.PickReplicaRequest(),
-                                                    metadata=_as(token, "expert"))) == \
+                assert await status_of(stub.PickReplica(scheduler_pb2.PickReplicaRequest(),
+                                                    metadata=as_role(token, "expert"))) == \
                     grpc.StatusCode.PERMISSION_DENIED
                 await stub.Deregister(scheduler_pb2.DeregisterRequest(node_id="a-0"),
-                                      metadata=_as(token, "attention"))
+                                      metadata=as_role(token, "attention"))
             # auth.channel presents this process's role (the scheduler: no Register right)
             async with auth.channel(sched.address) as ch:
                 stub = scheduler_pb2_grpc.SchedulerStub(ch)
-                assert await _code(stub.Register(_attention("a-1"))) == \
+                assert await status_of(stub.Register(_attention("a-1"))) == \
                     grpc.StatusCode.PERMISSION_DENIED
                 assert (await stub.GetPlacement(scheduler_pb2.GetPlacementRequest())).epoch == 0
         finally:
@@ -144,31 +133,31 @@ def test_mtls_roles_on_the_scheduler(redis_url: str, ca, make_ca, tmp_path) -> N
         try:
             # plaintext, no client certificate, a certificate of another CA: no call gets in
             async with grpc.aio.insecure_channel(sched.address) as ch:
-                assert await _code(scheduler_pb2_grpc.SchedulerStub(ch).GetSettings(
+                assert await status_of(scheduler_pb2_grpc.SchedulerStub(ch).GetSettings(
                     scheduler_pb2.GetSettingsRequest(), timeout=3)) == \
                     grpc.StatusCode.UNAVAILABLE
             async with _tls_channel(sched.address, None, ca.ca_file) as ch:
-                assert await _code(scheduler_pb2_grpc.SchedulerStub(ch).GetSettings(
+                assert await status_of(scheduler_pb2_grpc.SchedulerStub(ch).GetSettings(
                     scheduler_pb2.GetSettingsRequest(), timeout=3)) == \
                     grpc.StatusCode.UNAVAILABLE
             (tmp_path / "other").mkdir()
             other = make_ca(tmp_path / "other", "other CA")
             async with _tls_channel(sched.address, other.issue("attention"), ca.ca_file) as ch:
-                assert await _code(scheduler_pb2_grpc.SchedulerStub(ch).GetSettings(
+                assert await status_of(scheduler_pb2_grpc.SchedulerStub(ch).GetSettings(
                     scheduler_pb2.GetSettingsRequest(), timeout=3)) == \
                     grpc.StatusCode.UNAVAILABLE
             # a gateway certificate cannot join; an attention one can, for its own node only
             async with _tls_channel(sched.address, ca.issue("gateway"), ca.ca_file) as ch:
-                assert await _code(scheduler_pb2_grpc.SchedulerStub(ch).Register(
+                assert await status_of(scheduler_pb2_grpc.SchedulerStub(ch).Register(
                     _attention("a-0"))) == grpc.StatusCode.PERMISSION_DENIED
             async with _tls_channel(sched.address, ca.issue("attention/a-0"), ca.ca_file) as ch:
                 stub = scheduler_pb2_grpc.SchedulerStub(ch)
-                assert await _code(stub.Register(_attention("a-9"))) == \
+                assert await status_of(stub.Register(_attention("a-9"))) == \
                     grpc.StatusCode.PERMISSION_DENIED
                 await stub.Register(_attention("a-0"))
             # a certificate naming no role
             async with _tls_channel(sched.address, ca.issue("mallory"), ca.ca_file) as ch:
-                assert await _code(scheduler_pb2_grpc.SchedulerStub(ch).GetSettings(
+                assert await status_of(scheduler_pb2_grpc.SchedulerStub(ch).GetSettings(
                     scheduler_pb2.GetSettingsRequest())) == grpc.StatusCode.UNAUTHENTICATED
             # auth.channel: this process's certificate (the scheduler's) over mTLS
             async with auth.channel(sched.address) as ch:

@@ -5,16 +5,12 @@ certificate-less client gets nothing from any internal port."""
 from __future__ import annotations
 
 import json
-import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
 import openai
 import pytest
+from up_launch import start_up, stop_up
 
 from megascale.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common import auth
@@ -30,26 +26,11 @@ def up_tls(tmp_path_factory: pytest.TempPathFactory):
                                         intermediate=96, experts=8, top_k=2, heads=4,
                                         kv_heads=2, vocab=512, max_position=256, seed=31)
     workdir = root / "work"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", "--model", str(model_dir), "--port", "0",
-         "--attention", "1", "--experts", "1", "--workdir", str(workdir), "--quiet",
-         "--device", "cpu", "--tls"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url, lines = None, []
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if m := re.search(r"megascale is up: (http://\S+/v1)", line):
-            url = m.group(1)
-        if url and "Ctrl-C stops everything" in line:
-            break
-    if url is None:
-        proc.kill()
-        pytest.fail("megascale up --tls did not come up:\n" + "".join(lines[-40:]))
+    proc, url, _ = start_up(["--model", str(model_dir), "--port", "0", "--attention", "1",
+                             "--experts", "1", "--workdir", str(workdir), "--quiet",
+                             "--device", "cpu", "--tls"])
     yield url, workdir, model_dir
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
+    stop_up(proc)
 
 
 def _ready(workdir: Path) -> dict[str, dict]:

@@ -206,7 +206,9 @@ class AttentionSide:
 class ExpertSide:
     """Holds only the experts it was given (global ids), for every sparse layer."""
 
-    def __init__(self, cfg: ModelConfig, weights: ExpertWeights) -> None:
+    def __init__(self, cfg: ModelConfig, weights: ExpertWeights, pack: bool = True) -> None:
+        """``pack=False`` keeps torch's grouped GEMM even where the packed CPU kernel would
+        run (the GPU path's numerics on CPU, for A/B checks)."""
         self.cfg = cfg
         self.w = weights
         self.expert_ids = weights.expert_ids
@@ -225,7 +227,7 @@ class ExpertSide:
         # into panels for the CPU kernel where it runs (cpu_gemm.usable); the checkpoint-layout
         # tensors are dropped layer by layer so memory does not double.
         stacks = (weights.gate_up, weights.down)
-        self.packed = bool(weights.gate_up) and all(
+        self.packed = pack and bool(weights.gate_up) and all(
             cpu_gemm.usable(v.transpose(1, 2)) for d in stacks for v in d.values())
         relayout = cpu_gemm.pack if self.packed else torch.Tensor.contiguous
         self.gate_up_t: dict[int, L.ExpertStack] = {}
@@ -237,12 +239,12 @@ class ExpertSide:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, expert_ids: Iterable[int] | None = None,
                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        cfg: ModelConfig | None = None, index: CheckpointIndex | None = None
-                        ) -> ExpertSide:
+                        cfg: ModelConfig | None = None, index: CheckpointIndex | None = None,
+                        pack: bool = True) -> ExpertSide:
         """``expert_ids=None`` loads all experts."""
         cfg = cfg or ModelConfig.from_pretrained(model_dir)
         ids = range(cfg.num_experts) if expert_ids is None else expert_ids
-        return cls(cfg, load_expert_weights(model_dir, cfg, ids, dtype, device, index))
+        return cls(cfg, load_expert_weights(model_dir, cfg, ids, dtype, device, index), pack)
 
     def forward(self, layer: int, rows: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:
@@ -269,11 +271,13 @@ class MonolithicModel:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> MonolithicModel:
+                        device: str | torch.device = "cpu", pack_experts: bool = True
+                        ) -> MonolithicModel:
         cfg = ModelConfig.from_pretrained(model_dir)
         index = CheckpointIndex.open(model_dir)
         return cls(AttentionSide.from_pretrained(model_dir, dtype, device, cfg, index),
-                   ExpertSide.from_pretrained(model_dir, None, dtype, device, cfg, index))
+                   ExpertSide.from_pretrained(model_dir, None, dtype, device, cfg, index,
+                                              pack_experts))
 
     @property
     def device(self) -> torch.device:

@@ -29,12 +29,8 @@ def hf_model(path):
 def test_greedy_tokens_equal_transformers(ckpt_factory, name, expert_gemm):
     path = ckpt_factory(name)
     # "default": the packed CPU kernel where it runs (services/core/cpu_gemm.py); "torch":
-    # loaded under two threads, where the experts keep torch's grouped GEMM (GPU/multi-thread).
-    torch.set_num_threads(1 if expert_gemm == "default" else 2)
-    try:
-        model = MonolithicModel.from_pretrained(path)
-    finally:
-        torch.set_num_threads(1)
+    # torch's grouped GEMM, the path GPUs and bf16 take
+    model = MonolithicModel.from_pretrained(path, pack_experts=expert_gemm == "default")
     assert all(side.packed == (expert_gemm == "default" and cpu_gemm.ACTIVE)
                for side in model.experts)
     ours = generate(model, PROMPTS,

@@ -155,7 +155,10 @@ class Generation:
                     yield self._last(req, piece, held, ev.finish_reason, prompt_tokens,
                                      completion, ev.error, held_lps, prompt_lps)
                     return
-                if piece:
+                # A delta per burst of tokens, its text possibly empty (a character's bytes
+                # still incomplete, or a stop string still possible): clients see progress
+                # per token as vLLM streams it, and the text follows once it is final.
+                if piece or ev.token_ids:
                     yield Delta(piece, held, prompt_tokens=prompt_tokens,
                                 completion_tokens=completion, logprobs=held_lps,
                                 prompt_logprobs=prompt_lps)

@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.tracing import TRACE_HEADERS
@@ -190,8 +191,11 @@ def _check_text(body: Any) -> None:
 
 def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
                api_key: str | None = None, max_body_bytes: int = 4 << 20,
-               tool_call_parser: str = "hermes") -> ASGIApp:
-    """The ASGI app: FastAPI routes wrapped in :class:`GatewayASGI`."""
+               tool_call_parser: str = "hermes", allowed_origins: tuple[str, ...] = ()
+               ) -> ASGIApp:
+    """The ASGI app: FastAPI routes wrapped in :class:`GatewayASGI`, and in CORS (outermost,
+    so that browsers' preflight requests are answered before the API key is asked for) when
+    ``allowed_origins`` names any."""
     app = FastAPI(title="megascale-infer gateway", docs_url=None, redoc_url=None,
                   openapi_url=None)
     card = text.card
@@ -442,7 +446,11 @@ def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
                 await st.aclose()
         yield "data: [DONE]\n\n"
 
-    return GatewayASGI(app, metrics, api_key)
+    outer: ASGIApp = GatewayASGI(app, metrics, api_key)
+    if allowed_origins:
+        outer = CORSMiddleware(outer, allow_origins=list(allowed_origins), allow_methods=["*"],
+                               allow_headers=["*"])
+    return outer
 
 
 @dataclass

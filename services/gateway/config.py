@@ -37,6 +37,7 @@ class GatewayConfig:
     request_timeout_s: float = 600.0
     max_attempts: int = 3  # replicas tried per request (failover and resume)
     tool_call_parser: str = "hermes"  # finds tool calls in text (services/gateway/tools.py)
+    allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed ("*" = any); () = off
 
     def __post_init__(self) -> None:
         if not (Path(self.model_dir) / "config.json").is_file():

@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--tool-call-parser", default="hermes",
              help="how tool calls are found in generated text with tool_choice \"auto\": "
                   "hermes (<tool_call>{...}</tool_call>) or none (auto refused)")
+    add_flag(p, "--allowed-origins", default="",
+             help="CORS: comma list of browser origins allowed to call the API (* = any); "
+                  "empty = no CORS headers")
 
 
 def build(args: argparse.Namespace) -> GatewayConfig:
@@ -50,4 +53,5 @@ def build(args: argparse.Namespace) -> GatewayConfig:
         api_key=secret_from(args.api_key, args.api_key_file, "--api-key"),
         max_body_bytes=args.max_body_bytes, max_model_len=args.max_model_len,
         request_timeout_s=args.request_timeout, max_attempts=args.max_attempts,
-        tool_call_parser=args.tool_call_parser)
+        tool_call_parser=args.tool_call_parser,
+        allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()))

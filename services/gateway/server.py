@@ -193,7 +193,7 @@ async def serve(config: GatewayConfig, ready_file: str | None = None,
         life.defer(backend.close)
         generation = Generation(text, backend, metrics)
         app = create_app(text, generation, metrics, config.api_key, config.max_body_bytes,
-                         config.tool_call_parser)
+                         config.tool_call_parser, config.allowed_origins)
         servicer = GatewayServicer(text, generation, config.api_key)
         await life.start_grpc(
             config.grpc_port,

@@ -79,6 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              help="require this bearer key at the gateway; better given as MEGASCALE_API_KEY "
                   "or --api-key-file (argv is visible in ps)")
     add_flag(p, "--api-key-file", default=None, help="file holding the gateway's API key")
+    add_flag(p, "--allowed-origins", default="",
+             help="the gateway's CORS origins (comma list, * = any; empty = no CORS)")
     add_flag(p, "--quiet", action="store_true", help="do not stream the children's logs")
     add_flag(p, "--tls", action="store_true",
              help="mTLS between the roles with a throwaway CA in WORKDIR/tls (the cluster "
@@ -395,6 +397,8 @@ def run(args: argparse.Namespace) -> int:
                    "--metrics-port", "0",
                    "--scheduler", sched.grpc, "--attention", ",".join(r.grpc for r in replicas)]
         gw_args += named + context
+        if args.allowed_origins:
+            gw_args += ["--allowed-origins", args.allowed_origins]
         if api_key:  # through a file only the launch can read, never argv
             gw_args += ["--api-key-file", str(_secret_file(workdir / "api.key", api_key))]
         gateway = mesh.start_role("gateway", gw_args, "gateway")

@@ -202,6 +202,35 @@ def test_api_key(stack, tmp_path, gateway_factory):
         gw.stop()
 
 
+def test_cors_when_origins_are_allowed(stack, tmp_path, gateway_factory):
+    """--allowed-origins: a browser's preflight is answered before the API key is asked for,
+    and responses carry the CORS headers; without the flag (the stack's gateway) none."""
+    gw = gateway_factory(stack.model_dir, [a.grpc for a in stack.mesh.attention], tmp_path,
+                         "gateway-cors", "--api-key", "s3cret", "--allowed-origins",
+                         "https://app.example")
+    origin = {"Origin": "https://app.example"}
+    try:
+        url = gw.info["http"]
+        pre = httpx.options(url + "/v1/completions", headers={
+            **origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert pre.status_code == 200, pre.text
+        assert pre.headers["access-control-allow-origin"] == "https://app.example"
+        assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+        ok = httpx.post(url + "/v1/completions", json=GOOD, timeout=60,
+                        headers={**origin, "Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200, ok.text
+        assert ok.headers["access-control-allow-origin"] == "https://app.example"
+        other = httpx.options(url + "/v1/completions", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        gw.stop()
+    plain = httpx.post(stack.gateway.info["http"] + "/v1/completions", json=GOOD, timeout=60,
+                       headers=origin)
+    assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+
+
 def test_config_validation(tmp_path, gw_model_dir):
     with pytest.raises(ConfigError, match="config.json"):
         GatewayConfig(model_dir=str(tmp_path), attention=("127.0.0.1:1",))

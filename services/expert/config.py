@@ -36,6 +36,9 @@ class ExpertConfig:
     max_batch_tokens: int = 512       # the replicas' largest step: rows one slot must hold
     slot_bytes: int = 0               # 0 = derive from max_batch_tokens and the model's shape
     slots_per_sender: int = 8
+    # Reply links this node takes slot memory for: its receiver refuses senders past
+    # max_attention_replicas x slots_per_sender x slot_bytes, whoever they are.
+    max_attention_replicas: int = 64
     epoch: int = 0
     scheduler: str | None = None      # scheduler gRPC address; None = run without one
     threads: int = 1
@@ -61,6 +64,9 @@ class ExpertConfig:
         if not (self.slot_bytes == 0 or self.slot_bytes >= 4096) or self.slots_per_sender < 1:
             raise ConfigError("slot_bytes must be 0 (derive) or >= 4096, and slots_per_sender "
                               ">= 1")
+        if not 1 <= self.max_attention_replicas <= 65536:
+            raise ConfigError(f"max_attention_replicas must be in 1..65536, got "
+                              f"{self.max_attention_replicas}")
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.dtype not in COMPUTE_DTYPES:

@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                   "many rows of this model in --dtype")
     add_flag(p, "--slot-bytes", type=int, default=0,
              help="bytes per dispatch slot; 0 = derive from --max-batch-tokens")
+    add_flag(p, "--max-attention-replicas", type=int, default=64,
+             help="reply links given slot memory: the receiver refuses senders past this "
+                  "many replicas' worth (bounds what any peer can take)")
     add_flag(p, "--epoch", type=int, default=0, help="initial placement epoch")
     add_flag(p, "--scheduler", default=None,
              help="scheduler gRPC address to register with (optional)")
@@ -61,7 +64,8 @@ def build(args: argparse.Namespace) -> ExpertConfig:
         host=args.host, advertise_host=args.advertise_host, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         m2n_url=args.m2n_url, max_batch_tokens=args.max_batch_tokens,
-        slot_bytes=args.slot_bytes, epoch=args.epoch,
+        slot_bytes=args.slot_bytes, max_attention_replicas=args.max_attention_replicas,
+        epoch=args.epoch,
         scheduler=args.scheduler,
         threads=threads_from(args), device=pick_device(args.device), dtype=args.dtype)
 

@@ -170,7 +170,9 @@ async def serve(config: ExpertConfig, ready_file: str | None = None,
             config.max_batch_tokens, cfg.hidden_size, cfg.top_k, experts.dtype))
         rx = libm2n.open_receiver(config.m2n_url, libm2n.ReceiverConfig(
             slots_per_sender=config.slots_per_sender, slot_bytes=slot_bytes,
-            auth_token=auth.m2n_token()))
+            auth_token=auth.m2n_token(),
+            max_slot_memory_bytes=config.max_attention_replicas * config.slots_per_sender
+            * slot_bytes))
         life.defer(rx.close)
         timeline = timeline_for(config.node_id)
 

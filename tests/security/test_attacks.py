@@ -242,3 +242,27 @@ def test_fake_senders_are_bounded_in_memory() -> None:
         for s in senders:
             s.close()
         rx.close()
+
+
+def test_an_expert_node_bounds_the_slot_memory_token_holders_take(ckpt, tmp_path):  # noqa: ANN001
+    """A real expert node gives slot memory to --max-attention-replicas senders' worth; the
+    next one is refused even when it holds the token."""
+    token_file = tmp_path / "cluster.token"
+    token_file.write_bytes(TOKEN)
+    token_file.chmod(0o600)
+    node = spawn_role("expert", ["--model", str(ckpt), "--experts", "0-7",
+                                 "--max-attention-replicas", "2"], "bounded-expert", tmp_path,
+                      env={"MEGASCALE_CLUSTER_TOKEN_FILE": str(token_file)})
+    senders, refused = [], 0
+    try:
+        for i in range(5):
+            try:
+                senders.append(libm2n.connect(node.info["m2n_url"], libm2n.SenderConfig(
+                    sender_id=4000 + i, auth_token=TOKEN)))
+            except libm2n.M2NError:
+                refused += 1
+        assert (len(senders), refused) == (2, 3)
+    finally:
+        for s in senders:
+            s.close()
+        node.stop()

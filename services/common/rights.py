@@ -39,6 +39,8 @@ RIGHTS: MappingProxyType[str, frozenset[str]] = MappingProxyType({
     "/megascale.v1.Expert/GetStats": frozenset({"scheduler", "attention", "admin"}),
     "/megascale.v1.Expert/UpdatePlacement": frozenset({"scheduler"}),
     "/megascale.v1.Expert/Drain": frozenset({"scheduler", "admin"}),
+    # an elastic node loads the experts the scheduler assigns it (what it holds is placement)
+    "/megascale.v1.Expert/LoadExperts": frozenset({"scheduler"}),
 })
 
 # Open to any caller, with or without a credential: liveness and readiness probes.

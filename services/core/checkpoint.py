@@ -18,6 +18,10 @@ Accepted layouts (Hugging Face hub naming):
   MTP modules (``model.layers.{num_hidden_layers + i}.*``) are skipped with a log line.
 - Block-FP8 (``quantization_config``, services/core/quant.py): a float8 weight with a
   ``*.weight_scale_inv`` companion is dequantized as it is read.
+- Qwen2-MoE / OLMoE / GLM-4.5 (services/core/families.py): as Qwen3-MoE; Qwen2-MoE's shared
+  expert is ``mlp.shared_expert.{gate,up,down}_proj`` plus ``mlp.shared_expert_gate.weight``
+  ``[1, H]``; GLM's are DeepSeek's ``mlp.shared_experts.*`` and
+  ``mlp.gate.e_score_correction_bias``; OLMoE's q/k norms span the whole projection.
 - Fused experts (transformers' in-memory layout): ``<moe>.experts.gate_up_proj`` ``[E, 2I, H]``
   and ``<moe>.experts.down_proj`` ``[E, H, I]``.
 """
@@ -179,6 +183,7 @@ class AttentionLayerWeights:
     router_bias: torch.Tensor | None = None  # [E] float32 e_score_correction_bias (V3)
     shared_gate_up: torch.Tensor | None = None  # [2S, H] shared experts, run on this side
     shared_down: torch.Tensor | None = None  # [H, S]
+    shared_gate: torch.Tensor | None = None  # [1, H] sigmoid gate of the shared expert (Qwen2)
 
 
 @dataclass
@@ -234,17 +239,22 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
                      f"{p}.self_attn.o_proj.weight": (H, nq)}
         if cfg.attention_bias:
             want |= {f"{p}.self_attn.q_proj.bias": (nq,), f"{p}.self_attn.k_proj.bias": (nkv,),
-                     f"{p}.self_attn.v_proj.bias": (nkv,), f"{p}.self_attn.o_proj.bias": (H,)}
+                     f"{p}.self_attn.v_proj.bias": (nkv,)}
+        if cfg.attention_bias if cfg.o_proj_bias is None else cfg.o_proj_bias:
+            want[f"{p}.self_attn.o_proj.bias"] = (H,)
         if cfg.qk_norm:
-            want |= {f"{p}.self_attn.q_norm.weight": (D,), f"{p}.self_attn.k_norm.weight": (D,)}
+            qn, kn = (nq, nkv) if cfg.qk_norm_full_width else (D, D)
+            want |= {f"{p}.self_attn.q_norm.weight": (qn,), f"{p}.self_attn.k_norm.weight": (kn,)}
         if cfg.sparse_layers[i]:
             want[f"{_moe_prefix(cfg, i)}.gate.weight"] = (cfg.num_experts, H)
             if cfg.router_spec.score_bias:
                 want[f"{p}.mlp.gate.e_score_correction_bias"] = (cfg.num_experts,)
             if S := cfg.shared_expert_intermediate_size:
-                want |= {f"{p}.mlp.shared_experts.gate_proj.weight": (S, H),
-                         f"{p}.mlp.shared_experts.up_proj.weight": (S, H),
-                         f"{p}.mlp.shared_experts.down_proj.weight": (H, S)}
+                s = f"{p}.mlp.{_shared_name(cfg)}"
+                want |= {f"{s}.gate_proj.weight": (S, H), f"{s}.up_proj.weight": (S, H),
+                         f"{s}.down_proj.weight": (H, S)}
+                if cfg.shared_expert_gate:
+                    want[f"{p}.mlp.shared_expert_gate.weight"] = (1, H)
         else:
             inter = cfg.dense_intermediate_size
             want |= {f"{p}.mlp.gate_proj.weight": (inter, H), f"{p}.mlp.up_proj.weight": (inter, H),
@@ -280,7 +290,8 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
             lw.router = t[f"{_moe_prefix(cfg, i)}.gate.weight"]
             lw.router_bias = t.get(f"{p}.mlp.gate.e_score_correction_bias")
             if cfg.shared_expert_intermediate_size:
-                s = f"{p}.mlp.shared_experts"
+                s = f"{p}.mlp.{_shared_name(cfg)}"
+                lw.shared_gate = t.get(f"{p}.mlp.shared_expert_gate.weight")
                 lw.shared_gate_up = torch.cat([t[f"{s}.gate_proj.weight"],
                                                t[f"{s}.up_proj.weight"]], dim=0)
                 lw.shared_down = t[f"{s}.down_proj.weight"]
@@ -292,6 +303,11 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
     embed = t["model.embed_tokens.weight"]
     return AttentionWeights(embed=embed, layers=layers, final_norm=t["model.norm.weight"],
                             lm_head=embed if tied else t["lm_head.weight"])
+
+
+def _shared_name(cfg: ModelConfig) -> str:
+    """The shared-expert module's name: Qwen2-MoE has one, DeepSeek/GLM a (fused) plural."""
+    return "shared_expert" if cfg.family == "qwen2_moe" else "shared_experts"
 
 
 def _mla_shapes(cfg: ModelConfig, a: str) -> dict[str, tuple[int, ...]]:
@@ -322,7 +338,10 @@ class ExpertWeights:
 
 _PER_EXPERT = {"mixtral": ("w1", "w3", "w2"), "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
                "deepseek_v2": ("gate_proj", "up_proj", "down_proj"),
-               "deepseek_v3": ("gate_proj", "up_proj", "down_proj")}
+               "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
+               "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
+               "olmoe": ("gate_proj", "up_proj", "down_proj"),
+               "glm4_moe": ("gate_proj", "up_proj", "down_proj")}
 
 
 def load_expert_weights(model_dir: str | Path, cfg: ModelConfig, expert_ids: Iterable[int],
@@ -390,9 +409,12 @@ def _known_layer_suffix(cfg: ModelConfig, layer: int, rest: str) -> bool:
     moe = _moe_prefix(cfg, layer).split(".", 3)[3]
     if rest in (f"{moe}.gate.weight", f"{moe}.experts.gate_up_proj", f"{moe}.experts.down_proj"):
         return True
-    if cfg.family in MLA_FAMILIES and rest in (
-            {"mlp.gate.e_score_correction_bias"}
-            | {f"mlp.shared_experts.{n}_proj.weight" for n in ("gate", "up", "down")}):
+    mla = cfg.family in MLA_FAMILIES
+    if (mla or cfg.router_spec.score_bias) and rest == "mlp.gate.e_score_correction_bias":
+        return True
+    if (mla or cfg.shared_expert_intermediate_size) and rest in (
+            {f"mlp.{_shared_name(cfg)}.{n}_proj.weight" for n in ("gate", "up", "down")}
+            | ({"mlp.shared_expert_gate.weight"} if cfg.shared_expert_gate else set())):
         return True
     m = re.fullmatch(rf"{re.escape(moe)}\.experts\.(\d+)\.(\w+)\.weight", rest)
     return bool(m) and int(m.group(1)) < cfg.num_experts and m.group(2) in _PER_EXPERT[cfg.family]

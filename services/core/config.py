@@ -1,6 +1,6 @@
 """Model configuration: one normalised field set for every supported MoE family.
 
-:class:`ModelConfig` is read from a Hugging Face ``config.json`` (Mixtral or Qwen3-MoE) and is
+:class:`ModelConfig` is read from a Hugging Face ``config.json`` (see ``ARCHITECTURES``) and is
 the only description of the model the rest of the code sees. Field names follow the serving
 vocabulary (``num_layers``, ``top_k``, ...), not any one family's spelling. Also here: the RoPE
 inverse-frequency computation for the scaling types these families' configs use.
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from services.core.families import GQA_FAMILIES, family_fields, partial_rotary_factor
 from services.core.quant import FP8BlockSpec, parse_quantization_config
 from services.core.routing import RouterSpec
 from services.errors import ConfigError
@@ -26,6 +27,9 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "OlmoeForCausalLM": "olmoe",
+    "Glm4MoeForCausalLM": "glm4_moe",
 }
 MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 # Known architectures whose attention we do not implement: a one-line error, not a wrong answer.
@@ -139,6 +143,15 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0
     mtp_layers: int = 0
     quantization: FP8BlockSpec | None = None
+    # services/core/families.py: o_proj bias (None: as attention_bias); shared expert output
+    # scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE); q/k norm over the whole projection
+    # instead of per head and q/k/v clamped to +-clip_qkv (OLMoE); RoPE on the first
+    # rotary_dim dims of each head only (GLM; None: all head_dim).
+    o_proj_bias: bool | None = None
+    shared_expert_gate: bool = False
+    qk_norm_full_width: bool = False
+    clip_qkv: float | None = None
+    rotary_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.family not in ARCHITECTURES.values():
@@ -179,6 +192,12 @@ class ModelConfig:
                               "multi-head latent attention")
         if self.shared_expert_intermediate_size < 0:
             raise ConfigError("n_shared_experts must be >= 0")
+        if self.rotary_dim is not None and not (
+                0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ConfigError(f"partial_rotary_factor gives {self.rotary_dim} rotary dims of "
+                              f"head_dim {self.head_dim}: must be even and in (0, head_dim]")
+        if self.clip_qkv is not None and self.clip_qkv <= 0:
+            raise ConfigError(f"clip_qkv must be > 0, got {self.clip_qkv}")
         params = self.rope_params()
         if params is not None:
             kind = params.get("rope_type", params.get("type", "default"))
@@ -205,8 +224,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Normalise a Hugging Face config dict (Mixtral / Qwen3-MoE / DeepSeek-V2/V3 spelling)
-        to ModelConfig."""
+        """Normalise a Hugging Face config dict (Mixtral / Qwen3-MoE / DeepSeek-V2/V3 /
+        Qwen2-MoE / OLMoE / GLM-4.5 spelling) to ModelConfig."""
         archs = d.get("architectures") or []
         for a in archs:
             if a in UNSUPPORTED_ARCHITECTURES:
@@ -250,6 +269,14 @@ class ModelConfig:
             head_dim = extra["mla"].qk_rope_head_dim  # the RoPE dim, as transformers sets it
             kv_heads = heads  # unused by MLA (one latent per token); keeps GQA checks trivial
             norm_topk, qk_norm, bias, window = extra["routing"].norm_topk_prob, False, False, None
+        elif family in GQA_FAMILIES:
+            fam = family_fields(family, d, num_layers, num_experts)
+            sparse = fam.pop("sparse_layers")
+            expert_inter = fam.pop("expert_intermediate_size")
+            dense_inter = fam.pop("dense_intermediate_size")
+            norm_topk, qk_norm = fam.pop("norm_topk_prob"), fam.pop("qk_norm")
+            bias, window = fam.pop("attention_bias"), None
+            extra |= fam
         elif family == "mixtral":
             sparse = tuple(True for _ in range(num_layers))
             expert_inter, dense_inter = req("intermediate_size"), 0
@@ -273,6 +300,11 @@ class ModelConfig:
         if isinstance(legacy, dict):
             rope = {**legacy, **rope}
         theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        if family in GQA_FAMILIES:
+            factor = partial_rotary_factor(family, d, rope)
+            rope.pop("partial_rotary_factor", None)
+            if factor != 1:
+                extra["rotary_dim"] = int(head_dim * factor)
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
         if rope.get("rope_type", "default") == "default" and set(rope) <= {"rope_type"}:
@@ -328,9 +360,10 @@ class ModelConfig:
                           weights_float32=self.router_weights_float32)
 
     def rope_inv_freq(self) -> tuple[torch.Tensor, float]:
-        """RoPE inverse frequencies ``[head_dim // 2]`` (float32) and the cos/sin scale factor."""
-        return rope_inv_freq(self.head_dim, self.rope_theta, self.rope_params(),
-                             self.max_position_embeddings)
+        """RoPE inverse frequencies ``[rotary_dim // 2]`` (float32) and the cos/sin scale
+        factor."""
+        return rope_inv_freq(self.rotary_dim or self.head_dim, self.rope_theta,
+                             self.rope_params(), self.max_position_embeddings)
 
 
 def rope_inv_freq(dim: int, base: float, params: dict[str, Any] | None,

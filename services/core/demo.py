@@ -22,9 +22,11 @@ import torch
 from safetensors.torch import save_file
 
 from services.core.demo_deepseek import DEEPSEEK_FAMILIES, write_deepseek_checkpoint
+from services.core.demo_families import write_family_checkpoint
+from services.core.families import GQA_FAMILIES
 from services.errors import UserError
 
-FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3") + GQA_FAMILIES
 
 
 def _hf_config(family: str, *, layers: int, hidden: int, intermediate: int, experts: int,
@@ -93,6 +95,15 @@ def write_random_checkpoint(out_dir: str | Path, family: str = "mixtral", *, lay
             rope_scaling=rope_scaling, seed=seed, shards=shards, tokenizer=tokenizer,
             n_group=_groups(experts), topk_group=max(1, _groups(experts) // 2),
             topk_method="group_limited_greedy" if family == "deepseek_v2" else None)
+    if family in GQA_FAMILIES:  # Qwen2-MoE / OLMoE / GLM-4.5: transformers writes them
+        if tie_word_embeddings or rope_scaling is not None:
+            raise UserError(f"--tie-embeddings and RoPE scaling are not offered for {family}")
+        return write_family_checkpoint(
+            out_dir, family, layers=layers, hidden=hidden, intermediate=intermediate,
+            experts=experts, top_k=top_k, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+            vocab=vocab, dense_layers=dense_layers, dense_intermediate=dense_intermediate,
+            max_position=max_position, seed=seed, shards=shards, tokenizer=tokenizer,
+            clip_qkv=8.0 if family == "olmoe" else None)
     if family not in FAMILIES:
         raise UserError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     if family == "mixtral" and dense_layers:
@@ -222,8 +233,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--max-position", type=int, default=4096)
     p.add_argument("--dense-layers", type=_int_list, default=[],
-                   help="qwen3_moe: comma-separated dense (mlp_only) layer indices; "
-                        "deepseek: the first k layers 0,..,k-1")
+                   help="qwen3_moe, qwen2_moe: comma-separated dense (mlp_only) layer "
+                        "indices; deepseek, glm4_moe: the first k layers 0,..,k-1")
     p.add_argument("--dense-intermediate", type=int, default=None)
     p.add_argument("--tie-embeddings", action="store_true")
     p.add_argument("--shards", type=int, default=1)

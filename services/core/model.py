@@ -30,6 +30,7 @@ from services.core import cpu_gemm, mla, routing
 from services.core import layers as L
 from services.core.batch import BatchMeta, build_batch_meta
 from services.core.checkpoint import (
+    AttentionLayerWeights,
     AttentionWeights,
     CheckpointIndex,
     ExpertWeights,
@@ -152,14 +153,39 @@ class AttentionSide:
         q, k, v = qkv[:, :NH], qkv[:, NH:NH + KVH], qkv[:, NH + KVH:]
         cos, sin = self._rope(meta.positions, qkv.dtype)
         if cfg.qk_norm:
-            q = L.apply_rope_signed(L.rms_norm(q, lw.q_norm, cfg.rms_norm_eps), cos, sin)
-            k = L.apply_rope_signed(L.rms_norm(k, lw.k_norm, cfg.rms_norm_eps), cos, sin)
+            q, k = self._qk_norm(lw, q, k)
+            if cfg.clip_qkv is not None:  # OLMoE clamps after the norms
+                c = cfg.clip_qkv
+                q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         else:  # rotate q and k heads together: one set of elementwise ops
-            qk = L.apply_rope_signed(qkv[:, :NH + KVH], cos, sin)
+            if cfg.clip_qkv is not None:
+                qkv = qkv.clamp(-cfg.clip_qkv, cfg.clip_qkv)
+                v = qkv[:, NH + KVH:]
+            qk = self._rotate(qkv[:, :NH + KVH], cos, sin)
             q, k = qk[:, :NH], qk[:, NH:]
         k_cache, v_cache = kv.layer(layer)
         attn = L.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         return self._mlp_input(layer, hidden + F.linear(attn, lw.o, lw.o_bias))
+
+    def _qk_norm(self, lw: AttentionLayerWeights, q: torch.Tensor, k: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm of q [T, NH, D] and k [T, KVH, D]: per head (Qwen3, GLM) or over the whole
+        projection (OLMoE: weights [NH * D] / [KVH * D])."""
+        eps = self.cfg.rms_norm_eps
+        if not self.cfg.qk_norm_full_width:
+            return L.rms_norm(q, lw.q_norm, eps), L.rms_norm(k, lw.k_norm, eps)
+        T = q.shape[0]
+        return (L.rms_norm(q.reshape(T, -1), lw.q_norm, eps).view(q.shape),
+                L.rms_norm(k.reshape(T, -1), lw.k_norm, eps).view(k.shape))
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on x [T, heads, D]: all D dims, or the first ``rotary_dim`` (partial rotary,
+        GLM; the rest pass through)."""
+        rd = self.cfg.rotary_dim
+        if rd is None or rd == x.shape[-1]:
+            return L.apply_rope_signed(x, cos, sin)
+        return torch.cat((L.apply_rope_signed(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)
 
     def _mlp_input(self, layer: int, residual: torch.Tensor) -> MoEInput:
         """post-attention norm -> router (sparse layer) or dense MLP (dense layer)."""
@@ -179,8 +205,10 @@ class AttentionSide:
         lw = self.w.layers[moe_input.layer]
         if lw.shared_gate_up is None or moe_input.shared_out is not None:
             return moe_input
-        return dataclasses.replace(
-            moe_input, shared_out=L.swiglu(moe_input.normed, lw.shared_gate_up, lw.shared_down))
+        out = L.swiglu(moe_input.normed, lw.shared_gate_up, lw.shared_down)
+        if lw.shared_gate is not None:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) [T, 1]
+            out = torch.sigmoid(F.linear(moe_input.normed, lw.shared_gate)) * out
+        return dataclasses.replace(moe_input, shared_out=out)
 
     def finish_layer(self, moe_input: MoEInput, expert_out: torch.Tensor | None) -> torch.Tensor:
         """residual + (summed expert output [+ shared experts] | dense MLP output) -> next

@@ -1,0 +1,127 @@
+"""Small random Qwen2-MoE / OLMoE / GLM-4.5 checkpoints, written by ``transformers`` itself.
+
+As :mod:`services.core.demo_deepseek`: the model is built by transformers from its own config
+class, its parameters are re-drawn with margin-friendly scales (``demo_deepseek._draw``: clear
+gaps between top logits and between routed experts, so float32 summation order never flips a
+greedy choice) and ``save_pretrained`` writes config.json and the safetensors in hub layout.
+``megascale demo-model --family qwen2_moe|olmoe|glm4_moe`` calls this.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.core.demo_deepseek import _draw
+from services.core.families import GQA_FAMILIES
+from services.errors import UserError
+
+
+def family_hf_config(family: str, *, layers: int, hidden: int, intermediate: int,
+                     experts: int, top_k: int, heads: int, kv_heads: int, head_dim: int | None,
+                     vocab: int, dense_layers: Sequence[int], dense_intermediate: int,
+                     shared_intermediate: int, max_position: int, clip_qkv: float | None,
+                     norm_topk_prob: bool | None, attention_bias: bool, qk_norm: bool,
+                     n_group: int, topk_group: int, routed_scaling_factor: float,
+                     partial_rotary_factor: float, special: dict[str, int]) -> dict[str, Any]:
+    """The config.json fields (transformers spelling) of a ``family`` checkpoint."""
+    d: dict[str, Any] = dict(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, num_experts_per_tok=top_k,
+        max_position_embeddings=max_position, bos_token_id=special.get("bos"),
+        eos_token_id=special.get("eos"), pad_token_id=special.get("pad"),
+        tie_word_embeddings=False, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family == "qwen2_moe":
+        return d | dict(
+            intermediate_size=dense_intermediate, moe_intermediate_size=intermediate,
+            shared_expert_intermediate_size=shared_intermediate, num_experts=experts,
+            decoder_sparse_step=1, mlp_only_layers=list(dense_layers), qkv_bias=True,
+            norm_topk_prob=bool(norm_topk_prob), use_sliding_window=False)
+    if family == "olmoe":
+        return d | dict(intermediate_size=intermediate, num_experts=experts, clip_qkv=clip_qkv,
+                        norm_topk_prob=bool(norm_topk_prob), attention_bias=attention_bias)
+    d["rope_parameters"]["partial_rotary_factor"] = partial_rotary_factor
+    return d | dict(
+        head_dim=head_dim or hidden // heads, intermediate_size=dense_intermediate,
+        moe_intermediate_size=intermediate, n_routed_experts=experts,
+        n_shared_experts=shared_intermediate // intermediate,
+        first_k_dense_replace=len(dense_layers), n_group=n_group, topk_group=topk_group,
+        routed_scaling_factor=routed_scaling_factor,
+        norm_topk_prob=True if norm_topk_prob is None else norm_topk_prob,
+        use_qk_norm=qk_norm, attention_bias=attention_bias)
+
+
+def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3,
+                            hidden: int = 64, intermediate: int = 32, experts: int = 8,
+                            top_k: int = 2, heads: int = 4, kv_heads: int = 2,
+                            head_dim: int | None = None, vocab: int = 512,
+                            dense_layers: Sequence[int] = (), dense_intermediate: int | None = None,
+                            shared_intermediate: int | None = None, max_position: int = 4096,
+                            clip_qkv: float | None = None, norm_topk_prob: bool | None = None,
+                            attention_bias: bool = True, qk_norm: bool = True, n_group: int = 1,
+                            topk_group: int = 1, routed_scaling_factor: float = 1.0,
+                            partial_rotary_factor: float = 0.5, seed: int = 0, shards: int = 1,
+                            tokenizer: bool = True) -> Path:
+    """Write a random ``family`` checkpoint with transformers and return its directory.
+
+    ``dense_layers``: Qwen2-MoE's ``mlp_only_layers``; GLM's must be ``0..k-1``
+    (``first_k_dense_replace = k``); OLMoE has none. ``shared_intermediate`` is the shared
+    expert width (Qwen2-MoE; GLM: a multiple of ``intermediate``, ``n_shared_experts``)."""
+    import transformers
+
+    if family not in GQA_FAMILIES:
+        raise UserError(f"family must be one of {', '.join(GQA_FAMILIES)}, got {family!r}")
+    if any(not 0 <= i < layers for i in dense_layers):
+        raise UserError(f"--dense-layers must be layer indices in [0, {layers})")
+    if family == "olmoe" and dense_layers:
+        raise UserError("olmoe has no dense layers (--dense-layers)")
+    if family == "glm4_moe" and list(dense_layers) != list(range(len(dense_layers))):
+        raise UserError("--dense-layers for glm4_moe must be the first layers 0..k-1 "
+                        "(first_k_dense_replace)")
+    if family == "olmoe" and head_dim not in (None, hidden // heads):
+        raise UserError("olmoe: --head-dim must be hidden / heads (its q/k norms span them)")
+    shared = intermediate if shared_intermediate is None else shared_intermediate
+    if family == "glm4_moe" and shared % intermediate:
+        raise UserError("glm4_moe: the shared width must be a multiple of --intermediate "
+                        "(n_shared_experts)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    special = None
+    if tokenizer:
+        try:  # the Qwen-style demo tokenizer (ChatML template) serves any family
+            from services.core.tokenizer_build import build_demo_tokenizer
+            special = build_demo_tokenizer(out, "qwen3_moe", vocab)
+        except ImportError:
+            special = None
+    special = special or {"bos": 1, "eos": 2, "pad": 0}
+    d = family_hf_config(
+        family, layers=layers, hidden=hidden, intermediate=intermediate, experts=experts,
+        top_k=top_k, heads=heads, kv_heads=kv_heads, head_dim=head_dim, vocab=vocab,
+        dense_layers=dense_layers, dense_intermediate=dense_intermediate or 2 * intermediate,
+        shared_intermediate=shared, max_position=max_position, clip_qkv=clip_qkv,
+        norm_topk_prob=norm_topk_prob, attention_bias=attention_bias, qk_norm=qk_norm,
+        n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
+        partial_rotary_factor=partial_rotary_factor, special=special)
+    prefix = {"qwen2_moe": "Qwen2Moe", "olmoe": "Olmoe", "glm4_moe": "Glm4Moe"}[family]
+    config = getattr(transformers, f"{prefix}Config")(**d)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("inv_freq"):
+                continue
+            p.copy_(_draw(name, tuple(p.shape), g, sigmoid=family == "glm4_moe"))
+    if shards > 1:  # about `shards` files of roughly equal size
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        model.save_pretrained(out, max_shard_size=f"{max(1, total // shards // 1000 + 1)}KB")
+    else:
+        model.save_pretrained(out)
+    gen = {"bos_token_id": special.get("bos"), "eos_token_id": special.get("eos"),
+           "pad_token_id": special.get("pad"), "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return out

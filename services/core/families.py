@@ -1,0 +1,149 @@
+"""Config fields of the GQA MoE families beyond Mixtral / Qwen3-MoE: Qwen2-MoE, OLMoE, GLM-4.5.
+
+Each ``*_fields`` function reads one family's Hugging Face ``config.json`` dict (transformers
+spelling) and returns the :class:`~services.core.config.ModelConfig` keyword arguments that
+differ from the plain Llama-style defaults; ``ModelConfig.from_hf_dict`` adds the common ones
+(sizes, RoPE, special tokens). Every variant transformers supports but we do not is a one-line
+``ConfigError`` naming its key. How each family differs, in transformers' own terms:
+
+=========  ================================================================================
+family     differences
+=========  ================================================================================
+qwen2_moe  q/k/v biases (``qkv_bias``, o_proj without); a shared expert whose output is
+           scaled by ``sigmoid(shared_expert_gate(x))``; ``decoder_sparse_step`` and
+           ``mlp_only_layers`` choose the dense layers; softmax routing as Qwen3-MoE
+olmoe      q/k RMSNorm over the *whole* projection (``[NH * D]`` / ``[KVH * D]``, not per
+           head), then ``clip_qkv`` clamps q, k and v; ``norm_topk_prob`` false by default;
+           ``attention_bias`` on all four projections
+glm4_moe   DeepSeek-V3 routing (sigmoid, ``e_score_correction_bias`` for selection,
+           ``n_group``/``topk_group``, ``routed_scaling_factor``) and shared experts;
+           ``first_k_dense_replace`` dense layers; optional per-head q/k norm
+           (``use_qk_norm``); partial rotary (``partial_rotary_factor``, 0.5 by default:
+           RoPE on the first half of each head); q/k/v biases (``attention_bias``, o_proj
+           without); MTP layers (``num_nextn_predict_layers``) skipped at load
+=========  ================================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.core.routing import RouterSpec
+from services.errors import ConfigError
+
+GQA_FAMILIES = ("qwen2_moe", "olmoe", "glm4_moe")
+
+
+def _req(d: dict[str, Any], name: str) -> Any:
+    if d.get(name) is None:
+        raise ConfigError(f"config field {name!r} is missing")
+    return d[name]
+
+
+def _silu_only(d: dict[str, Any], family: str) -> None:
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"hidden_act: {act!r} is not supported for {family} (silu)")
+
+
+def _no_sliding(d: dict[str, Any], family: str) -> None:
+    # Per-layer windows (layer_types / max_window_layers) are not implemented for these.
+    if d.get("use_sliding_window"):
+        raise ConfigError(f"use_sliding_window: sliding-window attention is not supported "
+                          f"for {family}")
+    types = d.get("layer_types") or []
+    if any(t != "full_attention" for t in types):
+        raise ConfigError(f"layer_types: only full_attention layers are supported for {family}")
+
+
+def family_fields(family: str, d: dict[str, Any], num_layers: int, num_experts: int
+                  ) -> dict[str, Any]:
+    """ModelConfig keyword arguments for ``family`` (one of :data:`GQA_FAMILIES`)."""
+    _silu_only(d, family)
+    if d.get("mlp_bias"):
+        raise ConfigError(f"mlp_bias: MLP biases are not supported for {family}")
+    if family == "qwen2_moe":
+        return _qwen2_moe(d, num_layers, num_experts)
+    if family == "olmoe":
+        return _olmoe(d, num_layers)
+    return _glm4_moe(d, num_layers, num_experts)
+
+
+def _qwen2_moe(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[str, Any]:
+    _no_sliding(d, "qwen2_moe")
+    step = d.get("decoder_sparse_step", 1) or 1
+    if not isinstance(step, int) or step < 1:
+        raise ConfigError(f"decoder_sparse_step must be a positive integer, got {step!r}")
+    mlp_only = set(d.get("mlp_only_layers") or [])
+    sparse = tuple(i not in mlp_only and num_experts > 0 and (i + 1) % step == 0
+                   for i in range(num_layers))
+    return dict(
+        sparse_layers=sparse, expert_intermediate_size=_req(d, "moe_intermediate_size"),
+        dense_intermediate_size=d.get("intermediate_size") or 0,
+        norm_topk_prob=bool(d.get("norm_topk_prob", False)), qk_norm=False,
+        # transformers' default: checkpoints from before the key (Qwen1.5-MoE) have the biases
+        attention_bias=bool(d.get("qkv_bias", True)), o_proj_bias=False,
+        shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
+        shared_expert_gate=True)
+
+
+def _olmoe(d: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    hidden, heads = d.get("hidden_size"), d.get("num_attention_heads")
+    head_dim = d.get("head_dim")
+    if head_dim is not None and isinstance(hidden, int) and isinstance(heads, int) and (
+            heads < 1 or head_dim * heads != hidden):
+        # transformers sizes the k norm with hidden_size // num_attention_heads
+        raise ConfigError(f"head_dim: {head_dim} != hidden_size / num_attention_heads is not "
+                          "supported for olmoe")
+    if d.get("sliding_window"):
+        raise ConfigError("sliding_window: sliding-window attention is not supported for olmoe")
+    clip = d.get("clip_qkv")
+    if clip is not None and (not isinstance(clip, (int, float)) or clip <= 0):
+        raise ConfigError(f"clip_qkv must be a positive number or null, got {clip!r}")
+    bias = bool(d.get("attention_bias", False))
+    return dict(
+        sparse_layers=tuple(True for _ in range(num_layers)),
+        expert_intermediate_size=_req(d, "intermediate_size"), dense_intermediate_size=0,
+        norm_topk_prob=bool(d.get("norm_topk_prob", False)), qk_norm=True,
+        qk_norm_full_width=True, clip_qkv=None if clip is None else float(clip),
+        attention_bias=bias, o_proj_bias=bias)
+
+
+def _glm4_moe(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[str, Any]:
+    first_dense = d.get("first_k_dense_replace", 1)
+    if first_dense is None:
+        first_dense = 0
+    if not isinstance(first_dense, int) or not 0 <= first_dense <= num_layers:
+        raise ConfigError(f"first_k_dense_replace must be in [0, {num_layers}], got "
+                          f"{first_dense!r}")
+    expert_inter = _req(d, "moe_intermediate_size")
+    shared = d.get("n_shared_experts", 1) or 0
+    if not isinstance(shared, int) or shared < 0:
+        raise ConfigError(f"n_shared_experts must be a non-negative integer, got {shared!r}")
+    routing = RouterSpec(
+        num_experts=num_experts, top_k=_req(d, "num_experts_per_tok"), scoring="sigmoid",
+        method="noaux_tc", n_group=d.get("n_group") or 1, topk_group=d.get("topk_group") or 1,
+        norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)), score_bias=True,
+        logits_float32=True, weights_float32=True)
+    mtp = d.get("num_nextn_predict_layers", d.get("num_mtp_layers")) or 0
+    return dict(
+        sparse_layers=tuple(i >= first_dense for i in range(num_layers)),
+        expert_intermediate_size=expert_inter,
+        dense_intermediate_size=_req(d, "intermediate_size") if first_dense else (
+            d.get("intermediate_size") or 0),
+        norm_topk_prob=routing.norm_topk_prob, qk_norm=bool(d.get("use_qk_norm", False)),
+        attention_bias=bool(d.get("attention_bias", False)), o_proj_bias=False,
+        routing=routing, shared_expert_intermediate_size=expert_inter * shared,
+        mtp_layers=int(mtp))
+
+
+def partial_rotary_factor(family: str, d: dict[str, Any], rope: dict[str, Any]) -> float:
+    """The fraction of each head that RoPE rotates (GLM: 0.5 unless the config says)."""
+    default = 0.5 if family == "glm4_moe" else 1.0
+    value = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", default))
+    if not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {value!r}")
+    if value != 1 and family != "glm4_moe":  # transformers' default RoPE ignores it there
+        raise ConfigError(f"partial_rotary_factor: partial rotary is not supported for {family}")
+    return float(value)

@@ -22,6 +22,8 @@ Accepted layouts (Hugging Face hub naming):
   expert is ``mlp.shared_expert.{gate,up,down}_proj`` plus ``mlp.shared_expert_gate.weight``
   ``[1, H]``; GLM's are DeepSeek's ``mlp.shared_experts.*`` and
   ``mlp.gate.e_score_correction_bias``; OLMoE's q/k norms span the whole projection.
+- DBRX: ``transformer.*`` names, fused ``Wqkv`` and all experts of a layer in one tensor
+  (services/core/dbrx_weights.py).
 - Fused experts (transformers' in-memory layout): ``<moe>.experts.gate_up_proj`` ``[E, 2I, H]``
   and ``<moe>.experts.down_proj`` ``[E, H, I]``.
 """
@@ -218,6 +220,9 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
     Expert tensors are never read. Pass ``index`` to inspect ``index.requested`` afterwards.
     """
     idx = index or CheckpointIndex.open(model_dir)
+    if cfg.family == "dbrx":  # its own tensor names (imported here: it builds on this module)
+        from services.core import dbrx_weights
+        return dbrx_weights.load_attention_weights(idx, cfg, dtype, device)
     H, V, D = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
     nq, nkv = cfg.num_heads * D, cfg.num_kv_heads * D
     want: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H),
@@ -354,6 +359,9 @@ def load_expert_weights(model_dir: str | Path, cfg: ModelConfig, expert_ids: Ite
         raise CheckpointError(f"expert ids must be distinct and in [0, {cfg.num_experts}), "
                               f"got {list(ids)}")
     idx = index or CheckpointIndex.open(model_dir)
+    if cfg.family == "dbrx":
+        from services.core import dbrx_weights
+        return dbrx_weights.load_expert_weights(idx, cfg, ids, dtype, device)
     H, inter = cfg.hidden_size, cfg.expert_intermediate_size
     g_name, u_name, d_name = _PER_EXPERT[cfg.family]
     gate_up: dict[int, torch.Tensor] = {}

@@ -16,7 +16,12 @@ from typing import Any
 
 import torch
 
-from services.core.families import GQA_FAMILIES, family_fields, partial_rotary_factor
+from services.core.families import (
+    GQA_FAMILIES,
+    family_fields,
+    flatten_dbrx,
+    partial_rotary_factor,
+)
 from services.core.quant import FP8BlockSpec, parse_quantization_config
 from services.core.routing import RouterSpec
 from services.errors import ConfigError
@@ -30,6 +35,7 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "OlmoeForCausalLM": "olmoe",
     "Glm4MoeForCausalLM": "glm4_moe",
+    "DbrxForCausalLM": "dbrx",
 }
 MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 # Known architectures whose attention we do not implement: a one-line error, not a wrong answer.
@@ -152,6 +158,8 @@ class ModelConfig:
     qk_norm_full_width: bool = False
     clip_qkv: float | None = None
     rotary_dim: int | None = None
+    # "rms": RMSNorm; "layer": LayerNorm without bias (DBRX), both with eps rms_norm_eps
+    norm_type: str = "rms"
 
     def __post_init__(self) -> None:
         if self.family not in ARCHITECTURES.values():
@@ -196,6 +204,8 @@ class ModelConfig:
                 0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise ConfigError(f"partial_rotary_factor gives {self.rotary_dim} rotary dims of "
                               f"head_dim {self.head_dim}: must be even and in (0, head_dim]")
+        if self.norm_type not in ("rms", "layer"):
+            raise ConfigError(f"norm_type must be 'rms' or 'layer', got {self.norm_type!r}")
         if self.clip_qkv is not None and self.clip_qkv <= 0:
             raise ConfigError(f"clip_qkv must be > 0, got {self.clip_qkv}")
         params = self.rope_params()
@@ -238,6 +248,8 @@ class ModelConfig:
         if family is None:
             raise ConfigError(f"architectures: unsupported {archs!r} (supported: "
                               f"{', '.join(ARCHITECTURES)})")
+        if family == "dbrx":
+            d = flatten_dbrx(d)
 
         def req(name: str) -> Any:
             if d.get(name) is None:
@@ -330,7 +342,7 @@ class ModelConfig:
             norm_topk_prob=norm_topk,
             qk_norm=qk_norm,
             router_weights_float32=family == "mixtral",
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(extra.pop("rms_norm_eps", d.get("rms_norm_eps", 1e-6))),
             rope_theta=float(theta),
             max_position_embeddings=req("max_position_embeddings"),
             rope_scaling=rope_scaling,

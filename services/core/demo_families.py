@@ -1,10 +1,10 @@
-"""Small random Qwen2-MoE / OLMoE / GLM-4.5 checkpoints, written by ``transformers`` itself.
+"""Small random Qwen2-MoE / OLMoE / GLM-4.5 / DBRX checkpoints, written by ``transformers``.
 
 As :mod:`services.core.demo_deepseek`: the model is built by transformers from its own config
 class, its parameters are re-drawn with margin-friendly scales (``demo_deepseek._draw``: clear
 gaps between top logits and between routed experts, so float32 summation order never flips a
 greedy choice) and ``save_pretrained`` writes config.json and the safetensors in hub layout.
-``megascale demo-model --family qwen2_moe|olmoe|glm4_moe`` calls this.
+``megascale demo-model --family qwen2_moe|olmoe|glm4_moe|dbrx`` calls this.
 """
 
 from __future__ import annotations
@@ -42,6 +42,14 @@ def family_hf_config(family: str, *, layers: int, hidden: int, intermediate: int
             shared_expert_intermediate_size=shared_intermediate, num_experts=experts,
             decoder_sparse_step=1, mlp_only_layers=list(dense_layers), qkv_bias=True,
             norm_topk_prob=bool(norm_topk_prob), use_sliding_window=False)
+    if family == "dbrx":
+        return dict(
+            d_model=hidden, n_heads=heads, n_layers=layers, max_seq_len=max_position,
+            vocab_size=vocab, bos_token_id=special.get("bos"), eos_token_id=special.get("eos"),
+            pad_token_id=special.get("pad"), tie_word_embeddings=False,
+            attn_config=dict(kv_n_heads=kv_heads, clip_qkv=clip_qkv, rope_theta=10000.0),
+            ffn_config=dict(ffn_hidden_size=intermediate, moe_num_experts=experts,
+                            moe_top_k=top_k, moe_normalize_expert_weights=1.0))
     if family == "olmoe":
         return d | dict(intermediate_size=intermediate, num_experts=experts, clip_qkv=clip_qkv,
                         norm_topk_prob=bool(norm_topk_prob), attention_bias=attention_bias)
@@ -78,13 +86,13 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
         raise UserError(f"family must be one of {', '.join(GQA_FAMILIES)}, got {family!r}")
     if any(not 0 <= i < layers for i in dense_layers):
         raise UserError(f"--dense-layers must be layer indices in [0, {layers})")
-    if family == "olmoe" and dense_layers:
-        raise UserError("olmoe has no dense layers (--dense-layers)")
+    if family in ("olmoe", "dbrx") and dense_layers:
+        raise UserError(f"{family} has no dense layers (--dense-layers)")
     if family == "glm4_moe" and list(dense_layers) != list(range(len(dense_layers))):
         raise UserError("--dense-layers for glm4_moe must be the first layers 0..k-1 "
                         "(first_k_dense_replace)")
-    if family == "olmoe" and head_dim not in (None, hidden // heads):
-        raise UserError("olmoe: --head-dim must be hidden / heads (its q/k norms span them)")
+    if family in ("olmoe", "dbrx") and head_dim not in (None, hidden // heads):
+        raise UserError(f"{family}: --head-dim must be hidden / heads")
     shared = intermediate if shared_intermediate is None else shared_intermediate
     if family == "glm4_moe" and shared % intermediate:
         raise UserError("glm4_moe: the shared width must be a multiple of --intermediate "
@@ -107,7 +115,8 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
         norm_topk_prob=norm_topk_prob, attention_bias=attention_bias, qk_norm=qk_norm,
         n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
         partial_rotary_factor=partial_rotary_factor, special=special)
-    prefix = {"qwen2_moe": "Qwen2Moe", "olmoe": "Olmoe", "glm4_moe": "Glm4Moe"}[family]
+    prefix = {"qwen2_moe": "Qwen2Moe", "olmoe": "Olmoe", "glm4_moe": "Glm4Moe",
+              "dbrx": "Dbrx"}[family]
     config = getattr(transformers, f"{prefix}Config")(**d)
     model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
     g = torch.Generator().manual_seed(seed)
@@ -115,7 +124,10 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
         for name, p in list(model.named_parameters()) + list(model.named_buffers()):
             if name.endswith("inv_freq"):
                 continue
-            p.copy_(_draw(name, tuple(p.shape), g, sigmoid=family == "glm4_moe"))
+            if family == "dbrx":
+                p.copy_(_draw_dbrx(name, tuple(p.shape), g, intermediate))
+            else:
+                p.copy_(_draw(name, tuple(p.shape), g, sigmoid=family == "glm4_moe"))
     if shards > 1:  # about `shards` files of roughly equal size
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         model.save_pretrained(out, max_shard_size=f"{max(1, total // shards // 1000 + 1)}KB")
@@ -125,3 +137,18 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
            "pad_token_id": special.get("pad"), "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out
+
+
+# DBRX module names -> the role names demo_deepseek._draw knows
+_DBRX_ROLES = (("transformer.wte.weight", "model.embed_tokens.weight"),
+               ("norm_1.weight", "norm.weight"), ("norm_2.weight", "norm.weight"),
+               ("norm_f.weight", "norm.weight"), ("router.layer.weight", "mlp.gate.weight"),
+               ("out_proj.weight", "o_proj.weight"))
+
+
+def _draw_dbrx(name: str, shape: tuple[int, ...], g: torch.Generator, inter: int
+               ) -> torch.Tensor:
+    if name.endswith("mlp.w2"):  # [E * I, H], the transposed down projection: fan-in I
+        return torch.randn(*shape, generator=g) * (0.5 / inter ** 0.5)
+    role = next((r for suffix, r in _DBRX_ROLES if name.endswith(suffix)), name)
+    return _draw(role, shape, g, sigmoid=False)

@@ -1,4 +1,5 @@
-"""Config fields of the GQA MoE families beyond Mixtral / Qwen3-MoE: Qwen2-MoE, OLMoE, GLM-4.5.
+"""Config fields of the GQA MoE families beyond Mixtral / Qwen3-MoE: Qwen2-MoE, OLMoE, GLM-4.5,
+DBRX.
 
 Each ``*_fields`` function reads one family's Hugging Face ``config.json`` dict (transformers
 spelling) and returns the :class:`~services.core.config.ModelConfig` keyword arguments that
@@ -21,6 +22,10 @@ glm4_moe   DeepSeek-V3 routing (sigmoid, ``e_score_correction_bias`` for selecti
            (``use_qk_norm``); partial rotary (``partial_rotary_factor``, 0.5 by default:
            RoPE on the first half of each head); q/k/v biases (``attention_bias``, o_proj
            without); MTP layers (``num_nextn_predict_layers``) skipped at load
+dbrx       nested ``attn_config`` / ``ffn_config`` (:func:`flatten_dbrx`); fused ``Wqkv`` with
+           ``clip_qkv``; LayerNorm without bias (eps 1e-5); softmax top-k weights divided by
+           their ``moe_normalize_expert_weights``-norm (p = 1 by default); its own tensor
+           names (services/core/dbrx_weights.py)
 =========  ================================================================================
 """
 
@@ -31,7 +36,7 @@ from typing import Any
 from services.core.routing import RouterSpec
 from services.errors import ConfigError
 
-GQA_FAMILIES = ("qwen2_moe", "olmoe", "glm4_moe")
+GQA_FAMILIES = ("qwen2_moe", "olmoe", "glm4_moe", "dbrx")
 
 
 def _req(d: dict[str, Any], name: str) -> Any:
@@ -66,7 +71,29 @@ def family_fields(family: str, d: dict[str, Any], num_layers: int, num_experts: 
         return _qwen2_moe(d, num_layers, num_experts)
     if family == "olmoe":
         return _olmoe(d, num_layers)
+    if family == "dbrx":
+        return _dbrx(d, num_layers, num_experts)
     return _glm4_moe(d, num_layers, num_experts)
+
+
+def flatten_dbrx(d: dict[str, Any]) -> dict[str, Any]:
+    """DBRX's nested config in the Llama-style spelling the rest of ModelConfig reads (the
+    original ``attn_config`` / ``ffn_config`` stay, for :func:`_dbrx`)."""
+    attn, ffn = d.get("attn_config") or {}, d.get("ffn_config") or {}
+    if not isinstance(attn, dict) or not isinstance(ffn, dict):
+        raise ConfigError("attn_config and ffn_config must be JSON objects")
+    act = (ffn.get("ffn_act_fn") or {}).get("name", "silu")
+    if act != "silu":
+        raise ConfigError(f"ffn_config.ffn_act_fn: {act!r} is not supported for dbrx (silu)")
+    rope = dict(d.get("rope_parameters") or {})
+    rope.setdefault("rope_theta", attn.get("rope_theta", 10000.0))
+    return {**d, "hidden_size": d.get("d_model"), "num_attention_heads": d.get("n_heads"),
+            "num_hidden_layers": d.get("n_layers"),
+            "num_key_value_heads": attn.get("kv_n_heads", d.get("n_heads")),
+            "num_local_experts": ffn.get("moe_num_experts"),
+            "num_experts_per_tok": ffn.get("moe_top_k"),
+            "max_position_embeddings": d.get("max_seq_len"),
+            "rope_parameters": rope, "head_dim": None}
 
 
 def _qwen2_moe(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[str, Any]:
@@ -107,6 +134,32 @@ def _olmoe(d: dict[str, Any], num_layers: int) -> dict[str, Any]:
         norm_topk_prob=bool(d.get("norm_topk_prob", False)), qk_norm=True,
         qk_norm_full_width=True, clip_qkv=None if clip is None else float(clip),
         attention_bias=bias, o_proj_bias=bias)
+
+
+def _dbrx(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[str, Any]:
+    attn, ffn = d.get("attn_config") or {}, d.get("ffn_config") or {}
+    for key in ("ffn_hidden_size", "moe_num_experts", "moe_top_k"):
+        if ffn.get(key) is None:
+            raise ConfigError(f"config field 'ffn_config.{key}' is missing")
+    if attn.get("attn_type", "multihead_attention") != "multihead_attention":
+        raise ConfigError(f"attn_config.attn_type: {attn['attn_type']!r} is not supported")
+    if ffn.get("ffn_type", "mptmoe") not in ("mptmoe", "mb_moe"):
+        raise ConfigError(f"ffn_config.ffn_type: {ffn['ffn_type']!r} is not supported")
+    clip = attn.get("clip_qkv")
+    if clip is not None and (not isinstance(clip, (int, float)) or clip <= 0):
+        raise ConfigError(f"attn_config.clip_qkv must be a positive number or null, got {clip!r}")
+    p = ffn.get("moe_normalize_expert_weights", 1.0)
+    if p is not None and (not isinstance(p, (int, float)) or p <= 0):
+        raise ConfigError(f"ffn_config.moe_normalize_expert_weights must be > 0 or null, "
+                          f"got {p!r}")
+    routing = RouterSpec(num_experts=num_experts, top_k=ffn["moe_top_k"],
+                         topk_norm_p=None if p is None else float(p))
+    return dict(
+        sparse_layers=tuple(True for _ in range(num_layers)),
+        expert_intermediate_size=ffn["ffn_hidden_size"], dense_intermediate_size=0,
+        norm_topk_prob=False, qk_norm=False, attention_bias=False, o_proj_bias=False,
+        clip_qkv=None if clip is None else float(clip), routing=routing, norm_type="layer",
+        rms_norm_eps=1e-5)  # nn.LayerNorm's default eps
 
 
 def _glm4_moe(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[str, Any]:

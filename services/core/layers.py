@@ -29,6 +29,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(dtype)
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without bias over the last dim (DBRX), in x's dtype as ``nn.LayerNorm``."""
+    return F.layer_norm(x, (x.shape[-1],), weight, None, eps)
+
+
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables ``[T, 1, D]`` for absolute ``positions`` [T] (half-rotation layout)."""

@@ -80,6 +80,8 @@ class AttentionSide:
         self.inv_freq = inv_freq.to(self.device)
         self.scale = cfg.head_dim ** -0.5
         self.router = cfg.router_spec
+        # the decoder's norms (q/k norms are always RMSNorm)
+        self._norm = L.layer_norm if cfg.norm_type == "layer" else L.rms_norm
         # MLA decode steps in the weight-absorbed form (services/core/mla.py); False: expanded
         self.mla_absorb = True
         # id(positions) -> (positions, cos, signed sin); see _rope.
@@ -143,7 +145,7 @@ class AttentionSide:
         cfg, lw = self.cfg, self.w.layers[layer]
         T = hidden.shape[0]
         NH, KVH = cfg.num_heads, cfg.num_kv_heads
-        x = L.rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)
+        x = self._norm(hidden, lw.input_norm, cfg.rms_norm_eps)
         if lw.mla is not None:
             attn = mla.mla_attention(x, lw.mla, cfg.mla, NH, cfg.rms_norm_eps,
                                      self._rope(meta.positions, x.dtype), kv.layer(layer)[0],
@@ -190,7 +192,7 @@ class AttentionSide:
     def _mlp_input(self, layer: int, residual: torch.Tensor) -> MoEInput:
         """post-attention norm -> router (sparse layer) or dense MLP (dense layer)."""
         lw = self.w.layers[layer]
-        normed = L.rms_norm(residual, lw.post_norm, self.cfg.rms_norm_eps)
+        normed = self._norm(residual, lw.post_norm, self.cfg.rms_norm_eps)
         if lw.router is None:
             empty = torch.empty(residual.shape[0], 0, dtype=torch.int64, device=residual.device)
             return MoEInput(layer, residual, normed, empty, empty.to(residual.dtype),
@@ -227,7 +229,7 @@ class AttentionSide:
         if last_index.shape[0] != hidden.shape[0]:
             hidden = hidden.index_select(0, last_index)
         # else one token per sequence (decode): last_index is arange(T), nothing to gather
-        h = L.rms_norm(hidden, self.w.final_norm, self.cfg.rms_norm_eps)
+        h = self._norm(hidden, self.w.final_norm, self.cfg.rms_norm_eps)
         return F.linear(h, self.w.lm_head).float()
 
 

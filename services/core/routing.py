@@ -11,11 +11,15 @@ DeepSeek-V2            softmax      ``greedy`` or ``group_limited_greedy`` (best
                                     max score; experts outside the ``topk_group`` best of
                                     ``n_group`` groups score 0), times
                                     ``routed_scaling_factor``
+DBRX                   softmax      greedy top-k, weights divided by their p-norm
+                                    (``moe_normalize_expert_weights``)
+Qwen2-MoE, OLMoE       softmax      as Qwen3-MoE
 DeepSeek-V3 (Kimi-K2)  sigmoid      ``noaux_tc``: selection on ``score + e_score_correction
                                     _bias`` (bias for selection only), group score = sum of
                                     the group's top-2, non-selected groups -inf; weights
                                     are the unbiased scores, renormalised
                                     (``norm_topk_prob``), times ``routed_scaling_factor``
+GLM-4.5                sigmoid      as DeepSeek-V3
 =====================  ===========  ====================================================
 
 Numerics follow transformers per family: ``logits_float32`` computes the router GEMM on
@@ -53,6 +57,9 @@ class RouterSpec:
     score_bias: bool = False
     logits_float32: bool = False
     weights_float32: bool = False
+    # top-k weights divided by their p-norm (DBRX's moe_normalize_expert_weights; None: as
+    # norm_topk_prob says)
+    topk_norm_p: float | None = None
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORING:
@@ -116,7 +123,9 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, spec: RouterSpec,
         choice = choice.masked_fill(~_group_mask(choice, spec), float("-inf"))
         ids = torch.topk(choice, spec.top_k, dim=-1)[1]
         weights = scores.gather(1, ids)
-    if spec.norm_topk_prob:
+    if spec.topk_norm_p is not None:
+        weights = weights / torch.norm(weights, p=spec.topk_norm_p, dim=-1, keepdim=True)
+    elif spec.norm_topk_prob:
         # + 1e-20 as DeepSeek-V3 does: a sigmoid row can sum to ~0; softmax rows never do
         denom = weights.sum(dim=-1, keepdim=True)
         weights = weights / (denom + 1e-20 if spec.scoring == "sigmoid" else denom)

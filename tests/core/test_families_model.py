@@ -1,4 +1,4 @@
-"""Qwen2-MoE, OLMoE and GLM-4.5 on the monolithic path: token-for-token equal to transformers
+"""Qwen2-MoE, OLMoE, GLM-4.5 and DBRX on the monolithic path: token-for-token equal to transformers
 (greedy, fp32), on checkpoints transformers itself wrote (tests/conftest.py ``family_ckpt``).
 
 Each family's own feature is checked to be live: turning it off changes the logits, so the
@@ -24,7 +24,7 @@ from services.errors import ConfigError
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], list(range(100, 141)), [300]]
 NEW_TOKENS = 32
-FAMILIES = ["qwen2_moe", "olmoe", "glm4_moe"]
+FAMILIES = ["qwen2_moe", "olmoe", "glm4_moe", "dbrx"]
 
 
 def ours(path, n=NEW_TOKENS, model=None):
@@ -59,6 +59,7 @@ ABLATIONS = {
     "qwen2_moe": "shared_gate",  # the shared expert's sigmoid gate
     "olmoe": dict(clip_qkv=None),
     "glm4_moe": dict(rotary_dim=None),  # partial rotary -> full
+    "dbrx": dict(norm_type="rms"),  # LayerNorm -> RMSNorm
 }
 
 
@@ -103,6 +104,30 @@ def test_config_reads_the_families(family_ckpt):
         "sigmoid", "noaux_tc", True, True)
     assert r.routed_scaling_factor == 2.5 and g.shared_expert_intermediate_size == 32
     assert g.rope_inv_freq()[0].shape == (6,)
+    b = ModelConfig.from_pretrained(family_ckpt("dbrx"))
+    assert (b.num_layers, b.num_kv_heads, b.num_experts, b.top_k) == (2, 2, 8, 3)
+    assert b.norm_type == "layer" and b.clip_qkv == 1.5 and b.rms_norm_eps == 1e-5
+    assert b.router_spec.topk_norm_p == 1.0 and b.max_position_embeddings == 4096
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, None])
+def test_dbrx_routing_equals_transformers(p):
+    """DBRX divides the top-k softmax weights by their p-norm (moe_normalize_expert_weights)."""
+    from transformers import DbrxConfig
+    from transformers.models.dbrx.modeling_dbrx import DbrxFFN
+
+    from services.core import routing
+
+    cfg = DbrxConfig(d_model=32, n_heads=4, n_layers=1, ffn_config=dict(
+        ffn_hidden_size=16, moe_num_experts=8, moe_top_k=3, moe_normalize_expert_weights=p))
+    ffn = DbrxFFN(cfg)
+    torch.manual_seed(3)
+    x = torch.randn(50, 32)
+    want_w, want_ids = ffn.route_tokens_to_experts(ffn.router(x))
+    spec = routing.RouterSpec(num_experts=8, top_k=3, topk_norm_p=p)
+    ids, w = routing.route(x, ffn.router.layer.weight.detach(), spec)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(w, want_w.detach(), atol=0, rtol=0)
 
 
 def test_decoder_sparse_step_chooses_the_moe_layers():
@@ -150,6 +175,15 @@ def _glm_dict(**changes) -> dict:
     return d | changes
 
 
+def _dbrx_dict(attn=None, ffn=None, **changes) -> dict:
+    d = dict(architectures=["DbrxForCausalLM"], model_type="dbrx", vocab_size=512, d_model=64,
+             n_heads=4, n_layers=2, max_seq_len=256,
+             attn_config={"kv_n_heads": 2, "clip_qkv": 8, "rope_theta": 5e5, **(attn or {})},
+             ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2,
+                         **(ffn or {})})
+    return d | changes
+
+
 @pytest.mark.parametrize("make,changes,key", [
     (_qwen2_dict, dict(use_sliding_window=True), "use_sliding_window"),
     (_qwen2_dict, dict(layer_types=["sliding_attention", "full_attention"]), "layer_types"),
@@ -165,6 +199,12 @@ def _glm_dict(**changes) -> dict:
     (_glm_dict, dict(rope_parameters={"rope_type": "default", "partial_rotary_factor": 1.5}),
      "partial_rotary_factor"),
     (_glm_dict, dict(use_mtp=True), "use_mtp"),
+    (_dbrx_dict, dict(attn={"clip_qkv": -8}), "attn_config.clip_qkv"),
+    (_dbrx_dict, dict(attn={"attn_type": "grouped_query_attention"}), "attn_config.attn_type"),
+    (_dbrx_dict, dict(ffn={"ffn_act_fn": {"name": "gelu"}}), "ffn_config.ffn_act_fn"),
+    (_dbrx_dict, dict(ffn={"moe_normalize_expert_weights": 0}),
+     "ffn_config.moe_normalize_expert_weights"),
+    (_dbrx_dict, dict(ffn={"ffn_hidden_size": None}), "ffn_config.ffn_hidden_size"),
 ])
 def test_unsupported_variants_are_one_line_errors_naming_the_key(make, changes, key):
     with pytest.raises(ConfigError) as err:
@@ -186,6 +226,9 @@ def test_hub_style_configs_parse():
     # GLM without the key: transformers' default of half-width rotary
     g2 = _glm_dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4})
     assert ModelConfig.from_hf_dict(g2).rotary_dim == 12
+    # DBRX as released: rope_theta in attn_config, moe_normalize_expert_weights absent (= 1)
+    b = ModelConfig.from_hf_dict(_dbrx_dict())
+    assert b.rope_theta == 5e5 and b.router_spec.topk_norm_p == 1.0 and b.clip_qkv == 8.0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -193,7 +236,7 @@ def test_demo_model_writes_the_family(tmp_path, family):
     """`megascale demo-model --family F` goes through transformers' writer."""
     from services.core.demo import write_random_checkpoint
 
-    dense = {"qwen2_moe": (1,), "olmoe": (), "glm4_moe": (0,)}[family]
+    dense = {"qwen2_moe": (1,), "olmoe": (), "glm4_moe": (0,), "dbrx": ()}[family]
     out = write_random_checkpoint(tmp_path / family, family, layers=2, hidden=64,
                                   intermediate=32, experts=4, heads=4, kv_heads=2, vocab=256,
                                   dense_layers=dense, tokenizer=False, shards=2)

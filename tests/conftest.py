@@ -139,7 +139,7 @@ def deepseek_ckpt(tmp_path_factory: pytest.TempPathFactory):
     return make
 
 
-# Qwen2-MoE / OLMoE / GLM-4.5 / DBRX checkpoints written by transformers itself
+# Qwen2-MoE / OLMoE / GLM-4.5 / DBRX / MiniMax-M2 checkpoints written by transformers itself
 # (services/core/demo_families.py), shared by tests/core, tests/engine and tests/mesh.
 FAMILY_CONFIGS: dict[str, dict] = {
     # shared expert (48 wide) with its sigmoid gate, a dense (mlp_only) layer, q/k/v biases
@@ -153,6 +153,8 @@ FAMILY_CONFIGS: dict[str, dict] = {
                      routed_scaling_factor=2.5, seed=33),
     # nested attn/ffn config, fused Wqkv with clip_qkv, LayerNorm, top-3 weights / their 1-norm
     "dbrx": dict(family="dbrx", layers=2, kv_heads=2, clip_qkv=1.5, top_k=3, seed=34),
+    # full-width q/k norm, partial rotary (12 of head_dim 24), sigmoid + selection bias
+    "minimax_m2": dict(family="minimax_m2", layers=2, kv_heads=2, head_dim=24, seed=35),
 }
 
 

@@ -22,6 +22,7 @@ Accepted layouts (Hugging Face hub naming):
   expert is ``mlp.shared_expert.{gate,up,down}_proj`` plus ``mlp.shared_expert_gate.weight``
   ``[1, H]``; GLM's are DeepSeek's ``mlp.shared_experts.*`` and
   ``mlp.gate.e_score_correction_bias``; OLMoE's q/k norms span the whole projection.
+- MiniMax-M2: Mixtral's names plus ``block_sparse_moe.e_score_correction_bias``.
 - DBRX: ``transformer.*`` names, fused ``Wqkv`` and all experts of a layer in one tensor
   (services/core/dbrx_weights.py).
 - Fused experts (transformers' in-memory layout): ``<moe>.experts.gate_up_proj`` ``[E, 2I, H]``
@@ -150,7 +151,7 @@ def _is_mtp_key(cfg: ModelConfig, layer: int) -> bool:
 
 
 def _moe_prefix(cfg: ModelConfig, layer: int) -> str:
-    part = "block_sparse_moe" if cfg.family == "mixtral" else "mlp"
+    part = "block_sparse_moe" if cfg.family in ("mixtral", "minimax_m2") else "mlp"
     return f"model.layers.{layer}.{part}"
 
 
@@ -253,7 +254,7 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
         if cfg.sparse_layers[i]:
             want[f"{_moe_prefix(cfg, i)}.gate.weight"] = (cfg.num_experts, H)
             if cfg.router_spec.score_bias:
-                want[f"{p}.mlp.gate.e_score_correction_bias"] = (cfg.num_experts,)
+                want[_router_bias_key(cfg, i)] = (cfg.num_experts,)
             if S := cfg.shared_expert_intermediate_size:
                 s = f"{p}.mlp.{_shared_name(cfg)}"
                 want |= {f"{s}.gate_proj.weight": (S, H), f"{s}.up_proj.weight": (S, H),
@@ -293,7 +294,7 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
                 q_b=t.get(f"{a}.q_b_proj.weight"))
         if cfg.sparse_layers[i]:
             lw.router = t[f"{_moe_prefix(cfg, i)}.gate.weight"]
-            lw.router_bias = t.get(f"{p}.mlp.gate.e_score_correction_bias")
+            lw.router_bias = t.get(_router_bias_key(cfg, i))
             if cfg.shared_expert_intermediate_size:
                 s = f"{p}.mlp.{_shared_name(cfg)}"
                 lw.shared_gate = t.get(f"{p}.mlp.shared_expert_gate.weight")
@@ -308,6 +309,13 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
     embed = t["model.embed_tokens.weight"]
     return AttentionWeights(embed=embed, layers=layers, final_norm=t["model.norm.weight"],
                             lm_head=embed if tied else t["lm_head.weight"])
+
+
+def _router_bias_key(cfg: ModelConfig, layer: int) -> str:
+    """The selection bias: on the gate (DeepSeek-V3, GLM) or on the MoE block (MiniMax-M2)."""
+    if cfg.family == "minimax_m2":
+        return f"{_moe_prefix(cfg, layer)}.e_score_correction_bias"
+    return f"model.layers.{layer}.mlp.gate.e_score_correction_bias"
 
 
 def _shared_name(cfg: ModelConfig) -> str:
@@ -346,7 +354,8 @@ _PER_EXPERT = {"mixtral": ("w1", "w3", "w2"), "qwen3_moe": ("gate_proj", "up_pro
                "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
                "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
                "olmoe": ("gate_proj", "up_proj", "down_proj"),
-               "glm4_moe": ("gate_proj", "up_proj", "down_proj")}
+               "glm4_moe": ("gate_proj", "up_proj", "down_proj"),
+               "minimax_m2": ("w1", "w3", "w2")}
 
 
 def load_expert_weights(model_dir: str | Path, cfg: ModelConfig, expert_ids: Iterable[int],
@@ -418,7 +427,8 @@ def _known_layer_suffix(cfg: ModelConfig, layer: int, rest: str) -> bool:
     if rest in (f"{moe}.gate.weight", f"{moe}.experts.gate_up_proj", f"{moe}.experts.down_proj"):
         return True
     mla = cfg.family in MLA_FAMILIES
-    if (mla or cfg.router_spec.score_bias) and rest == "mlp.gate.e_score_correction_bias":
+    if (mla or cfg.router_spec.score_bias) and f"model.layers.{layer}.{rest}" == (
+            _router_bias_key(cfg, layer)):
         return True
     if (mla or cfg.shared_expert_intermediate_size) and rest in (
             {f"mlp.{_shared_name(cfg)}.{n}_proj.weight" for n in ("gate", "up", "down")}

@@ -36,6 +36,7 @@ ARCHITECTURES: dict[str, str] = {
     "OlmoeForCausalLM": "olmoe",
     "Glm4MoeForCausalLM": "glm4_moe",
     "DbrxForCausalLM": "dbrx",
+    "MiniMaxM2ForCausalLM": "minimax_m2",
 }
 MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 # Known architectures whose attention we do not implement: a one-line error, not a wrong answer.

@@ -1,10 +1,11 @@
-"""Small random Qwen2-MoE / OLMoE / GLM-4.5 / DBRX checkpoints, written by ``transformers``.
+"""Small random Qwen2-MoE / OLMoE / GLM-4.5 / DBRX / MiniMax-M2 checkpoints, written by
+``transformers`` itself.
 
 As :mod:`services.core.demo_deepseek`: the model is built by transformers from its own config
 class, its parameters are re-drawn with margin-friendly scales (``demo_deepseek._draw``: clear
 gaps between top logits and between routed experts, so float32 summation order never flips a
 greedy choice) and ``save_pretrained`` writes config.json and the safetensors in hub layout.
-``megascale demo-model --family qwen2_moe|olmoe|glm4_moe|dbrx`` calls this.
+``megascale demo-model --family qwen2_moe|olmoe|glm4_moe|dbrx|minimax_m2`` calls this.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def family_hf_config(family: str, *, layers: int, hidden: int, intermediate: int
             attn_config=dict(kv_n_heads=kv_heads, clip_qkv=clip_qkv, rope_theta=10000.0),
             ffn_config=dict(ffn_hidden_size=intermediate, moe_num_experts=experts,
                             moe_top_k=top_k, moe_normalize_expert_weights=1.0))
+    if family == "minimax_m2":
+        d["rope_parameters"]["partial_rotary_factor"] = partial_rotary_factor
+        return d | dict(head_dim=head_dim or hidden // heads, intermediate_size=intermediate,
+                        num_local_experts=experts)
     if family == "olmoe":
         return d | dict(intermediate_size=intermediate, num_experts=experts, clip_qkv=clip_qkv,
                         norm_topk_prob=bool(norm_topk_prob), attention_bias=attention_bias)
@@ -86,7 +91,7 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
         raise UserError(f"family must be one of {', '.join(GQA_FAMILIES)}, got {family!r}")
     if any(not 0 <= i < layers for i in dense_layers):
         raise UserError(f"--dense-layers must be layer indices in [0, {layers})")
-    if family in ("olmoe", "dbrx") and dense_layers:
+    if family in ("olmoe", "dbrx", "minimax_m2") and dense_layers:
         raise UserError(f"{family} has no dense layers (--dense-layers)")
     if family == "glm4_moe" and list(dense_layers) != list(range(len(dense_layers))):
         raise UserError("--dense-layers for glm4_moe must be the first layers 0..k-1 "
@@ -116,7 +121,7 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
         n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
         partial_rotary_factor=partial_rotary_factor, special=special)
     prefix = {"qwen2_moe": "Qwen2Moe", "olmoe": "Olmoe", "glm4_moe": "Glm4Moe",
-              "dbrx": "Dbrx"}[family]
+              "dbrx": "Dbrx", "minimax_m2": "MiniMaxM2"}[family]
     config = getattr(transformers, f"{prefix}Config")(**d)
     model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
     g = torch.Generator().manual_seed(seed)
@@ -126,8 +131,9 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
                 continue
             if family == "dbrx":
                 p.copy_(_draw_dbrx(name, tuple(p.shape), g, intermediate))
-            else:
-                p.copy_(_draw(name, tuple(p.shape), g, sigmoid=family == "glm4_moe"))
+            else:  # MiniMax-M2's MoE block has Mixtral's name
+                p.copy_(_draw(name.replace("block_sparse_moe.", "mlp."), tuple(p.shape), g,
+                              sigmoid=family in ("glm4_moe", "minimax_m2")))
     if shards > 1:  # about `shards` files of roughly equal size
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         model.save_pretrained(out, max_shard_size=f"{max(1, total // shards // 1000 + 1)}KB")

@@ -1,5 +1,5 @@
 """Config fields of the GQA MoE families beyond Mixtral / Qwen3-MoE: Qwen2-MoE, OLMoE, GLM-4.5,
-DBRX.
+DBRX, MiniMax-M2.
 
 Each ``*_fields`` function reads one family's Hugging Face ``config.json`` dict (transformers
 spelling) and returns the :class:`~services.core.config.ModelConfig` keyword arguments that
@@ -26,6 +26,10 @@ dbrx       nested ``attn_config`` / ``ffn_config`` (:func:`flatten_dbrx`); fused
            ``clip_qkv``; LayerNorm without bias (eps 1e-5); softmax top-k weights divided by
            their ``moe_normalize_expert_weights``-norm (p = 1 by default); its own tensor
            names (services/core/dbrx_weights.py)
+minimax_m2 full-width q/k norm (as OLMoE); partial rotary (``rotary_dim``, or
+           ``partial_rotary_factor``); sigmoid routing with a selection bias
+           (``block_sparse_moe.e_score_correction_bias``), top-k weights renormalised: the
+           DeepSeek-V3 rule with one group; Mixtral's tensor names
 =========  ================================================================================
 """
 
@@ -36,7 +40,8 @@ from typing import Any
 from services.core.routing import RouterSpec
 from services.errors import ConfigError
 
-GQA_FAMILIES = ("qwen2_moe", "olmoe", "glm4_moe", "dbrx")
+GQA_FAMILIES = ("qwen2_moe", "olmoe", "glm4_moe", "dbrx", "minimax_m2")
+PARTIAL_ROTARY_FAMILIES = ("glm4_moe", "minimax_m2")
 
 
 def _req(d: dict[str, Any], name: str) -> Any:
@@ -73,6 +78,8 @@ def family_fields(family: str, d: dict[str, Any], num_layers: int, num_experts: 
         return _olmoe(d, num_layers)
     if family == "dbrx":
         return _dbrx(d, num_layers, num_experts)
+    if family == "minimax_m2":
+        return _minimax_m2(d, num_layers, num_experts)
     return _glm4_moe(d, num_layers, num_experts)
 
 
@@ -162,6 +169,32 @@ def _dbrx(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[str, Any
         rms_norm_eps=1e-5)  # nn.LayerNorm's default eps
 
 
+def _minimax_m2(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[str, Any]:
+    # Keys of the released config.json that name variants transformers' class does not have.
+    if d.get("use_qk_norm") is False or d.get("qk_norm_type", "per_layer") != "per_layer":
+        key = "use_qk_norm" if d.get("use_qk_norm") is False else "qk_norm_type"
+        raise ConfigError(f"{key}: only the full-width per-layer q/k norm is supported for "
+                          "minimax_m2")
+    if any(t != 1 for t in d.get("attn_type_list") or []):
+        raise ConfigError("attn_type_list: lightning (linear) attention layers are not "
+                          "supported (MiniMax-01); minimax_m2 needs every entry 1")
+    if d.get("shared_intermediate_size"):
+        raise ConfigError("shared_intermediate_size: shared experts are not supported for "
+                          "minimax_m2")
+    if d.get("scoring_func", "sigmoid") != "sigmoid" or d.get("use_routing_bias") is False:
+        key = "use_routing_bias" if d.get("use_routing_bias") is False else "scoring_func"
+        raise ConfigError(f"{key}: minimax_m2 routes by sigmoid with a selection bias")
+    _no_sliding(d, "minimax_m2")
+    routing = RouterSpec(num_experts=num_experts, top_k=_req(d, "num_experts_per_tok"),
+                         scoring="sigmoid", method="noaux_tc", norm_topk_prob=True,
+                         score_bias=True, weights_float32=True)
+    return dict(
+        sparse_layers=tuple(True for _ in range(num_layers)),
+        expert_intermediate_size=_req(d, "intermediate_size"), dense_intermediate_size=0,
+        norm_topk_prob=True, qk_norm=True, qk_norm_full_width=True, attention_bias=False,
+        o_proj_bias=False, routing=routing)
+
+
 def _glm4_moe(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[str, Any]:
     first_dense = d.get("first_k_dense_replace", 1)
     if first_dense is None:
@@ -194,9 +227,12 @@ def _glm4_moe(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[str,
 def partial_rotary_factor(family: str, d: dict[str, Any], rope: dict[str, Any]) -> float:
     """The fraction of each head that RoPE rotates (GLM: 0.5 unless the config says)."""
     default = 0.5 if family == "glm4_moe" else 1.0
+    rotary_dim, head_dim = d.get("rotary_dim"), d.get("head_dim")
+    if family == "minimax_m2" and isinstance(rotary_dim, int) and isinstance(head_dim, int):
+        default = rotary_dim / head_dim  # the released checkpoints' legacy spelling
     value = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", default))
     if not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {value!r}")
-    if value != 1 and family != "glm4_moe":  # transformers' default RoPE ignores it there
+    if value != 1 and family not in PARTIAL_ROTARY_FAMILIES:  # transformers ignores it there
         raise ConfigError(f"partial_rotary_factor: partial rotary is not supported for {family}")
     return float(value)

@@ -1,5 +1,6 @@
-"""Qwen2-MoE, OLMoE, GLM-4.5 and DBRX on the monolithic path: token-for-token equal to transformers
-(greedy, fp32), on checkpoints transformers itself wrote (tests/conftest.py ``family_ckpt``).
+"""Qwen2-MoE, OLMoE, GLM-4.5, DBRX and MiniMax-M2 on the monolithic path: token-for-token
+equal to transformers (greedy, fp32), on checkpoints transformers itself wrote
+(tests/conftest.py ``family_ckpt``).
 
 Each family's own feature is checked to be live: turning it off changes the logits, so the
 equality above is not an accident of a feature that never fires.
@@ -24,7 +25,7 @@ from services.errors import ConfigError
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], list(range(100, 141)), [300]]
 NEW_TOKENS = 32
-FAMILIES = ["qwen2_moe", "olmoe", "glm4_moe", "dbrx"]
+FAMILIES = ["qwen2_moe", "olmoe", "glm4_moe", "dbrx", "minimax_m2"]
 
 
 def ours(path, n=NEW_TOKENS, model=None):
@@ -60,6 +61,7 @@ ABLATIONS = {
     "olmoe": dict(clip_qkv=None),
     "glm4_moe": dict(rotary_dim=None),  # partial rotary -> full
     "dbrx": dict(norm_type="rms"),  # LayerNorm -> RMSNorm
+    "minimax_m2": "router_bias",  # the selection bias
 }
 
 
@@ -108,6 +110,11 @@ def test_config_reads_the_families(family_ckpt):
     assert (b.num_layers, b.num_kv_heads, b.num_experts, b.top_k) == (2, 2, 8, 3)
     assert b.norm_type == "layer" and b.clip_qkv == 1.5 and b.rms_norm_eps == 1e-5
     assert b.router_spec.topk_norm_p == 1.0 and b.max_position_embeddings == 4096
+    m = ModelConfig.from_pretrained(family_ckpt("minimax_m2"))
+    assert m.qk_norm_full_width and m.rotary_dim == 12 and not m.attention_bias
+    r = m.router_spec
+    assert (r.scoring, r.method, r.n_group, r.score_bias, r.norm_topk_prob) == (
+        "sigmoid", "noaux_tc", 1, True, True)
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0, None])
@@ -184,6 +191,17 @@ def _dbrx_dict(attn=None, ffn=None, **changes) -> dict:
     return d | changes
 
 
+def _minimax_dict(**changes) -> dict:
+    # the released config.json's spelling: legacy rotary_dim, rope_theta at top level
+    d = dict(architectures=["MiniMaxM2ForCausalLM"], model_type="minimax_m2", vocab_size=512,
+             hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=24, rotary_dim=12, rope_theta=5e6,
+             num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
+             use_qk_norm=True, qk_norm_type="per_layer", attn_type_list=[1, 1],
+             scoring_func="sigmoid", use_routing_bias=True, shared_intermediate_size=0)
+    return d | changes
+
+
 @pytest.mark.parametrize("make,changes,key", [
     (_qwen2_dict, dict(use_sliding_window=True), "use_sliding_window"),
     (_qwen2_dict, dict(layer_types=["sliding_attention", "full_attention"]), "layer_types"),
@@ -205,6 +223,13 @@ def _dbrx_dict(attn=None, ffn=None, **changes) -> dict:
     (_dbrx_dict, dict(ffn={"moe_normalize_expert_weights": 0}),
      "ffn_config.moe_normalize_expert_weights"),
     (_dbrx_dict, dict(ffn={"ffn_hidden_size": None}), "ffn_config.ffn_hidden_size"),
+    (_minimax_dict, dict(attn_type_list=[0, 1]), "attn_type_list"),
+    (_minimax_dict, dict(qk_norm_type="per_head"), "qk_norm_type"),
+    (_minimax_dict, dict(use_qk_norm=False), "use_qk_norm"),
+    (_minimax_dict, dict(shared_intermediate_size=64), "shared_intermediate_size"),
+    (_minimax_dict, dict(scoring_func="softmax"), "scoring_func"),
+    (_minimax_dict, dict(use_routing_bias=False), "use_routing_bias"),
+    (_minimax_dict, dict(rotary_dim=13), "partial_rotary_factor"),
 ])
 def test_unsupported_variants_are_one_line_errors_naming_the_key(make, changes, key):
     with pytest.raises(ConfigError) as err:
@@ -229,6 +254,8 @@ def test_hub_style_configs_parse():
     # DBRX as released: rope_theta in attn_config, moe_normalize_expert_weights absent (= 1)
     b = ModelConfig.from_hf_dict(_dbrx_dict())
     assert b.rope_theta == 5e5 and b.router_spec.topk_norm_p == 1.0 and b.clip_qkv == 8.0
+    m = ModelConfig.from_hf_dict(_minimax_dict())  # MiniMax-M2 as released
+    assert m.rotary_dim == 12 and m.rope_theta == 5e6 and m.qk_norm_full_width
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -236,7 +263,8 @@ def test_demo_model_writes_the_family(tmp_path, family):
     """`megascale demo-model --family F` goes through transformers' writer."""
     from services.core.demo import write_random_checkpoint
 
-    dense = {"qwen2_moe": (1,), "olmoe": (), "glm4_moe": (0,), "dbrx": ()}[family]
+    dense = {"qwen2_moe": (1,), "olmoe": (), "glm4_moe": (0,), "dbrx": (),
+             "minimax_m2": ()}[family]
     out = write_random_checkpoint(tmp_path / family, family, layers=2, hidden=64,
                                   intermediate=32, experts=4, heads=4, kv_heads=2, vocab=256,
                                   dense_layers=dense, tokenizer=False, shards=2)

@@ -1,8 +1,8 @@
-"""`megascale up` serves Qwen2-MoE, OLMoE, GLM-4.5 and DBRX checkpoints (transformers-written,
-with a real tokenizer) to the official openai client: greedy text equal to transformers, several
-requests at once. One mesh per family, the shapes between them covering 1x2 and 2x2 and
-m = 1 and 2: the attention replicas run attention, routers and the shared experts (Qwen2's with
-its sigmoid gate), the expert nodes the routed experts."""
+"""`megascale up` serves Qwen2-MoE, OLMoE, GLM-4.5, DBRX and MiniMax-M2 checkpoints
+(transformers-written, with a real tokenizer) to the official openai client: greedy text equal
+to transformers, several requests at once. One mesh per family, the shapes between them
+covering 1x2 and 2x2 and m = 1 and 2: the attention replicas run attention, routers and the
+shared experts (Qwen2's with its sigmoid gate), the expert nodes the routed experts."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ CHECKPOINTS = {
     "olmoe": (dict(layers=2, clip_qkv=1.5, seed=42), (2, 2, 1)),
     "glm4_moe": (dict(layers=2, dense_layers=(0,), head_dim=24, seed=43), (2, 2, 2)),
     "dbrx": (dict(layers=2, clip_qkv=1.5, top_k=3, seed=44), (1, 2, 1)),
+    "minimax_m2": (dict(layers=2, head_dim=24, seed=45), (2, 2, 1)),
 }
 PROMPTS = ["The shared expert answered", "Routers pick", "A long day of tokens went by and"]
 

@@ -139,8 +139,8 @@ def deepseek_ckpt(tmp_path_factory: pytest.TempPathFactory):
     return make
 
 
-# Qwen2-MoE / OLMoE / GLM-4.5 / DBRX / MiniMax-M2 checkpoints written by transformers itself
-# (services/core/demo_families.py), shared by tests/core, tests/engine and tests/mesh.
+# Qwen2-MoE / OLMoE / GLM-4.5 / DBRX / MiniMax-M2 / gpt-oss checkpoints written by transformers
+# itself (services/core/demo_families.py), shared by tests/core, tests/planner and tests/mesh.
 FAMILY_CONFIGS: dict[str, dict] = {
     # shared expert (48 wide) with its sigmoid gate, a dense (mlp_only) layer, q/k/v biases
     "qwen2_moe": dict(family="qwen2_moe", layers=3, dense_layers=(1,), shared_intermediate=48,
@@ -155,6 +155,10 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "dbrx": dict(family="dbrx", layers=2, kv_heads=2, clip_qkv=1.5, top_k=3, seed=34),
     # full-width q/k norm, partial rotary (12 of head_dim 24), sigmoid + selection bias
     "minimax_m2": dict(family="minimax_m2", layers=2, kv_heads=2, head_dim=24, seed=35),
+    # a sliding (window 8) and a full layer, sinks, biases everywhere, top-k-logit softmax
+    # routing, clamped SwiGLU with a limit low enough to clamp, YaRN
+    "gpt_oss": dict(family="gpt_oss", layers=2, kv_heads=2, head_dim=16, sliding_window=8,
+                    swiglu_limit=1.0, max_position=256, seed=36),
 }
 
 

@@ -23,6 +23,9 @@ Accepted layouts (Hugging Face hub naming):
   ``[1, H]``; GLM's are DeepSeek's ``mlp.shared_experts.*`` and
   ``mlp.gate.e_score_correction_bias``; OLMoE's q/k norms span the whole projection.
 - MiniMax-M2: Mixtral's names plus ``block_sparse_moe.e_score_correction_bias``.
+- gpt-oss: ``self_attn.sinks`` ``[NH]``, ``mlp.router.{weight,bias}``, and fused experts
+  ``mlp.experts.gate_up_proj`` ``[E, H, 2I]`` (input-major, gate/up columns interleaved),
+  ``gate_up_proj_bias`` ``[E, 2I]``, ``down_proj`` ``[E, I, H]``, ``down_proj_bias`` ``[E, H]``.
 - DBRX: ``transformer.*`` names, fused ``Wqkv`` and all experts of a layer in one tensor
   (services/core/dbrx_weights.py).
 - Fused experts (transformers' in-memory layout): ``<moe>.experts.gate_up_proj`` ``[E, 2I, H]``
@@ -187,6 +190,7 @@ class AttentionLayerWeights:
     shared_gate_up: torch.Tensor | None = None  # [2S, H] shared experts, run on this side
     shared_down: torch.Tensor | None = None  # [H, S]
     shared_gate: torch.Tensor | None = None  # [1, H] sigmoid gate of the shared expert (Qwen2)
+    sinks: torch.Tensor | None = None  # [NH] attention sink logits (gpt-oss)
 
 
 @dataclass
@@ -248,12 +252,14 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
                      f"{p}.self_attn.v_proj.bias": (nkv,)}
         if cfg.attention_bias if cfg.o_proj_bias is None else cfg.o_proj_bias:
             want[f"{p}.self_attn.o_proj.bias"] = (H,)
+        if cfg.attention_sinks:
+            want[f"{p}.self_attn.sinks"] = (cfg.num_heads,)
         if cfg.qk_norm:
             qn, kn = (nq, nkv) if cfg.qk_norm_full_width else (D, D)
             want |= {f"{p}.self_attn.q_norm.weight": (qn,), f"{p}.self_attn.k_norm.weight": (kn,)}
         if cfg.sparse_layers[i]:
-            want[f"{_moe_prefix(cfg, i)}.gate.weight"] = (cfg.num_experts, H)
-            if cfg.router_spec.score_bias:
+            want[_router_key(cfg, i)] = (cfg.num_experts, H)
+            if cfg.router_spec.score_bias or cfg.router_spec.logit_bias:
                 want[_router_bias_key(cfg, i)] = (cfg.num_experts,)
             if S := cfg.shared_expert_intermediate_size:
                 s = f"{p}.mlp.{_shared_name(cfg)}"
@@ -284,7 +290,8 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
             post_norm=t[f"{p}.post_attention_layernorm.weight"],
             q_norm=t.get(f"{a}.q_norm.weight"), k_norm=t.get(f"{a}.k_norm.weight"),
             q_bias=t.get(f"{a}.q_proj.bias"), k_bias=t.get(f"{a}.k_proj.bias"),
-            v_bias=t.get(f"{a}.v_proj.bias"), o_bias=t.get(f"{a}.o_proj.bias"))
+            v_bias=t.get(f"{a}.v_proj.bias"), o_bias=t.get(f"{a}.o_proj.bias"),
+            sinks=t.get(f"{a}.sinks"))
         if cfg.mla is not None:
             lw.q = None
             lw.mla = MLALayerWeights(
@@ -293,7 +300,7 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
                 q_a=t.get(f"{a}.q_a_proj.weight"), q_a_norm=t.get(f"{a}.q_a_layernorm.weight"),
                 q_b=t.get(f"{a}.q_b_proj.weight"))
         if cfg.sparse_layers[i]:
-            lw.router = t[f"{_moe_prefix(cfg, i)}.gate.weight"]
+            lw.router = t[_router_key(cfg, i)]
             lw.router_bias = t.get(_router_bias_key(cfg, i))
             if cfg.shared_expert_intermediate_size:
                 s = f"{p}.mlp.{_shared_name(cfg)}"
@@ -311,8 +318,17 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
                             lm_head=embed if tied else t["lm_head.weight"])
 
 
+def _router_key(cfg: ModelConfig, layer: int) -> str:
+    if cfg.family == "gpt_oss":
+        return f"model.layers.{layer}.mlp.router.weight"
+    return f"{_moe_prefix(cfg, layer)}.gate.weight"
+
+
 def _router_bias_key(cfg: ModelConfig, layer: int) -> str:
-    """The selection bias: on the gate (DeepSeek-V3, GLM) or on the MoE block (MiniMax-M2)."""
+    """The selection bias: on the gate (DeepSeek-V3, GLM) or on the MoE block (MiniMax-M2);
+    gpt-oss's logit bias."""
+    if cfg.family == "gpt_oss":
+        return f"model.layers.{layer}.mlp.router.bias"
     if cfg.family == "minimax_m2":
         return f"{_moe_prefix(cfg, layer)}.e_score_correction_bias"
     return f"model.layers.{layer}.mlp.gate.e_score_correction_bias"
@@ -347,6 +363,9 @@ class ExpertWeights:
     expert_ids: tuple[int, ...]
     gate_up: dict[int, torch.Tensor]  # layer -> [n, 2I, H] (gate rows, then up rows)
     down: dict[int, torch.Tensor]  # layer -> [n, H, I]
+    # expert biases (gpt-oss): layer -> [n, 2I] (gate, then up) and [n, H]
+    gate_up_bias: dict[int, torch.Tensor] = field(default_factory=dict)
+    down_bias: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 _PER_EXPERT = {"mixtral": ("w1", "w3", "w2"), "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
@@ -371,6 +390,8 @@ def load_expert_weights(model_dir: str | Path, cfg: ModelConfig, expert_ids: Ite
     if cfg.family == "dbrx":
         from services.core import dbrx_weights
         return dbrx_weights.load_expert_weights(idx, cfg, ids, dtype, device)
+    if cfg.family == "gpt_oss":
+        return _gpt_oss_experts(idx, cfg, ids, dtype, device)
     H, inter = cfg.hidden_size, cfg.expert_intermediate_size
     g_name, u_name, d_name = _PER_EXPERT[cfg.family]
     gate_up: dict[int, torch.Tensor] = {}
@@ -401,6 +422,31 @@ def load_expert_weights(model_dir: str | Path, cfg: ModelConfig, expert_ids: Ite
     return ExpertWeights(expert_ids=ids, gate_up=gate_up, down=down)
 
 
+_GPT_OSS_EXPERTS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+
+
+def _gpt_oss_experts(idx: CheckpointIndex, cfg: ModelConfig, ids: tuple[int, ...],
+                     dtype: torch.dtype, device: str | torch.device) -> ExpertWeights:
+    """gpt-oss's fused expert tensors -> the common layout (gate/up de-interleaved)."""
+    from services.core.gpt_oss import deinterleave
+
+    E, H, inter = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+    shapes = {"gate_up_proj": (E, H, 2 * inter), "gate_up_proj_bias": (E, 2 * inter),
+              "down_proj": (E, inter, H), "down_proj_bias": (E, H)}
+    sel = torch.tensor(ids, dtype=torch.int64)
+    out = ExpertWeights(expert_ids=ids, gate_up={}, down={})
+    for layer in cfg.sparse_layer_ids:
+        p = f"model.layers.{layer}.mlp.experts"
+        t = idx.read([f"{p}.{n}" for n in _GPT_OSS_EXPERTS], dtype, "cpu")
+        gu, gub, dn, dnb = (_expect(t, f"{p}.{n}", shapes[n])[sel] for n in _GPT_OSS_EXPERTS)
+        # [n, H, 2I] interleaved -> [n, 2I, H] as [gate rows | up rows]
+        out.gate_up[layer] = deinterleave(gu, 2).transpose(1, 2).contiguous().to(device)
+        out.gate_up_bias[layer] = deinterleave(gub, 1).contiguous().to(device)
+        out.down[layer] = dn.transpose(1, 2).contiguous().to(device)  # [n, H, I]
+        out.down_bias[layer] = dnb.contiguous().to(device)
+    return out
+
+
 # ----------------------------------------------------------------------------- validation
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -419,6 +465,8 @@ def _known_layer_suffix(cfg: ModelConfig, layer: int, rest: str) -> bool:
     else:
         attn |= {f"self_attn.{n}_proj.{w}" for n in "qkvo" for w in ("weight", "bias")} | {
             "self_attn.q_norm.weight", "self_attn.k_norm.weight"}
+    if cfg.attention_sinks:
+        attn.add("self_attn.sinks")
     if rest in attn:
         return True
     if not cfg.sparse_layers[layer]:
@@ -426,6 +474,9 @@ def _known_layer_suffix(cfg: ModelConfig, layer: int, rest: str) -> bool:
     moe = _moe_prefix(cfg, layer).split(".", 3)[3]
     if rest in (f"{moe}.gate.weight", f"{moe}.experts.gate_up_proj", f"{moe}.experts.down_proj"):
         return True
+    if cfg.family == "gpt_oss":
+        return rest in {"mlp.router.weight", "mlp.router.bias"} | {
+            f"mlp.experts.{n}" for n in _GPT_OSS_EXPERTS}
     mla = cfg.family in MLA_FAMILIES
     if (mla or cfg.router_spec.score_bias) and f"model.layers.{layer}.{rest}" == (
             _router_bias_key(cfg, layer)):

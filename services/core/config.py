@@ -37,6 +37,7 @@ ARCHITECTURES: dict[str, str] = {
     "Glm4MoeForCausalLM": "glm4_moe",
     "DbrxForCausalLM": "dbrx",
     "MiniMaxM2ForCausalLM": "minimax_m2",
+    "GptOssForCausalLM": "gpt_oss",
 }
 MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 # Known architectures whose attention we do not implement: a one-line error, not a wrong answer.
@@ -161,6 +162,15 @@ class ModelConfig:
     rotary_dim: int | None = None
     # "rms": RMSNorm; "layer": LayerNorm without bias (DBRX), both with eps rms_norm_eps
     norm_type: str = "rms"
+    # gpt-oss (services/core/gpt_oss.py): layers with window_layers[i] attend to the last
+    # layer_window positions (the step's batch mask, sliding_window, stays full); per-head
+    # attention sinks; expert biases and the clamped SwiGLU (swiglu_limit None: plain SwiGLU).
+    window_layers: tuple[bool, ...] = ()
+    layer_window: int | None = None
+    attention_sinks: bool = False
+    expert_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
 
     def __post_init__(self) -> None:
         if self.family not in ARCHITECTURES.values():
@@ -205,6 +215,11 @@ class ModelConfig:
                 0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise ConfigError(f"partial_rotary_factor gives {self.rotary_dim} rotary dims of "
                               f"head_dim {self.head_dim}: must be even and in (0, head_dim]")
+        if self.window_layers and len(self.window_layers) != self.num_layers:
+            raise ConfigError(f"layer_types has {len(self.window_layers)} entries, expected "
+                              f"num_hidden_layers={self.num_layers}")
+        if any(self.window_layers) and (self.layer_window or 0) < 1:
+            raise ConfigError("sliding_window must be >= 1 for sliding_attention layers")
         if self.norm_type not in ("rms", "layer"):
             raise ConfigError(f"norm_type must be 'rms' or 'layer', got {self.norm_type!r}")
         if self.clip_qkv is not None and self.clip_qkv <= 0:

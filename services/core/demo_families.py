@@ -1,11 +1,11 @@
-"""Small random Qwen2-MoE / OLMoE / GLM-4.5 / DBRX / MiniMax-M2 checkpoints, written by
-``transformers`` itself.
+"""Small random Qwen2-MoE / OLMoE / GLM-4.5 / DBRX / MiniMax-M2 / gpt-oss checkpoints, written
+by ``transformers`` itself.
 
 As :mod:`services.core.demo_deepseek`: the model is built by transformers from its own config
 class, its parameters are re-drawn with margin-friendly scales (``demo_deepseek._draw``: clear
 gaps between top logits and between routed experts, so float32 summation order never flips a
 greedy choice) and ``save_pretrained`` writes config.json and the safetensors in hub layout.
-``megascale demo-model --family qwen2_moe|olmoe|glm4_moe|dbrx|minimax_m2`` calls this.
+``megascale demo-model --family qwen2_moe|olmoe|glm4_moe|dbrx|minimax_m2|gpt_oss`` calls this.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def family_hf_config(family: str, *, layers: int, hidden: int, intermediate: int
                      shared_intermediate: int, max_position: int, clip_qkv: float | None,
                      norm_topk_prob: bool | None, attention_bias: bool, qk_norm: bool,
                      n_group: int, topk_group: int, routed_scaling_factor: float,
-                     partial_rotary_factor: float, special: dict[str, int]) -> dict[str, Any]:
+                     partial_rotary_factor: float, special: dict[str, int],
+                     sliding_window: int = 8, swiglu_limit: float = 7.0) -> dict[str, Any]:
     """The config.json fields (transformers spelling) of a ``family`` checkpoint."""
     d: dict[str, Any] = dict(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
@@ -51,6 +52,16 @@ def family_hf_config(family: str, *, layers: int, hidden: int, intermediate: int
             attn_config=dict(kv_n_heads=kv_heads, clip_qkv=clip_qkv, rope_theta=10000.0),
             ffn_config=dict(ffn_hidden_size=intermediate, moe_num_experts=experts,
                             moe_top_k=top_k, moe_normalize_expert_weights=1.0))
+    if family == "gpt_oss":  # YaRN as released (factor 32 over 4096), scaled to the demo
+        d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                "original_max_position_embeddings": max(16, max_position // 4)}
+        return d | dict(
+            head_dim=head_dim or hidden // heads, intermediate_size=intermediate,
+            num_local_experts=experts, sliding_window=sliding_window,
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                         for i in range(layers)],
+            attention_bias=True, swiglu_limit=swiglu_limit, swiglu_alpha=1.702)
     if family == "minimax_m2":
         d["rope_parameters"]["partial_rotary_factor"] = partial_rotary_factor
         return d | dict(head_dim=head_dim or hidden // heads, intermediate_size=intermediate,
@@ -78,7 +89,8 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
                             clip_qkv: float | None = None, norm_topk_prob: bool | None = None,
                             attention_bias: bool = True, qk_norm: bool = True, n_group: int = 1,
                             topk_group: int = 1, routed_scaling_factor: float = 1.0,
-                            partial_rotary_factor: float = 0.5, seed: int = 0, shards: int = 1,
+                            partial_rotary_factor: float = 0.5, sliding_window: int = 8,
+                            swiglu_limit: float = 7.0, seed: int = 0, shards: int = 1,
                             tokenizer: bool = True) -> Path:
     """Write a random ``family`` checkpoint with transformers and return its directory.
 
@@ -91,7 +103,7 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
         raise UserError(f"family must be one of {', '.join(GQA_FAMILIES)}, got {family!r}")
     if any(not 0 <= i < layers for i in dense_layers):
         raise UserError(f"--dense-layers must be layer indices in [0, {layers})")
-    if family in ("olmoe", "dbrx", "minimax_m2") and dense_layers:
+    if family in ("olmoe", "dbrx", "minimax_m2", "gpt_oss") and dense_layers:
         raise UserError(f"{family} has no dense layers (--dense-layers)")
     if family == "glm4_moe" and list(dense_layers) != list(range(len(dense_layers))):
         raise UserError("--dense-layers for glm4_moe must be the first layers 0..k-1 "
@@ -119,9 +131,10 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
         shared_intermediate=shared, max_position=max_position, clip_qkv=clip_qkv,
         norm_topk_prob=norm_topk_prob, attention_bias=attention_bias, qk_norm=qk_norm,
         n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
-        partial_rotary_factor=partial_rotary_factor, special=special)
+        partial_rotary_factor=partial_rotary_factor, special=special,
+        sliding_window=sliding_window, swiglu_limit=swiglu_limit)
     prefix = {"qwen2_moe": "Qwen2Moe", "olmoe": "Olmoe", "glm4_moe": "Glm4Moe",
-              "dbrx": "Dbrx", "minimax_m2": "MiniMaxM2"}[family]
+              "dbrx": "Dbrx", "minimax_m2": "MiniMaxM2", "gpt_oss": "GptOss"}[family]
     config = getattr(transformers, f"{prefix}Config")(**d)
     model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
     g = torch.Generator().manual_seed(seed)
@@ -131,6 +144,8 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
                 continue
             if family == "dbrx":
                 p.copy_(_draw_dbrx(name, tuple(p.shape), g, intermediate))
+            elif family == "gpt_oss":
+                p.copy_(_draw_gpt_oss(name, tuple(p.shape), g, hidden, intermediate))
             else:  # MiniMax-M2's MoE block has Mixtral's name
                 p.copy_(_draw(name.replace("block_sparse_moe.", "mlp."), tuple(p.shape), g,
                               sigmoid=family in ("glm4_moe", "minimax_m2")))
@@ -158,3 +173,19 @@ def _draw_dbrx(name: str, shape: tuple[int, ...], g: torch.Generator, inter: int
         return torch.randn(*shape, generator=g) * (0.5 / inter ** 0.5)
     role = next((r for suffix, r in _DBRX_ROLES if name.endswith(suffix)), name)
     return _draw(role, shape, g, sigmoid=False)
+
+
+def _draw_gpt_oss(name: str, shape: tuple[int, ...], g: torch.Generator, hidden: int,
+                  inter: int) -> torch.Tensor:
+    def rnd(std: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    if name.endswith("experts.gate_up_proj"):  # [E, H, 2I], input-major
+        return rnd(hidden ** -0.5)
+    if name.endswith("experts.down_proj"):  # [E, I, H]
+        return rnd(0.5 * inter ** -0.5)
+    if name.endswith(("_bias", ".bias")):
+        return rnd(0.1)
+    if name.endswith("self_attn.sinks"):
+        return rnd(1.0)  # sinks that take a real share of some heads' attention
+    return _draw(name.replace("mlp.router.", "mlp.gate."), shape, g, sigmoid=False)

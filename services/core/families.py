@@ -1,5 +1,5 @@
 """Config fields of the GQA MoE families beyond Mixtral / Qwen3-MoE: Qwen2-MoE, OLMoE, GLM-4.5,
-DBRX, MiniMax-M2.
+DBRX, MiniMax-M2, gpt-oss.
 
 Each ``*_fields`` function reads one family's Hugging Face ``config.json`` dict (transformers
 spelling) and returns the :class:`~services.core.config.ModelConfig` keyword arguments that
@@ -30,6 +30,11 @@ minimax_m2 full-width q/k norm (as OLMoE); partial rotary (``rotary_dim``, or
            ``partial_rotary_factor``); sigmoid routing with a selection bias
            (``block_sparse_moe.e_score_correction_bias``), top-k weights renormalised: the
            DeepSeek-V3 rule with one group; Mixtral's tensor names
+gpt_oss    ``sliding_attention`` / ``full_attention`` layers (``layer_types``,
+           ``sliding_window``) in one model; learned per-head attention sinks; biases on all
+           attention projections, the router and the experts; the router's top-k logits
+           softmaxed; clamped SwiGLU (``swiglu_alpha``, ``swiglu_limit``); YaRN RoPE
+           (services/core/gpt_oss.py)
 =========  ================================================================================
 """
 
@@ -40,7 +45,7 @@ from typing import Any
 from services.core.routing import RouterSpec
 from services.errors import ConfigError
 
-GQA_FAMILIES = ("qwen2_moe", "olmoe", "glm4_moe", "dbrx", "minimax_m2")
+GQA_FAMILIES = ("qwen2_moe", "olmoe", "glm4_moe", "dbrx", "minimax_m2", "gpt_oss")
 PARTIAL_ROTARY_FAMILIES = ("glm4_moe", "minimax_m2")
 
 
@@ -80,6 +85,8 @@ def family_fields(family: str, d: dict[str, Any], num_layers: int, num_experts: 
         return _dbrx(d, num_layers, num_experts)
     if family == "minimax_m2":
         return _minimax_m2(d, num_layers, num_experts)
+    if family == "gpt_oss":
+        return _gpt_oss(d, num_layers, num_experts)
     return _glm4_moe(d, num_layers, num_experts)
 
 
@@ -193,6 +200,36 @@ def _minimax_m2(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[st
         expert_intermediate_size=_req(d, "intermediate_size"), dense_intermediate_size=0,
         norm_topk_prob=True, qk_norm=True, qk_norm_full_width=True, attention_bias=False,
         o_proj_bias=False, routing=routing)
+
+
+def _gpt_oss(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[str, Any]:
+    types = d.get("layer_types")
+    if types is None:  # transformers' default: sliding layers first, alternating
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                 for i in range(num_layers)]
+    if not isinstance(types, list) or len(types) != num_layers or any(
+            t not in ("sliding_attention", "full_attention") for t in types):
+        raise ConfigError(f"layer_types must list {num_layers} of sliding_attention / "
+                          f"full_attention, got {types!r}")
+    window = d.get("sliding_window")
+    windowed = tuple(t == "sliding_attention" for t in types)
+    if any(windowed) and (not isinstance(window, int) or window < 1):
+        raise ConfigError(f"sliding_window must be a positive integer for sliding_attention "
+                          f"layers, got {window!r}")
+    limit, alpha = d.get("swiglu_limit", 7.0), d.get("swiglu_alpha", 1.702)
+    for key, value in (("swiglu_limit", limit), ("swiglu_alpha", alpha)):
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{key} must be a positive number, got {value!r}")
+    bias = bool(d.get("attention_bias", True))
+    routing = RouterSpec(num_experts=num_experts, top_k=_req(d, "num_experts_per_tok"),
+                         topk_softmax=True, logit_bias=True)
+    return dict(
+        sparse_layers=tuple(True for _ in range(num_layers)),
+        expert_intermediate_size=_req(d, "intermediate_size"), dense_intermediate_size=0,
+        norm_topk_prob=False, qk_norm=False, attention_bias=bias, o_proj_bias=bias,
+        routing=routing, window_layers=windowed, layer_window=window if any(windowed) else None,
+        attention_sinks=True, expert_bias=True, swiglu_limit=float(limit),
+        swiglu_alpha=float(alpha))
 
 
 def _glm4_moe(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[str, Any]:

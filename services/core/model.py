@@ -19,6 +19,7 @@ contribute zero, so partials over a partition of the experts add up to the full 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from services.core import cpu_gemm, mla, routing
+from services.core import cpu_gemm, gpt_oss, mla, routing
 from services.core import layers as L
 from services.core.batch import BatchMeta, build_batch_meta
 from services.core.checkpoint import (
@@ -86,6 +87,8 @@ class AttentionSide:
         self.mla_absorb = True
         # id(positions) -> (positions, cos, signed sin); see _rope.
         self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # id(attn_mask) -> (attn_mask, sliding-window mask); see _window_mask (gpt-oss)
+        self._window_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Fused QKV projection per layer ([(NH + 2 KVH) * D, H], one GEMM instead of three);
         # the layer's q/k/v become views into it, so the weights are not held twice.
         self._qkv: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
@@ -167,8 +170,26 @@ class AttentionSide:
             qk = self._rotate(qkv[:, :NH + KVH], cos, sin)
             q, k = qk[:, :NH], qk[:, NH:]
         k_cache, v_cache = kv.layer(layer)
-        attn = L.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        if cfg.attention_sinks or cfg.window_layers:  # gpt-oss: eager, with sinks
+            mask = meta.attn_mask
+            if cfg.window_layers and cfg.window_layers[layer]:
+                mask = self._window_mask(mask)
+            attn = gpt_oss.sink_attention(q, k, v, k_cache, v_cache, meta, self.scale,
+                                          lw.sinks, mask)
+        else:
+            attn = L.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         return self._mlp_input(layer, hidden + F.linear(attn, lw.o, lw.o_bias))
+
+    def _window_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The step's mask narrowed to ``cfg.layer_window`` (once per micro-batch and step,
+        like the RoPE tables: every sliding layer of a step shares it)."""
+        cached = self._window_cache.get(id(mask))
+        if cached is None or cached[0] is not mask:
+            if len(self._window_cache) >= _ROPE_CACHE_ENTRIES:
+                self._window_cache.clear()
+            cached = (mask, gpt_oss.window_mask(mask, self.cfg.layer_window))
+            self._window_cache[id(mask)] = cached
+        return cached[1]
 
     def _qk_norm(self, lw: AttentionLayerWeights, q: torch.Tensor, k: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,6 +270,9 @@ class ExpertSide:
         for i, e in enumerate(self.expert_ids):
             table[e] = i
         self.local_index = table.to(self.device)
+        # gpt-oss's clamped SwiGLU; None: SwiGLU
+        self._act = None if cfg.swiglu_limit is None else functools.partial(
+            gpt_oss.clamped_swiglu, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
         # Holding every expert in order: global ids are already local ids (-1 stays -1).
         self._identity = list(self.expert_ids) == list(range(cfg.num_experts))
         # Input-major copies for the grouped GEMMs (see layers.grouped_expert_ffn), packed
@@ -286,7 +310,8 @@ class ExpertSide:
             ids = torch.where(topk_ids < 0, self.cfg.num_experts, topk_ids)
             local = self.local_index[ids]
         return L.grouped_expert_ffn(rows, local, topk_weights, self.gate_up_t[layer],
-                                    self.down_t[layer])
+                                    self.down_t[layer], self._act,
+                                    self.w.gate_up_bias.get(layer), self.w.down_bias.get(layer))
 
 
 class MonolithicModel:

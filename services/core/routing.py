@@ -20,6 +20,7 @@ DeepSeek-V3 (Kimi-K2)  sigmoid      ``noaux_tc``: selection on ``score + e_score
                                     are the unbiased scores, renormalised
                                     (``norm_topk_prob``), times ``routed_scaling_factor``
 GLM-4.5                sigmoid      as DeepSeek-V3
+gpt-oss                (none)       top-k of the biased logits, softmax over those k
 =====================  ===========  ====================================================
 
 Numerics follow transformers per family: ``logits_float32`` computes the router GEMM on
@@ -60,6 +61,10 @@ class RouterSpec:
     # top-k weights divided by their p-norm (DBRX's moe_normalize_expert_weights; None: as
     # norm_topk_prob says)
     topk_norm_p: float | None = None
+    # gpt-oss: the router has a bias [E] added to its logits, and the top-k *logits* are
+    # selected, then softmaxed among themselves (scoring is ignored)
+    logit_bias: bool = False
+    topk_softmax: bool = False
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORING:
@@ -102,9 +107,14 @@ def _group_mask(choice: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, spec: RouterSpec,
           score_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H], router_weight [E, H] (, score_bias [E] float32 for ``noaux_tc``)
-    -> (topk_ids [T, K] int64, topk_weights [T, K]: float32 when ``spec.weights_float32``,
-    else x.dtype)."""
+    """x [T, H], router_weight [E, H] (, score_bias [E]: float32 for ``noaux_tc``, the logit
+    bias for ``logit_bias``) -> (topk_ids [T, K] int64, topk_weights [T, K]: float32 when
+    ``spec.weights_float32``, else x.dtype)."""
+    if spec.topk_softmax:  # gpt-oss: softmax over the chosen logits, in the compute dtype
+        logits = F.linear(x, router_weight, score_bias if spec.logit_bias else None)
+        top, ids = torch.topk(logits, spec.top_k, dim=-1)
+        weights = torch.softmax(top, dim=-1, dtype=top.dtype)
+        return ids, weights.float() if spec.weights_float32 else weights
     if spec.logits_float32:
         logits = F.linear(x.float(), router_weight.float())
     else:

@@ -1,4 +1,4 @@
-"""Qwen2-MoE, OLMoE, GLM-4.5, DBRX and MiniMax-M2 on the monolithic path: token-for-token
+"""Qwen2-MoE, OLMoE, GLM-4.5, DBRX, MiniMax-M2 and gpt-oss on the monolithic path: token-for-token
 equal to transformers (greedy, fp32), on checkpoints transformers itself wrote
 (tests/conftest.py ``family_ckpt``).
 
@@ -25,7 +25,7 @@ from services.errors import ConfigError
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], list(range(100, 141)), [300]]
 NEW_TOKENS = 32
-FAMILIES = ["qwen2_moe", "olmoe", "glm4_moe", "dbrx", "minimax_m2"]
+FAMILIES = ["qwen2_moe", "olmoe", "glm4_moe", "dbrx", "minimax_m2", "gpt_oss"]
 
 
 def ours(path, n=NEW_TOKENS, model=None):
@@ -55,13 +55,16 @@ def _prefill_logits(model: MonolithicModel) -> torch.Tensor:
     return model.forward(torch.tensor([t for p in PROMPTS for t in p]), meta, kv)
 
 
-# name -> the family feature switched off (a ModelConfig change, or a layer weight dropped)
+# name -> the family's features, each switched off in turn (a ModelConfig change, or an
+# attention-side layer weight dropped)
 ABLATIONS = {
-    "qwen2_moe": "shared_gate",  # the shared expert's sigmoid gate
-    "olmoe": dict(clip_qkv=None),
-    "glm4_moe": dict(rotary_dim=None),  # partial rotary -> full
-    "dbrx": dict(norm_type="rms"),  # LayerNorm -> RMSNorm
-    "minimax_m2": "router_bias",  # the selection bias
+    "qwen2_moe": ["shared_gate"],  # the shared expert's sigmoid gate
+    "olmoe": [dict(clip_qkv=None)],
+    "glm4_moe": [dict(rotary_dim=None)],  # partial rotary -> full
+    "dbrx": [dict(norm_type="rms")],  # LayerNorm -> RMSNorm
+    "minimax_m2": ["router_bias"],  # the selection bias
+    "gpt_oss": [dict(window_layers=(False, False)), "sinks", dict(swiglu_limit=None),
+                "router_bias"],
 }
 
 
@@ -79,16 +82,16 @@ def test_batched_prefill_logits_match_and_the_feature_is_live(family_ckpt, name)
             want.append(ref(torch.tensor([p])).logits[0, -1])
     torch.testing.assert_close(logits, torch.stack(want), atol=1e-4, rtol=0)
 
-    ablation = ABLATIONS[name]
-    if isinstance(ablation, dict):
-        cfg = dataclasses.replace(model.cfg, **ablation)
-        attn = AttentionSide(cfg, model.attention.w)
-    else:
-        attn = model.attention
-        for lw in attn.w.layers:
-            setattr(lw, ablation, None)
-    changed = _prefill_logits(MonolithicModel(attn, model.experts))
-    assert (changed - logits).abs().max() > 1e-2
+    for ablation in ABLATIONS[name]:
+        cfg = model.cfg
+        if isinstance(ablation, dict):
+            cfg = dataclasses.replace(cfg, **ablation)
+        attn = AttentionSide.from_pretrained(path, cfg=cfg)
+        if isinstance(ablation, str):
+            for lw in attn.w.layers:
+                setattr(lw, ablation, None)
+        changed = _prefill_logits(MonolithicModel(attn, ExpertSide.from_pretrained(path, cfg=cfg)))
+        assert (changed - logits).abs().max() > 1e-2, ablation
 
 
 def test_config_reads_the_families(family_ckpt):
@@ -115,6 +118,11 @@ def test_config_reads_the_families(family_ckpt):
     r = m.router_spec
     assert (r.scoring, r.method, r.n_group, r.score_bias, r.norm_topk_prob) == (
         "sigmoid", "noaux_tc", 1, True, True)
+    o = ModelConfig.from_pretrained(family_ckpt("gpt_oss"))
+    assert o.window_layers == (True, False) and o.layer_window == 8 and o.sliding_window is None
+    assert o.attention_sinks and o.expert_bias and o.swiglu_limit == 1.0
+    assert o.router_spec.topk_softmax and o.router_spec.logit_bias
+    assert dict(o.rope_scaling)["rope_type"] == "yarn" and o.rope_inv_freq()[1] > 1.0
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0, None])
@@ -202,6 +210,18 @@ def _minimax_dict(**changes) -> dict:
     return d | changes
 
 
+def _gpt_oss_dict(**changes) -> dict:
+    d = dict(architectures=["GptOssForCausalLM"], model_type="gpt_oss", vocab_size=512,
+             hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+             max_position_embeddings=256, sliding_window=128,
+             layer_types=["sliding_attention", "full_attention"], swiglu_limit=7.0,
+             rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                           "beta_slow": 1.0, "truncate": False,
+                           "original_max_position_embeddings": 4096}, rope_theta=150000)
+    return d | changes
+
+
 @pytest.mark.parametrize("make,changes,key", [
     (_qwen2_dict, dict(use_sliding_window=True), "use_sliding_window"),
     (_qwen2_dict, dict(layer_types=["sliding_attention", "full_attention"]), "layer_types"),
@@ -230,6 +250,12 @@ def _minimax_dict(**changes) -> dict:
     (_minimax_dict, dict(scoring_func="softmax"), "scoring_func"),
     (_minimax_dict, dict(use_routing_bias=False), "use_routing_bias"),
     (_minimax_dict, dict(rotary_dim=13), "partial_rotary_factor"),
+    (_gpt_oss_dict, dict(layer_types=["sliding_attention", "chunked_attention"]),
+     "layer_types"),
+    (_gpt_oss_dict, dict(layer_types=["full_attention"]), "layer_types"),
+    (_gpt_oss_dict, dict(sliding_window=None), "sliding_window"),
+    (_gpt_oss_dict, dict(swiglu_limit=-1), "swiglu_limit"),
+    (_gpt_oss_dict, dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
 ])
 def test_unsupported_variants_are_one_line_errors_naming_the_key(make, changes, key):
     with pytest.raises(ConfigError) as err:
@@ -256,6 +282,10 @@ def test_hub_style_configs_parse():
     assert b.rope_theta == 5e5 and b.router_spec.topk_norm_p == 1.0 and b.clip_qkv == 8.0
     m = ModelConfig.from_hf_dict(_minimax_dict())  # MiniMax-M2 as released
     assert m.rotary_dim == 12 and m.rope_theta == 5e6 and m.qk_norm_full_width
+    o = ModelConfig.from_hf_dict(_gpt_oss_dict())  # gpt-oss as released (4.x rope spelling)
+    assert o.rope_theta == 150000 and o.layer_window == 128
+    assert ModelConfig.from_hf_dict(_gpt_oss_dict(layer_types=None)).window_layers == (
+        True, False)  # transformers' default alternation
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -264,7 +294,7 @@ def test_demo_model_writes_the_family(tmp_path, family):
     from services.core.demo import write_random_checkpoint
 
     dense = {"qwen2_moe": (1,), "olmoe": (), "glm4_moe": (0,), "dbrx": (),
-             "minimax_m2": ()}[family]
+             "minimax_m2": (), "gpt_oss": ()}[family]
     out = write_random_checkpoint(tmp_path / family, family, layers=2, hidden=64,
                                   intermediate=32, experts=4, heads=4, kv_heads=2, vocab=256,
                                   dense_layers=dense, tokenizer=False, shards=2)

@@ -1,4 +1,4 @@
-"""`megascale up` serves Qwen2-MoE, OLMoE, GLM-4.5, DBRX and MiniMax-M2 checkpoints
+"""`megascale up` serves Qwen2-MoE, OLMoE, GLM-4.5, DBRX, MiniMax-M2 and gpt-oss checkpoints
 (transformers-written, with a real tokenizer) to the official openai client: greedy text equal
 to transformers, several requests at once. One mesh per family, the shapes between them
 covering 1x2 and 2x2 and m = 1 and 2: the attention replicas run attention, routers and the
@@ -28,6 +28,8 @@ CHECKPOINTS = {
     "glm4_moe": (dict(layers=2, dense_layers=(0,), head_dim=24, seed=43), (2, 2, 2)),
     "dbrx": (dict(layers=2, clip_qkv=1.5, top_k=3, seed=44), (1, 2, 1)),
     "minimax_m2": (dict(layers=2, head_dim=24, seed=45), (2, 2, 1)),
+    "gpt_oss": (dict(layers=2, head_dim=16, sliding_window=8, swiglu_limit=1.0,
+                     max_position=256, seed=46), (1, 2, 2)),
 }
 PROMPTS = ["The shared expert answered", "Routers pick", "A long day of tokens went by and"]
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from services.core import quant
+from services.core import mxfp4, quant
 from services.core.config import MLA_FAMILIES, ModelConfig
 from services.errors import CheckpointError, ConfigError
 
@@ -140,7 +140,7 @@ def _quant_spec(model_dir: Path) -> quant.FP8BlockSpec | None:
         data = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or mxfp4.is_mxfp4(data):  # MXFP4: read by _gpt_oss_experts
         return None
     try:
         return quant.parse_quantization_config(data)
@@ -437,14 +437,42 @@ def _gpt_oss_experts(idx: CheckpointIndex, cfg: ModelConfig, ids: tuple[int, ...
     out = ExpertWeights(expert_ids=ids, gate_up={}, down={})
     for layer in cfg.sparse_layer_ids:
         p = f"model.layers.{layer}.mlp.experts"
-        t = idx.read([f"{p}.{n}" for n in _GPT_OSS_EXPERTS], dtype, "cpu")
-        gu, gub, dn, dnb = (_expect(t, f"{p}.{n}", shapes[n])[sel] for n in _GPT_OSS_EXPERTS)
+        if cfg.mxfp4:
+            gu, gub, dn, dnb = _gpt_oss_mxfp4(idx, p, shapes, sel, dtype)
+        else:
+            t = idx.read([f"{p}.{n}" for n in _GPT_OSS_EXPERTS], dtype, "cpu")
+            gu, gub, dn, dnb = (_expect(t, f"{p}.{n}", shapes[n])[sel]
+                                for n in _GPT_OSS_EXPERTS)
         # [n, H, 2I] interleaved -> [n, 2I, H] as [gate rows | up rows]
         out.gate_up[layer] = deinterleave(gu, 2).transpose(1, 2).contiguous().to(device)
         out.gate_up_bias[layer] = deinterleave(gub, 1).contiguous().to(device)
         out.down[layer] = dn.transpose(1, 2).contiguous().to(device)  # [n, H, I]
         out.down_bias[layer] = dnb.contiguous().to(device)
     return out
+
+
+def _gpt_oss_mxfp4(idx: CheckpointIndex, p: str, shapes: dict[str, tuple[int, ...]],
+                   sel: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The held experts' (gate_up [n, H, 2I], its bias, down [n, I, H], its bias) from MXFP4
+    ``*_blocks`` / ``*_scales`` (stored out-major), dequantized on CPU."""
+    out = []
+    for name in _GPT_OSS_EXPERTS:
+        shape = shapes[name]
+        if name.endswith("_bias"):
+            out.append(_expect(idx.read([f"{p}.{name}"], dtype, "cpu"), f"{p}.{name}",
+                               shape)[sel])
+            continue
+        E, cols, rows = shape  # input-major [E, in, out]; stored out-major in 32-blocks
+        keys = [f"{p}.{name}_blocks", f"{p}.{name}_scales"]
+        raw = idx.read(keys, torch.uint8, "cpu")
+        blocks = _expect(raw, keys[0], (E, rows, cols // mxfp4.BLOCK, mxfp4.BLOCK // 2))[sel]
+        scales = _expect(raw, keys[1], (E, rows, cols // mxfp4.BLOCK))[sel]
+        try:
+            w = mxfp4.dequantize(blocks, scales, dtype, f"{p}.{name}")
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        out.append(w.transpose(1, 2))  # [n, in, out], as the unquantized tensor
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -475,8 +503,12 @@ def _known_layer_suffix(cfg: ModelConfig, layer: int, rest: str) -> bool:
     if rest in (f"{moe}.gate.weight", f"{moe}.experts.gate_up_proj", f"{moe}.experts.down_proj"):
         return True
     if cfg.family == "gpt_oss":
-        return rest in {"mlp.router.weight", "mlp.router.bias"} | {
-            f"mlp.experts.{n}" for n in _GPT_OSS_EXPERTS}
+        experts = {f"mlp.experts.{n}" for n in _GPT_OSS_EXPERTS}
+        if cfg.mxfp4:
+            experts = {f"mlp.experts.{n}{s}" for n in ("gate_up_proj", "down_proj")
+                       for s in ("_blocks", "_scales")} | {
+                f"mlp.experts.{n}_bias" for n in ("gate_up_proj", "down_proj")}
+        return rest in {"mlp.router.weight", "mlp.router.bias"} | experts
     mla = cfg.family in MLA_FAMILIES
     if (mla or cfg.router_spec.score_bias) and f"model.layers.{layer}.{rest}" == (
             _router_bias_key(cfg, layer)):

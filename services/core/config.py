@@ -22,6 +22,7 @@ from services.core.families import (
     flatten_dbrx,
     partial_rotary_factor,
 )
+from services.core.mxfp4 import is_mxfp4
 from services.core.quant import FP8BlockSpec, parse_quantization_config
 from services.core.routing import RouterSpec
 from services.errors import ConfigError
@@ -171,6 +172,8 @@ class ModelConfig:
     expert_bias: bool = False
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
+    # expert weights stored as MXFP4 blocks/scales (gpt-oss), dequantized at load
+    mxfp4: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in ARCHITECTURES.values():
@@ -287,7 +290,12 @@ class ModelConfig:
         num_experts = d.get("num_local_experts", d.get("num_experts", d.get("n_routed_experts")))
         if num_experts is None:
             raise ConfigError("config field 'num_local_experts' (or 'num_experts') is missing")
-        extra: dict[str, Any] = {"quantization": parse_quantization_config(d)}
+        mxfp4 = is_mxfp4(d)  # gpt-oss's format (services/core/mxfp4.py), not parsed as FP8
+        if mxfp4 and family != "gpt_oss":
+            raise ConfigError(f"quantization_config.quant_method: mxfp4 is supported for "
+                              f"gpt_oss only, not {family}")
+        extra: dict[str, Any] = {"quantization": None if mxfp4 else parse_quantization_config(d),
+                                 "mxfp4": mxfp4}
         kv_heads = d.get("num_key_value_heads") or heads
 
         if family in MLA_FAMILIES:

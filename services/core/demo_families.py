@@ -90,13 +90,16 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
                             attention_bias: bool = True, qk_norm: bool = True, n_group: int = 1,
                             topk_group: int = 1, routed_scaling_factor: float = 1.0,
                             partial_rotary_factor: float = 0.5, sliding_window: int = 8,
-                            swiglu_limit: float = 7.0, seed: int = 0, shards: int = 1,
-                            tokenizer: bool = True) -> Path:
+                            swiglu_limit: float = 7.0, mxfp4: bool = False, seed: int = 0,
+                            shards: int = 1, tokenizer: bool = True) -> Path:
     """Write a random ``family`` checkpoint with transformers and return its directory.
 
     ``dense_layers``: Qwen2-MoE's ``mlp_only_layers``; GLM's must be ``0..k-1``
     (``first_k_dense_replace = k``); OLMoE has none. ``shared_intermediate`` is the shared
-    expert width (Qwen2-MoE; GLM: a multiple of ``intermediate``, ``n_shared_experts``)."""
+    expert width (Qwen2-MoE; GLM: a multiple of ``intermediate``, ``n_shared_experts``).
+    ``mxfp4`` (gpt-oss): the expert weights are then stored as MXFP4 blocks/scales, as the
+    released checkpoints are (transformers writes the model, :func:`mxfp4.quantize` the
+    expert tensors; transformers has no CPU MXFP4 writer)."""
     import transformers
 
     if family not in GQA_FAMILIES:
@@ -108,6 +111,8 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
     if family == "glm4_moe" and list(dense_layers) != list(range(len(dense_layers))):
         raise UserError("--dense-layers for glm4_moe must be the first layers 0..k-1 "
                         "(first_k_dense_replace)")
+    if mxfp4 and family != "gpt_oss":
+        raise UserError("MXFP4 checkpoints exist for gpt_oss only")
     if family in ("olmoe", "dbrx") and head_dim not in (None, hidden // heads):
         raise UserError(f"{family}: --head-dim must be hidden / heads")
     shared = intermediate if shared_intermediate is None else shared_intermediate
@@ -154,6 +159,8 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
         model.save_pretrained(out, max_shard_size=f"{max(1, total // shards // 1000 + 1)}KB")
     else:
         model.save_pretrained(out)
+    if mxfp4:
+        _to_mxfp4(out)
     gen = {"bos_token_id": special.get("bos"), "eos_token_id": special.get("eos"),
            "pad_token_id": special.get("pad"), "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -189,3 +196,26 @@ def _draw_gpt_oss(name: str, shape: tuple[int, ...], g: torch.Generator, hidden:
     if name.endswith("self_attn.sinks"):
         return rnd(1.0)  # sinks that take a real share of some heads' attention
     return _draw(name.replace("mlp.router.", "mlp.gate."), shape, g, sigmoid=False)
+
+
+def _to_mxfp4(out: Path) -> None:
+    """Rewrite a gpt-oss checkpoint's expert weights as MXFP4 (single-file checkpoints)."""
+    from safetensors.torch import load_file, save_file
+
+    from services.core import mxfp4
+
+    path = out / "model.safetensors"
+    if not path.is_file():
+        raise UserError("MXFP4 demo checkpoints are written unsharded (--shards 1)")
+    tensors = load_file(str(path))
+    for key in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        # [E, in, out] input-major -> out-major [E, out, in] in 32-value blocks
+        blocks, scales = mxfp4.quantize(tensors.pop(key).transpose(1, 2))
+        tensors[f"{key}_blocks"], tensors[f"{key}_scales"] = blocks, scales
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                   "model.embed_tokens", "lm_head"]}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

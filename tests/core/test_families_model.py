@@ -303,3 +303,58 @@ def test_demo_model_writes_the_family(tmp_path, family):
     assert cfg.sparse_layers == tuple(i not in dense for i in range(2))
     assert (out / "model.safetensors.index.json").is_file()
     MonolithicModel.from_pretrained(out)  # every tensor the writer made is read and known
+
+
+def test_mxfp4_dequantize_equals_transformers():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from services.core import mxfp4
+
+    torch.manual_seed(5)
+    w = torch.randn(3, 8, 64) * 0.3
+    blocks, scales = mxfp4.quantize(w)
+    ours = mxfp4.dequantize(blocks, scales, torch.float32)
+    # transformers returns the input-major [E, in, out] layout of its parameters
+    assert torch.equal(ours.transpose(1, 2), convert_moe_packed_tensors(blocks, scales,
+                                                                        dtype=torch.float32))
+    assert (ours - w).abs().max() < 0.25 and not torch.equal(ours, w)
+    with pytest.raises(ValueError, match="_blocks has shape"):
+        mxfp4.dequantize(blocks[..., :8], scales, torch.float32)
+
+
+def test_gpt_oss_mxfp4_checkpoint_equals_transformers(family_ckpt, hf_greedy, tmp_path):
+    """Expert weights as MXFP4 blocks/scales (as gpt-oss ships) are dequantized at load. The
+    referee is transformers on the same checkpoint with its own MXFP4 dequantization
+    (``convert_moe_packed_tensors``) applied to the experts: its MXFP4 loader needs
+    ``accelerate``, which this project does not install."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    path = family_ckpt("gpt_oss", mxfp4=True)
+    cfg = ModelConfig.from_pretrained(path)
+    assert cfg.mxfp4 and cfg.quantization is None
+    ref = tmp_path / "dequantized"
+    shutil.copytree(path, ref)
+    t = load_file(str(path / "model.safetensors"))
+    assert "model.layers.0.mlp.experts.gate_up_proj_blocks" in t
+    for k in [k for k in t if k.endswith("_blocks")]:
+        base = k.removesuffix("_blocks")
+        t[base] = convert_moe_packed_tensors(t.pop(k), t.pop(base + "_scales"),
+                                             dtype=torch.float32)
+    save_file(t, str(ref / "model.safetensors"), metadata={"format": "pt"})
+    d = json.loads((ref / "config.json").read_text())
+    del d["quantization_config"]
+    (ref / "config.json").write_text(json.dumps(d))
+    got = ours(path)
+    assert got == hf_greedy(ref, PROMPTS, NEW_TOKENS)
+    assert got != hf_greedy(family_ckpt("gpt_oss"), PROMPTS, NEW_TOKENS)  # FP4 rounding shows
+    # an expert node reads only its experts' blocks
+    part = ExpertSide.from_pretrained(path, [1, 6])
+    assert part.expert_ids == (1, 6) and part.w.gate_up_bias[0].shape == (2, 64)
+
+
+def test_mxfp4_is_refused_outside_gpt_oss():
+    with pytest.raises(ConfigError, match="quantization_config.quant_method: mxfp4"):
+        ModelConfig.from_hf_dict(_qwen2_dict(quantization_config={"quant_method": "mxfp4"}))

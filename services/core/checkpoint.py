@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from services.core import mxfp4, quant
+from services.core import dbrx_weights, mxfp4, quant
 from services.core.config import MLA_FAMILIES, ModelConfig
 from services.errors import CheckpointError, ConfigError
 
@@ -225,9 +225,8 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
     Expert tensors are never read. Pass ``index`` to inspect ``index.requested`` afterwards.
     """
     idx = index or CheckpointIndex.open(model_dir)
-    if cfg.family == "dbrx":  # its own tensor names (imported here: it builds on this module)
-        from services.core import dbrx_weights
-        return dbrx_weights.load_attention_weights(idx, cfg, dtype, device)
+    if cfg.family == "dbrx":  # its own tensor names
+        return _dbrx_attention(idx, cfg, dtype, device)
     H, V, D = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
     nq, nkv = cfg.num_heads * D, cfg.num_kv_heads * D
     want: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H),
@@ -388,8 +387,7 @@ def load_expert_weights(model_dir: str | Path, cfg: ModelConfig, expert_ids: Ite
                               f"got {list(ids)}")
     idx = index or CheckpointIndex.open(model_dir)
     if cfg.family == "dbrx":
-        from services.core import dbrx_weights
-        return dbrx_weights.load_expert_weights(idx, cfg, ids, dtype, device)
+        return _dbrx_experts(idx, cfg, ids, dtype, device)
     if cfg.family == "gpt_oss":
         return _gpt_oss_experts(idx, cfg, ids, dtype, device)
     H, inter = cfg.hidden_size, cfg.expert_intermediate_size
@@ -420,6 +418,38 @@ def load_expert_weights(model_dir: str | Path, cfg: ModelConfig, expert_ids: Ite
                                                      t[f"{p}.{e}.{u_name}.weight"]]) for e in ids])
             down[layer] = torch.stack([t[f"{p}.{e}.{d_name}.weight"] for e in ids])
     return ExpertWeights(expert_ids=ids, gate_up=gate_up, down=down)
+
+
+def _dbrx_attention(idx: CheckpointIndex, cfg: ModelConfig, dtype: torch.dtype,
+                    device: str | torch.device) -> AttentionWeights:
+    want = dbrx_weights.attention_shapes(cfg)
+    known = dbrx_weights.known_keys(cfg)
+    for key in idx.key_to_file:
+        if key.startswith("transformer.") and key not in known:
+            raise CheckpointError(f"unexpected tensor {key!r} in checkpoint (config: "
+                                  f"{cfg.num_layers} layers, {cfg.num_experts} experts)")
+    t = idx.read(want, dtype, device)
+    for k, shape in want.items():
+        _expect(t, k, shape)
+    layers = [AttentionLayerWeights(**dbrx_weights.attention_layer(t, cfg, i))
+              for i in range(cfg.num_layers)]
+    embed = t[dbrx_weights.EMBED]
+    return AttentionWeights(embed=embed, layers=layers, final_norm=t[dbrx_weights.FINAL_NORM],
+                            lm_head=embed if cfg.tie_word_embeddings else t[dbrx_weights.LM_HEAD])
+
+
+def _dbrx_experts(idx: CheckpointIndex, cfg: ModelConfig, ids: tuple[int, ...],
+                  dtype: torch.dtype, device: str | torch.device) -> ExpertWeights:
+    shape = (cfg.num_experts * cfg.expert_intermediate_size, cfg.hidden_size)
+    sel = torch.tensor(ids, dtype=torch.int64)
+    out = ExpertWeights(expert_ids=ids, gate_up={}, down={})
+    for layer in cfg.sparse_layer_ids:
+        keys = dbrx_weights.expert_keys(layer)
+        t = idx.read(keys, dtype, "cpu")
+        gate_up, down = dbrx_weights.expert_stacks(*(_expect(t, k, shape) for k in keys), cfg,
+                                                   sel)
+        out.gate_up[layer], out.down[layer] = gate_up.to(device), down.to(device)
+    return out
 
 
 _GPT_OSS_EXPERTS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")

@@ -24,8 +24,9 @@ glm4_moe   DeepSeek-V3 routing (sigmoid, ``e_score_correction_bias`` for selecti
            without); MTP layers (``num_nextn_predict_layers``) skipped at load
 dbrx       nested ``attn_config`` / ``ffn_config`` (:func:`flatten_dbrx`); fused ``Wqkv`` with
            ``clip_qkv``; LayerNorm without bias (eps 1e-5); softmax top-k weights divided by
-           their ``moe_normalize_expert_weights``-norm (p = 1 by default); its own tensor
-           names (services/core/dbrx_weights.py)
+           their ``moe_normalize_expert_weights``-norm (p = 1 by default; the softmax runs in
+           float32 here, in the compute dtype in transformers: bf16 weights may differ by an
+           ulp); its own tensor names (services/core/dbrx_weights.py)
 minimax_m2 full-width q/k norm (as OLMoE); partial rotary (``rotary_dim``, or
            ``partial_rotary_factor``); sigmoid routing with a selection bias
            (``block_sparse_moe.e_score_correction_bias``), top-k weights renormalised: the

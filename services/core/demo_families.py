@@ -123,9 +123,10 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
     out.mkdir(parents=True, exist_ok=True)
     special = None
     if tokenizer:
-        try:  # the Qwen-style demo tokenizer (ChatML template) serves any family
+        try:  # gpt-oss: the harmony format; the Qwen-style one (ChatML) serves the others
             from services.core.tokenizer_build import build_demo_tokenizer
-            special = build_demo_tokenizer(out, "qwen3_moe", vocab)
+            special = build_demo_tokenizer(out, "gpt_oss" if family == "gpt_oss" else
+                                           "qwen3_moe", vocab)
         except ImportError:
             special = None
     special = special or {"bos": 1, "eos": 2, "pad": 0}

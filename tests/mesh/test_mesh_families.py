@@ -79,3 +79,22 @@ def test_openai_completions_equal_transformers(family_up, hf_greedy):
         ids = hf_greedy(model_dir, [tok.encode(prompt)], NEW_TOKENS)[0]
         assert got.choices[0].text == tok.decode(ids, skip_special_tokens=True), (family, prompt)
         assert got.usage.completion_tokens == NEW_TOKENS
+
+
+
+def test_chat_uses_the_checkpoints_template(family_up, hf_greedy):
+    """A chat request is rendered with the checkpoint's own template (harmony for gpt-oss,
+    ChatML for the demo tokenizer of the others); the reply equals transformers on the same
+    rendered prompt."""
+    family, model_dir, client = family_up
+    [model] = [m.id for m in client.models.list().data]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": "Hello"}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if family == "gpt_oss":
+        assert text == "<|start|>user<|message|>Hello<|end|><|start|>assistant"
+    ids = tok.encode(text, add_special_tokens=False)
+    want = tok.decode(hf_greedy(model_dir, [ids], NEW_TOKENS)[0], skip_special_tokens=True)
+    got = client.chat.completions.create(model=model, messages=messages, max_tokens=NEW_TOKENS,
+                                         temperature=0, extra_body={"ignore_eos": True})
+    assert got.choices[0].message.content == want, family

@@ -266,8 +266,8 @@ def _grouped_ffn_loop(rows: torch.Tensor, local_ids: torch.Tensor, weights: torc
                 gate_up = x[start:start + c] @ gate_up_t[e]
                 if gate_up_bias is not None:
                     gate_up = gate_up + gate_up_bias[e]
-                out = _act(act, gate_up) @ down_t[e]
-                outs.append(out if down_bias is None else out + down_bias[e])
+                y_e = _act(act, gate_up) @ down_t[e]
+                outs.append(y_e if down_bias is None else y_e + down_bias[e])
                 start += c
         y = torch.cat(outs)
     return out.index_add_(0, token, (y * w[:, None]).to(rows.dtype))

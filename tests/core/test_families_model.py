@@ -358,3 +358,40 @@ def test_gpt_oss_mxfp4_checkpoint_equals_transformers(family_ckpt, hf_greedy, tm
 def test_mxfp4_is_refused_outside_gpt_oss():
     with pytest.raises(ConfigError, match="quantization_config.quant_method: mxfp4"):
         ModelConfig.from_hf_dict(_qwen2_dict(quantization_config={"quant_method": "mxfp4"}))
+
+
+@pytest.mark.parametrize("layout,skewed", [("torch", False), ("packed", False),
+                                           ("loop", False), ("loop", True)])
+def test_grouped_ffn_with_expert_biases_and_clamped_swiglu(layout, skewed):
+    """gpt-oss's experts on every grouped path (torch grouped GEMM, packed CPU kernel, the
+    per-expert loop in its balanced and skewed forms) equal a per-token reference, with ids
+    that are not held (-1) contributing nothing."""
+    import functools
+
+    from services.core import cpu_gemm, gpt_oss
+    from services.core.layers import _grouped_ffn_loop, grouped_expert_ffn
+
+    if layout == "packed" and not cpu_gemm.ACTIVE:
+        pytest.skip(f"packed CPU kernel off: {cpu_gemm.REASON}")
+    g = torch.Generator().manual_seed(1)
+    n, H, inter, N, K = 4, 16, 24, 21, 2
+    gu, dn = torch.randn(n, H, 2 * inter, generator=g), torch.randn(n, inter, H, generator=g)
+    bgu, bdn = torch.randn(n, 2 * inter, generator=g), torch.randn(n, H, generator=g)
+    rows, weights = torch.randn(N, H, generator=g), torch.rand(N, K, generator=g)
+    ids = torch.randint(-1, n, (N, K), generator=g)
+    if skewed:  # one expert takes nearly every row: the loop's per-expert branch
+        ids = torch.where(torch.rand(N, K, generator=g) < 0.9, 0, ids)
+    act = functools.partial(gpt_oss.clamped_swiglu, alpha=1.702, limit=1.0)
+    if layout == "loop":
+        got = _grouped_ffn_loop(rows, ids, weights, gu, dn, act, bgu, bdn)
+    else:
+        stacks = (gu, dn) if layout == "torch" else (cpu_gemm.pack(gu), cpu_gemm.pack(dn))
+        got = grouped_expert_ffn(rows, ids, weights, *stacks, act, bgu, bdn)
+    want = torch.zeros(N, H)
+    for t in range(N):
+        for k in range(K):
+            e = int(ids[t, k])
+            if e >= 0:
+                h = act((rows[t] @ gu[e] + bgu[e])[None])[0]
+                want[t] += weights[t, k] * (h @ dn[e] + bdn[e])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -194,7 +194,7 @@ class AttentionSide:
     def _qk_norm(self, lw: AttentionLayerWeights, q: torch.Tensor, k: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """RMSNorm of q [T, NH, D] and k [T, KVH, D]: per head (Qwen3, GLM) or over the whole
-        projection (OLMoE: weights [NH * D] / [KVH * D])."""
+        projection (OLMoE, MiniMax-M2: weights [NH * D] / [KVH * D])."""
         eps = self.cfg.rms_norm_eps
         if not self.cfg.qk_norm_full_width:
             return L.rms_norm(q, lw.q_norm, eps), L.rms_norm(k, lw.k_norm, eps)
@@ -204,7 +204,7 @@ class AttentionSide:
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE on x [T, heads, D]: all D dims, or the first ``rotary_dim`` (partial rotary,
-        GLM; the rest pass through)."""
+        GLM and MiniMax-M2; the rest pass through)."""
         rd = self.cfg.rotary_dim
         if rd is None or rd == x.shape[-1]:
             return L.apply_rope_signed(x, cos, sin)

@@ -29,7 +29,8 @@ def family_hf_config(family: str, *, layers: int, hidden: int, intermediate: int
                      norm_topk_prob: bool | None, attention_bias: bool, qk_norm: bool,
                      n_group: int, topk_group: int, routed_scaling_factor: float,
                      partial_rotary_factor: float, special: dict[str, int],
-                     sliding_window: int = 8, swiglu_limit: float = 7.0) -> dict[str, Any]:
+                     sliding_window: int = 8, swiglu_limit: float = 7.0,
+                     use_sliding_window: bool = False) -> dict[str, Any]:
     """The config.json fields (transformers spelling) of a ``family`` checkpoint."""
     d: dict[str, Any] = dict(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
@@ -43,7 +44,8 @@ def family_hf_config(family: str, *, layers: int, hidden: int, intermediate: int
             intermediate_size=dense_intermediate, moe_intermediate_size=intermediate,
             shared_expert_intermediate_size=shared_intermediate, num_experts=experts,
             decoder_sparse_step=1, mlp_only_layers=list(dense_layers), qkv_bias=True,
-            norm_topk_prob=bool(norm_topk_prob), use_sliding_window=False)
+            norm_topk_prob=bool(norm_topk_prob), use_sliding_window=use_sliding_window,
+            sliding_window=sliding_window, max_window_layers=layers)
     if family == "dbrx":
         return dict(
             d_model=hidden, n_heads=heads, n_layers=layers, max_seq_len=max_position,
@@ -90,13 +92,15 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
                             attention_bias: bool = True, qk_norm: bool = True, n_group: int = 1,
                             topk_group: int = 1, routed_scaling_factor: float = 1.0,
                             partial_rotary_factor: float = 0.5, sliding_window: int = 8,
-                            swiglu_limit: float = 7.0, mxfp4: bool = False, seed: int = 0,
+                            swiglu_limit: float = 7.0, mxfp4: bool = False,
+                            use_sliding_window: bool = False, seed: int = 0,
                             shards: int = 1, tokenizer: bool = True) -> Path:
     """Write a random ``family`` checkpoint with transformers and return its directory.
 
     ``dense_layers``: Qwen2-MoE's ``mlp_only_layers``; GLM's must be ``0..k-1``
     (``first_k_dense_replace = k``); OLMoE has none. ``shared_intermediate`` is the shared
     expert width (Qwen2-MoE; GLM: a multiple of ``intermediate``, ``n_shared_experts``).
+    ``sliding_window``: gpt-oss's sliding layers, and Qwen2-MoE's with ``use_sliding_window``.
     ``mxfp4`` (gpt-oss): the expert weights are then stored as MXFP4 blocks/scales, as the
     released checkpoints are (transformers writes the model, :func:`mxfp4.quantize` the
     expert tensors; transformers has no CPU MXFP4 writer)."""
@@ -138,7 +142,8 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
         norm_topk_prob=norm_topk_prob, attention_bias=attention_bias, qk_norm=qk_norm,
         n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
         partial_rotary_factor=partial_rotary_factor, special=special,
-        sliding_window=sliding_window, swiglu_limit=swiglu_limit)
+        sliding_window=sliding_window, swiglu_limit=swiglu_limit,
+        use_sliding_window=use_sliding_window)
     prefix = {"qwen2_moe": "Qwen2Moe", "olmoe": "Olmoe", "glm4_moe": "Glm4Moe",
               "dbrx": "Dbrx", "minimax_m2": "MiniMaxM2", "gpt_oss": "GptOss"}[family]
     config = getattr(transformers, f"{prefix}Config")(**d)

@@ -12,7 +12,9 @@ family     differences
 =========  ================================================================================
 qwen2_moe  q/k/v biases (``qkv_bias``, o_proj without); a shared expert whose output is
            scaled by ``sigmoid(shared_expert_gate(x))``; ``decoder_sparse_step`` and
-           ``mlp_only_layers`` choose the dense layers; softmax routing as Qwen3-MoE
+           ``mlp_only_layers`` choose the dense layers; softmax routing as Qwen3-MoE;
+           ``use_sliding_window``: per-layer windows (``layer_types``, by default the even
+           layers below ``max_window_layers``), as gpt-oss's
 olmoe      q/k RMSNorm over the *whole* projection (``[NH * D]`` / ``[KVH * D]``, not per
            head), then ``clip_qkv`` clamps q, k and v; ``norm_topk_prob`` false by default;
            ``attention_bias`` on all four projections
@@ -111,8 +113,31 @@ def flatten_dbrx(d: dict[str, Any]) -> dict[str, Any]:
             "rope_parameters": rope, "head_dim": None}
 
 
+def _layer_windows(types: Any, window: Any, num_layers: int) -> dict[str, Any]:
+    """``window_layers`` / ``layer_window`` from a ``layer_types`` list (empty when every layer
+    is full attention); a bad list or a missing window is a one-line error naming the key."""
+    if not isinstance(types, list) or len(types) != num_layers or any(
+            t not in ("sliding_attention", "full_attention") for t in types):
+        raise ConfigError(f"layer_types must list {num_layers} of sliding_attention / "
+                          f"full_attention, got {types!r}")
+    windowed = tuple(t == "sliding_attention" for t in types)
+    if not any(windowed):
+        return {}
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ConfigError(f"sliding_window must be a positive integer for sliding_attention "
+                          f"layers, got {window!r}")
+    return dict(window_layers=windowed, layer_window=window)
+
+
 def _qwen2_moe(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[str, Any]:
-    _no_sliding(d, "qwen2_moe")
+    use_window = bool(d.get("use_sliding_window"))
+    types = d.get("layer_types")
+    if types is None:  # transformers' default
+        top = d.get("max_window_layers", 28)
+        types = ["sliding_attention" if (i + 1) % 2 and i < top and use_window
+                 else "full_attention" for i in range(num_layers)]
+    # transformers zeroes the window when use_sliding_window is false
+    windows = _layer_windows(types, d.get("sliding_window") if use_window else 0, num_layers)
     step = d.get("decoder_sparse_step", 1) or 1
     if not isinstance(step, int) or step < 1:
         raise ConfigError(f"decoder_sparse_step must be a positive integer, got {step!r}")
@@ -126,7 +151,7 @@ def _qwen2_moe(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[str
         # transformers' default: checkpoints from before the key (Qwen1.5-MoE) have the biases
         attention_bias=bool(d.get("qkv_bias", True)), o_proj_bias=False,
         shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
-        shared_expert_gate=True)
+        shared_expert_gate=True, **windows)
 
 
 def _olmoe(d: dict[str, Any], num_layers: int) -> dict[str, Any]:
@@ -208,15 +233,7 @@ def _gpt_oss(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[str, 
     if types is None:  # transformers' default: sliding layers first, alternating
         types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
                  for i in range(num_layers)]
-    if not isinstance(types, list) or len(types) != num_layers or any(
-            t not in ("sliding_attention", "full_attention") for t in types):
-        raise ConfigError(f"layer_types must list {num_layers} of sliding_attention / "
-                          f"full_attention, got {types!r}")
-    window = d.get("sliding_window")
-    windowed = tuple(t == "sliding_attention" for t in types)
-    if any(windowed) and (not isinstance(window, int) or window < 1):
-        raise ConfigError(f"sliding_window must be a positive integer for sliding_attention "
-                          f"layers, got {window!r}")
+    windows = _layer_windows(types, d.get("sliding_window"), num_layers)
     limit, alpha = d.get("swiglu_limit", 7.0), d.get("swiglu_alpha", 1.702)
     for key, value in (("swiglu_limit", limit), ("swiglu_alpha", alpha)):
         if not isinstance(value, (int, float)) or value <= 0:
@@ -228,9 +245,8 @@ def _gpt_oss(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[str, 
         sparse_layers=tuple(True for _ in range(num_layers)),
         expert_intermediate_size=_req(d, "intermediate_size"), dense_intermediate_size=0,
         norm_topk_prob=False, qk_norm=False, attention_bias=bias, o_proj_bias=bias,
-        routing=routing, window_layers=windowed, layer_window=window if any(windowed) else None,
-        attention_sinks=True, expert_bias=True, swiglu_limit=float(limit),
-        swiglu_alpha=float(alpha))
+        routing=routing, attention_sinks=True, expert_bias=True, swiglu_limit=float(limit),
+        swiglu_alpha=float(alpha), **windows)
 
 
 def _glm4_moe(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[str, Any]:

@@ -223,8 +223,9 @@ def _gpt_oss_dict(**changes) -> dict:
 
 
 @pytest.mark.parametrize("make,changes,key", [
-    (_qwen2_dict, dict(use_sliding_window=True), "use_sliding_window"),
-    (_qwen2_dict, dict(layer_types=["sliding_attention", "full_attention"]), "layer_types"),
+    (_qwen2_dict, dict(use_sliding_window=True), "sliding_window"),  # and no window
+    (_qwen2_dict, dict(layer_types=["sliding_attention", "full_attention"]), "sliding_window"),
+    (_qwen2_dict, dict(layer_types=["chunked_attention", "full_attention"]), "layer_types"),
     (_qwen2_dict, dict(hidden_act="gelu"), "hidden_act"),
     (_qwen2_dict, dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
     (_qwen2_dict, dict(decoder_sparse_step=0.5), "decoder_sparse_step"),
@@ -395,3 +396,17 @@ def test_grouped_ffn_with_expert_biases_and_clamped_swiglu(layout, skewed):
                 h = act((rows[t] @ gu[e] + bgu[e])[None])[0]
                 want[t] += weights[t, k] * (h @ dn[e] + bdn[e])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen2_moe_sliding_window_layers_equal_transformers(family_ckpt, hf_greedy):
+    """``use_sliding_window``: the even layers below ``max_window_layers`` attend to the last
+    ``sliding_window`` positions (the windows gpt-oss uses), others to the whole context."""
+    path = family_ckpt("qwen2_moe", use_sliding_window=True, sliding_window=6)
+    cfg = ModelConfig.from_pretrained(path)
+    assert cfg.window_layers == (True, False, True) and cfg.layer_window == 6
+    got = ours(path)
+    assert got == hf_greedy(path, PROMPTS, NEW_TOKENS)
+    full = dataclasses.replace(cfg, window_layers=(), layer_window=None)
+    model = MonolithicModel(AttentionSide.from_pretrained(path, cfg=full),
+                            ExpertSide.from_pretrained(path, cfg=full))
+    assert ours(path, model=model) != got  # the windows matter on these prompts

@@ -230,3 +230,17 @@ def test_absorbed_decode_equals_the_expanded_form(deepseek_ckpt, name):
         tokens = out[True].argmax(-1)
         lens = [n + 1 for n in lens]
     assert model.attention.w.layers[1].mla.absorbed is not None  # the absorbed path ran
+
+
+def test_v3_without_rope_interleave(deepseek_ckpt, tmp_path):
+    """``rope_interleave: false`` (rotate-half RoPE on the rope dims) also matches."""
+    src = deepseek_ckpt("v3")
+    dst = tmp_path / "halves"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["rope_interleave"] = False
+    (dst / "config.json").write_text(json.dumps(cfg))
+    assert not ModelConfig.from_pretrained(dst).mla.rope_interleave
+    got = ours(dst, 16)
+    assert got == hf_tokens(dst, PROMPTS, 16)
+    assert got != ours(src, 16)  # the layout matters: this is not the interleaved model

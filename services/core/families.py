@@ -26,9 +26,8 @@ glm4_moe   DeepSeek-V3 routing (sigmoid, ``e_score_correction_bias`` for selecti
            without); MTP layers (``num_nextn_predict_layers``) skipped at load
 dbrx       nested ``attn_config`` / ``ffn_config`` (:func:`flatten_dbrx`); fused ``Wqkv`` with
            ``clip_qkv``; LayerNorm without bias (eps 1e-5); softmax top-k weights divided by
-           their ``moe_normalize_expert_weights``-norm (p = 1 by default; the softmax runs in
-           float32 here, in the compute dtype in transformers: bf16 weights may differ by an
-           ulp); its own tensor names (services/core/dbrx_weights.py)
+           their ``moe_normalize_expert_weights``-norm (p = 1 by default), in the compute
+           dtype; its own tensor names (services/core/dbrx_weights.py)
 minimax_m2 full-width q/k norm (as OLMoE); partial rotary (``rotary_dim``, or
            ``partial_rotary_factor``); sigmoid routing with a selection bias
            (``block_sparse_moe.e_score_correction_bias``), top-k weights renormalised: the
@@ -193,7 +192,8 @@ def _dbrx(d: dict[str, Any], num_layers: int, num_experts: int) -> dict[str, Any
         raise ConfigError(f"ffn_config.moe_normalize_expert_weights must be > 0 or null, "
                           f"got {p!r}")
     routing = RouterSpec(num_experts=num_experts, top_k=ffn["moe_top_k"],
-                         topk_norm_p=None if p is None else float(p))
+                         topk_norm_p=None if p is None else float(p),
+                         scores_in_compute_dtype=True)
     return dict(
         sparse_layers=tuple(True for _ in range(num_layers)),
         expert_intermediate_size=ffn["ffn_hidden_size"], dense_intermediate_size=0,

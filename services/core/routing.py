@@ -65,6 +65,9 @@ class RouterSpec:
     # selected, then softmaxed among themselves (scoring is ignored)
     logit_bias: bool = False
     topk_softmax: bool = False
+    # DBRX: the softmax's output is rounded to the compute dtype before top-k and the
+    # normalisation, which then run in that dtype (transformers' order)
+    scores_in_compute_dtype: bool = False
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORING:
@@ -123,6 +126,8 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, spec: RouterSpec,
         scores = torch.softmax(logits, dim=-1)
     else:
         scores = logits.sigmoid()
+    if spec.scores_in_compute_dtype:
+        scores = scores.to(x.dtype)
     if spec.method == "greedy":
         weights, ids = torch.topk(scores, spec.top_k, dim=-1)
     elif spec.method == "group_limited_greedy":

@@ -125,8 +125,9 @@ def test_config_reads_the_families(family_ckpt):
     assert dict(o.rope_scaling)["rope_type"] == "yarn" and o.rope_inv_freq()[1] > 1.0
 
 
-@pytest.mark.parametrize("p", [1.0, 2.0, None])
-def test_dbrx_routing_equals_transformers(p):
+@pytest.mark.parametrize("p,dtype", [(1.0, torch.float32), (2.0, torch.float32),
+                                     (None, torch.float32), (1.0, torch.bfloat16)])
+def test_dbrx_routing_equals_transformers(p, dtype):
     """DBRX divides the top-k softmax weights by their p-norm (moe_normalize_expert_weights)."""
     from transformers import DbrxConfig
     from transformers.models.dbrx.modeling_dbrx import DbrxFFN
@@ -135,12 +136,15 @@ def test_dbrx_routing_equals_transformers(p):
 
     cfg = DbrxConfig(d_model=32, n_heads=4, n_layers=1, ffn_config=dict(
         ffn_hidden_size=16, moe_num_experts=8, moe_top_k=3, moe_normalize_expert_weights=p))
-    ffn = DbrxFFN(cfg)
+    ffn = DbrxFFN(cfg).to(dtype)
     torch.manual_seed(3)
-    x = torch.randn(50, 32)
+    x = torch.randn(50, 32, dtype=dtype)
     want_w, want_ids = ffn.route_tokens_to_experts(ffn.router(x))
-    spec = routing.RouterSpec(num_experts=8, top_k=3, topk_norm_p=p)
+    spec = ModelConfig.from_hf_dict(_dbrx_dict(ffn={"moe_num_experts": 8, "moe_top_k": 3,
+                                                    "moe_normalize_expert_weights": p})
+                                    ).router_spec
     ids, w = routing.route(x, ffn.router.layer.weight.detach(), spec)
+    assert w.dtype == dtype
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(w, want_w.detach(), atol=0, rtol=0)
 

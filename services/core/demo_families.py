@@ -116,7 +116,7 @@ def write_family_checkpoint(out_dir: str | Path, family: str, *, layers: int = 3
         raise UserError("--dense-layers for glm4_moe must be the first layers 0..k-1 "
                         "(first_k_dense_replace)")
     if mxfp4 and family != "gpt_oss":
-        raise UserError("MXFP4 checkpoints exist for gpt_oss only")
+        raise UserError("--mxfp4: MXFP4 checkpoints exist for gpt_oss only")
     if family in ("olmoe", "dbrx") and head_dim not in (None, hidden // heads):
         raise UserError(f"{family}: --head-dim must be hidden / heads")
     shared = intermediate if shared_intermediate is None else shared_intermediate

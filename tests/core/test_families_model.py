@@ -414,3 +414,32 @@ def test_qwen2_moe_sliding_window_layers_equal_transformers(family_ckpt, hf_gree
     model = MonolithicModel(AttentionSide.from_pretrained(path, cfg=full),
                             ExpertSide.from_pretrained(path, cfg=full))
     assert ours(path, model=model) != got  # the windows matter on these prompts
+
+
+def test_demo_model_cli_writes_gpt_oss_mxfp4_and_refuses_it_elsewhere(tmp_path):
+    """`megascale demo-model --family gpt_oss --mxfp4` (a subprocess): harmony tokenizer,
+    MXFP4 experts; `--mxfp4` on another family is a one-line error."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEGASCALE_TORCH_THREADS": "1"}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "services.cli", *map(str, args)],
+                              capture_output=True, text=True, timeout=120, env=env)
+
+    out = tmp_path / "oss"
+    r = cli("demo-model", "--family", "gpt_oss", "--mxfp4", "--out", out, "--layers", "2",
+            "--hidden", "64", "--intermediate", "32", "--experts", "4", "--vocab", "512")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["GptOssForCausalLM"]
+    assert cfg["quantization_config"]["quant_method"] == "mxfp4"
+    assert "<|start|>" in (out / "tokenizer_config.json").read_text()
+    r = cli("generate", "--model", out, "--prompt", "Hello", "--max-tokens", "4",
+            "--ignore-eos")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    r = cli("demo-model", "--family", "olmoe", "--mxfp4", "--out", tmp_path / "bad")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--mxfp4" in r.stderr

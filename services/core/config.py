@@ -154,8 +154,8 @@ class ModelConfig:
     quantization: FP8BlockSpec | None = None
     # services/core/families.py: o_proj bias (None: as attention_bias); shared expert output
     # scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE); q/k norm over the whole projection
-    # instead of per head and q/k/v clamped to +-clip_qkv (OLMoE); RoPE on the first
-    # rotary_dim dims of each head only (GLM; None: all head_dim).
+    # instead of per head (OLMoE, MiniMax-M2); q/k/v clamped to +-clip_qkv (OLMoE, DBRX); RoPE
+    # on the first rotary_dim dims of each head only (GLM, MiniMax-M2; None: all head_dim).
     o_proj_bias: bool | None = None
     shared_expert_gate: bool = False
     qk_norm_full_width: bool = False
@@ -163,9 +163,10 @@ class ModelConfig:
     rotary_dim: int | None = None
     # "rms": RMSNorm; "layer": LayerNorm without bias (DBRX), both with eps rms_norm_eps
     norm_type: str = "rms"
-    # gpt-oss (services/core/gpt_oss.py): layers with window_layers[i] attend to the last
-    # layer_window positions (the step's batch mask, sliding_window, stays full); per-head
-    # attention sinks; expert biases and the clamped SwiGLU (swiglu_limit None: plain SwiGLU).
+    # gpt-oss (services/core/gpt_oss.py; Qwen2-MoE's windows too): layers with window_layers[i]
+    # attend to the last layer_window positions (the step's batch mask, sliding_window, stays
+    # full); per-head attention sinks; expert biases and the clamped SwiGLU (swiglu_limit
+    # None: plain SwiGLU).
     window_layers: tuple[bool, ...] = ()
     layer_window: int | None = None
     attention_sinks: bool = False
@@ -253,8 +254,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Normalise a Hugging Face config dict (Mixtral / Qwen3-MoE / DeepSeek-V2/V3 /
-        Qwen2-MoE / OLMoE / GLM-4.5 spelling) to ModelConfig."""
+        """Normalise a Hugging Face config dict (the spelling of any family in
+        ``ARCHITECTURES``) to ModelConfig."""
         archs = d.get("architectures") or []
         for a in archs:
             if a in UNSUPPORTED_ARCHITECTURES:

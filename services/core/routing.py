@@ -20,6 +20,7 @@ DeepSeek-V3 (Kimi-K2)  sigmoid      ``noaux_tc``: selection on ``score + e_score
                                     are the unbiased scores, renormalised
                                     (``norm_topk_prob``), times ``routed_scaling_factor``
 GLM-4.5                sigmoid      as DeepSeek-V3
+MiniMax-M2             sigmoid      as DeepSeek-V3 with one group (``noaux_tc``)
 gpt-oss                (none)       top-k of the biased logits, softmax over those k
 =====================  ===========  ====================================================
 

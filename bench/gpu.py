@@ -3,9 +3,10 @@
 One command, written to run unattended on a CUDA machine; every path that does not need CUDA
 also runs on a CPU (``--smoke --device cpu``, used by tests/bench/test_gpu_bench_smoke.py).
 
-(a) Correctness, per model family (mixtral, qwen3_moe, deepseek_v3, deepseek_v2), on small
+(a) Correctness, per model family (mixtral, qwen3_moe, deepseek_v3, deepseek_v2; with
+    ``--families`` also qwen2_moe, olmoe, glm4_moe, dbrx, minimax_m2, gpt_oss), on small
     random checkpoints that ``transformers`` itself wrote (``save_pretrained`` of the demo
-    weights, services/core/demo.py and demo_deepseek.py):
+    weights, services/core/demo.py, demo_deepseek.py and demo_families.py):
     - float32, token for token: greedy tokens of the monolithic path (``MonolithicModel`` +
       ``generate``) and of the disaggregated mesh (``LocalMesh``: attention replicas and expert
       nodes as separate ``megascale serve`` processes on ``--device``, libm2n shm between them,
@@ -74,12 +75,17 @@ from pingpong import in_process_decode, run_batch  # noqa: E402
 from megascale.v1 import attention_pb2, attention_pb2_grpc, common_pb2  # noqa: E402
 from services.core.demo import write_random_checkpoint  # noqa: E402
 from services.core.demo_deepseek import DEEPSEEK_FAMILIES, write_deepseek_checkpoint  # noqa: E402
+from services.core.demo_families import write_family_checkpoint  # noqa: E402
+from services.core.families import GQA_FAMILIES  # noqa: E402
 from services.core.generate import generate  # noqa: E402
 from services.core.model import MonolithicModel  # noqa: E402
 from services.core.request import SamplingParams  # noqa: E402
 from services.launch.procs import LocalMesh, partition_experts  # noqa: E402
 
-FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "deepseek_v2")
+# Checked by default; the issue-#24 families (Qwen2-MoE, OLMoE, GLM-4.5, DBRX, MiniMax-M2,
+# gpt-oss) run when named in --families (sized out of the default GPU run's time).
+DEFAULT_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "deepseek_v2")
+FAMILIES = DEFAULT_FAMILIES + GQA_FAMILIES
 
 # Correctness checkpoints: demo initialisation (clear margins between the top candidates, so
 # float32 summation order does not flip an argmax), written by transformers' save_pretrained.
@@ -100,6 +106,21 @@ CHECK_SHAPES: dict[str, dict[str, Any]] = {
                         topk_method="group_limited_greedy", q_lora_rank=None,
                         routed_scaling_factor=1.0, shared_experts=2, kv_lora_rank=64,
                         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, seed=14),
+    # services/core/demo_families.py: each family's own features switched on
+    "qwen2_moe": dict(layers=4, hidden=256, intermediate=128, experts=16, top_k=4, heads=8,
+                      kv_heads=2, vocab=2048, dense_layers=(2,), shared_intermediate=256,
+                      seed=15),
+    "olmoe": dict(layers=4, hidden=256, intermediate=128, experts=16, top_k=4, heads=8,
+                  kv_heads=2, vocab=2048, clip_qkv=4.0, seed=16),
+    "glm4_moe": dict(layers=4, hidden=256, intermediate=128, experts=16, top_k=4, heads=8,
+                     kv_heads=2, head_dim=64, vocab=2048, dense_layers=(0,), n_group=4,
+                     topk_group=2, routed_scaling_factor=2.5, seed=17),
+    "dbrx": dict(layers=4, hidden=256, intermediate=128, experts=16, top_k=4, heads=8,
+                 kv_heads=2, vocab=2048, clip_qkv=4.0, seed=18),
+    "minimax_m2": dict(layers=4, hidden=256, intermediate=128, experts=16, top_k=4, heads=8,
+                       kv_heads=2, head_dim=64, vocab=2048, seed=19),
+    "gpt_oss": dict(layers=4, hidden=256, intermediate=128, experts=16, top_k=4, heads=8,
+                    kv_heads=2, head_dim=64, vocab=2048, sliding_window=16, seed=20),
 }
 SMOKE_SHAPES: dict[str, dict[str, Any]] = {
     "mixtral": dict(layers=2, hidden=64, intermediate=96, experts=8, top_k=2, heads=4,
@@ -113,6 +134,22 @@ SMOKE_SHAPES: dict[str, dict[str, Any]] = {
                         vocab=512, dense_layers=1, n_group=4, topk_group=2,
                         topk_method="group_limited_greedy", q_lora_rank=None,
                         routed_scaling_factor=1.0, shared_experts=2, seed=22),
+    # the shapes of tests/conftest.py FAMILY_CONFIGS (written out: the checks read them)
+    "qwen2_moe": dict(layers=3, hidden=64, intermediate=32, experts=8, top_k=2, heads=4,
+                      kv_heads=2, vocab=512, dense_layers=(1,), shared_intermediate=48,
+                      seed=31),
+    "olmoe": dict(layers=2, hidden=64, intermediate=32, experts=8, top_k=2, heads=4,
+                  kv_heads=2, vocab=512, clip_qkv=1.5, seed=32),
+    "glm4_moe": dict(layers=3, hidden=64, intermediate=32, experts=8, top_k=2, heads=4,
+                     kv_heads=2, head_dim=24, vocab=512, dense_layers=(0,),
+                     routed_scaling_factor=2.5, seed=33),
+    "dbrx": dict(layers=2, hidden=64, intermediate=32, experts=8, top_k=3, heads=4,
+                 kv_heads=2, vocab=512, clip_qkv=1.5, seed=34),
+    "minimax_m2": dict(layers=2, hidden=64, intermediate=32, experts=8, top_k=2, heads=4,
+                       kv_heads=2, head_dim=24, vocab=512, seed=35),
+    "gpt_oss": dict(layers=2, hidden=64, intermediate=32, experts=8, top_k=2, heads=4,
+                    kv_heads=2, head_dim=16, vocab=512, sliding_window=8, swiglu_limit=1.0,
+                    max_position=256, seed=36),
 }
 CHECK_PROMPT_LENS = (3, 9, 17, 30, 45, 64)
 SMOKE_PROMPT_LENS = (3, 9, 17, 26, 40, 57)
@@ -540,6 +577,7 @@ def phase_setup(ctx: Ctx) -> None:
     for fam in ctx.args.families:
         shape = ctx.shapes[fam]
         write = (write_deepseek_checkpoint if fam in DEEPSEEK_FAMILIES
+                 else write_family_checkpoint if fam in GQA_FAMILIES
                  else write_random_checkpoint)
         raw = write(ctx.work / f"{fam}-demo", fam, tokenizer=False, **shape)
         hf = AutoModelForCausalLM.from_pretrained(raw, dtype=torch.float32)
@@ -984,9 +1022,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-speed", action="store_true", help="skip the speed phases")
     ap.add_argument("--no-correctness", action="store_true",
                     help="skip the correctness phases (a speed-only rerun)")
-    ap.add_argument("--families", default=",".join(FAMILIES),
-                    help="comma list of model families to check (default: all of "
-                         f"{', '.join(FAMILIES)})")
+    ap.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
+                    help=f"comma list of model families to check, of {', '.join(FAMILIES)} "
+                         f"(default: {', '.join(DEFAULT_FAMILIES)})")
     ap.add_argument("--keep-dir", action="store_true",
                     help="keep the work directory (checkpoints, role logs) and print its path")
     ap.add_argument("--bandwidth-gbs", type=float, default=4800.0,

@@ -137,3 +137,46 @@ def deepseek_ckpt(tmp_path_factory: pytest.TempPathFactory):
         return cache[key]
 
     return make
+
+
+# Qwen2-MoE / OLMoE / GLM-4.5 / DBRX / MiniMax-M2 / gpt-oss checkpoints written by transformers
+# itself (services/core/demo_families.py), shared by tests/core, tests/planner and tests/mesh.
+FAMILY_CONFIGS: dict[str, dict] = {
+    # shared expert (48 wide) with its sigmoid gate, a dense (mlp_only) layer, q/k/v biases
+    "qwen2_moe": dict(family="qwen2_moe", layers=3, dense_layers=(1,), shared_intermediate=48,
+                      kv_heads=2, seed=31),
+    # full-width q/k norm, clip_qkv clamping, biases on all four projections, no renorm
+    "olmoe": dict(family="olmoe", layers=2, kv_heads=2, clip_qkv=1.5, seed=32),
+    # sigmoid + selection-bias routing, shared expert, a dense first layer, per-head q/k norm,
+    # partial rotary (half of head_dim 24), q/k/v biases, routed_scaling_factor 2.5
+    "glm4_moe": dict(family="glm4_moe", layers=3, dense_layers=(0,), head_dim=24,
+                     routed_scaling_factor=2.5, seed=33),
+    # nested attn/ffn config, fused Wqkv with clip_qkv, LayerNorm, top-3 weights / their 1-norm
+    "dbrx": dict(family="dbrx", layers=2, kv_heads=2, clip_qkv=1.5, top_k=3, seed=34),
+    # full-width q/k norm, partial rotary (12 of head_dim 24), sigmoid + selection bias
+    "minimax_m2": dict(family="minimax_m2", layers=2, kv_heads=2, head_dim=24, seed=35),
+    # a sliding (window 8) and a full layer, sinks, biases everywhere, top-k-logit softmax
+    # routing, clamped SwiGLU with a limit low enough to clamp, YaRN
+    "gpt_oss": dict(family="gpt_oss", layers=2, kv_heads=2, head_dim=16, sliding_window=8,
+                    swiglu_limit=1.0, max_position=256, seed=36),
+}
+
+
+@pytest.fixture(scope="session")
+def family_ckpt(tmp_path_factory: pytest.TempPathFactory):
+    """``family_ckpt(name, **overrides)`` -> directory of the FAMILY_CONFIGS checkpoint."""
+    from services.core.demo_families import write_family_checkpoint
+
+    cache: dict[str, Path] = {}
+
+    def make(name: str, **overrides) -> Path:
+        key = name + repr(sorted(overrides.items()))
+        if key not in cache:
+            kwargs = {**FAMILY_CONFIGS[name], **overrides}
+            family = kwargs.pop("family")
+            kwargs.setdefault("tokenizer", False)
+            cache[key] = write_family_checkpoint(tmp_path_factory.mktemp(f"family-{name}"),
+                                                 family, **kwargs)
+        return cache[key]
+
+    return make

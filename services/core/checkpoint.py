@@ -18,6 +18,16 @@ Accepted layouts (Hugging Face hub naming):
   MTP modules (``model.layers.{num_hidden_layers + i}.*``) are skipped with a log line.
 - Block-FP8 (``quantization_config``, services/core/quant.py): a float8 weight with a
   ``*.weight_scale_inv`` companion is dequantized as it is read.
+- Qwen2-MoE / OLMoE / GLM-4.5 (services/core/families.py): as Qwen3-MoE; Qwen2-MoE's shared
+  expert is ``mlp.shared_expert.{gate,up,down}_proj`` plus ``mlp.shared_expert_gate.weight``
+  ``[1, H]``; GLM's are DeepSeek's ``mlp.shared_experts.*`` and
+  ``mlp.gate.e_score_correction_bias``; OLMoE's q/k norms span the whole projection.
+- MiniMax-M2: Mixtral's names plus ``block_sparse_moe.e_score_correction_bias``.
+- gpt-oss: ``self_attn.sinks`` ``[NH]``, ``mlp.router.{weight,bias}``, and fused experts
+  ``mlp.experts.gate_up_proj`` ``[E, H, 2I]`` (input-major, gate/up columns interleaved),
+  ``gate_up_proj_bias`` ``[E, 2I]``, ``down_proj`` ``[E, I, H]``, ``down_proj_bias`` ``[E, H]``.
+- DBRX: ``transformer.*`` names, fused ``Wqkv`` and all experts of a layer in one tensor
+  (services/core/dbrx_weights.py).
 - Fused experts (transformers' in-memory layout): ``<moe>.experts.gate_up_proj`` ``[E, 2I, H]``
   and ``<moe>.experts.down_proj`` ``[E, H, I]``.
 """
@@ -34,7 +44,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from services.core import quant
+from services.core import dbrx_weights, mxfp4, quant
 from services.core.config import MLA_FAMILIES, ModelConfig
 from services.errors import CheckpointError, ConfigError
 
@@ -130,7 +140,7 @@ def _quant_spec(model_dir: Path) -> quant.FP8BlockSpec | None:
         data = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or mxfp4.is_mxfp4(data):  # MXFP4: read by _gpt_oss_experts
         return None
     try:
         return quant.parse_quantization_config(data)
@@ -144,7 +154,7 @@ def _is_mtp_key(cfg: ModelConfig, layer: int) -> bool:
 
 
 def _moe_prefix(cfg: ModelConfig, layer: int) -> str:
-    part = "block_sparse_moe" if cfg.family == "mixtral" else "mlp"
+    part = "block_sparse_moe" if cfg.family in ("mixtral", "minimax_m2") else "mlp"
     return f"model.layers.{layer}.{part}"
 
 
@@ -179,6 +189,8 @@ class AttentionLayerWeights:
     router_bias: torch.Tensor | None = None  # [E] float32 e_score_correction_bias (V3)
     shared_gate_up: torch.Tensor | None = None  # [2S, H] shared experts, run on this side
     shared_down: torch.Tensor | None = None  # [H, S]
+    shared_gate: torch.Tensor | None = None  # [1, H] sigmoid gate of the shared expert (Qwen2)
+    sinks: torch.Tensor | None = None  # [NH] attention sink logits (gpt-oss)
 
 
 @dataclass
@@ -213,6 +225,8 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
     Expert tensors are never read. Pass ``index`` to inspect ``index.requested`` afterwards.
     """
     idx = index or CheckpointIndex.open(model_dir)
+    if cfg.family == "dbrx":  # its own tensor names
+        return _dbrx_attention(idx, cfg, dtype, device)
     H, V, D = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
     nq, nkv = cfg.num_heads * D, cfg.num_kv_heads * D
     want: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H),
@@ -234,17 +248,24 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
                      f"{p}.self_attn.o_proj.weight": (H, nq)}
         if cfg.attention_bias:
             want |= {f"{p}.self_attn.q_proj.bias": (nq,), f"{p}.self_attn.k_proj.bias": (nkv,),
-                     f"{p}.self_attn.v_proj.bias": (nkv,), f"{p}.self_attn.o_proj.bias": (H,)}
+                     f"{p}.self_attn.v_proj.bias": (nkv,)}
+        if cfg.attention_bias if cfg.o_proj_bias is None else cfg.o_proj_bias:
+            want[f"{p}.self_attn.o_proj.bias"] = (H,)
+        if cfg.attention_sinks:
+            want[f"{p}.self_attn.sinks"] = (cfg.num_heads,)
         if cfg.qk_norm:
-            want |= {f"{p}.self_attn.q_norm.weight": (D,), f"{p}.self_attn.k_norm.weight": (D,)}
+            qn, kn = (nq, nkv) if cfg.qk_norm_full_width else (D, D)
+            want |= {f"{p}.self_attn.q_norm.weight": (qn,), f"{p}.self_attn.k_norm.weight": (kn,)}
         if cfg.sparse_layers[i]:
-            want[f"{_moe_prefix(cfg, i)}.gate.weight"] = (cfg.num_experts, H)
-            if cfg.router_spec.score_bias:
-                want[f"{p}.mlp.gate.e_score_correction_bias"] = (cfg.num_experts,)
+            want[_router_key(cfg, i)] = (cfg.num_experts, H)
+            if cfg.router_spec.score_bias or cfg.router_spec.logit_bias:
+                want[_router_bias_key(cfg, i)] = (cfg.num_experts,)
             if S := cfg.shared_expert_intermediate_size:
-                want |= {f"{p}.mlp.shared_experts.gate_proj.weight": (S, H),
-                         f"{p}.mlp.shared_experts.up_proj.weight": (S, H),
-                         f"{p}.mlp.shared_experts.down_proj.weight": (H, S)}
+                s = f"{p}.mlp.{_shared_name(cfg)}"
+                want |= {f"{s}.gate_proj.weight": (S, H), f"{s}.up_proj.weight": (S, H),
+                         f"{s}.down_proj.weight": (H, S)}
+                if cfg.shared_expert_gate:
+                    want[f"{p}.mlp.shared_expert_gate.weight"] = (1, H)
         else:
             inter = cfg.dense_intermediate_size
             want |= {f"{p}.mlp.gate_proj.weight": (inter, H), f"{p}.mlp.up_proj.weight": (inter, H),
@@ -268,7 +289,8 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
             post_norm=t[f"{p}.post_attention_layernorm.weight"],
             q_norm=t.get(f"{a}.q_norm.weight"), k_norm=t.get(f"{a}.k_norm.weight"),
             q_bias=t.get(f"{a}.q_proj.bias"), k_bias=t.get(f"{a}.k_proj.bias"),
-            v_bias=t.get(f"{a}.v_proj.bias"), o_bias=t.get(f"{a}.o_proj.bias"))
+            v_bias=t.get(f"{a}.v_proj.bias"), o_bias=t.get(f"{a}.o_proj.bias"),
+            sinks=t.get(f"{a}.sinks"))
         if cfg.mla is not None:
             lw.q = None
             lw.mla = MLALayerWeights(
@@ -277,10 +299,11 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
                 q_a=t.get(f"{a}.q_a_proj.weight"), q_a_norm=t.get(f"{a}.q_a_layernorm.weight"),
                 q_b=t.get(f"{a}.q_b_proj.weight"))
         if cfg.sparse_layers[i]:
-            lw.router = t[f"{_moe_prefix(cfg, i)}.gate.weight"]
-            lw.router_bias = t.get(f"{p}.mlp.gate.e_score_correction_bias")
+            lw.router = t[_router_key(cfg, i)]
+            lw.router_bias = t.get(_router_bias_key(cfg, i))
             if cfg.shared_expert_intermediate_size:
-                s = f"{p}.mlp.shared_experts"
+                s = f"{p}.mlp.{_shared_name(cfg)}"
+                lw.shared_gate = t.get(f"{p}.mlp.shared_expert_gate.weight")
                 lw.shared_gate_up = torch.cat([t[f"{s}.gate_proj.weight"],
                                                t[f"{s}.up_proj.weight"]], dim=0)
                 lw.shared_down = t[f"{s}.down_proj.weight"]
@@ -292,6 +315,27 @@ def load_attention_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch
     embed = t["model.embed_tokens.weight"]
     return AttentionWeights(embed=embed, layers=layers, final_norm=t["model.norm.weight"],
                             lm_head=embed if tied else t["lm_head.weight"])
+
+
+def _router_key(cfg: ModelConfig, layer: int) -> str:
+    if cfg.family == "gpt_oss":
+        return f"model.layers.{layer}.mlp.router.weight"
+    return f"{_moe_prefix(cfg, layer)}.gate.weight"
+
+
+def _router_bias_key(cfg: ModelConfig, layer: int) -> str:
+    """The selection bias: on the gate (DeepSeek-V3, GLM) or on the MoE block (MiniMax-M2);
+    gpt-oss's logit bias."""
+    if cfg.family == "gpt_oss":
+        return f"model.layers.{layer}.mlp.router.bias"
+    if cfg.family == "minimax_m2":
+        return f"{_moe_prefix(cfg, layer)}.e_score_correction_bias"
+    return f"model.layers.{layer}.mlp.gate.e_score_correction_bias"
+
+
+def _shared_name(cfg: ModelConfig) -> str:
+    """The shared-expert module's name: Qwen2-MoE has one, DeepSeek/GLM a (fused) plural."""
+    return "shared_expert" if cfg.family == "qwen2_moe" else "shared_experts"
 
 
 def _mla_shapes(cfg: ModelConfig, a: str) -> dict[str, tuple[int, ...]]:
@@ -318,11 +362,18 @@ class ExpertWeights:
     expert_ids: tuple[int, ...]
     gate_up: dict[int, torch.Tensor]  # layer -> [n, 2I, H] (gate rows, then up rows)
     down: dict[int, torch.Tensor]  # layer -> [n, H, I]
+    # expert biases (gpt-oss): layer -> [n, 2I] (gate, then up) and [n, H]
+    gate_up_bias: dict[int, torch.Tensor] = field(default_factory=dict)
+    down_bias: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 _PER_EXPERT = {"mixtral": ("w1", "w3", "w2"), "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
                "deepseek_v2": ("gate_proj", "up_proj", "down_proj"),
-               "deepseek_v3": ("gate_proj", "up_proj", "down_proj")}
+               "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
+               "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
+               "olmoe": ("gate_proj", "up_proj", "down_proj"),
+               "glm4_moe": ("gate_proj", "up_proj", "down_proj"),
+               "minimax_m2": ("w1", "w3", "w2")}
 
 
 def load_expert_weights(model_dir: str | Path, cfg: ModelConfig, expert_ids: Iterable[int],
@@ -335,6 +386,10 @@ def load_expert_weights(model_dir: str | Path, cfg: ModelConfig, expert_ids: Ite
         raise CheckpointError(f"expert ids must be distinct and in [0, {cfg.num_experts}), "
                               f"got {list(ids)}")
     idx = index or CheckpointIndex.open(model_dir)
+    if cfg.family == "dbrx":
+        return _dbrx_experts(idx, cfg, ids, dtype, device)
+    if cfg.family == "gpt_oss":
+        return _gpt_oss_experts(idx, cfg, ids, dtype, device)
     H, inter = cfg.hidden_size, cfg.expert_intermediate_size
     g_name, u_name, d_name = _PER_EXPERT[cfg.family]
     gate_up: dict[int, torch.Tensor] = {}
@@ -365,6 +420,91 @@ def load_expert_weights(model_dir: str | Path, cfg: ModelConfig, expert_ids: Ite
     return ExpertWeights(expert_ids=ids, gate_up=gate_up, down=down)
 
 
+def _dbrx_attention(idx: CheckpointIndex, cfg: ModelConfig, dtype: torch.dtype,
+                    device: str | torch.device) -> AttentionWeights:
+    want = dbrx_weights.attention_shapes(cfg)
+    known = dbrx_weights.known_keys(cfg)
+    for key in idx.key_to_file:
+        if key.startswith("transformer.") and key not in known:
+            raise CheckpointError(f"unexpected tensor {key!r} in checkpoint (config: "
+                                  f"{cfg.num_layers} layers, {cfg.num_experts} experts)")
+    t = idx.read(want, dtype, device)
+    for k, shape in want.items():
+        _expect(t, k, shape)
+    layers = [AttentionLayerWeights(**dbrx_weights.attention_layer(t, cfg, i))
+              for i in range(cfg.num_layers)]
+    embed = t[dbrx_weights.EMBED]
+    return AttentionWeights(embed=embed, layers=layers, final_norm=t[dbrx_weights.FINAL_NORM],
+                            lm_head=embed if cfg.tie_word_embeddings else t[dbrx_weights.LM_HEAD])
+
+
+def _dbrx_experts(idx: CheckpointIndex, cfg: ModelConfig, ids: tuple[int, ...],
+                  dtype: torch.dtype, device: str | torch.device) -> ExpertWeights:
+    shape = (cfg.num_experts * cfg.expert_intermediate_size, cfg.hidden_size)
+    sel = torch.tensor(ids, dtype=torch.int64)
+    out = ExpertWeights(expert_ids=ids, gate_up={}, down={})
+    for layer in cfg.sparse_layer_ids:
+        keys = dbrx_weights.expert_keys(layer)
+        t = idx.read(keys, dtype, "cpu")
+        gate_up, down = dbrx_weights.expert_stacks(*(_expect(t, k, shape) for k in keys), cfg,
+                                                   sel)
+        out.gate_up[layer], out.down[layer] = gate_up.to(device), down.to(device)
+    return out
+
+
+_GPT_OSS_EXPERTS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+
+
+def _gpt_oss_experts(idx: CheckpointIndex, cfg: ModelConfig, ids: tuple[int, ...],
+                     dtype: torch.dtype, device: str | torch.device) -> ExpertWeights:
+    """gpt-oss's fused expert tensors -> the common layout (gate/up de-interleaved)."""
+    from services.core.gpt_oss import deinterleave
+
+    E, H, inter = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+    shapes = {"gate_up_proj": (E, H, 2 * inter), "gate_up_proj_bias": (E, 2 * inter),
+              "down_proj": (E, inter, H), "down_proj_bias": (E, H)}
+    sel = torch.tensor(ids, dtype=torch.int64)
+    out = ExpertWeights(expert_ids=ids, gate_up={}, down={})
+    for layer in cfg.sparse_layer_ids:
+        p = f"model.layers.{layer}.mlp.experts"
+        if cfg.mxfp4:
+            gu, gub, dn, dnb = _gpt_oss_mxfp4(idx, p, shapes, sel, dtype)
+        else:
+            t = idx.read([f"{p}.{n}" for n in _GPT_OSS_EXPERTS], dtype, "cpu")
+            gu, gub, dn, dnb = (_expect(t, f"{p}.{n}", shapes[n])[sel]
+                                for n in _GPT_OSS_EXPERTS)
+        # [n, H, 2I] interleaved -> [n, 2I, H] as [gate rows | up rows]
+        out.gate_up[layer] = deinterleave(gu, 2).transpose(1, 2).contiguous().to(device)
+        out.gate_up_bias[layer] = deinterleave(gub, 1).contiguous().to(device)
+        out.down[layer] = dn.transpose(1, 2).contiguous().to(device)  # [n, H, I]
+        out.down_bias[layer] = dnb.contiguous().to(device)
+    return out
+
+
+def _gpt_oss_mxfp4(idx: CheckpointIndex, p: str, shapes: dict[str, tuple[int, ...]],
+                   sel: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The held experts' (gate_up [n, H, 2I], its bias, down [n, I, H], its bias) from MXFP4
+    ``*_blocks`` / ``*_scales`` (stored out-major), dequantized on CPU."""
+    out = []
+    for name in _GPT_OSS_EXPERTS:
+        shape = shapes[name]
+        if name.endswith("_bias"):
+            out.append(_expect(idx.read([f"{p}.{name}"], dtype, "cpu"), f"{p}.{name}",
+                               shape)[sel])
+            continue
+        E, cols, rows = shape  # input-major [E, in, out]; stored out-major in 32-blocks
+        keys = [f"{p}.{name}_blocks", f"{p}.{name}_scales"]
+        raw = idx.read(keys, torch.uint8, "cpu")
+        blocks = _expect(raw, keys[0], (E, rows, cols // mxfp4.BLOCK, mxfp4.BLOCK // 2))[sel]
+        scales = _expect(raw, keys[1], (E, rows, cols // mxfp4.BLOCK))[sel]
+        try:
+            w = mxfp4.dequantize(blocks, scales, dtype, f"{p}.{name}")
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        out.append(w.transpose(1, 2))  # [n, in, out], as the unquantized tensor
+    return tuple(out)
+
+
 # ----------------------------------------------------------------------------- validation
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -383,6 +523,8 @@ def _known_layer_suffix(cfg: ModelConfig, layer: int, rest: str) -> bool:
     else:
         attn |= {f"self_attn.{n}_proj.{w}" for n in "qkvo" for w in ("weight", "bias")} | {
             "self_attn.q_norm.weight", "self_attn.k_norm.weight"}
+    if cfg.attention_sinks:
+        attn.add("self_attn.sinks")
     if rest in attn:
         return True
     if not cfg.sparse_layers[layer]:
@@ -390,9 +532,20 @@ def _known_layer_suffix(cfg: ModelConfig, layer: int, rest: str) -> bool:
     moe = _moe_prefix(cfg, layer).split(".", 3)[3]
     if rest in (f"{moe}.gate.weight", f"{moe}.experts.gate_up_proj", f"{moe}.experts.down_proj"):
         return True
-    if cfg.family in MLA_FAMILIES and rest in (
-            {"mlp.gate.e_score_correction_bias"}
-            | {f"mlp.shared_experts.{n}_proj.weight" for n in ("gate", "up", "down")}):
+    if cfg.family == "gpt_oss":
+        experts = {f"mlp.experts.{n}" for n in _GPT_OSS_EXPERTS}
+        if cfg.mxfp4:
+            experts = {f"mlp.experts.{n}{s}" for n in ("gate_up_proj", "down_proj")
+                       for s in ("_blocks", "_scales")} | {
+                f"mlp.experts.{n}_bias" for n in ("gate_up_proj", "down_proj")}
+        return rest in {"mlp.router.weight", "mlp.router.bias"} | experts
+    mla = cfg.family in MLA_FAMILIES
+    if (mla or cfg.router_spec.score_bias) and f"model.layers.{layer}.{rest}" == (
+            _router_bias_key(cfg, layer)):
+        return True
+    if (mla or cfg.shared_expert_intermediate_size) and rest in (
+            {f"mlp.{_shared_name(cfg)}.{n}_proj.weight" for n in ("gate", "up", "down")}
+            | ({"mlp.shared_expert_gate.weight"} if cfg.shared_expert_gate else set())):
         return True
     m = re.fullmatch(rf"{re.escape(moe)}\.experts\.(\d+)\.(\w+)\.weight", rest)
     return bool(m) and int(m.group(1)) < cfg.num_experts and m.group(2) in _PER_EXPERT[cfg.family]

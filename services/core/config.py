@@ -1,6 +1,6 @@
 """Model configuration: one normalised field set for every supported MoE family.
 
-:class:`ModelConfig` is read from a Hugging Face ``config.json`` (Mixtral or Qwen3-MoE) and is
+:class:`ModelConfig` is read from a Hugging Face ``config.json`` (see ``ARCHITECTURES``) and is
 the only description of the model the rest of the code sees. Field names follow the serving
 vocabulary (``num_layers``, ``top_k``, ...), not any one family's spelling. Also here: the RoPE
 inverse-frequency computation for the scaling types these families' configs use.
@@ -16,6 +16,13 @@ from typing import Any
 
 import torch
 
+from services.core.families import (
+    GQA_FAMILIES,
+    family_fields,
+    flatten_dbrx,
+    partial_rotary_factor,
+)
+from services.core.mxfp4 import is_mxfp4
 from services.core.quant import FP8BlockSpec, parse_quantization_config
 from services.core.routing import RouterSpec
 from services.errors import ConfigError
@@ -26,6 +33,12 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "OlmoeForCausalLM": "olmoe",
+    "Glm4MoeForCausalLM": "glm4_moe",
+    "DbrxForCausalLM": "dbrx",
+    "MiniMaxM2ForCausalLM": "minimax_m2",
+    "GptOssForCausalLM": "gpt_oss",
 }
 MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 # Known architectures whose attention we do not implement: a one-line error, not a wrong answer.
@@ -139,6 +152,29 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0
     mtp_layers: int = 0
     quantization: FP8BlockSpec | None = None
+    # services/core/families.py: o_proj bias (None: as attention_bias); shared expert output
+    # scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE); q/k norm over the whole projection
+    # instead of per head (OLMoE, MiniMax-M2); q/k/v clamped to +-clip_qkv (OLMoE, DBRX); RoPE
+    # on the first rotary_dim dims of each head only (GLM, MiniMax-M2; None: all head_dim).
+    o_proj_bias: bool | None = None
+    shared_expert_gate: bool = False
+    qk_norm_full_width: bool = False
+    clip_qkv: float | None = None
+    rotary_dim: int | None = None
+    # "rms": RMSNorm; "layer": LayerNorm without bias (DBRX), both with eps rms_norm_eps
+    norm_type: str = "rms"
+    # gpt-oss (services/core/gpt_oss.py; Qwen2-MoE's windows too): layers with window_layers[i]
+    # attend to the last layer_window positions (the step's batch mask, sliding_window, stays
+    # full); per-head attention sinks; expert biases and the clamped SwiGLU (swiglu_limit
+    # None: plain SwiGLU).
+    window_layers: tuple[bool, ...] = ()
+    layer_window: int | None = None
+    attention_sinks: bool = False
+    expert_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
+    # expert weights stored as MXFP4 blocks/scales (gpt-oss), dequantized at load
+    mxfp4: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in ARCHITECTURES.values():
@@ -179,6 +215,19 @@ class ModelConfig:
                               "multi-head latent attention")
         if self.shared_expert_intermediate_size < 0:
             raise ConfigError("n_shared_experts must be >= 0")
+        if self.rotary_dim is not None and not (
+                0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ConfigError(f"partial_rotary_factor gives {self.rotary_dim} rotary dims of "
+                              f"head_dim {self.head_dim}: must be even and in (0, head_dim]")
+        if self.window_layers and len(self.window_layers) != self.num_layers:
+            raise ConfigError(f"layer_types has {len(self.window_layers)} entries, expected "
+                              f"num_hidden_layers={self.num_layers}")
+        if any(self.window_layers) and (self.layer_window or 0) < 1:
+            raise ConfigError("sliding_window must be >= 1 for sliding_attention layers")
+        if self.norm_type not in ("rms", "layer"):
+            raise ConfigError(f"norm_type must be 'rms' or 'layer', got {self.norm_type!r}")
+        if self.clip_qkv is not None and self.clip_qkv <= 0:
+            raise ConfigError(f"clip_qkv must be > 0, got {self.clip_qkv}")
         params = self.rope_params()
         if params is not None:
             kind = params.get("rope_type", params.get("type", "default"))
@@ -205,8 +254,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Normalise a Hugging Face config dict (Mixtral / Qwen3-MoE / DeepSeek-V2/V3 spelling)
-        to ModelConfig."""
+        """Normalise a Hugging Face config dict (the spelling of any family in
+        ``ARCHITECTURES``) to ModelConfig."""
         archs = d.get("architectures") or []
         for a in archs:
             if a in UNSUPPORTED_ARCHITECTURES:
@@ -219,6 +268,8 @@ class ModelConfig:
         if family is None:
             raise ConfigError(f"architectures: unsupported {archs!r} (supported: "
                               f"{', '.join(ARCHITECTURES)})")
+        if family == "dbrx":
+            d = flatten_dbrx(d)
 
         def req(name: str) -> Any:
             if d.get(name) is None:
@@ -240,7 +291,12 @@ class ModelConfig:
         num_experts = d.get("num_local_experts", d.get("num_experts", d.get("n_routed_experts")))
         if num_experts is None:
             raise ConfigError("config field 'num_local_experts' (or 'num_experts') is missing")
-        extra: dict[str, Any] = {"quantization": parse_quantization_config(d)}
+        mxfp4 = is_mxfp4(d)  # gpt-oss's format (services/core/mxfp4.py), not parsed as FP8
+        if mxfp4 and family != "gpt_oss":
+            raise ConfigError(f"quantization_config.quant_method: mxfp4 is supported for "
+                              f"gpt_oss only, not {family}")
+        extra: dict[str, Any] = {"quantization": None if mxfp4 else parse_quantization_config(d),
+                                 "mxfp4": mxfp4}
         kv_heads = d.get("num_key_value_heads") or heads
 
         if family in MLA_FAMILIES:
@@ -250,6 +306,14 @@ class ModelConfig:
             head_dim = extra["mla"].qk_rope_head_dim  # the RoPE dim, as transformers sets it
             kv_heads = heads  # unused by MLA (one latent per token); keeps GQA checks trivial
             norm_topk, qk_norm, bias, window = extra["routing"].norm_topk_prob, False, False, None
+        elif family in GQA_FAMILIES:
+            fam = family_fields(family, d, num_layers, num_experts)
+            sparse = fam.pop("sparse_layers")
+            expert_inter = fam.pop("expert_intermediate_size")
+            dense_inter = fam.pop("dense_intermediate_size")
+            norm_topk, qk_norm = fam.pop("norm_topk_prob"), fam.pop("qk_norm")
+            bias, window = fam.pop("attention_bias"), None
+            extra |= fam
         elif family == "mixtral":
             sparse = tuple(True for _ in range(num_layers))
             expert_inter, dense_inter = req("intermediate_size"), 0
@@ -273,6 +337,11 @@ class ModelConfig:
         if isinstance(legacy, dict):
             rope = {**legacy, **rope}
         theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        if family in GQA_FAMILIES:
+            factor = partial_rotary_factor(family, d, rope)
+            rope.pop("partial_rotary_factor", None)
+            if factor != 1:
+                extra["rotary_dim"] = int(head_dim * factor)
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
         if rope.get("rope_type", "default") == "default" and set(rope) <= {"rope_type"}:
@@ -298,7 +367,7 @@ class ModelConfig:
             norm_topk_prob=norm_topk,
             qk_norm=qk_norm,
             router_weights_float32=family == "mixtral",
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(extra.pop("rms_norm_eps", d.get("rms_norm_eps", 1e-6))),
             rope_theta=float(theta),
             max_position_embeddings=req("max_position_embeddings"),
             rope_scaling=rope_scaling,
@@ -328,9 +397,10 @@ class ModelConfig:
                           weights_float32=self.router_weights_float32)
 
     def rope_inv_freq(self) -> tuple[torch.Tensor, float]:
-        """RoPE inverse frequencies ``[head_dim // 2]`` (float32) and the cos/sin scale factor."""
-        return rope_inv_freq(self.head_dim, self.rope_theta, self.rope_params(),
-                             self.max_position_embeddings)
+        """RoPE inverse frequencies ``[rotary_dim // 2]`` (float32) and the cos/sin scale
+        factor."""
+        return rope_inv_freq(self.rotary_dim or self.head_dim, self.rope_theta,
+                             self.rope_params(), self.max_position_embeddings)
 
 
 def rope_inv_freq(dim: int, base: float, params: dict[str, Any] | None,

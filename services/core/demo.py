@@ -22,9 +22,11 @@ import torch
 from safetensors.torch import save_file
 
 from services.core.demo_deepseek import DEEPSEEK_FAMILIES, write_deepseek_checkpoint
+from services.core.demo_families import write_family_checkpoint
+from services.core.families import GQA_FAMILIES
 from services.errors import UserError
 
-FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3") + GQA_FAMILIES
 
 
 def _hf_config(family: str, *, layers: int, hidden: int, intermediate: int, experts: int,
@@ -73,7 +75,8 @@ def write_random_checkpoint(out_dir: str | Path, family: str = "mixtral", *, lay
                             dense_layers: Sequence[int] = (), dense_intermediate: int | None = None,
                             norm_topk_prob: bool = True, tie_word_embeddings: bool = False,
                             rope_theta: float = 10000.0, rope_scaling: dict | None = None,
-                            seed: int = 0, shards: int = 1, tokenizer: bool = True) -> Path:
+                            seed: int = 0, shards: int = 1, tokenizer: bool = True,
+                            mxfp4: bool = False) -> Path:
     """Write a random checkpoint to ``out_dir`` and return it. Deterministic for a given seed.
 
     DeepSeek families go to :func:`demo_deepseek.write_deepseek_checkpoint` (transformers
@@ -93,6 +96,17 @@ def write_random_checkpoint(out_dir: str | Path, family: str = "mixtral", *, lay
             rope_scaling=rope_scaling, seed=seed, shards=shards, tokenizer=tokenizer,
             n_group=_groups(experts), topk_group=max(1, _groups(experts) // 2),
             topk_method="group_limited_greedy" if family == "deepseek_v2" else None)
+    if family in GQA_FAMILIES:  # Qwen2-MoE / OLMoE / GLM-4.5: transformers writes them
+        if tie_word_embeddings or rope_scaling is not None:
+            raise UserError(f"--tie-embeddings and RoPE scaling are not offered for {family}")
+        return write_family_checkpoint(
+            out_dir, family, layers=layers, hidden=hidden, intermediate=intermediate,
+            experts=experts, top_k=top_k, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+            vocab=vocab, dense_layers=dense_layers, dense_intermediate=dense_intermediate,
+            max_position=max_position, seed=seed, shards=shards, tokenizer=tokenizer,
+            clip_qkv=8.0 if family == "olmoe" else None, mxfp4=mxfp4)
+    if mxfp4:
+        raise UserError("--mxfp4 applies to the gpt_oss family only")
     if family not in FAMILIES:
         raise UserError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     if family == "mixtral" and dense_layers:
@@ -222,12 +236,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--max-position", type=int, default=4096)
     p.add_argument("--dense-layers", type=_int_list, default=[],
-                   help="qwen3_moe: comma-separated dense (mlp_only) layer indices; "
-                        "deepseek: the first k layers 0,..,k-1")
+                   help="qwen3_moe, qwen2_moe: comma-separated dense (mlp_only) layer "
+                        "indices; deepseek, glm4_moe: the first k layers 0,..,k-1")
     p.add_argument("--dense-intermediate", type=int, default=None)
     p.add_argument("--tie-embeddings", action="store_true")
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mxfp4", action="store_true",
+                   help="gpt_oss: store the expert weights as MXFP4 blocks/scales")
     p.set_defaults(func=run)
 
 
@@ -240,6 +256,6 @@ def run(args: argparse.Namespace) -> int:
         kv_heads=kv_heads, head_dim=args.head_dim, vocab=args.vocab,
         max_position=args.max_position, dense_layers=args.dense_layers,
         dense_intermediate=args.dense_intermediate, tie_word_embeddings=args.tie_embeddings,
-        shards=args.shards, seed=args.seed)
+        shards=args.shards, seed=args.seed, mxfp4=args.mxfp4)
     print(out)
     return 0

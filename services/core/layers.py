@@ -7,6 +7,8 @@ RoPE angles in float32) so that greedy decoding matches it token for token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +29,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without bias over the last dim (DBRX), in x's dtype as ``nn.LayerNorm``."""
+    return F.layer_norm(x, (x.shape[-1],), weight, None, eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float,
@@ -132,8 +139,21 @@ def _grouped_mm_supported(t: torch.Tensor) -> bool:
     return ok
 
 
+# [N, 2I] as [gate | up] -> [N, I]; None: SwiGLU, silu(gate) * up
+Activation = Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def _act(act: Activation, gate_up: torch.Tensor) -> torch.Tensor:
+    if act is not None:
+        return act(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def grouped_expert_ffn(rows: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
-                       gate_up_t: ExpertStack, down_t: ExpertStack) -> torch.Tensor:
+                       gate_up_t: ExpertStack, down_t: ExpertStack, act: Activation = None,
+                       gate_up_bias: torch.Tensor | None = None,
+                       down_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted sum over k of ``FFN_{local_ids[n,k]}(rows[n])``; ids < 0 contribute nothing.
 
     rows [N, H]; local_ids [N, K] int64 indexing the stacked, *input-major* weights
@@ -144,23 +164,33 @@ def grouped_expert_ffn(rows: torch.Tensor, local_ids: torch.Tensor, weights: tor
     one grouped GEMM each, with the group offsets kept on the device: no host sync and no
     Python loop over experts. Elsewhere: one GEMM pair per expert that has rows. The weights
     may instead be :class:`cpu_gemm.PackedWeight` (packed once at load, see ``cpu_gemm``): then
-    the same grouped schedule runs on that kernel. Returns [N, H].
+    the same grouped schedule runs on that kernel. ``act`` replaces the SwiGLU (gpt-oss);
+    ``gate_up_bias`` [n, 2I] and ``down_bias`` [n, H] are the experts' biases (gpt-oss).
+    Returns [N, H].
     """
+    bias = (gate_up_bias, down_bias)
     if isinstance(gate_up_t, cpu_gemm.PackedWeight):
         if not rows.shape[0]:
             return torch.zeros_like(rows)
-        return _grouped_ffn_gmm(rows, local_ids, weights, gate_up_t, down_t)
+        return _grouped_ffn_gmm(rows, local_ids, weights, gate_up_t, down_t, act, *bias)
     if rows.shape[0] and gate_up_t.shape[0] and _grouped_mm_supported(rows):
-        return _grouped_ffn_gmm(rows, local_ids, weights, gate_up_t, down_t)
-    return _grouped_ffn_loop(rows, local_ids, weights, gate_up_t, down_t)
+        return _grouped_ffn_gmm(rows, local_ids, weights, gate_up_t, down_t, act, *bias)
+    return _grouped_ffn_loop(rows, local_ids, weights, gate_up_t, down_t, act, *bias)
 
 
 def _torch_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(x, w, offs=offs)
 
 
+def _row_bias(bias: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """bias [n, X] -> [M, X] for rows of experts ``expert`` [M] (ids == n: a zero row)."""
+    return torch.cat((bias, bias.new_zeros(1, bias.shape[1]))).index_select(0, expert)
+
+
 def _grouped_ffn_gmm(rows: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
-                     gate_up_t: ExpertStack, down_t: ExpertStack) -> torch.Tensor:
+                     gate_up_t: ExpertStack, down_t: ExpertStack, act: Activation = None,
+                     gate_up_bias: torch.Tensor | None = None,
+                     down_bias: torch.Tensor | None = None) -> torch.Tensor:
     packed = isinstance(gate_up_t, cpu_gemm.PackedWeight)
     mm = cpu_gemm.grouped_gemm if packed else _torch_grouped_mm
     K = local_ids.shape[1]
@@ -177,8 +207,15 @@ def _grouped_ffn_gmm(rows: torch.Tensor, local_ids: torch.Tensor, weights: torch
     counts = torch.bincount(key, minlength=n + 1)[:n] if masked else torch.bincount(key,
                                                                                     minlength=n)
     offs = counts.cumsum(0, dtype=torch.int32)  # group end offsets, stay on the device
-    gate, up = mm(x, gate_up_t, offs).chunk(2, dim=-1)
-    y = mm(F.silu(gate) * up, down_t, offs)  # rows past offs[-1]: garbage (torch) or 0
+    gate_up = mm(x, gate_up_t, offs)
+    # each row's expert (n: none), for the per-expert biases
+    expert = key.index_select(0, order) if gate_up_bias is not None or down_bias is not None \
+        else None
+    if gate_up_bias is not None:
+        gate_up = gate_up + _row_bias(gate_up_bias, expert)
+    y = mm(_act(act, gate_up), down_t, offs)  # rows past offs[-1]: garbage (torch) or 0
+    if down_bias is not None:
+        y = y + _row_bias(down_bias, expert)
     # weights in float32 or the compute dtype (route): the product is rounded once, to rows'
     # dtype, before the sum over k, as transformers does
     y = (y * weights.reshape(-1).index_select(0, order)[:, None]).to(rows.dtype)
@@ -188,7 +225,9 @@ def _grouped_ffn_gmm(rows: torch.Tensor, local_ids: torch.Tensor, weights: torch
 
 
 def _grouped_ffn_loop(rows: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
-                      gate_up_t: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
+                      gate_up_t: torch.Tensor, down_t: torch.Tensor, act: Activation = None,
+                      gate_up_bias: torch.Tensor | None = None,
+                      down_bias: torch.Tensor | None = None) -> torch.Tensor:
     N, K = local_ids.shape
     out = torch.zeros_like(rows)
     flat = local_ids.reshape(-1)
@@ -212,15 +251,23 @@ def _grouped_ffn_loop(rows: torch.Tensor, local_ids: torch.Tensor, weights: torc
         pos = torch.arange(M, device=rows.device) - starts[ids]
         xp = rows.new_zeros(n, cmax, rows.shape[1])
         xp[ids, pos] = x
-        gate, up = torch.bmm(xp, gate_up_t).chunk(2, dim=-1)
-        y = torch.bmm(F.silu(gate) * up, down_t)[ids, pos]
+        gate_up = torch.bmm(xp, gate_up_t)
+        if gate_up_bias is not None:
+            gate_up = gate_up + gate_up_bias[:, None]
+        y = torch.bmm(_act(act, gate_up), down_t)
+        if down_bias is not None:
+            y = y + down_bias[:, None]
+        y = y[ids, pos]
     else:  # skewed routing: one GEMM per expert that has rows, no padding waste
         outs = []
         start = 0
         for e, c in enumerate(counts):
             if c:
-                gate, up = (x[start:start + c] @ gate_up_t[e]).chunk(2, dim=-1)
-                outs.append((F.silu(gate) * up) @ down_t[e])
+                gate_up = x[start:start + c] @ gate_up_t[e]
+                if gate_up_bias is not None:
+                    gate_up = gate_up + gate_up_bias[e]
+                y_e = _act(act, gate_up) @ down_t[e]
+                outs.append(y_e if down_bias is None else y_e + down_bias[e])
                 start += c
         y = torch.cat(outs)
     return out.index_add_(0, token, (y * w[:, None]).to(rows.dtype))

@@ -19,6 +19,7 @@ contribute zero, so partials over a partition of the experts add up to the full 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from services.core import cpu_gemm, mla, routing
+from services.core import cpu_gemm, gpt_oss, mla, routing
 from services.core import layers as L
 from services.core.batch import BatchMeta, build_batch_meta
 from services.core.checkpoint import (
+    AttentionLayerWeights,
     AttentionWeights,
     CheckpointIndex,
     ExpertWeights,
@@ -79,10 +81,14 @@ class AttentionSide:
         self.inv_freq = inv_freq.to(self.device)
         self.scale = cfg.head_dim ** -0.5
         self.router = cfg.router_spec
+        # the decoder's norms (q/k norms are always RMSNorm)
+        self._norm = L.layer_norm if cfg.norm_type == "layer" else L.rms_norm
         # MLA decode steps in the weight-absorbed form (services/core/mla.py); False: expanded
         self.mla_absorb = True
         # id(positions) -> (positions, cos, signed sin); see _rope.
         self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # id(attn_mask) -> (attn_mask, sliding-window mask); see _window_mask (gpt-oss)
+        self._window_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Fused QKV projection per layer ([(NH + 2 KVH) * D, H], one GEMM instead of three);
         # the layer's q/k/v become views into it, so the weights are not held twice.
         self._qkv: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
@@ -142,7 +148,7 @@ class AttentionSide:
         cfg, lw = self.cfg, self.w.layers[layer]
         T = hidden.shape[0]
         NH, KVH = cfg.num_heads, cfg.num_kv_heads
-        x = L.rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)
+        x = self._norm(hidden, lw.input_norm, cfg.rms_norm_eps)
         if lw.mla is not None:
             attn = mla.mla_attention(x, lw.mla, cfg.mla, NH, cfg.rms_norm_eps,
                                      self._rope(meta.positions, x.dtype), kv.layer(layer)[0],
@@ -152,19 +158,62 @@ class AttentionSide:
         q, k, v = qkv[:, :NH], qkv[:, NH:NH + KVH], qkv[:, NH + KVH:]
         cos, sin = self._rope(meta.positions, qkv.dtype)
         if cfg.qk_norm:
-            q = L.apply_rope_signed(L.rms_norm(q, lw.q_norm, cfg.rms_norm_eps), cos, sin)
-            k = L.apply_rope_signed(L.rms_norm(k, lw.k_norm, cfg.rms_norm_eps), cos, sin)
+            q, k = self._qk_norm(lw, q, k)
+            if cfg.clip_qkv is not None:  # OLMoE clamps after the norms
+                c = cfg.clip_qkv
+                q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         else:  # rotate q and k heads together: one set of elementwise ops
-            qk = L.apply_rope_signed(qkv[:, :NH + KVH], cos, sin)
+            if cfg.clip_qkv is not None:
+                qkv = qkv.clamp(-cfg.clip_qkv, cfg.clip_qkv)
+                v = qkv[:, NH + KVH:]
+            qk = self._rotate(qkv[:, :NH + KVH], cos, sin)
             q, k = qk[:, :NH], qk[:, NH:]
         k_cache, v_cache = kv.layer(layer)
-        attn = L.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        if cfg.attention_sinks or cfg.window_layers:  # gpt-oss: eager, with sinks
+            mask = meta.attn_mask
+            if cfg.window_layers and cfg.window_layers[layer]:
+                mask = self._window_mask(mask)
+            attn = gpt_oss.sink_attention(q, k, v, k_cache, v_cache, meta, self.scale,
+                                          lw.sinks, mask)
+        else:
+            attn = L.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         return self._mlp_input(layer, hidden + F.linear(attn, lw.o, lw.o_bias))
+
+    def _window_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The step's mask narrowed to ``cfg.layer_window`` (once per micro-batch and step,
+        like the RoPE tables: every sliding layer of a step shares it)."""
+        cached = self._window_cache.get(id(mask))
+        if cached is None or cached[0] is not mask:
+            if len(self._window_cache) >= _ROPE_CACHE_ENTRIES:
+                self._window_cache.clear()
+            cached = (mask, gpt_oss.window_mask(mask, self.cfg.layer_window))
+            self._window_cache[id(mask)] = cached
+        return cached[1]
+
+    def _qk_norm(self, lw: AttentionLayerWeights, q: torch.Tensor, k: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm of q [T, NH, D] and k [T, KVH, D]: per head (Qwen3, GLM) or over the whole
+        projection (OLMoE, MiniMax-M2: weights [NH * D] / [KVH * D])."""
+        eps = self.cfg.rms_norm_eps
+        if not self.cfg.qk_norm_full_width:
+            return L.rms_norm(q, lw.q_norm, eps), L.rms_norm(k, lw.k_norm, eps)
+        T = q.shape[0]
+        return (L.rms_norm(q.reshape(T, -1), lw.q_norm, eps).view(q.shape),
+                L.rms_norm(k.reshape(T, -1), lw.k_norm, eps).view(k.shape))
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on x [T, heads, D]: all D dims, or the first ``rotary_dim`` (partial rotary,
+        GLM and MiniMax-M2; the rest pass through)."""
+        rd = self.cfg.rotary_dim
+        if rd is None or rd == x.shape[-1]:
+            return L.apply_rope_signed(x, cos, sin)
+        return torch.cat((L.apply_rope_signed(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)
 
     def _mlp_input(self, layer: int, residual: torch.Tensor) -> MoEInput:
         """post-attention norm -> router (sparse layer) or dense MLP (dense layer)."""
         lw = self.w.layers[layer]
-        normed = L.rms_norm(residual, lw.post_norm, self.cfg.rms_norm_eps)
+        normed = self._norm(residual, lw.post_norm, self.cfg.rms_norm_eps)
         if lw.router is None:
             empty = torch.empty(residual.shape[0], 0, dtype=torch.int64, device=residual.device)
             return MoEInput(layer, residual, normed, empty, empty.to(residual.dtype),
@@ -179,8 +228,10 @@ class AttentionSide:
         lw = self.w.layers[moe_input.layer]
         if lw.shared_gate_up is None or moe_input.shared_out is not None:
             return moe_input
-        return dataclasses.replace(
-            moe_input, shared_out=L.swiglu(moe_input.normed, lw.shared_gate_up, lw.shared_down))
+        out = L.swiglu(moe_input.normed, lw.shared_gate_up, lw.shared_down)
+        if lw.shared_gate is not None:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) [T, 1]
+            out = torch.sigmoid(F.linear(moe_input.normed, lw.shared_gate)) * out
+        return dataclasses.replace(moe_input, shared_out=out)
 
     def finish_layer(self, moe_input: MoEInput, expert_out: torch.Tensor | None) -> torch.Tensor:
         """residual + (summed expert output [+ shared experts] | dense MLP output) -> next
@@ -199,7 +250,7 @@ class AttentionSide:
         if last_index.shape[0] != hidden.shape[0]:
             hidden = hidden.index_select(0, last_index)
         # else one token per sequence (decode): last_index is arange(T), nothing to gather
-        h = L.rms_norm(hidden, self.w.final_norm, self.cfg.rms_norm_eps)
+        h = self._norm(hidden, self.w.final_norm, self.cfg.rms_norm_eps)
         return F.linear(h, self.w.lm_head).float()
 
 
@@ -221,6 +272,9 @@ class ExpertSide:
         for i, e in enumerate(self.expert_ids):
             table[e] = i
         self.local_index = table.to(self.device)
+        # gpt-oss's clamped SwiGLU; None: SwiGLU
+        self._act = None if cfg.swiglu_limit is None else functools.partial(
+            gpt_oss.clamped_swiglu, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
         # Holding every expert in order: global ids are already local ids (-1 stays -1).
         self._identity = list(self.expert_ids) == list(range(cfg.num_experts))
         # Input-major copies for the grouped GEMMs (see layers.grouped_expert_ffn), packed
@@ -258,7 +312,8 @@ class ExpertSide:
             ids = torch.where(topk_ids < 0, self.cfg.num_experts, topk_ids)
             local = self.local_index[ids]
         return L.grouped_expert_ffn(rows, local, topk_weights, self.gate_up_t[layer],
-                                    self.down_t[layer])
+                                    self.down_t[layer], self._act,
+                                    self.w.gate_up_bias.get(layer), self.w.down_bias.get(layer))
 
 
 class MonolithicModel:

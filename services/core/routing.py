@@ -11,11 +11,17 @@ DeepSeek-V2            softmax      ``greedy`` or ``group_limited_greedy`` (best
                                     max score; experts outside the ``topk_group`` best of
                                     ``n_group`` groups score 0), times
                                     ``routed_scaling_factor``
+DBRX                   softmax      greedy top-k, weights divided by their p-norm
+                                    (``moe_normalize_expert_weights``)
+Qwen2-MoE, OLMoE       softmax      as Qwen3-MoE
 DeepSeek-V3 (Kimi-K2)  sigmoid      ``noaux_tc``: selection on ``score + e_score_correction
                                     _bias`` (bias for selection only), group score = sum of
                                     the group's top-2, non-selected groups -inf; weights
                                     are the unbiased scores, renormalised
                                     (``norm_topk_prob``), times ``routed_scaling_factor``
+GLM-4.5                sigmoid      as DeepSeek-V3
+MiniMax-M2             sigmoid      as DeepSeek-V3 with one group (``noaux_tc``)
+gpt-oss                (none)       top-k of the biased logits, softmax over those k
 =====================  ===========  ====================================================
 
 Numerics follow transformers per family: ``logits_float32`` computes the router GEMM on
@@ -53,6 +59,16 @@ class RouterSpec:
     score_bias: bool = False
     logits_float32: bool = False
     weights_float32: bool = False
+    # top-k weights divided by their p-norm (DBRX's moe_normalize_expert_weights; None: as
+    # norm_topk_prob says)
+    topk_norm_p: float | None = None
+    # gpt-oss: the router has a bias [E] added to its logits, and the top-k *logits* are
+    # selected, then softmaxed among themselves (scoring is ignored)
+    logit_bias: bool = False
+    topk_softmax: bool = False
+    # DBRX: the softmax's output is rounded to the compute dtype before top-k and the
+    # normalisation, which then run in that dtype (transformers' order)
+    scores_in_compute_dtype: bool = False
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORING:
@@ -95,9 +111,14 @@ def _group_mask(choice: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, spec: RouterSpec,
           score_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H], router_weight [E, H] (, score_bias [E] float32 for ``noaux_tc``)
-    -> (topk_ids [T, K] int64, topk_weights [T, K]: float32 when ``spec.weights_float32``,
-    else x.dtype)."""
+    """x [T, H], router_weight [E, H] (, score_bias [E]: float32 for ``noaux_tc``, the logit
+    bias for ``logit_bias``) -> (topk_ids [T, K] int64, topk_weights [T, K]: float32 when
+    ``spec.weights_float32``, else x.dtype)."""
+    if spec.topk_softmax:  # gpt-oss: softmax over the chosen logits, in the compute dtype
+        logits = F.linear(x, router_weight, score_bias if spec.logit_bias else None)
+        top, ids = torch.topk(logits, spec.top_k, dim=-1)
+        weights = torch.softmax(top, dim=-1, dtype=top.dtype)
+        return ids, weights.float() if spec.weights_float32 else weights
     if spec.logits_float32:
         logits = F.linear(x.float(), router_weight.float())
     else:
@@ -106,6 +127,8 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, spec: RouterSpec,
         scores = torch.softmax(logits, dim=-1)
     else:
         scores = logits.sigmoid()
+    if spec.scores_in_compute_dtype:
+        scores = scores.to(x.dtype)
     if spec.method == "greedy":
         weights, ids = torch.topk(scores, spec.top_k, dim=-1)
     elif spec.method == "group_limited_greedy":
@@ -116,7 +139,9 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, spec: RouterSpec,
         choice = choice.masked_fill(~_group_mask(choice, spec), float("-inf"))
         ids = torch.topk(choice, spec.top_k, dim=-1)[1]
         weights = scores.gather(1, ids)
-    if spec.norm_topk_prob:
+    if spec.topk_norm_p is not None:
+        weights = weights / torch.norm(weights, p=spec.topk_norm_p, dim=-1, keepdim=True)
+    elif spec.norm_topk_prob:
         # + 1e-20 as DeepSeek-V3 does: a sigmoid row can sum to ~0; softmax rows never do
         denom = weights.sum(dim=-1, keepdim=True)
         weights = weights / (denom + 1e-20 if spec.scoring == "sigmoid" else denom)

@@ -22,6 +22,10 @@ family            special tokens (id)                         chat template
 ``qwen3_moe``     ``<|endoftext|>`` 0, ``<|im_start|>`` 1,    ChatML, ``add_generation_prompt``
                   ``<|im_end|>`` 2; no bos                    eos ``<|im_end|>``, pad
                                                               ``<|endoftext|>``
+``gpt_oss``       ``<|endoftext|>`` 0, ``<|start|>`` 1,       harmony: ``<|start|>{role}
+                  ``<|end|>`` 2, ``<|message|>`` 3,           <|message|>...<|end|>``, the
+                  ``<|channel|>`` 4, ``<|return|>`` 5; no     assistant's final channel;
+                  bos                                         eos ``<|return|>``
 ================  ==========================================  ===============================
 
 The Mixtral chat template starts with the bos token (as the real Mixtral-Instruct template does),
@@ -39,9 +43,9 @@ from services.errors import ConfigError
 
 __all__ = ["FAMILIES", "MIN_VOCAB_SIZE", "build_demo_tokenizer", "normalize_family"]
 
-FAMILIES: tuple[str, ...] = ("mixtral", "qwen3_moe")
+FAMILIES: tuple[str, ...] = ("mixtral", "qwen3_moe", "gpt_oss")
 
-# 256 byte symbols + at most 3 special tokens; a little headroom so a few merges exist.
+# 256 byte symbols + at most 6 special tokens; a little headroom so a few merges exist.
 MIN_VOCAB_SIZE = 300
 MAX_VOCAB_SIZE = 1 << 20
 
@@ -49,12 +53,15 @@ MAX_VOCAB_SIZE = 1 << 20
 _SPECIALS: dict[str, tuple[str, ...]] = {
     "mixtral": ("<unk>", "<s>", "</s>"),
     "qwen3_moe": ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+    "gpt_oss": ("<|endoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>",
+                "<|return|>"),
 }
 
 # Role -> token text, as written to tokenizer_config.json (None = the family has no such token).
 _ROLES: dict[str, dict[str, str | None]] = {
     "mixtral": {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": "<unk>"},
     "qwen3_moe": {"bos": None, "eos": "<|im_end|>", "unk": None, "pad": "<|endoftext|>"},
+    "gpt_oss": {"bos": None, "eos": "<|return|>", "unk": None, "pad": "<|endoftext|>"},
 }
 
 # Content may be a string or an OpenAI-style list of parts; only text parts are rendered.
@@ -98,7 +105,24 @@ _QWEN3_TEMPLATE = _CONTENT_MACRO + (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
-_TEMPLATES = {"mixtral": _MIXTRAL_TEMPLATE, "qwen3_moe": _QWEN3_TEMPLATE}
+# OpenAI's harmony format as gpt-oss uses it, without tools or the analysis channel: every
+# message is <|start|>{role}<|message|>{content}<|end|>, the assistant's on the final channel;
+# the generation prompt opens an assistant message.
+_HARMONY_TEMPLATE = _CONTENT_MACRO + (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<|start|>assistant<|channel|>final<|message|>' + render(message['content'])"
+    " + '<|end|>' }}"
+    "{%- else -%}"
+    "{{ '<|start|>' + message['role'] + '<|message|>' + render(message['content'])"
+    " + '<|end|>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start|>assistant' }}{%- endif -%}"
+)
+
+_TEMPLATES = {"mixtral": _MIXTRAL_TEMPLATE, "qwen3_moe": _QWEN3_TEMPLATE,
+              "gpt_oss": _HARMONY_TEMPLATE}
 
 # Original text written for this project (no third-party content), a few KB of plain English
 # with digits, punctuation and a little code so that common merges exist.
@@ -167,13 +191,15 @@ makes perfect. Write clearly, test often, measure before you optimise, and never
 
 
 def normalize_family(family: str) -> str:
-    """Return the canonical family name (``mixtral`` or ``qwen3_moe``) or raise ConfigError.
+    """Return the canonical family name (one of :data:`FAMILIES`) or raise ConfigError.
 
     Accepts the Hugging Face ``model_type`` spelling and common variants (``Qwen3-MoE``).
     """
     key = family.strip().lower().replace("-", "_")
     if key == "qwen3moe":
         key = "qwen3_moe"
+    if key == "gptoss":
+        key = "gpt_oss"
     if key not in FAMILIES:
         raise ConfigError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     return key
@@ -216,13 +242,15 @@ def build_demo_tokenizer(
 
     Args:
         out_dir: checkpoint directory (created if missing); existing tokenizer files are replaced.
-        family: ``mixtral`` or ``qwen3_moe`` (see :func:`normalize_family`).
+        family: one of :data:`FAMILIES` (see :func:`normalize_family`).
         vocab_size: the model's vocabulary size, an upper bound for the tokenizer's (>= 300).
         model_max_length: written to ``tokenizer_config.json`` (the model's context length).
 
     Returns:
         Special token ids by role: ``eos`` and ``pad`` always; ``bos`` and ``unk`` for Mixtral;
-        ``endoftext``, ``im_start`` and ``im_end`` for Qwen3-MoE. For Mixtral e.g.
+        ``endoftext``, ``im_start`` and ``im_end`` for Qwen3-MoE; each harmony token by its
+        name (``start``, ``end``, ``message``, ``channel``, ``return``) for gpt-oss. For
+        Mixtral e.g.
         ``{"unk": 0, "bos": 1, "eos": 2, "pad": 0}``.
 
     Raises:
@@ -255,6 +283,8 @@ def build_demo_tokenizer(
             im_start=_token_id(tok, "<|im_start|>"),
             im_end=_token_id(tok, "<|im_end|>"),
         )
+    if fam == "gpt_oss":
+        ids.update({t.strip("<|>"): _token_id(tok, t) for t in _SPECIALS[fam]})
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

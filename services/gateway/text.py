@@ -44,7 +44,7 @@ class ModelText:
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read ({exc})") from None
         vocab = cfg.get("vocab_size")
-        ctx = cfg.get("max_position_embeddings")
+        ctx = cfg.get("max_position_embeddings", cfg.get("max_seq_len"))  # DBRX: max_seq_len
         if not isinstance(vocab, int) or not isinstance(ctx, int) or vocab < 1 or ctx < 1:
             raise ConfigError(f"{path}: vocab_size and max_position_embeddings must be "
                               "positive integers")

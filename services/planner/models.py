@@ -2,7 +2,7 @@
 
 The planner needs only a handful of numbers per model (layers, hidden size, heads, experts, top-k,
 expert intermediate size, vocabulary) to derive parameter bytes, KV-cache bytes and FLOPs per
-token. They come from a named preset (the paper's models plus two newer ones) or from a Hugging
+token. They come from a named preset (the paper's models plus newer ones) or from a Hugging
 Face ``config.json`` read here directly, so that ``megascale plan`` never imports the core (or
 torch).
 
@@ -158,6 +158,15 @@ PRESETS: dict[str, MoEShape] = {
         MoEShape("DeepSeek-V3", layers=61, hidden=7168, heads=128, kv_heads=128, head_dim=128,
                  experts=256, top_k=8, expert_intermediate=2048, vocab=129280,
                  shared_intermediate=2048, attention="mla"),
+        # gpt-oss-120b (117B, ~5B active): alternating 128-token sliding-window and full
+        # attention layers are all counted as full here, and its MXFP4 experts as bf16.
+        MoEShape("gpt-oss-120b", layers=36, hidden=2880, heads=64, kv_heads=8, head_dim=64,
+                 experts=128, top_k=4, expert_intermediate=2880, vocab=201088),
+        # GLM-4.5 (355B, 32B active): one shared expert on the attention side; its 3 dense
+        # first layers are treated as MoE layers (approximation, 3 of 92).
+        MoEShape("GLM-4.5", layers=92, hidden=5120, heads=96, kv_heads=8, head_dim=128,
+                 experts=160, top_k=8, expert_intermediate=1536, vocab=151552,
+                 shared_intermediate=1536),
     )
 }
 

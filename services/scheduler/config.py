@@ -126,8 +126,10 @@ def num_experts_from_model(model_dir: str | Path) -> tuple[int, str]:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     n = None
-    if isinstance(data, dict):  # Mixtral, Qwen3-MoE, DeepSeek spellings
+    if isinstance(data, dict):  # Mixtral, Qwen3-MoE, DeepSeek spellings; DBRX nests it
         n = data.get("num_local_experts", data.get("num_experts", data.get("n_routed_experts")))
+        if n is None and isinstance(data.get("ffn_config"), dict):
+            n = data["ffn_config"].get("moe_num_experts")
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"{path}: 'num_local_experts' (or 'num_experts', 'n_routed_experts') "
                           "must be an integer "

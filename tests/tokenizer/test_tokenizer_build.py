@@ -59,13 +59,19 @@ def test_special_token_ids_match(built) -> None:
         assert tok.token_to_id("<s>") == ids["bos"] == hf.bos_token_id
         assert tok.token_to_id("</s>") == ids["eos"]
         assert tok.token_to_id("<unk>") == ids["unk"] == hf.unk_token_id
-    else:
+    elif built.family == "qwen3_moe":
         assert "bos" not in ids and hf.bos_token_id is None
         assert tok.token_to_id("<|im_end|>") == ids["eos"] == ids["im_end"]
         assert tok.token_to_id("<|im_start|>") == ids["im_start"]
         assert tok.token_to_id("<|endoftext|>") == ids["pad"] == ids["endoftext"]
+    else:  # gpt_oss: harmony
+        assert "bos" not in ids and hf.bos_token_id is None
+        assert tok.token_to_id("<|return|>") == ids["eos"] == ids["return"]
+        assert [ids[n] for n in ("start", "end", "message", "channel")] == [1, 2, 3, 4]
+        assert tok.token_to_id("<|endoftext|>") == ids["pad"] == ids["endoftext"] == 0
     # Special tokens are matched as a whole even inside text.
-    assert tok.encode("a<|im_end|>" if built.family != "mixtral" else "a</s>").ids[-1] == ids["eos"]
+    eos_text = {"mixtral": "</s>", "qwen3_moe": "<|im_end|>", "gpt_oss": "<|return|>"}
+    assert tok.encode("a" + eos_text[built.family]).ids[-1] == ids["eos"]
 
 
 def test_bos_prepended_only_for_mixtral(built) -> None:
@@ -174,3 +180,15 @@ def test_bad_input_is_a_config_error(tmp_path: Path, family, vocab_size, match: 
 def test_bad_model_max_length(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model_max_length"):
         build_demo_tokenizer(tmp_path, "mixtral", 1000, model_max_length=0)
+
+
+def test_chat_template_harmony(tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    build_demo_tokenizer(tmp_path, "gpt_oss", 2000)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    text = hf.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert text == ("<|start|>system<|message|>Be brief.<|end|>"
+                    "<|start|>user<|message|>Hi there<|end|>"
+                    "<|start|>assistant<|channel|>final<|message|>Hello.<|end|>"
+                    "<|start|>user<|message|>Bye<|end|><|start|>assistant")

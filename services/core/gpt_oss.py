@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from services.core import layers as L
 from services.core.batch import BatchMeta
 
 
@@ -42,11 +43,7 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
     T, NH, D = q.shape
     KVH = k.shape[1]
     B, qmax, smax = meta.num_seqs, meta.max_query_len, meta.max_seq_len
-    k_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-    flat_tables = meta.block_tables.view(-1)
-    keys = k_cache.index_select(1, flat_tables).view(KVH, B, -1, D)[:, :, :smax].transpose(0, 1)
-    vals = v_cache.index_select(1, flat_tables).view(KVH, B, -1, D)[:, :, :smax].transpose(0, 1)
+    keys, vals = L.write_and_gather_kv(k, v, k_cache, v_cache, meta)
     G = NH // KVH  # head h = kvh * G + g, as transformers' repeat_kv
     keys = keys[:, :, None].expand(B, KVH, G, smax, D).reshape(B, NH, smax, D)
     vals = vals[:, :, None].expand(B, KVH, G, smax, D).reshape(B, NH, smax, D)

@@ -64,6 +64,22 @@ def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tens
     return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin_signed
 
 
+def write_and_gather_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, meta: BatchMeta
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write the step's ``k``/``v`` [T, KVH, D] into their cache slots, then gather each
+    sequence's context through its block table: keys, values [B, KVH, S, D] (strided views;
+    the gather is one ``index_select`` over whole blocks per tensor)."""
+    KVH, D = k.shape[1], k.shape[2]
+    B, smax = meta.num_seqs, meta.max_seq_len
+    k_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    v_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    flat_tables = meta.block_tables.view(-1)
+    keys = k_cache.index_select(1, flat_tables).view(KVH, B, -1, D)[:, :, :smax].transpose(0, 1)
+    vals = v_cache.index_select(1, flat_tables).view(KVH, B, -1, D)[:, :, :smax].transpose(0, 1)
+    return keys, vals
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: BatchMeta, scale: float) -> torch.Tensor:
     """Write this step's K/V into the paged cache, then attend over each sequence's context.
@@ -78,13 +94,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """
     T, NH, D = q.shape
     KVH = k.shape[1]
-    B, qmax, smax = meta.num_seqs, meta.max_query_len, meta.max_seq_len
-    k_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-    # Gather each sequence's context through its block table -> [B, KVH, S, D] (strided view).
-    flat_tables = meta.block_tables.view(-1)
-    keys = k_cache.index_select(1, flat_tables).view(KVH, B, -1, D)[:, :, :smax].transpose(0, 1)
-    vals = v_cache.index_select(1, flat_tables).view(KVH, B, -1, D)[:, :, :smax].transpose(0, 1)
+    B, qmax = meta.num_seqs, meta.max_query_len
+    keys, vals = write_and_gather_kv(k, v, k_cache, v_cache, meta)
     if qmax == 1:
         # Pure decode: fold each KV head's G = NH / KVH query heads into the query-length
         # dim ([B, KVH, G, D], head h = kvh * G + g as in GQA): half the SDPA work items,

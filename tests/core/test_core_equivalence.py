@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prefill_helpers import prefill_logits
 from transformers import AutoModelForCausalLM
 
 from services.core import cpu_gemm
-from services.core.batch import build_batch_meta
 from services.core.generate import generate
-from services.core.kv_cache import BlockManager
 from services.core.model import AttentionSide, ExpertSide, MonolithicModel
 from services.core.request import SamplingParams
 
@@ -50,15 +49,7 @@ def test_greedy_tokens_equal_transformers(ckpt_factory, name, expert_gemm):
 def test_batched_prefill_logits_match(ckpt_factory, name):
     path = ckpt_factory(name)
     model = MonolithicModel.from_pretrained(path)
-    bm = BlockManager(64, 4)
-    kv = model.new_kv_cache(64, 4)
-    for i, p in enumerate(PROMPTS):
-        bm.allocate(i)
-        bm.append_slots(i, len(p))
-    meta = build_batch_meta([bm.block_table(i) for i in range(len(PROMPTS))],
-                            [0] * len(PROMPTS), [len(p) for p in PROMPTS], 4)
-    flat = torch.tensor([t for p in PROMPTS for t in p])
-    logits = model.forward(flat, meta, kv)
+    logits = prefill_logits(model, PROMPTS)
     ref = hf_model(path)
     for i, p in enumerate(PROMPTS):
         with torch.no_grad():

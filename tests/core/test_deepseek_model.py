@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from prefill_helpers import prefill_logits
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
@@ -80,14 +81,7 @@ def test_batched_prefill_logits_match(deepseek_ckpt):
     """Several sequences in one step (mixed lengths) give transformers' last-token logits."""
     path = deepseek_ckpt("v3")
     model = MonolithicModel.from_pretrained(path)
-    bm = BlockManager(64, 4)
-    kv = model.new_kv_cache(64, 4)
-    for i, p in enumerate(PROMPTS):
-        bm.allocate(i)
-        bm.append_slots(i, len(p))
-    meta = build_batch_meta([bm.block_table(i) for i in range(len(PROMPTS))],
-                            [0] * len(PROMPTS), [len(p) for p in PROMPTS], 4)
-    logits = model.forward(torch.tensor([t for p in PROMPTS for t in p]), meta, kv)
+    logits = prefill_logits(model, PROMPTS)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     for i, p in enumerate(PROMPTS):
         with torch.no_grad():

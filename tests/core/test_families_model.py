@@ -13,12 +13,11 @@ import json
 
 import pytest
 import torch
+from prefill_helpers import prefill_logits
 from transformers import AutoModelForCausalLM
 
-from services.core.batch import build_batch_meta
 from services.core.config import ModelConfig
 from services.core.generate import generate
-from services.core.kv_cache import BlockManager
 from services.core.model import AttentionSide, ExpertSide, MonolithicModel
 from services.core.request import SamplingParams
 from services.errors import ConfigError
@@ -44,17 +43,6 @@ def test_greedy_tokens_equal_transformers(family_ckpt, hf_greedy, name):
     assert len({t for g in got for t in g}) > 20  # a degenerate model would make this weak
 
 
-def _prefill_logits(model: MonolithicModel) -> torch.Tensor:
-    bm = BlockManager(64, 4)
-    kv = model.new_kv_cache(64, 4)
-    for i, p in enumerate(PROMPTS):
-        bm.allocate(i)
-        bm.append_slots(i, len(p))
-    meta = build_batch_meta([bm.block_table(i) for i in range(len(PROMPTS))],
-                            [0] * len(PROMPTS), [len(p) for p in PROMPTS], 4)
-    return model.forward(torch.tensor([t for p in PROMPTS for t in p]), meta, kv)
-
-
 # name -> the family's features, each switched off in turn (a ModelConfig change, or an
 # attention-side layer weight dropped)
 ABLATIONS = {
@@ -74,7 +62,7 @@ def test_batched_prefill_logits_match_and_the_feature_is_live(family_ckpt, name)
     without the family's feature they do not."""
     path = family_ckpt(name)
     model = MonolithicModel.from_pretrained(path)
-    logits = _prefill_logits(model)
+    logits = prefill_logits(model, PROMPTS)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     want = []
     for p in PROMPTS:
@@ -90,7 +78,8 @@ def test_batched_prefill_logits_match_and_the_feature_is_live(family_ckpt, name)
         if isinstance(ablation, str):
             for lw in attn.w.layers:
                 setattr(lw, ablation, None)
-        changed = _prefill_logits(MonolithicModel(attn, ExpertSide.from_pretrained(path, cfg=cfg)))
+        changed = prefill_logits(MonolithicModel(attn, ExpertSide.from_pretrained(path, cfg=cfg)),
+                                 PROMPTS)
         assert (changed - logits).abs().max() > 1e-2, ablation
 
 

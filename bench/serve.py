@@ -38,6 +38,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -298,7 +299,7 @@ class Profiler:
         return " ".join(cmd[1:4])[:40]
 
     def start(self) -> None:
-        spy = shutil_which("py-spy")
+        spy = shutil.which("py-spy")
         self.t0 = time.perf_counter()
         for p in self.procs:
             t = p.cpu_times()
@@ -326,12 +327,6 @@ class Profiler:
                 rows.append({"process": self.role(p), "cpu_s": cpu, "busy": cpu / wall,
                              "top": _top_frames(raws.get(p.pid))})
         return sorted(rows, key=lambda r: -float(r["cpu_s"]))
-
-
-def shutil_which(name: str) -> str | None:
-    import shutil
-
-    return shutil.which(name)
 
 
 def _top_frames(raw: Path | None, n: int = 8) -> list[tuple[str, float]]:

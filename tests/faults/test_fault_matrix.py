@@ -19,6 +19,7 @@ import signal
 import time
 from collections.abc import Callable
 
+import pytest
 from conftest import EXPERT_TIMEOUT, FaultMesh, Load
 
 STALL_S = 3.0  # a request in flight longer than this is held by the fault
@@ -157,22 +158,14 @@ def test_attention_replica_sigstop(fault_mesh):
     settle(fault_mesh)
 
 
-def test_scheduler_sigkill_and_sigstop(fault_mesh):
+@pytest.mark.parametrize("role,name", [("scheduler", "scheduler"), ("redis", "Redis")])
+def test_control_plane_sigkill_and_sigstop(fault_mesh, role, name):
+    """The scheduler or Redis killed (restarted by the supervisor), then frozen for 3 s."""
     fm = fault_mesh
-    run_fault(fm, "SIGKILL scheduler", kill(fm, "scheduler"))
+    run_fault(fm, f"SIGKILL {name}", kill(fm, role))
     settle(fm)
-    stop, cont = stop_cont(fm, "scheduler")
-    run_fault(fm, "SIGSTOP scheduler (SIGCONT after 3 s)", stop, cont, heal_when="after",
-              heal_after_s=3)
-    settle(fm)
-
-
-def test_redis_sigkill_and_sigstop(fault_mesh):
-    fm = fault_mesh
-    run_fault(fm, "SIGKILL Redis", kill(fm, "redis"))
-    settle(fm)
-    stop, cont = stop_cont(fm, "redis")
-    run_fault(fm, "SIGSTOP Redis (SIGCONT after 3 s)", stop, cont, heal_when="after",
+    stop, cont = stop_cont(fm, role)
+    run_fault(fm, f"SIGSTOP {name} (SIGCONT after 3 s)", stop, cont, heal_when="after",
               heal_after_s=3)
     settle(fm)
 

@@ -78,6 +78,9 @@ class Request:
     grammar: object | None = None
     # with params.prompt_logprobs: entry p for prompt token p + 1; None once sent
     prompt_logprobs: list | None = None
+    # (index, hash) of the full prompt blocks it is computing and has not committed yet
+    # (prefix caching: a request that needs one of them waits for it, Batcher._admit_cached)
+    computing: list[tuple[int, bytes]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -156,6 +159,10 @@ class Batcher:
         self.config = config
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # hash of a full block a running request is computing -> that request (prefix
+        # caching): a request whose next uncached block is one of them waits for it
+        self._computing: dict[bytes, Request] = {}
+        self.deferred_admissions = 0  # admissions put off to share a block being computed
         self._by_id: dict[str, Request] = {}
         self.lane_moves = 0  # requests handed from a larger lane to a smaller one
         # finished requests by reason, counted here because every way out goes through
@@ -199,6 +206,7 @@ class Batcher:
             if self.prefix is not None and reason is not FinishReason.ERROR:
                 # its steps are over (an error may have cut one short: nothing to share)
                 self._commit(request, request.num_computed)
+            self._stop_computing(request)
             self.blocks.free(request.request_id)
         request.status = Status.FINISHED
         request.finish_reason = reason
@@ -243,18 +251,26 @@ class Batcher:
             budget -= n
             i += 1
 
-        # 2. admit waiting requests in arrival order (no skipping: FCFS fairness).
-        while (self.waiting and budget > 0 and not preempted and len(mine) < seq_cap
-               and len(self.running) < self.config.max_num_seqs):
-            req = self.waiting[0]
+        # 2. admit waiting requests in arrival order; one that can not get its blocks stops
+        # admission (FCFS fairness); one waiting for a prompt block another request is
+        # computing is passed over until that block is cached (then it shares it).
+        pos = 0
+        while (pos < len(self.waiting) and budget > 0 and not preempted
+               and len(mine) < seq_cap and len(self.running) < self.config.max_num_seqs):
+            req = self.waiting[pos]
             if self.prefix is None:
                 n = min(req.num_tokens - req.num_computed, budget)
                 if not blocks.can_allocate(n):
                     break
-                self.waiting.popleft()
+                del self.waiting[pos]
                 blocks.allocate(req.request_id, 0)
-            elif not self._admit_cached(req, budget):
-                break
+            else:
+                admitted = self._admit_cached(req, pos, budget)
+                if admitted is None:
+                    pos += 1
+                    continue
+                if not admitted:
+                    break
             n = min(req.num_tokens - req.num_computed, budget)
             req.status = Status.RUNNING
             req.lane = lane
@@ -285,9 +301,13 @@ class Batcher:
             sizes[lane] -= 1
             sizes[small] += 1
 
-    def _admit_cached(self, req: Request, budget: int) -> bool:
-        """Pop ``req`` (head of the queue) and give it its blocks, the cached prefix first
-        (``num_computed`` = the prefix); False (nothing changed) if the pool is short."""
+    def _admit_cached(self, req: Request, pos: int, budget: int) -> bool | None:
+        """Take ``req`` (``waiting[pos]``) off the queue and give it its blocks, the cached
+        prefix first (``num_computed`` = the prefix). False (nothing changed) if the pool is
+        short; None (nothing changed) if its next prompt block is being computed by a running
+        request: it is admitted once that block is cached, and shares it. This is how a
+        request's ``n`` / ``best_of`` siblings (the gateway sends them to one replica) and a
+        burst of requests with one system prompt compute the prompt's full blocks once."""
         p = self.prefix
         bs = p.block_size
         usable = (req.num_tokens - 1) // bs  # leave its last token to compute: the logits
@@ -297,14 +317,36 @@ class Batcher:
         if len(hashes) < usable:
             extend_chain(hashes, req.token_slice(len(hashes) * bs, usable * bs), bs)
         prefix = p.match(hashes, usable)
-        start = len(prefix) * bs
+        nxt = len(prefix)
+        if nxt < usable:
+            owner = self._computing.get(hashes[nxt])
+            if owner is not None and owner is not req:
+                self.deferred_admissions += 1
+                return None
+        start = nxt * bs
         if not p.can_allocate(start + min(req.num_tokens - start, budget), prefix):
             return False
-        self.waiting.popleft()
+        del self.waiting[pos]
         p.allocate(req.request_id, 0, prefix)
         p.record_lookup(req.num_tokens, start)
         req.num_computed = start
+        for i in range(nxt, usable):  # its prompt blocks others may wait for
+            if hashes[i] not in self._computing:
+                self._computing[hashes[i]] = req
+                req.computing.append((i, hashes[i]))
         return True
+
+    def _stop_computing(self, req: Request, below: int | None = None) -> None:
+        """Forget ``req``'s claims on the blocks it computes (those before block ``below``:
+        now committed, or all of them: it leaves the pool)."""
+        keep = []
+        for i, h in req.computing:
+            if below is None or i < below:
+                if self._computing.get(h) is req:
+                    del self._computing[h]
+            else:
+                keep.append((i, h))
+        req.computing = keep
 
     def _commit(self, req: Request, num_computed: int) -> None:
         """Register ``req``'s full blocks among its first ``num_computed`` tokens (K/V written)
@@ -318,6 +360,8 @@ class Batcher:
         if len(hashes) < full:
             extend_chain(hashes, req.token_slice(len(hashes) * bs, full * bs), bs)
         p.commit(req.request_id, hashes, num_computed)
+        if req.computing:
+            self._stop_computing(req, full)
 
     def _take(self, req: Request, n: int) -> ScheduledChunk:
         """The chunk of ``req``'s next ``n`` tokens (their KV slots already appended)."""
@@ -338,6 +382,7 @@ class Batcher:
         self.running.remove(req)
         if self.prefix is not None:  # between its steps: what it computed can be shared
             self._commit(req, req.num_computed)
+        self._stop_computing(req)
         self.blocks.free(req.request_id)
         req.num_computed = 0
         req.status = Status.WAITING

@@ -24,7 +24,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,7 +37,14 @@ from services.common.tracing import TRACE_HEADERS
 from services.core.logits_processors import TokenLogprobs
 from services.core.request import FinishReason
 from services.gateway.errors import GatewayError, bad_request
-from services.gateway.generation import Delta, Generation
+from services.gateway.generation import (
+    Collected,
+    Delta,
+    Generation,
+    best_of_order,
+    collect_all,
+    merge_streams,
+)
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import (
     ApiPlan,
@@ -297,8 +303,7 @@ def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
                                     bool(opts and opts.continuous_usage_stats)),
                                media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache"})
-        task = asyncio.ensure_future(asyncio.gather(*(_collect(generation.run(gen))
-                                                      for gen in plan.gens)))
+        task = asyncio.ensure_future(collect_all([generation.run(gen) for gen in plan.gens]))
         while not task.done():
             await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if not task.done() and await request.is_disconnected():
@@ -311,13 +316,14 @@ def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
                 raise GatewayError(503, f"generation failed: {r.last.error or 'replica error'}")
         return JSONResponse(_response(rid, chat, plan, results, want_ids))
 
-    def _response(rid: str, chat: bool, plan: ApiPlan, results: list[_Result], want_ids: bool
+    def _response(rid: str, chat: bool, plan: ApiPlan, results: list[Collected], want_ids: bool
                   ) -> dict[str, Any]:
         order: list[int] = []
         for pi in range(len(plan.prompts)):
             seqs = [i for i, p in enumerate(plan.prompt_of) if p == pi]
             if plan.best_of > plan.keep:  # the highest cumulative logprob first
-                seqs = sorted(seqs, key=lambda i: -sum(lp.logprob for lp in results[i].lps))
+                seqs = [seqs[k] for k in best_of_order(
+                    [results[i].cumulative_logprob for i in seqs], plan.keep)]
             order += seqs[: plan.keep]
         choices = []
         for index, i in enumerate(order):
@@ -362,40 +368,19 @@ def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
                    firsts: list[Delta], want_ids: bool, include_usage: bool, continuous: bool
                    ) -> AsyncIterator[str]:
         created = int(time.time())
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        async def pump(i: int) -> None:
-            try:
-                d: Delta | None = firsts[i]
-                while d is not None:
-                    await queue.put((i, d))
-                    if d.finish_reason is not None:
-                        break
-                    d = await anext(streams[i], None)
-            except GatewayError as exc:
-                await queue.put((i, exc))
-            finally:
-                await queue.put((i, done))
-
         n = len(streams)
         completion = [0] * n
         offsets = [0] * n
         started = [False] * n
         tool_streams = [ToolStream(plan.tools) if plan.tools is not None else None
                         for _ in range(n)]
-        tasks = [asyncio.ensure_future(pump(i)) for i in range(n)]
+        merged = merge_streams(streams, firsts)
         try:
             if chat:  # the OpenAI stream opens with the assistant role
                 for i in range(n):
                     yield _data(chunk(rid, card.id, created, True, i, text="", role=True,
                                       include_usage=include_usage))
-            remaining = n
-            while remaining:
-                i, d = await queue.get()
-                if d is done:
-                    remaining -= 1
-                    continue
+            async for i, d in merged:
                 if isinstance(d, GatewayError):
                     yield _data(d.body())
                     break
@@ -439,11 +424,7 @@ def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
                     yield _data(usage_chunk(rid, card.id, created, chat, plan.prompt_tokens,
                                             sum(completion)))
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for st in streams:
-                await st.aclose()
+            await merged.aclose()
         yield "data: [DONE]\n\n"
 
     outer: ASGIApp = GatewayASGI(app, metrics, api_key)
@@ -451,34 +432,6 @@ def create_app(text: ModelText, generation: Generation, metrics: GatewayMetrics,
         outer = CORSMiddleware(outer, allow_origins=list(allowed_origins), allow_methods=["*"],
                                allow_headers=["*"])
     return outer
-
-
-@dataclass
-class _Result:
-    text: str
-    ids: list[int]
-    last: Delta
-    lps: list[TokenLogprobs]
-    plps: list[TokenLogprobs] | None  # the prompt's, when asked for
-
-
-async def _collect(deltas: AsyncIterator[Delta]) -> _Result:
-    parts: list[str] = []
-    ids: list[int] = []
-    lps: list[TokenLogprobs] = []
-    plps: list[TokenLogprobs] | None = None
-    last: Delta | None = None
-    try:
-        async for d in deltas:
-            parts.append(d.text)
-            ids.extend(d.token_ids)
-            lps.extend(d.logprobs or ())
-            plps = d.prompt_logprobs if d.prompt_logprobs is not None else plps
-            last = d
-    finally:
-        await deltas.aclose()  # type: ignore[attr-defined]
-    assert last is not None and last.finish_reason is not None
-    return _Result("".join(parts), ids, last, lps, plps)
 
 
 def _top(lps: list[TokenLogprobs], k: int) -> list[TokenLogprobs]:

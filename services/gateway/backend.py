@@ -51,6 +51,17 @@ class Replica:
     address: str
 
 
+@dataclass(eq=False)
+class ReplicaGroup:
+    """Sequences that share a prompt (a request's ``n`` / ``best_of`` choices): their first
+    attempt goes to the replica the first of them was given, so the prompt's full KV blocks
+    are computed once there and shared (prefix caching; services/attention/batching.py). A
+    retry or resume picks as usual."""
+
+    replica: Replica | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 @dataclass
 class GenRequest:
     """One validated generation request, as both front doors build it and the backend sends
@@ -69,6 +80,7 @@ class GenRequest:
     # stop string (set by Generation.run; the replica counts the abort as that).
     ended_as: FinishReason = FinishReason.ABORT
     include_stop_str: bool = False  # vLLM's include_stop_str_in_output
+    group: ReplicaGroup | None = None  # siblings sharing the prompt
 
 
 @dataclass
@@ -293,7 +305,7 @@ class Backend:
         prefix = routing_keys(req.prompt_ids)  # cache-aware routing (scheduler/balancer.py)
         for attempt in range(self.max_attempts):
             try:
-                replica = await self.picker.pick(len(req.prompt_ids), exclude, prefix)
+                replica = await _pick_for(self.picker, req, exclude, prefix)
             except GatewayError:
                 if last_error is not None:
                     raise last_error from None
@@ -363,6 +375,18 @@ class Backend:
                         len(output), "resuming elsewhere" if output else "trying another")
         assert last_error is not None
         raise last_error
+
+
+async def _pick_for(picker: ReplicaPicker, req: GenRequest, exclude: Sequence[str],
+                    prefix: Sequence[int]) -> Replica:
+    """The replica for ``req``'s next attempt: its group's, unless that one is excluded."""
+    group = req.group
+    if group is None:
+        return await picker.pick(len(req.prompt_ids), exclude, prefix)
+    async with group.lock:
+        if group.replica is None or group.replica.node_id in exclude:
+            group.replica = await picker.pick(len(req.prompt_ids), exclude, prefix)
+        return group.replica
 
 
 def _failure_of(item: attention_pb2.StreamEvent | ReplicaFailure | None

@@ -3,13 +3,17 @@
 :func:`check_request` validates what both front doors accept (sampling ranges, stop strings,
 token ids, context length) with the same messages; :meth:`Generation.run` streams a request as
 :class:`Delta` s: text that never splits a character nor shows a stop string, the token ids
-behind it, and on the last delta the finish reason and usage.
+behind it, and on the last delta the finish reason and usage. A request with several choices
+(``n``, ``best_of``) runs one sequence per choice: :func:`sibling_sampling` gives each its
+seed, :func:`merge_streams` interleaves their deltas, :func:`collect` gathers one whole and
+:func:`best_of_order` ranks them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from opentelemetry import trace
@@ -29,6 +33,23 @@ from services.gateway.backend import Backend, GenRequest
 from services.gateway.errors import GatewayError, bad_request, invalid_field
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.text import ModelText
+
+MAX_CHOICES = 64  # sequences per request (prompts x n, or best_of): each is its own sequence
+
+
+def check_choices(n: int | None, best_of: int | None, best_of_param: str = "best_of"
+                  ) -> tuple[int, int]:
+    """(n, best_of) of a request, defaults applied (None = 1 and n); a 400 naming the field
+    when out of range."""
+    n = 1 if n is None else n
+    if not 1 <= n <= MAX_CHOICES:
+        raise bad_request(f"n must be in [1, {MAX_CHOICES}], got {n}", "n")
+    if best_of is None:
+        return n, n
+    if not n <= best_of <= MAX_CHOICES:
+        raise bad_request(f"best_of must be in [n={n}, {MAX_CHOICES}], got {best_of}",
+                          best_of_param)
+    return n, best_of
 
 
 @dataclass
@@ -183,3 +204,104 @@ class Generation:
               prompt_logprobs: list[TokenLogprobs] | None = None) -> Delta:
         return Delta(piece, list(held), reason, prompt_tokens, completion, error,
                      list(logprobs) if logprobs is not None else None, prompt_logprobs)
+
+
+def sibling_sampling(sp: SamplingParams, j: int, count: int) -> SamplingParams:
+    """Choice ``j`` of ``count`` that share a prompt: with a seed, its own (seed + j), so the
+    choices differ and each is reproducible (vLLM does the same)."""
+    if sp.seed is None or count == 1:
+        return sp
+    return dataclasses.replace(sp, seed=(sp.seed + j) & U64_MAX)
+
+
+def best_of_order(cumulative_logprobs: Sequence[float], keep: int) -> list[int]:
+    """Indices of the ``keep`` sequences with the highest cumulative logprob, best first
+    (``best_of``; ties keep their order)."""
+    return sorted(range(len(cumulative_logprobs)), key=lambda i: -cumulative_logprobs[i])[:keep]
+
+
+@dataclass
+class Collected:
+    """A whole sequence: its text, ids, last delta and log-probabilities."""
+
+    text: str
+    ids: list[int]
+    last: Delta
+    lps: list[TokenLogprobs]
+    plps: list[TokenLogprobs] | None  # the prompt's, when asked for
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(lp.logprob for lp in self.lps)
+
+
+async def collect(deltas: AsyncIterator[Delta]) -> Collected:
+    """Run ``deltas`` to its end (raises what it raises; closes it in any case)."""
+    parts: list[str] = []
+    ids: list[int] = []
+    lps: list[TokenLogprobs] = []
+    plps: list[TokenLogprobs] | None = None
+    last: Delta | None = None
+    try:
+        async for d in deltas:
+            parts.append(d.text)
+            ids.extend(d.token_ids)
+            lps.extend(d.logprobs or ())
+            plps = d.prompt_logprobs if d.prompt_logprobs is not None else plps
+            last = d
+    finally:
+        await deltas.aclose()  # type: ignore[attr-defined]
+    assert last is not None and last.finish_reason is not None
+    return Collected("".join(parts), ids, last, lps, plps)
+
+
+async def collect_all(streams: Sequence[AsyncIterator[Delta]]) -> list[Collected]:
+    """:func:`collect` every stream at once; the first error cancels the others (their
+    requests are aborted downstream) and is raised."""
+    tasks = [asyncio.ensure_future(collect(st)) for st in streams]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def merge_streams(streams: Sequence[AsyncIterator[Delta]],
+                        firsts: Sequence[Delta] | None = None
+                        ) -> AsyncIterator[tuple[int, Delta | GatewayError]]:
+    """Interleave the choices' streams as their deltas arrive: ``(i, delta)`` up to each
+    one's last delta, ``(i, error)`` when stream ``i`` raises (it yields nothing more; the
+    caller decides whether the others go on). ``firsts[i]``, if given, is a delta already
+    taken from stream ``i``. Every stream is closed when this ends or is closed."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int) -> None:
+        try:
+            d: Delta | None = firsts[i] if firsts is not None else await anext(streams[i], None)
+            while d is not None:
+                await queue.put((i, d))
+                if d.finish_reason is not None:
+                    break
+                d = await anext(streams[i], None)
+        except GatewayError as exc:
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, d = await queue.get()
+            if d is done:
+                remaining -= 1
+            else:
+                yield i, d
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for st in streams:
+            await st.aclose()  # type: ignore[attr-defined]

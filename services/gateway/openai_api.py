@@ -25,16 +25,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.core.logits_processors import TokenLogprobs
-from services.core.request import U64_MAX, InvalidField
+from services.core.request import InvalidField
 from services.core.structured import compile_grammar
-from services.gateway.backend import GenRequest
+from services.gateway.backend import GenRequest, ReplicaGroup
 from services.gateway.errors import GatewayError, bad_request, invalid_field
-from services.gateway.generation import check_request, make_sampling
+from services.gateway.generation import (
+    MAX_CHOICES,
+    check_choices,
+    check_request,
+    make_sampling,
+    sibling_sampling,
+)
 from services.gateway.text import ModelText
 from services.gateway.tools import ToolPlan
 from services.gateway.tools import plan as tool_plan
-
-MAX_CHOICES = 64  # prompts x n (or best_of) per request: each is its own sequence
 
 
 class _Strict(BaseModel):
@@ -212,22 +216,15 @@ def to_plan(req: _Common, text: ModelText, request_id: str, tool_parser: str = "
     """A validated OpenAI request -> the sequences to run (all 400s raised here)."""
     check_model(req, text)
     chat = isinstance(req, ChatRequest)
-    n = 1 if req.n is None else req.n
-    if not 1 <= n <= MAX_CHOICES:
-        raise bad_request(f"n must be in [1, {MAX_CHOICES}], got {n}", "n")
-    best_of = n
+    n, best_of = check_choices(req.n, req.best_of if isinstance(req, CompletionRequest)
+                               else None)
     logprobs: int | None = None
     echo = False
     if isinstance(req, CompletionRequest):
         if req.suffix:
             raise bad_request("suffix is not supported", "suffix")
-        if req.best_of is not None:
-            if not n <= req.best_of <= MAX_CHOICES:
-                raise bad_request(f"best_of must be in [n={n}, {MAX_CHOICES}], got "
-                                  f"{req.best_of}", "best_of")
-            best_of = req.best_of
-            if best_of > n and req.stream:
-                raise bad_request("best_of > n cannot stream", "best_of")
+        if best_of > n and req.stream:
+            raise bad_request("best_of > n cannot stream", "best_of")
         logprobs = req.logprobs
         echo = bool(req.echo)
     else:
@@ -269,15 +266,15 @@ def to_plan(req: _Common, text: ModelText, request_id: str, tool_parser: str = "
                           f"{MAX_CHOICES} per request", "n")
     gens, prompt_of = [], []
     for pi, ids in enumerate(prompts):
+        group = ReplicaGroup() if best_of > 1 else None  # one replica: the prompt KV shared
+        sampling = make_sampling(seed=req.seed, **common)
+        check_request(text, ids, sampling, stop, param)
         for j in range(best_of):
-            seed = req.seed
-            if seed is not None and best_of > 1:  # the choices must differ
-                seed = (seed + j) & U64_MAX
-            sampling = make_sampling(seed=seed, **common)
-            check_request(text, ids, sampling, stop, param)
             rid = request_id if len(prompts) * best_of == 1 else f"{request_id}-{len(gens)}"
-            gens.append(GenRequest(ids, sampling, stop, request_id=rid,
-                                   include_stop_str=bool(req.include_stop_str_in_output)))
+            gens.append(GenRequest(ids, sibling_sampling(sampling, j, best_of), stop,
+                                   request_id=rid,
+                                   include_stop_str=bool(req.include_stop_str_in_output),
+                                   group=group))
             prompt_of.append(pi)
     return ApiPlan(gens, prompt_of, prompts, logprobs,
                    [text.decode(p) for p in prompts] if echo else None, n, best_of, tools,

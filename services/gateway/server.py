@@ -32,10 +32,25 @@ from services.core.request import (
 )
 from services.core.structured import compile_grammar
 from services.gateway.app import create_app
-from services.gateway.backend import Backend, GenRequest, SchedulerPicker, StaticPicker
+from services.gateway.backend import (
+    Backend,
+    GenRequest,
+    ReplicaGroup,
+    SchedulerPicker,
+    StaticPicker,
+)
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import GatewayError, bad_request, invalid_field
-from services.gateway.generation import Generation, check_request
+from services.gateway.generation import (
+    Delta,
+    Generation,
+    best_of_order,
+    check_choices,
+    check_request,
+    collect_all,
+    merge_streams,
+    sibling_sampling,
+)
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.text import ModelText
 
@@ -53,38 +68,63 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def Generate(self, request: gateway_pb2.GatewayGenerateRequest,
                        context: grpc.aio.ServicerContext):  # noqa: ANN201 - async generator
-        """Stream text deltas; the last event carries finish_reason (and usage if asked)."""
+        """Stream text deltas, each tagged with its choice's index; a choice's last event
+        carries its finish_reason (and usage if asked)."""
         try:
             self._auth(context)
             # tokenizing can take a while: not on the event loop
-            gen = await asyncio.to_thread(self._to_gen, request, context.time_remaining())
-            gen.trace_headers = [(k, v) for k, v in context.invocation_metadata() or ()
-                                 if k in TRACE_HEADERS]
+            gens, keep = await asyncio.to_thread(self._to_gens, request,
+                                                 context.time_remaining())
+            trace = [(k, v) for k, v in context.invocation_metadata() or ()
+                     if k in TRACE_HEADERS]
+            for gen in gens:
+                gen.trace_headers = list(trace)
         except GatewayError as exc:
             self._count(exc.grpc_code.name)  # refused before generation.run: counted here
             await context.abort(exc.grpc_code, exc.message)
         status = "ok"
+        want_lps = request.sampling.HasField("logprobs")
         try:
-            async for d in self.generation.run(gen):
-                ev = gateway_pb2.GatewayGenerateEvent(text=d.text, token_ids=d.token_ids,
-                                                      request_id=gen.request_id)
-                for lp in d.logprobs or ():
-                    ev.logprobs.add(logprob=lp.logprob, top_token_ids=lp.top_ids,
-                                    top_logprobs=lp.top_logprobs, rank=lp.rank)
-                for lp in d.prompt_logprobs or ():
-                    ev.prompt_logprobs.add(logprob=lp.logprob, top_token_ids=lp.top_ids,
-                                           top_logprobs=lp.top_logprobs, rank=lp.rank)
-                if d.finish_reason is not None:
-                    ev.finish_reason = d.finish_reason.proto
-                    if request.include_usage:
-                        ev.usage.prompt_tokens = d.prompt_tokens
-                        ev.usage.completion_tokens = d.completion_tokens
-                yield ev
+            if keep < len(gens):  # best_of: the kept ones whole, once all have finished
+                done = await collect_all([self.generation.run(g) for g in gens])
+                for index, i in enumerate(best_of_order([c.cumulative_logprob for c in done],
+                                                        keep)):
+                    c = done[i]
+                    whole = Delta(c.text, c.ids, c.last.finish_reason, c.last.prompt_tokens,
+                                  c.last.completion_tokens, c.last.error, c.lps, c.plps)
+                    yield self._event(whole, gens[i].request_id, index, request, want_lps)
+            elif len(gens) == 1:
+                async for d in self.generation.run(gens[0]):
+                    yield self._event(d, gens[0].request_id, 0, request, want_lps)
+            else:
+                async for i, d in merge_streams([self.generation.run(g) for g in gens]):
+                    if isinstance(d, GatewayError):
+                        raise d
+                    yield self._event(d, gens[i].request_id, i, request, want_lps)
         except GatewayError as exc:
             status = exc.grpc_code.name
             await context.abort(exc.grpc_code, exc.message)
         finally:
             self._count(status)
+
+    @staticmethod
+    def _event(d: Delta, request_id: str, index: int,
+               request: gateway_pb2.GatewayGenerateRequest, want_lps: bool
+               ) -> gateway_pb2.GatewayGenerateEvent:
+        ev = gateway_pb2.GatewayGenerateEvent(text=d.text, token_ids=d.token_ids,
+                                              request_id=request_id, index=index)
+        for lp in (d.logprobs or ()) if want_lps else ():
+            ev.logprobs.add(logprob=lp.logprob, top_token_ids=lp.top_ids,
+                            top_logprobs=lp.top_logprobs, rank=lp.rank)
+        for lp in d.prompt_logprobs or ():
+            ev.prompt_logprobs.add(logprob=lp.logprob, top_token_ids=lp.top_ids,
+                                   top_logprobs=lp.top_logprobs, rank=lp.rank)
+        if d.finish_reason is not None:
+            ev.finish_reason = d.finish_reason.proto
+            if request.include_usage:
+                ev.usage.prompt_tokens = d.prompt_tokens
+                ev.usage.completion_tokens = d.completion_tokens
+        return ev
 
     def _count(self, status: str) -> None:
         self.generation.metrics.requests.labels(endpoint="grpc.Generate", status=status).inc()
@@ -112,17 +152,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     return
         raise GatewayError(401, "missing or invalid API key: send 'authorization: Bearer KEY'")
 
-    def _to_gen(self, r: gateway_pb2.GatewayGenerateRequest, remaining: float | None
-                ) -> GenRequest:
+    def _to_gens(self, r: gateway_pb2.GatewayGenerateRequest, remaining: float | None
+                 ) -> tuple[list[GenRequest], int]:
+        """The request's sequences (one per choice, best_of of them) and how many to keep."""
         if r.model != self.text.card.id:
             raise GatewayError(404, f"the model {r.model!r} does not exist; this server serves "
                                f"{self.text.card.id!r}")
+        keep, count = check_choices(r.n or None, r.best_of or None)
+        suffix = len(f"-{count - 1}") if count > 1 else 0  # choice j's id is "ID-j"
         try:
-            rid = (check_request_id(r.request_id, CLIENT_REQUEST_ID_MAX_LEN)
+            rid = (check_request_id(r.request_id, CLIENT_REQUEST_ID_MAX_LEN - suffix)
                    if r.request_id else uuid.uuid4().hex)
             sp = sampling_from_proto(r.sampling)
         except InvalidField as exc:
             raise invalid_field(exc, "sampling." if exc.field != "request_id" else "") from None
+        if count > keep and sp.logprobs is None:
+            sp = dataclasses.replace(sp, logprobs=0)  # best_of ranks by them
         which = r.WhichOneof("prompt")
         if which is None:
             raise bad_request("prompt: give text or token_ids", "prompt")
@@ -144,9 +189,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 self.text.grammars().check(sp.grammar)
             except InvalidField as exc:
                 raise invalid_field(exc, "sampling.") from None
-        return GenRequest(ids, sp, stop, request_id=rid,
-                          deadline=time.monotonic() + remaining if remaining else None,
-                          include_stop_str=r.include_stop_str_in_output)
+        deadline = time.monotonic() + remaining if remaining else None
+        group = ReplicaGroup() if count > 1 else None  # one replica: the prompt KV shared
+        return [GenRequest(ids, sibling_sampling(sp, j, count), stop,
+                           request_id=rid if count == 1 else f"{rid}-{j}", deadline=deadline,
+                           include_stop_str=r.include_stop_str_in_output, group=group)
+                for j in range(count)], keep
 
     def _structured(self, r: gateway_pb2.GatewayGenerateRequest, sp: SamplingParams
                     ) -> SamplingParams:

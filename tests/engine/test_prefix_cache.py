@@ -167,3 +167,51 @@ def test_the_flag_defaults_on_and_takes_the_environment(monkeypatch):
     monkeypatch.setenv("MEGASCALE_ENABLE_PREFIX_CACHING", "maybe")
     with pytest.raises(ConfigError, match="--enable-prefix-caching"):
         _attention_flags()
+
+
+def test_a_request_waits_for_the_prompt_blocks_another_is_computing():
+    """``n`` siblings (and a burst with one system prompt) prefill the shared full blocks
+    once: the later ones wait one step, then take them from the cache."""
+    s = Batcher(PrefixCachingBlockManager(32, BS), BatchingConfig(max_batch_tokens=64))
+    prompt = list(range(1, 12))                     # 11 tokens: 2 full blocks + 3
+    a, b, c = _req("a", prompt), _req("b", prompt), _req("c", [99] + prompt)
+    for r in (a, b, c):
+        s.add(r)
+    plan = s.schedule()
+    # b shares a's blocks, so it waits; c (another prefix) is admitted past it
+    assert [(x.request.request_id, x.start, x.num_tokens) for x in plan.chunks] == [
+        ("a", 0, 11), ("c", 0, 12)]
+    assert list(s.waiting) == [b] and s.deferred_admissions == 1
+    a.output.append(5)
+    c.output.append(5)
+    plan = s.schedule()                              # a's prefill is over: its blocks cached
+    assert [(x.request.request_id, x.start, x.num_tokens) for x in plan.chunks] == [
+        ("a", 11, 1), ("c", 12, 1), ("b", 8, 3)]
+    assert s.blocks.block_table("b")[:2] == s.blocks.block_table("a")[:2]
+    assert s.prefix.hits == 8
+    assert not s._computing or all(r.status is Status.RUNNING for r in s._computing.values())
+
+
+def test_a_waiting_request_is_admitted_when_the_computing_one_leaves():
+    """Its claims go with a request that is preempted, aborted or fails mid-prefill: the
+    waiting one then computes the blocks itself (nothing waits forever)."""
+    for reason in (FinishReason.ABORT, FinishReason.ERROR):
+        s = Batcher(PrefixCachingBlockManager(32, BS), BatchingConfig(max_batch_tokens=4))
+        prompt = list(range(1, 14))                 # 13 tokens, prefilled 4 per step
+        a, b = _req("a", prompt), _req("b", prompt)
+        s.add(a)
+        s.add(b)
+        assert [x.request.request_id for x in s.schedule().chunks] == ["a"]
+        s.finish(a, reason)
+        plan = s.schedule()
+        assert [(x.request.request_id, x.start) for x in plan.chunks] == [
+            ("b", 4 if reason is FinishReason.ABORT else 0)]  # an abort's block is shared
+        assert s._computing and all(r is b for r in s._computing.values())
+    s = Batcher(PrefixCachingBlockManager(32, BS), BatchingConfig(max_batch_tokens=4))
+    a, b = _req("a", list(range(1, 14))), _req("b", list(range(1, 14)))
+    s.add(a)
+    s.add(b)
+    s.schedule()
+    s.requeue(a)                                     # preempted: back at the head
+    assert [x.request.request_id for x in s.schedule().chunks] == ["a"]
+    assert a.num_computed == 8 and b.status is Status.WAITING  # a resumes after its block

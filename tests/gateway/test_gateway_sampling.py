@@ -15,6 +15,7 @@ import jsonschema
 import openai
 import pytest
 import torch
+from metrics_helpers import scrape_metrics
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megascale.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -217,6 +218,27 @@ def test_n_choices_and_best_of(client):
     assert finished == {0, 1}
 
 
+def _prefix_hits(stack) -> float:
+    return sum(v for a in stack.mesh.attention
+               for k, v in scrape_metrics(a.info["metrics_port"]).items()
+               if k.startswith("megascale:prefix_cache_hits_total"))
+
+
+def test_n_choices_share_the_prompt_kv(stack, client):
+    """The n sequences of one prompt go to one replica (2 here) and prefill its full blocks
+    once: the others wait a step and take them from the prefix cache (16-token blocks)."""
+    prompt = torch.randint(3, 500, (70,), generator=torch.Generator().manual_seed(11)).tolist()
+    before = _prefix_hits(stack)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0,
+                                  n=4, extra_body={"return_token_ids": True})
+    shared = _prefix_hits(stack) - before
+    assert shared >= 3 * 64  # 4 full blocks of the 70-token prompt, computed once
+    assert len({tuple(c.token_ids) for c in r.choices}) == 1  # greedy: the same choice 4x
+    one = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0,
+                                    extra_body={"return_token_ids": True})
+    assert one.choices[0].token_ids == r.choices[0].token_ids
+
+
 def test_batched_prompts_match_single_prompts(client):
     prompts = [PROMPT, "Once upon a time"]
     r = client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, temperature=0)
@@ -377,3 +399,36 @@ def test_grpc_front_door_offers_the_same_options(stack, hf):
                         structured=gateway_pb2.StructuredOutput(regex="[a")))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "structured" in err.value.details()
+
+
+def test_grpc_front_door_runs_n_and_best_of(stack, client):
+    ids = [1, 40, 41, 42, 43]
+
+    async def run(**kw) -> list[gateway_pb2.GatewayGenerateEvent]:
+        async with grpc.aio.insecure_channel(stack.grpc) as ch:
+            stub = gateway_pb2_grpc.GatewayStub(ch)
+            return [ev async for ev in stub.Generate(gateway_pb2.GatewayGenerateRequest(
+                model=MODEL, token_ids=gateway_pb2.TokenIds(ids=ids), include_usage=True,
+                sampling=common_pb2.SamplingParams(temperature=1.0, seed=5, max_tokens=4,
+                                                   ignore_eos=True), **kw))]
+
+    events = asyncio.run(run(n=3, request_id="grpc-n"))
+    got: dict[int, list[int]] = {}
+    for ev in events:
+        got.setdefault(ev.index, []).extend(ev.token_ids)
+    finals = [ev for ev in events if ev.finish_reason]
+    assert sorted(ev.index for ev in finals) == [0, 1, 2]  # one last event per choice
+    assert all(ev.usage.completion_tokens == 4 for ev in finals)
+    assert {ev.request_id for ev in events} == {"grpc-n-0", "grpc-n-1", "grpc-n-2"}
+    rest = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=1.0,
+                                     seed=5, n=3, extra_body={"return_token_ids": True,
+                                                              "ignore_eos": True})
+    assert [got[i] for i in range(3)] == [c.token_ids for c in rest.choices]  # seed + i each
+    best = asyncio.run(run(n=1, best_of=3))
+    assert len(best) == 1 and best[0].index == 0 and not best[0].logprobs
+    assert list(best[0].token_ids) in list(got.values())
+    for bad, field in ((dict(n=65), "n"), (dict(n=2, best_of=1), "best_of")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            asyncio.run(run(**bad))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in err.value.details()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from megascale.v1 import common_pb2 as megascale_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amegascale/v1/gateway.proto\x12\x0cmegascale.v1\x1a\x19megascale/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xc2\x02\n\x16GatewayGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.megascale.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.megascale.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x15\n\rinclude_usage\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x32\n\nstructured\x18\x08 \x01(\x0b\x32\x1e.megascale.v1.StructuredOutput\x12\x11\n\tbad_words\x18\t \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\n \x01(\x08\x42\x08\n\x06prompt\"\x98\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12*\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x18.megascale.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x85\x02\n\x14GatewayGenerateEvent\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.megascale.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.megascale.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.megascale.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1a.megascale.v1.TokenLogprob\"\x13\n\x11ListModelsRequest\"V\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x16\n\x0e\x63reated_unix_s\x18\x04 \x01(\x01\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.megascale.v1.ModelCard2\xb2\x01\n\x07Gateway\x12V\n\x08Generate\x12$.megascale.v1.GatewayGenerateRequest\x1a\".megascale.v1.GatewayGenerateEvent0\x01\x12O\n\nListModels\x12\x1f.megascale.v1.ListModelsRequest\x1a .megascale.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amegascale/v1/gateway.proto\x12\x0cmegascale.v1\x1a\x19megascale/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xde\x02\n\x16GatewayGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.megascale.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.megascale.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x15\n\rinclude_usage\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x32\n\nstructured\x18\x08 \x01(\x0b\x32\x1e.megascale.v1.StructuredOutput\x12\x11\n\tbad_words\x18\t \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\n \x01(\x08\x12\t\n\x01n\x18\x0b \x01(\r\x12\x0f\n\x07\x62\x65st_of\x18\x0c \x01(\rB\x08\n\x06prompt\"\x98\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12*\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x18.megascale.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x94\x02\n\x14GatewayGenerateEvent\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.megascale.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.megascale.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.megascale.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1a.megascale.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\r\"\x13\n\x11ListModelsRequest\"V\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x16\n\x0e\x63reated_unix_s\x18\x04 \x01(\x01\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.megascale.v1.ModelCard2\xb2\x01\n\x07Gateway\x12V\n\x08Generate\x12$.megascale.v1.GatewayGenerateRequest\x1a\".megascale.v1.GatewayGenerateEvent0\x01\x12O\n\nListModels\x12\x1f.megascale.v1.ListModelsRequest\x1a .megascale.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=71
   _globals['_TOKENIDS']._serialized_end=94
   _globals['_GATEWAYGENERATEREQUEST']._serialized_start=97
-  _globals['_GATEWAYGENERATEREQUEST']._serialized_end=419
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=422
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=574
-  _globals['_CHOICELIST']._serialized_start=576
-  _globals['_CHOICELIST']._serialized_end=605
-  _globals['_GATEWAYGENERATEEVENT']._serialized_start=608
-  _globals['_GATEWAYGENERATEEVENT']._serialized_end=869
-  _globals['_LISTMODELSREQUEST']._serialized_start=871
-  _globals['_LISTMODELSREQUEST']._serialized_end=890
-  _globals['_MODELCARD']._serialized_start=892
-  _globals['_MODELCARD']._serialized_end=978
-  _globals['_LISTMODELSRESPONSE']._serialized_start=980
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1041
-  _globals['_GATEWAY']._serialized_start=1044
-  _globals['_GATEWAY']._serialized_end=1222
+  _globals['_GATEWAYGENERATEREQUEST']._serialized_end=447
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=450
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=602
+  _globals['_CHOICELIST']._serialized_start=604
+  _globals['_CHOICELIST']._serialized_end=633
+  _globals['_GATEWAYGENERATEEVENT']._serialized_start=636
+  _globals['_GATEWAYGENERATEEVENT']._serialized_end=912
+  _globals['_LISTMODELSREQUEST']._serialized_start=914
+  _globals['_LISTMODELSREQUEST']._serialized_end=933
+  _globals['_MODELCARD']._serialized_start=935
+  _globals['_MODELCARD']._serialized_end=1021
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1023
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1084
+  _globals['_GATEWAY']._serialized_start=1087
+  _globals['_GATEWAY']._serialized_end=1265
 # @@protoc_insertion_point(module_scope)

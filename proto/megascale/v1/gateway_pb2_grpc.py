@@ -72,8 +72,8 @@ class GatewayServicer:
     """
 
     def Generate(self, request, context):
-        """Generate a completion, streaming text deltas. The stream ends with exactly one event whose
-        finish_reason is set, then OK status.
+        """Generate a completion, streaming text deltas. Each choice (n, best_of) ends with exactly one
+        event whose finish_reason is set; after the last choice's, OK status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -18,6 +18,24 @@ from services.core.routing import RouterSpec
 
 # Stacked expert weights: input-major [n, K, N] tensors, or packed for the CPU kernel.
 ExpertStack = torch.Tensor | cpu_gemm.PackedWeight
+Linear = torch.Tensor | cpu_gemm.PackedLinear  # a dense layer's weight [N, K], maybe packed
+
+
+def packed_or(w: torch.Tensor, bias: torch.Tensor | None = None
+              ) -> tuple[Linear, torch.Tensor | None]:
+    """``(weight, bias)`` for :func:`linear`: packed for the CPU kernel where it serves them
+    (CPU float32; services/core/cpu_gemm.py), else as given."""
+    if cpu_gemm.linear_usable(w):
+        return cpu_gemm.pack_linear(w, bias), None
+    return w, bias
+
+
+def linear(x: torch.Tensor, w: Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, or the packed CPU kernel for a :class:`cpu_gemm.PackedLinear` (which holds
+    its bias)."""
+    if isinstance(w, cpu_gemm.PackedLinear):
+        return cpu_gemm.linear(x, w)
+    return F.linear(x, w, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -91,7 +91,7 @@ class AttentionSide:
         self._window_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Fused QKV projection per layer ([(NH + 2 KVH) * D, H], one GEMM instead of three);
         # the layer's q/k/v become views into it, so the weights are not held twice.
-        self._qkv: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
+        self._qkv: list[tuple[L.Linear, torch.Tensor | None] | None] = []
         for lw in weights.layers:
             if lw.mla is not None:  # MLA: projections stay separate (services/core/mla.py)
                 self._qkv.append(None)
@@ -103,7 +103,11 @@ class AttentionSide:
             if lw.q_bias is not None or lw.k_bias is not None or lw.v_bias is not None:
                 b = torch.cat([bias if bias is not None else w.new_zeros(n) for bias, n in
                                ((lw.q_bias, nq), (lw.k_bias, nk), (lw.v_bias, nk))])
-            self._qkv.append((w, b))
+            self._qkv.append(L.packed_or(w, b))
+        # The dense projections of a CPU float32 replica run on the packed kernel
+        # (services/core/cpu_gemm.py: linear); the packed copies are what the steps read.
+        self._o = [L.packed_or(lw.o, lw.o_bias) for lw in weights.layers]
+        self._lm_head = L.packed_or(weights.lm_head)[0]
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,8 +157,8 @@ class AttentionSide:
             attn = mla.mla_attention(x, lw.mla, cfg.mla, NH, cfg.rms_norm_eps,
                                      self._rope(meta.positions, x.dtype), kv.layer(layer)[0],
                                      meta, self.mla_absorb)
-            return self._mlp_input(layer, hidden + F.linear(attn, lw.o))
-        qkv = F.linear(x, *self._qkv[layer]).view(T, NH + 2 * KVH, cfg.head_dim)
+            return self._mlp_input(layer, hidden + L.linear(attn, *self._o[layer]))
+        qkv = L.linear(x, *self._qkv[layer]).view(T, NH + 2 * KVH, cfg.head_dim)
         q, k, v = qkv[:, :NH], qkv[:, NH:NH + KVH], qkv[:, NH + KVH:]
         cos, sin = self._rope(meta.positions, qkv.dtype)
         if cfg.qk_norm:
@@ -178,7 +182,7 @@ class AttentionSide:
                                           lw.sinks, mask)
         else:
             attn = L.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
-        return self._mlp_input(layer, hidden + F.linear(attn, lw.o, lw.o_bias))
+        return self._mlp_input(layer, hidden + L.linear(attn, *self._o[layer]))
 
     def _window_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """The step's mask narrowed to ``cfg.layer_window`` (once per micro-batch and step,
@@ -251,7 +255,7 @@ class AttentionSide:
             hidden = hidden.index_select(0, last_index)
         # else one token per sequence (decode): last_index is arange(T), nothing to gather
         h = self._norm(hidden, self.w.final_norm, self.cfg.rms_norm_eps)
-        return F.linear(h, self.w.lm_head).float()
+        return L.linear(h, self._lm_head).float()
 
 
 class ExpertSide:

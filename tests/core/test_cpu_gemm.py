@@ -115,3 +115,37 @@ def test_environment_switch_turns_the_kernel_off():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "MEGASCALE_CPU_GEMM": "0"}, timeout=120)
     assert out.stdout.strip() == "False MEGASCALE_CPU_GEMM=0"
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("M,N,K,bias", [
+    (32, 4096, 1024, False),   # decode rows, the panels split over the threads
+    (1, 48, 7, True),          # 3 panels, odd K, one row, with a bias
+    (300, 16, 64, False),      # one panel (no split possible), rows over several tiles
+    (0, 32, 8, True),          # no rows
+])
+def test_linear_matches_float64(threads, M, N, K, bias):
+    g = torch.Generator().manual_seed(M + N + K)
+    w = torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    x = torch.randn(2, M, K, generator=g)[1]  # a strided view: linear makes it contiguous
+    with torch_threads(threads):
+        y = cpu_gemm.linear(x, cpu_gemm.pack_linear(w, b))
+    ref = x.double() @ w.double().t() + (b.double() if bias else 0)
+    assert y.shape == (M, N) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, atol=1e-4 * K ** 0.5, rtol=1e-5)
+
+
+@needs_kernel
+def test_linear_keeps_leading_dims_and_refuses_what_it_cannot_serve():
+    from services.core import layers
+    w = torch.randn(32, 8)
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(layers.linear(x, *layers.packed_or(w)), x @ w.t())
+    assert isinstance(layers.packed_or(w)[0], cpu_gemm.PackedLinear)
+    odd = torch.randn(24, 8)  # N not a multiple of 16: torch serves it
+    assert layers.packed_or(odd)[0] is odd
+    assert layers.packed_or(w.half())[0].dtype == torch.float16
+    with pytest.raises(ValueError, match="linear: x must be"):
+        cpu_gemm.linear(x.double(), cpu_gemm.pack_linear(w))

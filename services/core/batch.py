@@ -50,6 +50,7 @@ class BatchMeta:
     seq_lens: tuple[int, ...]
     max_query_len: int
     max_seq_len: int
+    sliding_window: int | None = None  # already applied in attn_mask; kernels need to know
 
     @property
     def num_tokens(self) -> int:
@@ -119,7 +120,8 @@ def build_batch_meta(block_tables: Sequence[Sequence[int]], starts: Sequence[int
     return BatchMeta(
         positions=pos_t, slot_mapping=slot_t, block_tables=tables_t, q_gather=qg_t,
         attn_mask=mask[:, None], last_index=last_t, query_lens=tuple(query_lens),
-        seq_lens=tuple(seq_lens), max_query_len=qmax, max_seq_len=smax)
+        seq_lens=tuple(seq_lens), max_query_len=qmax, max_seq_len=smax,
+        sliding_window=sliding_window)
 
 
 def _decode_meta(block_tables: Sequence[Sequence[int]], starts: Sequence[int],
@@ -147,4 +149,4 @@ def _decode_meta(block_tables: Sequence[Sequence[int]], starts: Sequence[int],
         positions=pos_t, slot_mapping=slot_t, block_tables=packed[3 * B:].view(B, nbmax),
         q_gather=idx_t, attn_mask=mask[:, None, None], last_index=idx_t,
         query_lens=(1,) * B, seq_lens=tuple(seq_lens), max_query_len=1,
-        max_seq_len=max(seq_lens))
+        max_seq_len=max(seq_lens), sliding_window=sliding_window)

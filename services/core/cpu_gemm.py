@@ -21,6 +21,7 @@ floats, the order the kernel reads them in.
 
 from __future__ import annotations
 
+import importlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,21 +33,24 @@ PANEL = 16
 _API_VERSION = 2  # must match API_VERSION in _cpu_gemm.c
 
 
-def _load() -> tuple[Any, str]:
-    if os.environ.get("MEGASCALE_CPU_GEMM") == "0":
-        return None, "MEGASCALE_CPU_GEMM=0"
+def load_extension(name: str, api_version: int, env: str) -> tuple[Any, str]:
+    """(module, "") for the C extension ``services.core.<name>``, or (None, why not): turned
+    off by ``env=0``, not built, built from another version of its source, or the CPU lacks
+    AVX2/FMA (the module's ``supported()``)."""
+    if os.environ.get(env) == "0":
+        return None, f"{env}=0"
     try:
-        from services.core import _cpu_gemm
+        mod = importlib.import_module(f"services.core.{name}")
     except ImportError as exc:
-        return None, f"services.core._cpu_gemm is not built ({exc})"
-    if getattr(_cpu_gemm, "API_VERSION", 0) != _API_VERSION:
-        return None, "services.core._cpu_gemm is stale: run pip install -e . --no-deps"
-    if not _cpu_gemm.supported():
+        return None, f"services.core.{name} is not built ({exc})"
+    if getattr(mod, "API_VERSION", 0) != api_version:
+        return None, f"services.core.{name} is stale: run pip install -e . --no-deps"
+    if not mod.supported():
         return None, "this CPU lacks AVX2/FMA"
-    return _cpu_gemm, ""
+    return mod, ""
 
 
-_ext, REASON = _load()
+_ext, REASON = load_extension("_cpu_gemm", _API_VERSION, "MEGASCALE_CPU_GEMM")
 ACTIVE: bool = _ext is not None
 
 
@@ -123,7 +127,9 @@ _POOL_SIZE = 0
 _FLOAT = 4  # bytes per float32
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
+def worker_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's pool for C kernels that release the GIL (this module's and
+    services/core/cpu_attn.py's), resized to ``workers``; calls run on it plus the caller."""
     global _POOL, _POOL_SIZE
     if _POOL is None or _POOL_SIZE != workers:
         if _POOL is not None:
@@ -163,7 +169,7 @@ def _split_gemm(x: torch.Tensor, w: PackedWeight, offs: torch.Tensor, y: torch.T
     if runs == 1:
         _call(calls[0], K, N)
         return
-    pool = _pool(runs - 1)
+    pool = worker_pool(runs - 1)
     futures = [pool.submit(_call, c, K, N) for c in calls[1:]]
     _call(calls[0], K, N)
     for f in futures:
@@ -223,7 +229,7 @@ def linear(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
         if runs == 1:
             _ext.gemm(*calls[0])
         else:
-            futures = [_pool(runs - 1).submit(_ext.gemm, *c) for c in calls[1:]]
+            futures = [worker_pool(runs - 1).submit(_ext.gemm, *c) for c in calls[1:]]
             _ext.gemm(*calls[0])
             for f in futures:
                 f.result()

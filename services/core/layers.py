@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from services.core import cpu_gemm, routing
+from services.core import cpu_attn, cpu_gemm, routing
 from services.core.batch import BatchMeta
 from services.core.routing import RouterSpec
 
@@ -82,6 +82,15 @@ def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tens
     return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin_signed
 
 
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             meta: BatchMeta) -> None:
+    """Write the step's ``k``/``v`` [T, KVH, D] into their slots of the head-major caches
+    ``[KVH, num_blocks, block_size, D]``."""
+    KVH, D = k.shape[1], k.shape[2]
+    k_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    v_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+
+
 def write_and_gather_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, meta: BatchMeta
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,8 +99,7 @@ def write_and_gather_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     the gather is one ``index_select`` over whole blocks per tensor)."""
     KVH, D = k.shape[1], k.shape[2]
     B, smax = meta.num_seqs, meta.max_seq_len
-    k_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_cache.view(KVH, -1, D).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    write_kv(k, v, k_cache, v_cache, meta)
     flat_tables = meta.block_tables.view(-1)
     keys = k_cache.index_select(1, flat_tables).view(KVH, B, -1, D)[:, :, :smax].transpose(0, 1)
     vals = v_cache.index_select(1, flat_tables).view(KVH, B, -1, D)[:, :, :smax].transpose(0, 1)
@@ -113,6 +121,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     T, NH, D = q.shape
     KVH = k.shape[1]
     B, qmax = meta.num_seqs, meta.max_query_len
+    if cpu_attn.usable(q, k_cache, meta):  # CPU decode: read K/V where they lie, no gather
+        write_kv(k, v, k_cache, v_cache, meta)
+        return cpu_attn.paged_decode(q, k_cache, v_cache, meta, scale)
     keys, vals = write_and_gather_kv(k, v, k_cache, v_cache, meta)
     if qmax == 1:
         # Pure decode: fold each KV head's G = NH / KVH query heads into the query-length

@@ -153,7 +153,7 @@ def test_cuda_image_installs_the_gpu_extra_on_a_cuda_base() -> None:
         # the C extensions were built, not silently skipped; checked isolated (-I), or the
         # source tree in the working directory (without .so files) would shadow the package
         assert re.search(r"python -I -c \"import [^\"]*libm2n\._fast, "
-                         r"services\.core\._cpu_gemm", runs_), runs_
+                         r"services\.core\._cpu_gemm, services\.core\._cpu_attn", runs_), runs_
 
 
 # -- build.sh ------------------------------------------------------------------------------

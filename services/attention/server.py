@@ -192,7 +192,7 @@ async def serve(config: AttentionConfig, ready_file: str | None = None,
     """Run the replica until ``stop`` is set (or forever)."""
     import torch
 
-    configure_threads(config.threads)
+    configure_threads(config.threads, config.device, config.dtype)
     async with RoleLifecycle("attention", config.node_id, config.host,
                              config.advertise_host) as life:
         attention = AttentionSide.from_pretrained(config.model_dir,

@@ -4,7 +4,7 @@
 step (one query token per sequence) when :func:`usable` says so: the kernel built, AVX2 +
 FMA, float32 CPU tensors, a head size that is a multiple of 8, and no sliding window (the
 window lives in the torch path's mask). Everywhere else the gather + SDPA path runs.
-With ``torch.get_num_threads() > 1`` the (sequence, KV head) items are split into that many
+With :func:`cpu_gemm.kernel_threads` > 1 the (sequence, KV head) items are split into that many
 runs of about equal context, one kernel call each on :func:`cpu_gemm.worker_pool` (the
 kernel releases the GIL). ``MEGASCALE_CPU_ATTN=0`` in the environment (read at import)
 turns it off, for A/B runs.
@@ -17,7 +17,7 @@ import itertools
 import torch
 
 from services.core.batch import BatchMeta
-from services.core.cpu_gemm import load_extension, worker_pool
+from services.core.cpu_gemm import kernel_threads, load_extension, worker_pool
 
 _API_VERSION = 1  # must match API_VERSION in _cpu_attn.c
 _ext, REASON = load_extension("_cpu_attn", _API_VERSION, "MEGASCALE_CPU_ATTN")
@@ -53,7 +53,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              tables.data_ptr(), lens.data_ptr(), B, NH, KVH, D, bs, tables.shape[1],
              num_blocks)
     items = B * KVH
-    runs = min(torch.get_num_threads(), items)
+    runs = min(kernel_threads(), items)
     if runs == 1:
         _ext.paged_decode(*fixed, 0, items, scale)
         return out.view(B, NH * D)

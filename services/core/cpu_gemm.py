@@ -5,8 +5,8 @@ The expert FFN's GEMMs are small at decode (a batch of 32 gives each of 8 expert
 this kernel reads weights that were packed once, so a call only streams them. It is used by
 :func:`services.core.layers.grouped_expert_ffn` when :func:`usable` says so (CPU, float32,
 AVX2 + FMA, output width a multiple of 16); everywhere else torch's path runs. The kernel is
-single-threaded and releases the GIL: with ``torch.get_num_threads() > 1`` (a colocated
-replica given every core) the groups are split into that many contiguous runs computed by a
+single-threaded and releases the GIL: with :func:`kernel_threads` > 1 (a colocated replica
+given every core) the groups are split into that many contiguous runs computed by a
 small thread pool, so each thread streams a disjoint part of the weights.
 The same kernel serves dense layers (:class:`PackedLinear`, :func:`linear`: the attention
 projections and the LM head of a CPU float32 replica), a weight's panels split over the
@@ -113,13 +113,30 @@ def grouped_gemm(x: torch.Tensor, w: PackedWeight, offs: torch.Tensor) -> torch.
         raise RuntimeError(f"the CPU grouped GEMM is not available: {REASON}")
     x, offs = x.contiguous(), offs.contiguous()
     y = torch.empty(x.shape[0], w.n, dtype=torch.float32)
-    threads = torch.get_num_threads()
+    threads = kernel_threads()
     if threads == 1 or w.groups == 1:
         _ext.grouped_gemm(x.data_ptr(), x.shape[0], w.data.data_ptr(), y.data_ptr(),
                           offs.data_ptr(), w.groups, w.k, w.n)
         return y
     _split_gemm(x, w, offs, y, threads)
     return y
+
+
+_KERNEL_THREADS: int | None = None
+
+
+def set_kernel_threads(threads: int | None) -> None:
+    """How many threads this module's and cpu_attn's kernels split their work over (None:
+    ``torch.get_num_threads()``)."""
+    global _KERNEL_THREADS
+    if threads is not None and threads < 1:
+        raise ValueError(f"kernel threads must be >= 1, got {threads}")
+    _KERNEL_THREADS = threads
+
+
+def kernel_threads() -> int:
+    """The thread count the kernels split their work over (:func:`set_kernel_threads`)."""
+    return _KERNEL_THREADS if _KERNEL_THREADS is not None else torch.get_num_threads()
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -207,7 +224,7 @@ def pack_linear(w: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLine
 
 def linear(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
     """``F.linear(x, W, b)`` for CPU float32 ``x [..., K]``: ``[..., N]``. With
-    ``torch.get_num_threads() > 1`` the weight's panels are split into that many contiguous
+    :func:`kernel_threads` > 1 the weight's panels are split into that many contiguous
     runs, one kernel call each (the kernel releases the GIL)."""
     w = layer.weight
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != w.k:
@@ -221,7 +238,7 @@ def linear(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
     y = torch.empty(M, N, dtype=torch.float32)
     if M:
         panels = N // PANEL
-        runs = min(torch.get_num_threads(), panels)
+        runs = min(kernel_threads(), panels)
         cut = [(i * panels) // runs for i in range(runs + 1)]
         calls = [(x2.data_ptr(), M, w.data.data_ptr() + p0 * K * PANEL * _FLOAT,
                   y.data_ptr() + p0 * PANEL * _FLOAT, K, (p1 - p0) * PANEL, N)

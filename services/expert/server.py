@@ -159,7 +159,7 @@ def load_expert_side(config: ExpertConfig, cfg: ModelConfig, expert_ids: Sequenc
 async def serve(config: ExpertConfig, ready_file: str | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Run the node until ``stop`` is set (or forever)."""
-    configure_threads(config.threads)
+    configure_threads(config.threads, config.device, config.dtype)
     async with RoleLifecycle("expert", config.node_id, config.host,
                              config.advertise_host) as life:
         cfg, experts = load_experts(config)

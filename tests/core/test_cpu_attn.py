@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from services.core import cpu_attn, layers
+from services.core import cpu_attn, cpu_gemm, layers
 from services.core.batch import build_batch_meta
 
 needs_kernel = pytest.mark.skipif(not cpu_attn.ACTIVE, reason=f"kernel off: {cpu_attn.REASON}")
@@ -41,13 +41,12 @@ def _step(B: int, NH: int, KVH: int, D: int, seed: int):
 def test_paged_decode_equals_gather_and_sdpa(threads, B, NH, KVH, D):
     q, k, v, kc, vc, meta = _step(B, NH, KVH, D, seed=B * 31 + D)
     kc2, vc2 = kc.clone(), vc.clone()
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    cpu_gemm.set_kernel_threads(threads)
     try:
         assert cpu_attn.usable(q, kc, meta)
         got = layers.paged_attention(q, k, v, kc, vc, meta, 0.3)  # the kernel
     finally:
-        torch.set_num_threads(old)
+        cpu_gemm.set_kernel_threads(None)
     keys, vals = layers.write_and_gather_kv(k, v, kc2, vc2, meta)  # the torch path
     want = torch.nn.functional.scaled_dot_product_attention(
         q.reshape(B, KVH, NH // KVH, D), keys, vals, attn_mask=meta.attn_mask,

@@ -30,10 +30,12 @@ needs_kernel = pytest.mark.skipif(not cpu_gemm.ACTIVE, reason=f"kernel off: {cpu
 def torch_threads(n: int):
     old = torch.get_num_threads()
     torch.set_num_threads(n)
+    cpu_gemm.set_kernel_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(old)
+        cpu_gemm.set_kernel_threads(None)
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, offs: list[int]) -> torch.Tensor:
@@ -149,3 +151,17 @@ def test_linear_keeps_leading_dims_and_refuses_what_it_cannot_serve():
     assert layers.packed_or(w.half())[0].dtype == torch.float16
     with pytest.raises(ValueError, match="linear: x must be"):
         cpu_gemm.linear(x.double(), cpu_gemm.pack_linear(w))
+
+
+def test_configure_threads_gives_the_kernels_the_threads_on_cpu_float32():
+    from services.core.runtime import configure_threads
+    old = torch.get_num_threads()
+    try:
+        configure_threads(2, "cpu", "float32")
+        assert cpu_gemm.kernel_threads() == 2
+        assert torch.get_num_threads() == (1 if cpu_gemm.ACTIVE else 2)
+        configure_threads(2, "cpu", "bfloat16")  # torch runs the heavy ops: it gets them
+        assert torch.get_num_threads() == 2 and cpu_gemm.kernel_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+        cpu_gemm.set_kernel_threads(None)

@@ -25,7 +25,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define API_VERSION 2
+#define API_VERSION 3
 #define NR 16 /* panel width: two 8-float AVX registers */
 #define MR 6  /* rows per micro-tile: 12 accumulators + 2 panel loads + 1 broadcast = 15 ymm */
 /* Software prefetch distance, in panel rows (64 bytes each). At a few rows per tile the k loop
@@ -98,29 +98,34 @@ static int as_long(PyObject *o, long *out)
     return !(*out == -1 && PyErr_Occurred());
 }
 
-/* grouped_gemm(x_ptr, rows, w_ptr, y_ptr, offs_ptr, groups, K, N) -> None
- * Pointers are data_ptr() values of tensors the caller keeps alive (see the header comment for
- * shapes). Raises ValueError for bad offsets or sizes, RuntimeError without AVX2/FMA. */
+/* grouped_gemm(x_ptr, rows, w_ptr, y_ptr, offs_ptr, groups, K, N, n0, n1) -> None
+ * Columns [n0, n1) of every group's output (multiples of 16): callers split a call over
+ * threads by columns, so each thread streams its share of every group's weight whatever the
+ * groups' row counts. Pointers are data_ptr() values of tensors the caller keeps alive (see
+ * the header comment for shapes). Raises ValueError for bad offsets or sizes, RuntimeError
+ * without AVX2/FMA. A dense layer is one group (offs = [rows]). */
 static PyObject *grouped_gemm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    long v[8];
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "grouped_gemm takes 8 arguments");
+    long v[10];
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "grouped_gemm takes 10 arguments");
         return NULL;
     }
-    for (int i = 0; i < 8; i++)
+    for (int i = 0; i < 10; i++)
         if (!as_long(args[i], &v[i])) return NULL;
     const float *x = (const float *)(intptr_t)v[0], *w = (const float *)(intptr_t)v[2];
     float *y = (float *)(intptr_t)v[3];
     const int32_t *offs = (const int32_t *)(intptr_t)v[4];
-    const long M = v[1], G = v[5], K = v[6], N = v[7];
+    const long M = v[1], G = v[5], K = v[6], N = v[7], n0 = v[8], n1 = v[9];
     if (!have_avx2_fma) {
         PyErr_SetString(PyExc_RuntimeError, "grouped_gemm needs a CPU with AVX2 and FMA");
         return NULL;
     }
-    if (M < 0 || G < 0 || K < 1 || N < NR || N % NR) {
+    if (M < 0 || G < 0 || K < 1 || N < NR || N % NR || n0 < 0 || n0 % NR || n1 <= n0 ||
+        n1 > N || n1 % NR) {
         PyErr_Format(PyExc_ValueError, "grouped_gemm: bad sizes rows=%ld groups=%ld K=%ld N=%ld "
-                     "(N must be a positive multiple of %d)", M, G, K, N, NR);
+                     "columns [%ld, %ld) (N and the column bounds must be multiples of %d)",
+                     M, G, K, N, n0, n1, NR);
         return NULL;
     }
     long prev = 0;
@@ -136,42 +141,12 @@ static PyObject *grouped_gemm(PyObject *self, PyObject *const *args, Py_ssize_t 
     long start = 0;
     for (long g = 0; g < G; g++) {
         const long end = offs[g];
-        if (end > start)
-            group_gemm(x + start * K, w + g * K * N, y + start * N, end - start, K, N, N);
+        if (end > start)  /* panel p of group g lies at w + g * K * N + p * K * 16 */
+            group_gemm(x + start * K, w + g * K * N + n0 * K, y + start * N + n0, end - start, K,
+                       n1 - n0, N);
         start = end;
     }
-    if (start < M) memset(y + start * N, 0, (size_t)(M - start) * N * sizeof(float));
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-/* gemm(x_ptr, rows, w_ptr, y_ptr, K, N, ldy) -> None
- * One weight: y[rows, 0:N] (row stride ldy >= N) = x[rows, K] @ the N / 16 panels at w_ptr.
- * A caller splitting a weight's panels over threads passes each thread's first panel and
- * output column (w_ptr + p0 * K * 16 floats, y_ptr + p0 * 16 floats). */
-static PyObject *gemm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    long v[7];
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "gemm takes 7 arguments");
-        return NULL;
-    }
-    for (int i = 0; i < 7; i++)
-        if (!as_long(args[i], &v[i])) return NULL;
-    const float *x = (const float *)(intptr_t)v[0], *w = (const float *)(intptr_t)v[2];
-    float *y = (float *)(intptr_t)v[3];
-    const long M = v[1], K = v[4], N = v[5], ldy = v[6];
-    if (!have_avx2_fma) {
-        PyErr_SetString(PyExc_RuntimeError, "gemm needs a CPU with AVX2 and FMA");
-        return NULL;
-    }
-    if (M < 0 || K < 1 || N < NR || N % NR || ldy < N) {
-        PyErr_Format(PyExc_ValueError, "gemm: bad sizes rows=%ld K=%ld N=%ld ldy=%ld (N must be "
-                     "a positive multiple of %d, ldy >= N)", M, K, N, ldy, NR);
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    if (M > 0) group_gemm(x, w, y, M, K, N, ldy);
+    for (long r = start; r < M; r++) memset(y + r * N + n0, 0, (size_t)(n1 - n0) * sizeof(float));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -183,9 +158,7 @@ static PyObject *supported(PyObject *self, PyObject *unused)
 
 static PyMethodDef methods[] = {
     {"grouped_gemm", (PyCFunction)(void (*)(void))grouped_gemm, METH_FASTCALL,
-     "grouped_gemm(x_ptr, rows, w_ptr, y_ptr, offs_ptr, groups, K, N) -> None"},
-    {"gemm", (PyCFunction)(void (*)(void))gemm, METH_FASTCALL,
-     "gemm(x_ptr, rows, w_ptr, y_ptr, K, N, ldy) -> None"},
+     "grouped_gemm(x_ptr, rows, w_ptr, y_ptr, offs_ptr, groups, K, N, n0, n1) -> None"},
     {"supported", supported, METH_NOARGS, "supported() -> whether this CPU has AVX2 and FMA"},
     {NULL, NULL, 0, NULL}};
 

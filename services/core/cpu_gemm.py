@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 PANEL = 16
-_API_VERSION = 2  # must match API_VERSION in _cpu_gemm.c
+_API_VERSION = 3  # must match API_VERSION in _cpu_gemm.c
 
 
 def load_extension(name: str, api_version: int, env: str) -> tuple[Any, str]:
@@ -113,13 +113,26 @@ def grouped_gemm(x: torch.Tensor, w: PackedWeight, offs: torch.Tensor) -> torch.
         raise RuntimeError(f"the CPU grouped GEMM is not available: {REASON}")
     x, offs = x.contiguous(), offs.contiguous()
     y = torch.empty(x.shape[0], w.n, dtype=torch.float32)
-    threads = kernel_threads()
-    if threads == 1 or w.groups == 1:
-        _ext.grouped_gemm(x.data_ptr(), x.shape[0], w.data.data_ptr(), y.data_ptr(),
-                          offs.data_ptr(), w.groups, w.k, w.n)
-        return y
-    _split_gemm(x, w, offs, y, threads)
+    _run(x, w, offs, y)
     return y
+
+
+def _run(x: torch.Tensor, w: PackedWeight, offs: torch.Tensor, y: torch.Tensor) -> None:
+    """One kernel call per thread, each over a contiguous run of the output's 16-column panels
+    in every group: the threads stream equal shares of every weight, balanced whatever the
+    groups' row counts (prefill routes very unevenly)."""
+    panels = w.n // PANEL
+    runs = min(kernel_threads(), panels)
+    cut = [(i * panels) // runs * PANEL for i in range(runs + 1)]
+    args = (x.data_ptr(), x.shape[0], w.data.data_ptr(), y.data_ptr(), offs.data_ptr(),
+            w.groups, w.k, w.n)
+    futures = [worker_pool(runs - 1).submit(_ext.grouped_gemm, *args, n0, n1)
+               for n0, n1 in zip(cut[1:-1], cut[2:], strict=True)] if runs > 1 else []
+    try:
+        _ext.grouped_gemm(*args, cut[0], cut[1])
+    finally:  # the tensors must outlive every call reading them
+        for f in futures:
+            f.result()
 
 
 _KERNEL_THREADS: int | None = None
@@ -141,7 +154,6 @@ def kernel_threads() -> int:
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
-_FLOAT = 4  # bytes per float32
 
 
 def worker_pool(workers: int) -> ThreadPoolExecutor:
@@ -153,49 +165,6 @@ def worker_pool(workers: int) -> ThreadPoolExecutor:
             _POOL.shutdown(wait=False)
         _POOL, _POOL_SIZE = ThreadPoolExecutor(workers, thread_name_prefix="cpu-gemm"), workers
     return _POOL
-
-
-def _split_gemm(x: torch.Tensor, w: PackedWeight, offs: torch.Tensor, y: torch.Tensor,
-                threads: int) -> None:
-    """:func:`grouped_gemm` over ``threads`` runs of groups, one kernel call per run (the
-    kernel releases the GIL). The offsets were validated here in Python terms first, since a
-    run's call only sees its own slice."""
-    ends = offs.tolist()
-    M, K, N = x.shape[0], w.k, w.n
-    prev = 0
-    for g, e in enumerate(ends):
-        if e < prev or e > M:
-            raise ValueError(f"grouped_gemm: offset {e} of group {g} is outside [{prev}, {M}]")
-        prev = e
-    busy = [g for g in range(w.groups) if ends[g] > (ends[g - 1] if g else 0)]
-    if ends[-1] < M:  # rows past the last group: zero, as the kernel does
-        y[ends[-1]:].zero_()
-    if not busy:
-        return
-    runs = min(threads, len(busy))
-    cut = [busy[(i * len(busy)) // runs] for i in range(runs)] + [w.groups]
-    cut[0] = 0
-    calls = []
-    for g0, g1 in zip(cut, cut[1:], strict=False):
-        r0 = ends[g0 - 1] if g0 else 0
-        r1 = ends[g1 - 1]
-        sub = offs[g0:g1] - r0  # int32, this run's end offsets relative to its first row
-        calls.append((x.data_ptr() + r0 * K * _FLOAT, r1 - r0,
-                      w.data.data_ptr() + g0 * K * N * _FLOAT, y.data_ptr() + r0 * N * _FLOAT,
-                      sub, g1 - g0))
-    if runs == 1:
-        _call(calls[0], K, N)
-        return
-    pool = worker_pool(runs - 1)
-    futures = [pool.submit(_call, c, K, N) for c in calls[1:]]
-    _call(calls[0], K, N)
-    for f in futures:
-        f.result()
-
-
-def _call(c: tuple, K: int, N: int) -> None:
-    xp, rows, wp, yp, sub, groups = c
-    _ext.grouped_gemm(xp, rows, wp, yp, sub.data_ptr(), groups, K, N)
 
 
 @dataclass(frozen=True)
@@ -234,22 +203,9 @@ def linear(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
         raise RuntimeError(f"the CPU GEMM is not available: {REASON}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k).contiguous()
-    M, K, N = x2.shape[0], w.k, w.n
-    y = torch.empty(M, N, dtype=torch.float32)
-    if M:
-        panels = N // PANEL
-        runs = min(kernel_threads(), panels)
-        cut = [(i * panels) // runs for i in range(runs + 1)]
-        calls = [(x2.data_ptr(), M, w.data.data_ptr() + p0 * K * PANEL * _FLOAT,
-                  y.data_ptr() + p0 * PANEL * _FLOAT, K, (p1 - p0) * PANEL, N)
-                 for p0, p1 in zip(cut, cut[1:], strict=False)]
-        if runs == 1:
-            _ext.gemm(*calls[0])
-        else:
-            futures = [worker_pool(runs - 1).submit(_ext.gemm, *c) for c in calls[1:]]
-            _ext.gemm(*calls[0])
-            for f in futures:
-                f.result()
+    y = torch.empty(x2.shape[0], w.n, dtype=torch.float32)
+    if x2.shape[0]:
+        _run(x2, w, torch.tensor([x2.shape[0]], dtype=torch.int32), y)
     if layer.bias is not None:
         y += layer.bias
-    return y.view(*lead, N)
+    return y.view(*lead, w.n)

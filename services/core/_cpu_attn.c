@@ -19,8 +19,7 @@
  * Query head g of KV head h is h * (NH / KVH) + g (GQA). Softmax in float32: the scores of a
  * row are kept, their max subtracted before expf (as SDPA's math does).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_cpu_kernel.h"
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -82,25 +81,12 @@ __attribute__((target("avx2,fma"))) static void attend(const float *q, const flo
     }
 }
 
-static int have_avx2_fma = 0;
-
-static int as_long(PyObject *o, long *out)
-{
-    *out = PyLong_AsLong(o);
-    return !(*out == -1 && PyErr_Occurred());
-}
-
 /* paged_decode(q, k, v, out, tables, lens, B, NH, KVH, D, bs, nb_stride, num_blocks, w0, w1,
  *              scale) -> None; the first six are data_ptr() values (see the header). */
 static PyObject *paged_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     long a[15];
-    if (nargs != 16) {
-        PyErr_SetString(PyExc_TypeError, "paged_decode takes 16 arguments");
-        return NULL;
-    }
-    for (int i = 0; i < 15; i++)
-        if (!as_long(args[i], &a[i])) return NULL;
+    if (!parse_longs(args, nargs, 16, 15, a, "paged_decode")) return NULL;
     const double scale = PyFloat_AsDouble(args[15]);
     if (scale == -1.0 && PyErr_Occurred()) return NULL;
     const float *q = (const float *)(intptr_t)a[0], *k = (const float *)(intptr_t)a[1];
@@ -109,10 +95,6 @@ static PyObject *paged_decode(PyObject *self, PyObject *const *args, Py_ssize_t 
     const int64_t *tables = (const int64_t *)(intptr_t)a[4], *lens = (const int64_t *)(intptr_t)a[5];
     const long B = a[6], NH = a[7], KVH = a[8], D = a[9], bs = a[10], nb_stride = a[11];
     const long num_blocks = a[12], w0 = a[13], w1 = a[14];
-    if (!have_avx2_fma) {
-        PyErr_SetString(PyExc_RuntimeError, "paged_decode needs a CPU with AVX2 and FMA");
-        return NULL;
-    }
     if (B < 1 || KVH < 1 || NH % KVH || D < 8 || D % 8 || bs < 1 || nb_stride < 1 ||
         num_blocks < 1 || w0 < 0 || w1 < w0 || w1 > B * KVH) {
         PyErr_Format(PyExc_ValueError, "paged_decode: bad sizes B=%ld NH=%ld KVH=%ld D=%ld "
@@ -151,11 +133,6 @@ static PyObject *paged_decode(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
-static PyObject *supported(PyObject *self, PyObject *unused)
-{
-    return PyBool_FromLong(have_avx2_fma);
-}
-
 static PyMethodDef methods[] = {
     {"paged_decode", (PyCFunction)(void (*)(void))paged_decode, METH_FASTCALL,
      "paged_decode(q, k, v, out, tables, lens, B, NH, KVH, D, bs, nb_stride, num_blocks, w0, "
@@ -169,12 +146,5 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_attn",
 
 PyMODINIT_FUNC PyInit__cpu_attn(void)
 {
-    __builtin_cpu_init();
-    have_avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "API_VERSION", API_VERSION) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    return create_module(&module, API_VERSION);
 }

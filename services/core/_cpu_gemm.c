@@ -19,8 +19,7 @@
  * Each output element is one sequential FMA chain over k = 0..K-1 (deterministic; it agrees
  * with MKL to rounding, bit for bit where MKL does not split K).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_cpu_kernel.h"
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -90,14 +89,6 @@ static void group_gemm(const float *x, const float *w, float *y, long M, long K,
     }
 }
 
-static int have_avx2_fma = 0; /* probed once, in PyInit__cpu_gemm */
-
-static int as_long(PyObject *o, long *out)
-{
-    *out = PyLong_AsLong(o);
-    return !(*out == -1 && PyErr_Occurred());
-}
-
 /* grouped_gemm(x_ptr, rows, w_ptr, y_ptr, offs_ptr, groups, K, N, n0, n1) -> None
  * Columns [n0, n1) of every group's output (multiples of 16): callers split a call over
  * threads by columns, so each thread streams its share of every group's weight whatever the
@@ -107,20 +98,11 @@ static int as_long(PyObject *o, long *out)
 static PyObject *grouped_gemm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     long v[10];
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "grouped_gemm takes 10 arguments");
-        return NULL;
-    }
-    for (int i = 0; i < 10; i++)
-        if (!as_long(args[i], &v[i])) return NULL;
+    if (!parse_longs(args, nargs, 10, 10, v, "grouped_gemm")) return NULL;
     const float *x = (const float *)(intptr_t)v[0], *w = (const float *)(intptr_t)v[2];
     float *y = (float *)(intptr_t)v[3];
     const int32_t *offs = (const int32_t *)(intptr_t)v[4];
     const long M = v[1], G = v[5], K = v[6], N = v[7], n0 = v[8], n1 = v[9];
-    if (!have_avx2_fma) {
-        PyErr_SetString(PyExc_RuntimeError, "grouped_gemm needs a CPU with AVX2 and FMA");
-        return NULL;
-    }
     if (M < 0 || G < 0 || K < 1 || N < NR || N % NR || n0 < 0 || n0 % NR || n1 <= n0 ||
         n1 > N || n1 % NR) {
         PyErr_Format(PyExc_ValueError, "grouped_gemm: bad sizes rows=%ld groups=%ld K=%ld N=%ld "
@@ -151,11 +133,6 @@ static PyObject *grouped_gemm(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
-static PyObject *supported(PyObject *self, PyObject *unused)
-{
-    return PyBool_FromLong(have_avx2_fma);
-}
-
 static PyMethodDef methods[] = {
     {"grouped_gemm", (PyCFunction)(void (*)(void))grouped_gemm, METH_FASTCALL,
      "grouped_gemm(x_ptr, rows, w_ptr, y_ptr, offs_ptr, groups, K, N, n0, n1) -> None"},
@@ -168,12 +145,5 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_gemm",
 
 PyMODINIT_FUNC PyInit__cpu_gemm(void)
 {
-    __builtin_cpu_init();
-    have_avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "API_VERSION", API_VERSION) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    return create_module(&module, API_VERSION);
 }

@@ -31,7 +31,13 @@ from dataclasses import dataclass, field
 import torch
 
 import libm2n
-from services.attention.routing import ExpertUnavailable, Part, Placement, Routes
+from services.attention.routing import (
+    ExpertUnavailable,
+    Part,
+    Placement,
+    Routes,
+    StalePlacement,
+)
 from services.core import moe_wire
 from services.core.model import MoEInput
 
@@ -313,9 +319,12 @@ class ExpertClient:
             with msg:
                 part = msg.tensor()
                 if moe_wire.is_error(part):
-                    raise ExpertUnavailable(
-                        f"expert node {self.placement.nodes[ni].node_id} refused layer "
-                        f"{pending.layer}: {moe_wire.error_text(part)}")
+                    text = moe_wire.error_text(part)
+                    why = (f"expert node {self.placement.nodes[ni].node_id} refused layer "
+                           f"{pending.layer}: {text}")
+                    if text.startswith(moe_wire.STALE_EPOCH):
+                        raise StalePlacement(why, self.placement.epoch)
+                    raise ExpertUnavailable(why)
                 want = pending.num_tokens if row_ids is None else row_ids.numel()
                 if tuple(part.shape) != (want, self.hidden):
                     raise ExpertUnavailable(

@@ -52,7 +52,7 @@ from services.attention.pingpong import (
     build_micro_batch,
 )
 from services.attention.prefix_cache import PrefixCachingBlockManager
-from services.attention.routing import ExpertUnavailable, Placement
+from services.attention.routing import ExpertUnavailable, Placement, StalePlacement
 from services.attention.sampler import StepSampler
 from services.core.kv_cache import BlockManager
 from services.core.logits_processors import TokenLogprobs
@@ -301,7 +301,8 @@ class Engine:
             except Exception:  # noqa: BLE001 - keep the old placement; the next push retries
                 log.exception("could not switch to placement epoch %d", placement.epoch)
         with self._lock:
-            if self.pause.holding(self.client.routes_complete(), self._fail_paused_locked):
+            if self.pause.holding(self.client.routes_complete(), self._fail_paused_locked,
+                                  self.client.placement.epoch):
                 return None
             for rid, why in list(self._abort_requested.items()):
                 req = self.batcher.get(rid)
@@ -365,7 +366,8 @@ class Engine:
         """Finish a failed step's requests with the error (the others keep running)."""
         if isinstance(exc, ExpertUnavailable):
             with self._lock:
-                if self.pause.pause(self.client.routes_complete(), str(exc)):
+                if (self.pause.pause_stale(exc.epoch, str(exc)) if isinstance(exc, StalePlacement)
+                        else self.pause.pause(self.client.routes_complete(), str(exc))):
                     # lost experts: its requests wait (re-queued) for a placement serving them
                     log.warning("step %d paused: %s", step, exc)
                     for c in plan.chunks:

@@ -9,6 +9,10 @@ checkpoint; a restarted node is attached again) or a node re-admitted. After ``w
 without one, the waiting requests fail with the error, and later steps that hit the gap fail
 at once (no copy and no reload: fail fast) until the table is complete again.
 
+A node that refuses a dispatch as routed by a stale placement epoch (the replica has not
+adopted the newer placement yet: it is on its way, pushed or polled) pauses the same way, until
+the replica's epoch passes the refused one.
+
 The engine calls both methods under its lock.
 """
 
@@ -29,6 +33,7 @@ class ExpertPause:
         self.since: float | None = None   # time.monotonic() the pause began
         self.gave_up = False              # waited wait_s in vain: fail at once until complete
         self.why = ""
+        self.stale_epoch: int | None = None  # paused until the placement is past this epoch
         self.pauses = 0                   # pauses so far
         self.last_pause_s = 0.0           # how long the last pause that ended lasted
 
@@ -44,10 +49,25 @@ class ExpertPause:
         self.why = why
         return True
 
-    def holding(self, complete: bool, give_up: Callable[[str], None]) -> bool:
+    def pause_stale(self, epoch: int, why: str) -> bool:
+        """A step was refused as routed by placement ``epoch``: True when its requests should
+        wait (re-queued) for a newer placement, False when they should fail now."""
+        if self.gave_up or self.wait_s <= 0:
+            return False
+        if self.since is None:
+            self.since = time.monotonic()
+            self.pauses += 1
+        self.stale_epoch = epoch if self.stale_epoch is None else max(self.stale_epoch, epoch)
+        self.why = why
+        return True
+
+    def holding(self, complete: bool, give_up: Callable[[str], None], epoch: int = 0) -> bool:
         """Whether steps must not start now. ``complete``: the routing table serves every
-        expert. ``give_up(message)`` fails the waiting requests once ``wait_s`` passed."""
-        if complete:
+        expert; ``epoch``: the placement in force. ``give_up(message)`` fails the waiting
+        requests once ``wait_s`` passed."""
+        if self.stale_epoch is not None and epoch > self.stale_epoch:
+            self.stale_epoch = None
+        if complete and self.stale_epoch is None:
             if self.since is not None:
                 self.last_pause_s = time.monotonic() - self.since
                 log.warning("every expert is served again: paused requests resume (paused "
@@ -58,7 +78,7 @@ class ExpertPause:
             return False
         if time.monotonic() - self.since < self.wait_s:
             return True
-        self.since, self.gave_up = None, True
+        self.since, self.gave_up, self.stale_epoch = None, True, None
         give_up(f"{self.why} (no placement served them within --expert-wait "
                 f"{self.wait_s:g} s)")
         return False

@@ -21,6 +21,15 @@ class ExpertUnavailable(RuntimeError):
     other replica could take its rows."""
 
 
+class StalePlacement(ExpertUnavailable):
+    """An expert node refused a dispatch routed by placement ``epoch``: the node is at a
+    newer one, which this replica has not adopted yet (it will: pushed or polled)."""
+
+    def __init__(self, message: str, epoch: int) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+
+
 @dataclass(frozen=True)
 class ExpertNodeRoute:
     """Where one expert node listens for dispatches and which experts it hosts."""

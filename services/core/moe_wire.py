@@ -94,6 +94,11 @@ def unpack_dispatch(payload: torch.Tensor, hidden: int, top_k: int, num_experts:
     return rows, ids, weights
 
 
+# An expert node's refusal of a dispatch routed by an older placement than the node's (the
+# sender is behind and will catch up): the error text starts with this.
+STALE_EPOCH = "stale placement epoch"
+
+
 def pack_error(message: str) -> torch.Tensor:
     """An error reply payload: uint8 [1, len] of the UTF-8 message (at most 1 KiB)."""
     data = message.encode("utf-8", errors="replace")[:1024] or b"error"

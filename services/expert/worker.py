@@ -271,8 +271,8 @@ class ExpertWorker:
         # dispatches of the previous epoch are still in flight for a moment. Older ones are
         # stale (their sender routes by a table this node may no longer match).
         if h.epoch + 1 < self.epoch:
-            raise ValueError(f"dispatch carries stale placement epoch {h.epoch}, node is at "
-                             f"epoch {self.epoch}")
+            raise ValueError(f"{moe_wire.STALE_EPOCH}: the dispatch carries epoch {h.epoch}, "
+                             f"the node is at epoch {self.epoch}")
         if h.layer not in self.sparse_layers:
             raise ValueError(f"layer {h.layer} is not a sparse layer of this model")
         rows, ids, weights = moe_wire.unpack_dispatch(msg.tensor(), self.cfg.hidden_size,

@@ -1,5 +1,6 @@
 """ExpertPause: steps wait for lost experts, resume when the table is complete again, give up
-after the bound and then fail at once until it is."""
+after the bound and then fail at once until it is; a stale-epoch refusal waits for a newer
+placement."""
 
 from __future__ import annotations
 
@@ -35,3 +36,20 @@ def test_a_refusal_with_a_complete_table_is_not_paused():
 
 def test_waiting_off():
     assert not ExpertPause(0).pause(complete=False, why="lost")
+
+
+def test_a_stale_epoch_refusal_waits_for_a_newer_placement():
+    """A node at a newer placement refused the step (routed by epoch 8): its requests wait,
+    even with a complete table, until the replica's placement is past epoch 8."""
+    p = ExpertPause(5.0)
+    gave_up: list[str] = []
+    assert p.pause_stale(8, "stale placement epoch: the dispatch carries epoch 8")
+    assert p.holding(True, gave_up.append, epoch=8)       # table complete, still epoch 8
+    assert not p.holding(True, gave_up.append, epoch=10)  # the new placement is in force
+    assert p.since is None and p.stale_epoch is None and not gave_up
+    q = ExpertPause(0.05)
+    assert q.pause_stale(3, "stale")
+    time.sleep(0.06)
+    assert not q.holding(True, gave_up.append, epoch=3)  # never caught up: fail, do not hang
+    assert gave_up and not q.pause_stale(3, "stale again")
+    assert not q.holding(True, gave_up.append, epoch=3) and q.pause_stale(3, "a new one")

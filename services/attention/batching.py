@@ -162,7 +162,7 @@ class Batcher:
         # hash of a full block a running request is computing -> that request (prefix
         # caching): a request whose next uncached block is one of them waits for it
         self._computing: dict[bytes, Request] = {}
-        self.deferred_admissions = 0  # admissions put off to share a block being computed
+        self.deferred_admissions = 0  # times a request was passed over for such a block
         self._by_id: dict[str, Request] = {}
         self.lane_moves = 0  # requests handed from a larger lane to a smaller one
         # finished requests by reason, counted here because every way out goes through

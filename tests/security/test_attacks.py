@@ -43,16 +43,20 @@ def ckpt(tmp_path_factory) -> Path:  # noqa: ANN001
                                    experts=8, top_k=2, heads=4, kv_heads=2, vocab=512, seed=25)
 
 
-@pytest.fixture(scope="module")
-def expert(ckpt, tmp_path_factory):  # noqa: ANN001, ANN201
-    """One expert node hosting every expert, requiring the cluster token."""
-    workdir = tmp_path_factory.mktemp("expert")
+def _token_expert(ckpt: Path, workdir: Path, name: str, *args: str):  # noqa: ANN202
+    """A real expert node hosting every expert that requires the cluster token."""
     token_file = workdir / "cluster.token"
     token_file.write_bytes(TOKEN)
     token_file.chmod(0o600)
-    node = spawn_role("expert", ["--model", str(ckpt), "--experts", "0-7",
-                                 "--m2n-sender-id", "500"], "attack-expert", workdir,
-                      env={"MEGASCALE_CLUSTER_TOKEN_FILE": str(token_file)})
+    return spawn_role("expert", ["--model", str(ckpt), "--experts", "0-7", *args], name,
+                      workdir, env={"MEGASCALE_CLUSTER_TOKEN_FILE": str(token_file)})
+
+
+@pytest.fixture(scope="module")
+def expert(ckpt, tmp_path_factory):  # noqa: ANN001, ANN201
+    """One expert node hosting every expert, requiring the cluster token."""
+    node = _token_expert(ckpt, tmp_path_factory.mktemp("expert"), "attack-expert",
+                         "--m2n-sender-id", "500")
     yield node
     node.stop()
 
@@ -247,12 +251,7 @@ def test_fake_senders_are_bounded_in_memory() -> None:
 def test_an_expert_node_bounds_the_slot_memory_token_holders_take(ckpt, tmp_path):  # noqa: ANN001
     """A real expert node gives slot memory to --max-attention-replicas senders' worth; the
     next one is refused even when it holds the token."""
-    token_file = tmp_path / "cluster.token"
-    token_file.write_bytes(TOKEN)
-    token_file.chmod(0o600)
-    node = spawn_role("expert", ["--model", str(ckpt), "--experts", "0-7",
-                                 "--max-attention-replicas", "2"], "bounded-expert", tmp_path,
-                      env={"MEGASCALE_CLUSTER_TOKEN_FILE": str(token_file)})
+    node = _token_expert(ckpt, tmp_path, "bounded-expert", "--max-attention-replicas", "2")
     senders, refused = [], 0
     try:
         for i in range(5):
